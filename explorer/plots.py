@@ -1,0 +1,303 @@
+"""Plot builders for the explorer page: pure functions, a `RoutingTrace` or a `LibraryAnalysis` in, a plotly
+`go.Figure` out. Nothing here imports gradio or touches a model.
+
+Usage::
+
+    fig = top1_heatmap(trace, module="mean")            # token x layer, colour = top-1 expert, tint = its weight
+    fig = expert_heatmap(trace, "reverse_word")         # one expert's weight over token x layer
+    fig = entropy_heatmap(trace); fig = usage_bar(trace)
+    fig = similarity_map(analysis); fig = cosine_matrix(analysis)
+    html = figure_html(fig)                              # standalone page, plotly.js inlined (no CDN)
+
+Every string that came from a user or a tokenizer goes through `esc()` before it reaches plotly: plotly renders
+a subset of HTML in hovers and tick labels (<b>, <a href>...), and decodes entities back for display.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+
+if TYPE_CHECKING:  # only for the annotations: plots stay free of the store and the model
+    from explorer.page_data import LibraryAnalysis
+    from explorer.trace import RoutingTrace
+
+MEAN = "mean"  # the module selector's "mean over modules" value
+PALETTE = qualitative.Dark24 + qualitative.Light24  # 48 distinct colours before they repeat
+MAX_TICKS = 80  # above this many tokens, label every n-th one so the axis stays readable
+_MIN_TINT = 0.25  # a top-1 weight of 0 still shows a quarter of its expert's colour, never white
+
+
+def esc(text: str) -> str:
+    """User or tokenizer text made safe for plotly's HTML-ish labels."""
+    return html.escape(str(text), quote=True)
+
+
+def display_token(token: str) -> str:
+    """What a token looks like on an axis: visible whitespace, never empty, escaped."""
+    shown = str(token).replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
+    if not shown.strip():
+        shown = "␣" * max(1, len(shown))
+    return esc(shown)
+
+
+# ---------------------------------------------------------------- trace reductions (numpy only)
+
+
+def module_weights(trace: "RoutingTrace", module: str = MEAN) -> np.ndarray:
+    """(layer, token, expert) routing weights of one module, or their mean over modules."""
+    if module == MEAN:
+        return trace.weights.mean(axis=1)  # (L, T, E)
+    if module not in trace.modules:
+        raise ValueError(f"Unknown module {module!r}; this trace routes {trace.modules} (or {MEAN!r}).")
+    return trace.weights[:, trace.modules.index(module)]  # (L, T, E)
+
+
+def routing_entropy(trace: "RoutingTrace", module: str = MEAN) -> np.ndarray:
+    """(layer, token) entropy in nats of the routing weights; for `mean`, the mean of the modules' entropies."""
+    w = trace.weights if module == MEAN else trace.weights[:, [trace.modules.index(module)]]  # (L, M, T, E)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(w > 0, w * np.log(w), 0.0).sum(axis=-1)  # (L, M, T)
+    return h.mean(axis=1)
+
+
+def expert_usage(trace: "RoutingTrace", prompt_only: bool = True) -> np.ndarray:
+    """(expert,) mean routing weight over layers, modules and (prompt) tokens: what this query needed."""
+    w = trace.weights
+    if prompt_only and trace.n_prompt:
+        w = w[:, :, : trace.n_prompt]
+    if w.shape[2] == 0:
+        return np.zeros(len(trace.experts), dtype=np.float32)
+    return w.mean(axis=(0, 1, 2))
+
+
+def most_used_expert(trace: "RoutingTrace") -> str | None:
+    usage = expert_usage(trace)
+    return trace.experts[int(usage.argmax())] if len(usage) and usage.max() > 0 else None
+
+
+# ---------------------------------------------------------------- shared layout
+
+
+def _tint(colour: str, amount: float) -> str:
+    """Blend a '#rrggbb' colour towards white; amount 1 = the colour, 0 = white."""
+    r, g, b = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
+    mix = [round(255 - (255 - c) * amount) for c in (r, g, b)]
+    return f"rgb({mix[0]},{mix[1]},{mix[2]})"
+
+
+def category_colours(names: list[str]) -> dict[str, str]:
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+
+
+def _token_axis(fig: go.Figure, trace: "RoutingTrace", title: str) -> None:
+    """x = token positions (numeric, so repeated tokens stay apart) labelled with the escaped tokens, a dashed
+    line where the generated tokens start, y = layers from the bottom up."""
+    T = len(trace.tokens)
+    step = max(1, -(-T // MAX_TICKS))
+    ticks = list(range(0, T, step))
+    fig.update_xaxes(tickmode="array", tickvals=ticks, ticktext=[display_token(trace.tokens[i]) for i in ticks],
+                     tickangle=-60, title_text="token (prompt, then generated)", range=[-0.5, T - 0.5])
+    fig.update_yaxes(title_text="layer", tickmode="array", tickvals=list(range(len(trace.layers))),
+                     ticktext=[str(layer) for layer in trace.layers])
+    if 0 < trace.n_prompt < T:
+        fig.add_vline(x=trace.n_prompt - 0.5, line_width=2, line_dash="dash", line_color="black")
+        fig.add_annotation(x=trace.n_prompt - 0.5, y=1.0, yref="paper", yanchor="bottom", xanchor="left",
+                           text="generated →", showarrow=False, font=dict(size=11))
+    fig.update_layout(title=dict(text=esc(title), x=0.01), template="plotly_white",
+                      margin=dict(l=60, r=20, t=60, b=110), height=max(320, 120 + 18 * len(trace.layers)))
+
+
+def _hover_text(trace: "RoutingTrace", w: np.ndarray, module: str, top: int) -> np.ndarray:
+    """(layer, token) hover strings: token, position, layer, module and the `top` experts with weights."""
+    L, T, _ = w.shape
+    order = np.argsort(-w, axis=-1)[..., :top]  # (L, T, top)
+    tokens = [display_token(t) for t in trace.tokens]
+    experts = [esc(e) for e in trace.experts]
+    module_label = "mean over modules" if module == MEAN else esc(module)
+    out = np.empty((L, T), dtype=object)
+    for li in range(L):
+        for ti in range(T):
+            part = "generated" if trace.is_generated[ti] else "prompt"
+            lines = [f"token <b>{tokens[ti]}</b> (#{ti}, {part})",
+                     f"layer {trace.layers[li]} · {module_label}"]
+            lines += [f"{experts[e]}: {w[li, ti, e]:.3f}" for e in order[li, ti] if w[li, ti, e] > 0]
+            out[li, ti] = "<br>".join(lines)
+    return out
+
+
+def _empty(title: str, note: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=esc(note), x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=14))
+    fig.update_layout(title=dict(text=esc(title), x=0.01), template="plotly_white", height=320,
+                      xaxis=dict(visible=False), yaxis=dict(visible=False))
+    return fig
+
+
+# ---------------------------------------------------------------- routing figures
+
+
+def top1_heatmap(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, str] | None = None) -> go.Figure:
+    """Token x layer grid coloured by the top-1 expert (or, with `groups` = {expert: cluster}, by the top-1
+    cluster, summing its experts' weights); the tint says how much weight the winner got (pale = unsure)."""
+    w = module_weights(trace, module)  # (L, T, E)
+    names = list(trace.experts)
+    if groups:
+        names = sorted({groups.get(e, e) for e in trace.experts})
+        member = np.array([[groups.get(e, e) == g for g in names] for e in trace.experts], dtype=np.float32)
+        w_cat = w @ member  # (L, T, G): a cluster's weight is the sum of its experts'
+    else:
+        w_cat = w
+    n = len(names)
+    if n == 0 or w.shape[1] == 0:
+        return _empty("Top-1 expert per token and layer", "Nothing routed: the trace has no tokens or experts.")
+    top = w_cat.argmax(axis=-1)  # (L, T)
+    conf = np.take_along_axis(w_cat, top[..., None], axis=-1)[..., 0]  # (L, T)
+    z = top + np.clip(conf, 0, 1) * 0.999  # category e covers [e, e+1); the fraction is the confidence
+    colours = category_colours(names)
+    scale = []
+    for i, name in enumerate(names):  # equal stops at each boundary make the categories sharp
+        scale += [[i / n, _tint(colours[name], _MIN_TINT)], [(i + 1) / n, colours[name]]]
+    hover = _hover_text(trace, w, module, top=max(1, trace.top_k))
+    fig = go.Figure(go.Heatmap(z=z, zmin=0, zmax=n, colorscale=scale, showscale=False, text=hover,
+                               hovertemplate="%{text}<extra></extra>", xgap=1, ygap=1, name="top-1"))
+    used = set(top.ravel().tolist())
+    for i, name in enumerate(names):  # a heatmap has no legend: one invisible marker per category gives one
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=esc(name), showlegend=True,
+                                 marker=dict(size=12, symbol="square", color=colours[name]),
+                                 visible=True if i in used else "legendonly"))
+    what = "cluster" if groups else "expert"
+    where = "mean over modules" if module == MEAN else module
+    _token_axis(fig, trace, f"Top-1 {what} per token and layer ({where}); pale = low weight")
+    fig.update_layout(legend=dict(title_text=what, orientation="v", x=1.01, y=1), margin=dict(r=160))
+    return fig
+
+
+def expert_heatmap(trace: "RoutingTrace", expert: str, module: str = MEAN) -> go.Figure:
+    """One expert's routing weight over token x layer (continuous, 0..1)."""
+    if expert not in trace.experts:
+        return _empty("Expert weight", f"Expert {expert!r} is not in this trace.")
+    w = module_weights(trace, module)  # (L, T, E)
+    z = w[..., trace.experts.index(expert)]  # (L, T)
+    hover = _hover_text(trace, w, module, top=max(1, trace.top_k))
+    fig = go.Figure(go.Heatmap(z=z, zmin=0, zmax=1, colorscale="Viridis", text=hover, xgap=1, ygap=1,
+                               hovertemplate=f"<b>{esc(expert)}</b>: %{{z:.3f}}<br>%{{text}}<extra></extra>",
+                               colorbar=dict(title="weight")))
+    _token_axis(fig, trace, f"Weight of expert {expert} per token and layer")
+    return fig
+
+
+def entropy_heatmap(trace: "RoutingTrace", module: str = MEAN) -> go.Figure:
+    """Routing entropy (nats) over token x layer: 0 = one expert took everything, log k = an even split."""
+    h = routing_entropy(trace, module)  # (L, T)
+    hover = _hover_text(trace, module_weights(trace, module), module, top=max(1, trace.top_k))
+    zmax = float(np.log(max(2, trace.top_k)))
+    fig = go.Figure(go.Heatmap(z=h, zmin=0, zmax=zmax, colorscale="Magma", reversescale=True, text=hover,
+                               xgap=1, ygap=1, colorbar=dict(title="nats"),
+                               hovertemplate="entropy %{z:.3f}<br>%{text}<extra></extra>"))
+    _token_axis(fig, trace, f"Routing entropy per token and layer (max log k = {zmax:.2f})")
+    return fig
+
+
+def usage_bar(trace: "RoutingTrace", groups: dict[str, str] | None = None) -> go.Figure:
+    """Mean weight per expert over the prompt's tokens, all layers and modules, largest first."""
+    usage = expert_usage(trace)
+    if not len(usage):
+        return _empty("Expert usage", "No experts in this trace.")
+    order = np.argsort(-usage)
+    names = [trace.experts[i] for i in order]
+    colours = category_colours(list(trace.experts))
+    hover = [f"{esc(n)}" + (f" (cluster {esc(groups[n])})" if groups and n in groups else "") for n in names]
+    fig = go.Figure(go.Bar(x=[esc(n) for n in names], y=usage[order], marker_color=[colours[n] for n in names],
+                           text=hover, hovertemplate="%{text}<br>mean weight %{y:.3f}<extra></extra>"))
+    fig.update_layout(title=dict(text="Expert usage over the prompt: what this query needed", x=0.01),
+                      template="plotly_white", height=340, yaxis_title="mean routing weight",
+                      xaxis=dict(tickangle=-45), margin=dict(l=60, r=20, t=60, b=110))
+    return fig
+
+
+def diff_heatmap(before: "RoutingTrace", after: "RoutingTrace", module: str = MEAN) -> go.Figure:
+    """How much routing moved, per token x layer: total variation between the two weight distributions
+    (0 = same, 1 = disjoint), on the tokens both traces share (the prompt, and generated tokens until they
+    diverge)."""
+    if before.experts != after.experts or before.layers != after.layers:
+        return _empty("Routing change", "The two runs used different experts or layers.")
+    T = min(len(before.token_ids), len(after.token_ids))
+    same = 0
+    while same < T and before.token_ids[same] == after.token_ids[same]:
+        same += 1
+    wb = module_weights(before, module)[:, :same]  # (L, S, E)
+    wa = module_weights(after, module)[:, :same]
+    tv = 0.5 * np.abs(wa - wb).sum(axis=-1)  # (L, S)
+    shared = replace(after, tokens=after.tokens[:same], token_ids=after.token_ids[:same],
+                     is_generated=after.is_generated[:same], weights=after.weights[:, :, :same])
+    hover = _hover_text(shared, wa, module, top=max(1, after.top_k))
+    fig = go.Figure(go.Heatmap(z=tv, zmin=0, zmax=1, colorscale="Reds", text=hover, xgap=1, ygap=1,
+                               colorbar=dict(title="change"),
+                               hovertemplate="change %{z:.3f}<br>after: %{text}<extra></extra>"))
+    _token_axis(fig, shared, "Routing change after the intervention (total variation, shared tokens)")
+    return fig
+
+
+# ---------------------------------------------------------------- library figures
+
+
+def similarity_map(analysis: "LibraryAnalysis") -> go.Figure:
+    """The stored 2-D map of the warm-up adapters: one point per task, coloured by MBC cluster; hover lists the
+    task's nearest tasks by cosine similarity."""
+    if analysis.coords is None or not len(analysis.tasks):
+        return _empty("Adapter-similarity map", analysis.note or "This library has no MBC map.")
+    clusters = [analysis.cluster_of.get(t, "none") for t in analysis.tasks]
+    colours = category_colours(sorted(set(clusters)))
+    fig = go.Figure()
+    for cluster in sorted(set(clusters)):
+        idx = [i for i, c in enumerate(clusters) if c == cluster]
+        hover = [_map_hover(analysis, i) for i in idx]
+        fig.add_trace(go.Scatter(
+            x=analysis.coords[idx, 0], y=analysis.coords[idx, 1], mode="markers+text", name=esc(cluster),
+            text=[esc(analysis.tasks[i]) for i in idx], textposition="top center", textfont=dict(size=10),
+            customdata=hover, hovertemplate="%{customdata}<extra></extra>",
+            marker=dict(size=13, color=colours[cluster], line=dict(width=1, color="white"))))
+    fig.update_layout(title=dict(text="Adapter-similarity map (warm-up weights): similar tasks sit together",
+                                 x=0.01), template="plotly_white", height=520, legend_title_text="MBC cluster",
+                      xaxis=dict(showticklabels=False, title=""), yaxis=dict(showticklabels=False, title=""))
+    return fig
+
+
+def _map_hover(analysis: "LibraryAnalysis", i: int, n: int = 3) -> str:
+    task = analysis.tasks[i]
+    lines = [f"task <b>{esc(task)}</b>", f"cluster {esc(analysis.cluster_of.get(task, 'none'))}"]
+    if analysis.similarity is not None:
+        sims = analysis.similarity[i].astype(float).copy()
+        sims[i] = -np.inf
+        for j in np.argsort(-sims)[:n]:
+            if np.isfinite(sims[j]):
+                lines.append(f"near {esc(analysis.tasks[j])}: cos {sims[j]:.2f}")
+    return "<br>".join(lines)
+
+
+def cosine_matrix(analysis: "LibraryAnalysis") -> go.Figure:
+    """Task x task cosine similarity of the warm-up adapters, rows and columns grouped by cluster."""
+    if analysis.similarity is None or not len(analysis.tasks):
+        return _empty("Cosine similarity", analysis.note or "This library has no similarity matrix.")
+    order = sorted(range(len(analysis.tasks)), key=lambda i: (analysis.cluster_of.get(analysis.tasks[i], ""),
+                                                              analysis.tasks[i]))
+    labels = [esc(f"{analysis.tasks[i]} [{analysis.cluster_of.get(analysis.tasks[i], '-')}]") for i in order]
+    sim = analysis.similarity[np.ix_(order, order)]
+    fig = go.Figure(go.Heatmap(z=sim, x=labels, y=labels, colorscale="RdBu", zmid=0, zmin=-1, zmax=1,
+                               colorbar=dict(title="cos"),
+                               hovertemplate="%{y} · %{x}<br>cos %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=dict(text="Cosine similarity of warm-up adapters, grouped by cluster", x=0.01),
+                      template="plotly_white", height=560, yaxis=dict(autorange="reversed"),
+                      xaxis=dict(tickangle=-60), margin=dict(l=160, b=160, t=60, r=20))
+    return fig
+
+
+def figure_html(fig: go.Figure) -> str:
+    """A standalone HTML page for one figure, with plotly.js inlined: it opens offline, no CDN."""
+    return fig.to_html(include_plotlyjs=True, full_html=True)
