@@ -1,5 +1,52 @@
-"""Placeholder until the page lands: prints the default model's answer."""
-from library_store.base_models import load_base_model
+"""The LoRA Expert Library Explorer page.
+
+Usage::
+
+    python app.py                                   # SmolLM2 + the two demo libraries, http://127.0.0.1:7860
+    python app.py --base-model tiny-random-llama --library /tmp/lib --port 7861
+    python app.py --library my-lib --host 0.0.0.0 --share --bf16
+
+The page comes up at once; the model loads in a background thread and the page shows its progress.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent
+DEMO_LIBRARIES = [ROOT / "assets" / "libraries" / "demo-mbc", ROOT / "assets" / "libraries" / "demo-private"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Token-by-layer routing over a library of LoRA experts.")
+    parser.add_argument("--base-model", default="smollm2-135m-instruct",
+                        help="built-in name (smollm2-135m-instruct, tiny-random-llama...), HF id or local path")
+    parser.add_argument("--library", action="append", default=None, metavar="PATH",
+                        help="an expert library folder; repeat for several (default: the demo libraries)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (faster on CPU, less exact)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    from explorer.page_data import Explorer
+    from explorer.ui import build_demo, launch
+
+    libraries = args.library or [str(p) for p in DEMO_LIBRARIES]
+    explorer = Explorer(args.base_model, libraries, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    explorer.start()  # load while gradio starts; the first page load shows the progress
+    launch(build_demo(explorer), host=args.host, port=args.port, share=args.share)
+
 
 if __name__ == "__main__":
-    print(load_base_model().generate("What is the capital of France?"))
+    main()
