@@ -162,6 +162,10 @@ class WriteSession:
 
     def _release(self) -> None:
         if self.con is not None:
+            try:  # keep the WAL empty, so a copy or a read-only mount of the folder holds everything
+                self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except Exception:  # noqa: BLE001 - a busy reader only delays the checkpoint
+                pass
             self.con.close()
             self.con = None
         if self._lock is not None:

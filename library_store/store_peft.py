@@ -39,16 +39,19 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def write_adapter(folder: Path, weights: dict[str, torch.Tensor], info: ExpertInfo, base_source: str) -> Path:
     """Write PEFT's two files into `folder` (which exists); returns the safetensors path."""
-    from peft import LoraConfig
-
     layers = sorted({parse_site(k.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0])[0] for k in weights})
-    config = LoraConfig(
-        r=info.rank, lora_alpha=info.alpha, target_modules=list(info.target_modules), lora_dropout=0.0,
-        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_source,
+    # The fields of peft.LoraConfig that decide loading; PEFT fills the rest with its defaults. Written by
+    # hand so that storing an expert does not import peft (and transformers) in every build worker.
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_source,
+        "r": info.rank, "lora_alpha": info.alpha, "target_modules": sorted(info.target_modules),
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        "inference_mode": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {},
         # An expert that covers only some layers must not get (zero) LoRA modules on the others.
-        layers_to_transform=layers if layers != list(range(max(layers) + 1)) else None,
-    )
-    config.save_pretrained(str(folder))
+        "layers_to_transform": layers if layers != list(range(max(layers) + 1)) else None,
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     path = folder / WEIGHTS_FILE
     save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata={"format": "pt"})
     return path
