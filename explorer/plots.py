@@ -130,7 +130,7 @@ def _hover_text(trace: "RoutingTrace", w: np.ndarray, module: str, top: int) -> 
     return out
 
 
-def _empty(title: str, note: str) -> go.Figure:
+def note_figure(title: str, note: str) -> go.Figure:
     fig = go.Figure()
     fig.add_annotation(text=esc(note), x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
                        font=dict(size=14))
@@ -155,7 +155,7 @@ def top1_heatmap(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, st
         w_cat = w
     n = len(names)
     if n == 0 or w.shape[1] == 0:
-        return _empty("Top-1 expert per token and layer", "Nothing routed: the trace has no tokens or experts.")
+        return note_figure("Top-1 expert per token and layer", "Nothing routed: the trace has no tokens or experts.")
     top = w_cat.argmax(axis=-1)  # (L, T)
     conf = np.take_along_axis(w_cat, top[..., None], axis=-1)[..., 0]  # (L, T)
     z = top + np.clip(conf, 0, 1) * 0.999  # category e covers [e, e+1); the fraction is the confidence
@@ -174,14 +174,15 @@ def top1_heatmap(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, st
     what = "cluster" if groups else "expert"
     where = "mean over modules" if module == MEAN else module
     _token_axis(fig, trace, f"Top-1 {what} per token and layer ({where}); pale = low weight")
-    fig.update_layout(legend=dict(title_text=what, orientation="v", x=1.01, y=1), margin=dict(r=160))
+    fig.update_layout(legend=dict(title_text=what, orientation="v", x=1.01, y=1), margin=dict(r=160),
+                      height=max(fig.layout.height, 140 + 21 * len(used)))  # room for the legend's entries
     return fig
 
 
 def expert_heatmap(trace: "RoutingTrace", expert: str, module: str = MEAN) -> go.Figure:
     """One expert's routing weight over token x layer (continuous, 0..1)."""
     if expert not in trace.experts:
-        return _empty("Expert weight", f"Expert {expert!r} is not in this trace.")
+        return note_figure("Expert weight", f"Expert {expert!r} is not in this trace.")
     w = module_weights(trace, module)  # (L, T, E)
     z = w[..., trace.experts.index(expert)]  # (L, T)
     hover = _hover_text(trace, w, module, top=max(1, trace.top_k))
@@ -208,13 +209,13 @@ def usage_bar(trace: "RoutingTrace", groups: dict[str, str] | None = None) -> go
     """Mean weight per expert over the prompt's tokens, all layers and modules, largest first."""
     usage = expert_usage(trace)
     if not len(usage):
-        return _empty("Expert usage", "No experts in this trace.")
+        return note_figure("Expert usage", "No experts in this trace.")
     order = np.argsort(-usage)
     names = [trace.experts[i] for i in order]
     colours = category_colours(list(trace.experts))
     hover = [f"{esc(n)}" + (f" (cluster {esc(groups[n])})" if groups and n in groups else "") for n in names]
     fig = go.Figure(go.Bar(x=[esc(n) for n in names], y=usage[order], marker_color=[colours[n] for n in names],
-                           text=hover, hovertemplate="%{text}<br>mean weight %{y:.3f}<extra></extra>"))
+                           customdata=hover, hovertemplate="%{customdata}<br>mean weight %{y:.3f}<extra></extra>"))
     fig.update_layout(title=dict(text="Expert usage over the prompt: what this query needed", x=0.01),
                       template="plotly_white", height=340, yaxis_title="mean routing weight",
                       xaxis=dict(tickangle=-45), margin=dict(l=60, r=20, t=60, b=110))
@@ -226,7 +227,7 @@ def diff_heatmap(before: "RoutingTrace", after: "RoutingTrace", module: str = ME
     (0 = same, 1 = disjoint), on the tokens both traces share (the prompt, and generated tokens until they
     diverge)."""
     if before.experts != after.experts or before.layers != after.layers:
-        return _empty("Routing change", "The two runs used different experts or layers.")
+        return note_figure("Routing change", "The two runs used different experts or layers.")
     T = min(len(before.token_ids), len(after.token_ids))
     same = 0
     while same < T and before.token_ids[same] == after.token_ids[same]:
@@ -251,7 +252,7 @@ def similarity_map(analysis: "LibraryAnalysis") -> go.Figure:
     """The stored 2-D map of the warm-up adapters: one point per task, coloured by MBC cluster; hover lists the
     task's nearest tasks by cosine similarity."""
     if analysis.coords is None or not len(analysis.tasks):
-        return _empty("Adapter-similarity map", analysis.note or "This library has no MBC map.")
+        return note_figure("Adapter-similarity map", analysis.note or "This library has no MBC map.")
     clusters = [analysis.cluster_of.get(t, "none") for t in analysis.tasks]
     colours = category_colours(sorted(set(clusters)))
     fig = go.Figure()
@@ -284,7 +285,7 @@ def _map_hover(analysis: "LibraryAnalysis", i: int, n: int = 3) -> str:
 def cosine_matrix(analysis: "LibraryAnalysis") -> go.Figure:
     """Task x task cosine similarity of the warm-up adapters, rows and columns grouped by cluster."""
     if analysis.similarity is None or not len(analysis.tasks):
-        return _empty("Cosine similarity", analysis.note or "This library has no similarity matrix.")
+        return note_figure("Cosine similarity", analysis.note or "This library has no similarity matrix.")
     order = sorted(range(len(analysis.tasks)), key=lambda i: (analysis.cluster_of.get(analysis.tasks[i], ""),
                                                               analysis.tasks[i]))
     labels = [esc(f"{analysis.tasks[i]} [{analysis.cluster_of.get(analysis.tasks[i], '-')}]") for i in order]

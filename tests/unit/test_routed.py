@@ -1,0 +1,187 @@
+"""RoutedModel invariants on both tiny twins: routing weights, modes, baselines, libraries, bad input."""
+import pytest
+import torch
+from arrow_helpers import IDS, TWINS, experts, fresh, reference_logits, save_peft_dir
+
+from explorer.arrow import RoutedLinear
+from explorer.routed import RoutedModel, RouterConfig
+from library_store.store import ExpertLibrary, LibraryMismatch
+
+
+@torch.no_grad()
+def plain_logits(base):
+    return base.model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_weights_sum_to_one_with_exactly_k_experts(twin, top_k):
+    base = fresh(twin)
+    rm = RoutedModel(base, experts(base, 4), RouterConfig(top_k=top_k))
+    with rm.capturing() as records:
+        rm.logits(IDS)
+    weights = rm.routing_weights(records)
+    assert len(weights) == 2 * len(base.targets)
+    for w in weights.values():  # (tokens, E)
+        assert w.shape == (IDS.shape[1], 4)
+        torch.testing.assert_close(w.sum(-1), torch.ones(IDS.shape[1]))
+        assert ((w > 0).sum(-1) == top_k).all()
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_equals_plain_reference_with_mixed_ranks(twin):
+    base = fresh(twin)
+    exps = experts(base, 4, rank=[2, 4, 1, 3])  # PEFT refuses mixed ranks; we pad to r_max
+    want = reference_logits(fresh(twin), exps, top_k=2, temperature=0.8)
+    got = RoutedModel(base, exps, RouterConfig(top_k=2, temperature=0.8)).logits(IDS)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_adding_an_expert_changes_logits(twin):
+    base = fresh(twin)
+    exps = experts(base, 4)
+    three = RoutedModel(base, exps[:3], RouterConfig(top_k=3)).logits(IDS)
+    four = RoutedModel(base, exps, RouterConfig(top_k=3)).logits(IDS)  # re-attaching replaces the first
+    assert (three - four).abs().max() > 1e-3
+    assert sum(isinstance(m, RoutedLinear) for m in base.model.modules()) == 2 * len(base.targets)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_base_mode_and_detach_give_the_base_model(twin):
+    base = fresh(twin)
+    want = plain_logits(base)
+    rm = RoutedModel(base, experts(base, 3), RouterConfig(mode="base"))
+    torch.testing.assert_close(rm.logits(IDS), want, atol=0, rtol=0)
+    rm.set_router(RouterConfig(top_k=2))
+    assert (rm.logits(IDS) - want).abs().max() > 1e-3
+    rm.detach()
+    assert not any(isinstance(m, RoutedLinear) for m in base.model.modules())
+    torch.testing.assert_close(plain_logits(base), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_expert_mode_equals_that_expert_merged_with_peft(twin, tmp_path):
+    from peft import PeftModel
+
+    base = fresh(twin)
+    exps = experts(base, 3)
+    peft = PeftModel.from_pretrained(fresh(twin).model, save_peft_dir(exps[1], tmp_path / "e1"))
+    want = peft.merge_and_unload()(input_ids=IDS).logits.detach()
+    rm = RoutedModel(base, exps, RouterConfig(mode="expert:e1"))
+    torch.testing.assert_close(rm.logits(IDS), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_uniform_mode_equals_the_mean_delta(twin):
+    base, ref = fresh(twin), fresh(twin)
+    exps = experts(base, 4, rank=[4, 2, 4, 3])
+    with torch.no_grad():
+        for site, (A, B) in exps[0].factors().items():
+            mean = sum(e.scaling * e.factors()[site][1] @ e.factors()[site][0] for e in exps[:3]) / 3
+            ref.model.get_submodule(site).weight += mean
+    rm = RoutedModel(base, exps, RouterConfig(mode="uniform", disabled=("e3",)))
+    torch.testing.assert_close(rm.logits(IDS), plain_logits(ref), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_disabled_experts_get_no_weight_and_equal_a_smaller_library(twin):
+    base = fresh(twin)
+    exps = experts(base, 5)
+    rm = RoutedModel(base, exps, RouterConfig(top_k=2, disabled=("e1", "e3")))
+    with rm.capturing() as records:
+        got = rm.logits(IDS)
+    for w in rm.routing_weights(records).values():
+        assert (w[:, [1, 3]] == 0).all()
+    smaller = RoutedModel(fresh(twin), [exps[0], exps[2], exps[4]], RouterConfig(top_k=2)).logits(IDS)
+    torch.testing.assert_close(got, smaller, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def rm3():
+    base = fresh("tiny-random-llama")
+    return RoutedModel(base, experts(base, 3), RouterConfig(top_k=2))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(top_k=0), r"top_k must be an integer >= 1"),
+    (dict(top_k=-2), r"top_k must be an integer >= 1"),
+    (dict(temperature=0), r"temperature must be in \(0, inf\), got 0"),
+    (dict(temperature=-1.5), r"temperature must be in \(0, inf\)"),
+    (dict(temperature=float("nan")), r"temperature must be in \(0, inf\)"),
+    (dict(mode="routed"), r"Unknown router mode 'routed': use arrow, base, uniform or expert:<name>"),
+    (dict(mode="expert:"), r"Unknown router mode"),
+])
+def test_bad_router_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RouterConfig(**kwargs)
+
+
+@pytest.mark.parametrize("router,message", [
+    (RouterConfig(top_k=4), r"top_k must be between 1 and 3 \(the number of enabled experts\), got 4"),
+    (RouterConfig(top_k=3, disabled=("e0",)), r"top_k must be between 1 and 2 .*got 3"),
+    (RouterConfig(disabled=("nope",)), r"Cannot disable unknown experts \['nope'\]"),
+    (RouterConfig(mode="expert:nope"), r"Unknown expert 'nope'"),
+    (RouterConfig(mode="expert:e0", disabled=("e0",)), r"Expert 'e0' is disabled"),
+    (RouterConfig(mode="uniform", disabled=("e0", "e1", "e2")), r"Every expert is disabled.*use mode='base'"),
+])
+def test_bad_router_for_this_library(rm3, router, message):
+    before = rm3.router
+    with pytest.raises(ValueError, match=message):
+        rm3.set_router(router)
+    assert rm3.router == before  # a refused setting leaves the router as it was
+
+
+def test_empty_library_refuses_routing_but_base_works():
+    base = fresh("tiny-random-phi")
+    with pytest.raises(ValueError, match=r"The library holds no experts: mode 'arrow' needs at least one"):
+        RoutedModel(base, [])
+    rm = RoutedModel(base, [], RouterConfig(mode="base"))
+    torch.testing.assert_close(rm.logits(IDS), plain_logits(fresh("tiny-random-phi")))
+    assert rm.trace("hi", max_new_tokens=2).weights.shape[3] == 0
+
+
+# ---------------------------------------------------------------- libraries
+
+
+def make_library(path, base, exps):
+    lib = ExpertLibrary.create(path, base)
+    for e in exps:
+        lib.add(e)
+    return lib
+
+
+def test_from_library_caches_prototypes_and_equals_in_memory(tmp_path):
+    base = fresh("tiny-random-llama")
+    exps = experts(base, 3)
+    lib = make_library(tmp_path / "lib", base, exps)
+    want = RoutedModel(fresh("tiny-random-llama"), exps, RouterConfig(top_k=2)).logits(IDS)
+    rm = RoutedModel.from_library(base, lib, RouterConfig(top_k=2))
+    assert rm.experts == ["e0", "e1", "e2"] and rm.unavailable == {}
+    torch.testing.assert_close(rm.logits(IDS), want, atol=1e-5, rtol=0)
+    cached = [d for d in lib.list_derived() if d["kind"] == "arrow-prototypes"]
+    assert len(cached) == 3
+    again = RoutedModel.from_library(base, ExpertLibrary.open(tmp_path / "lib", readonly=True), RouterConfig(top_k=2))
+    torch.testing.assert_close(again.logits(IDS), want, atol=1e-5, rtol=0)
+
+
+def test_from_library_skips_and_reports_a_broken_expert(tmp_path):
+    base = fresh("tiny-random-llama")
+    lib = make_library(tmp_path / "lib", base, experts(base, 3))
+    path = lib.expert_dir("e1") / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-8:] = b"\x00" * 8
+    path.write_bytes(bytes(data))
+    rm = RoutedModel.from_library(base, lib, RouterConfig(top_k=2))
+    assert rm.experts == ["e0", "e2"]
+    assert "e1" in rm.unavailable and "checksum" in rm.unavailable["e1"]
+
+
+def test_from_library_refuses_another_base_model(tmp_path):
+    llama = fresh("tiny-random-llama")
+    lib = make_library(tmp_path / "lib", llama, experts(llama, 2))
+    with pytest.raises(LibraryMismatch, match="built for another base model"):
+        RoutedModel.from_library(fresh("tiny-random-phi"), lib)
