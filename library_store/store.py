@@ -342,19 +342,31 @@ class ExpertLibrary(AuxDataMixin):
         if pending:
             problems.append(f"{pending} interrupted write(s) not yet recovered (open the library writable to fix)")
         for row in rows:
-            name = row["name"]
-            if not (self.expert_dir(name) / CONFIG_FILE).is_file():
-                problems.append(f"expert {name!r}: {CONFIG_FILE} is missing")
+            name, issues = row["name"], self._config_problems(row)
             try:
-                expert = self[name]
-                check_fit(name, expert.factors(), self.fingerprint, self.module_shapes)
+                check_fit(name, self[name].factors(), self.fingerprint, self.module_shapes)
             except LibraryError as exc:
-                problems.append(f"expert {name!r}: {exc}")
+                issues.append(str(exc))
+            if issues:
+                problems.append(f"expert {name!r}: {'; '.join(issues)}")
         for row in derived:
             problem = self._file_problem(self.root / row["file"], row["checksum"], row["size"], full=True)
             if problem:
                 problems.append(f"derived {row['kind']}-{row['key']}: {problem}")
         return problems
+
+    def _config_problems(self, row) -> list[str]:
+        path = self.expert_dir(row["name"]) / CONFIG_FILE
+        try:
+            config = json.loads(path.read_text())
+        except FileNotFoundError:
+            return [f"{path} is missing"]
+        except (OSError, ValueError) as exc:
+            return [f"{path} is unreadable ({exc})"]
+        if (config.get("r"), float(config.get("lora_alpha", -1))) != (row["rank"], row["alpha"]):
+            return [f"{path} says r={config.get('r')}, lora_alpha={config.get('lora_alpha')}; the index says "
+                    f"rank {row['rank']}, alpha {row['alpha']}"]
+        return []
 
     def __repr__(self) -> str:
         return f"ExpertLibrary({str(self.root)!r}, experts={len(self)}, base={self.fingerprint.get('source')!r})"

@@ -188,6 +188,17 @@ def test_a_damaged_expert_is_reported_not_skipped(lib, how):
     assert again.verify() == [] and again.unavailable() == []
 
 
+def test_verify_names_a_missing_or_edited_adapter_config(lib):
+    lib.add(random_expert("a"))
+    lib.add(random_expert("b", seed=1))
+    (lib.root / "experts" / "a" / "adapter_config.json").unlink()
+    config = lib.root / "experts" / "b" / "adapter_config.json"
+    config.write_text(config.read_text().replace('"r": 4', '"r": 8'))
+    problems = lib.verify()
+    assert len(problems) == 2 and "'a'" in problems[0] and "missing" in problems[0]
+    assert "'b'" in problems[1] and "r=8" in problems[1] and lib.unavailable() == ["a"]
+
+
 def test_remove_deletes_the_files_and_unknown_names_raise_keyerror(lib):
     lib.add(random_expert("gone"))
     lib.remove("gone")

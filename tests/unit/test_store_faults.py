@@ -125,6 +125,16 @@ def test_kill_9_from_outside_a_fresh_interpreter(tmp_path):
     assert_consistent(again)
 
 
+def test_threads_sharing_one_handle_can_write_at_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    lib = new_library(tmp_path / "lib")  # one handle, as the page's worker threads would share it
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: lib.add(random_expert(f"t{i}", seed=i)), range(4)))
+    assert lib.names() == ["keep", "t0", "t1", "t2", "t3"]
+    assert_consistent(lib)
+
+
 def test_four_processes_adding_at_once_all_land(tmp_path):
     lib = new_library(tmp_path / "lib")
     release_r, release_w = os.pipe()  # children block on it, then all start writing at the same moment
