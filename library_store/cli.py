@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 
 from library_store.base_models import BaseModelError
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyError as exc:
         message = exc.args[0] if exc.args else str(exc)
-    except (LibraryError, BaseModelError, ValueError, OSError) as exc:
+    except (LibraryError, BaseModelError, ValueError, OSError, sqlite3.Error) as exc:
         message = str(exc)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

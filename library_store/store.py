@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +29,8 @@ from library_store import store_io
 from library_store.base_models import same_model
 from library_store.expert import EXPERT_KINDS, ExpertInfo, LoraExpert, check_name, parse_site
 from library_store.store_io import (FORMAT_VERSION, INDEX, SCHEMA_VERSION, LibraryError, WriteSession, connect,
-                                    dir_writable, fsync_path, fsync_tree, init_index, read_meta, sha256_file)
+                                    dir_writable, fsync_path, fsync_tree, init_index, library_writable,
+                                    read_meta, sha256_file)
 from library_store.store_aux import AuxDataMixin, config_key
 from library_store.store_peft import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_adapter, write_adapter
 from library_store.store_check import check_fit, check_weight_keys
@@ -84,9 +86,12 @@ class ExpertLibrary(AuxDataMixin):
     def __init__(self, root: Path, readonly: bool):
         self.root = Path(root)
         self.readonly = readonly
-        with self._read() as con:
-            meta = read_meta(con)
-            version = con.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+        try:
+            with self._read() as con:
+                meta = read_meta(con)
+                version = con.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise LibraryError(f"{self.root / INDEX} is not a readable library index ({exc}).") from None
         if version is None or version > SCHEMA_VERSION:
             raise LibraryError(f"{self.root / INDEX} has schema version {version}; this code reads up to "
                                f"{SCHEMA_VERSION}. Upgrade the package to open it.")
@@ -150,7 +155,7 @@ class ExpertLibrary(AuxDataMixin):
         if not (root / INDEX).is_file():
             raise LibraryError(f"No library at {root} (no {INDEX}). Create one with ExpertLibrary.create "
                                "or `python -m library_store build`.")
-        readonly = readonly or not dir_writable(root)
+        readonly = readonly or not library_writable(root)
         lib = cls(root, readonly)
         if base is not None:
             lib.check_base(getattr(base, "fingerprint", base))

@@ -91,6 +91,12 @@ def dir_writable(path: Path) -> bool:
     return os.access(path, os.W_OK) and bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 
+def library_writable(root: Path) -> bool:
+    """The folder and its index can both be written (either marked read-only makes the library read-only)."""
+    index = root / INDEX
+    return dir_writable(root) and (not index.exists() or dir_writable(index))
+
+
 def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -145,7 +151,7 @@ class WriteSession:
     def __enter__(self) -> "WriteSession":
         from filelock import FileLock
 
-        if not dir_writable(self.root):
+        if not library_writable(self.root):
             raise LibraryError(f"The library at {self.root} is read-only; it can be read but not changed.")
         self._lock = FileLock(str(self.root / LOCK), timeout=600)
         self._lock.acquire()
@@ -197,17 +203,21 @@ class WriteSession:
         self.commit([("INSERT INTO pending VALUES (?, ?, ?, ?, ?)",
                       (op_id, op, target, new.name if new else None, old.name if had_old else None))])
         crash_point("after_journal")
-        if had_old:
-            os.rename(dest, old)
-            crash_point("after_old_aside")
-        if new is not None:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(new, dest)
-            fsync_path(dest.parent)
-            crash_point("after_rename")
-        fsync_path(self.root)
-        crash_point("before_commit")
-        self.commit([*sql, ("DELETE FROM pending WHERE id = ?", (op_id,))])
+        try:
+            if had_old:
+                os.rename(dest, old)
+                crash_point("after_old_aside")
+            if new is not None:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(new, dest)
+                fsync_path(dest.parent)
+                crash_point("after_rename")
+            fsync_path(self.root)
+            crash_point("before_commit")
+            self.commit([*sql, ("DELETE FROM pending WHERE id = ?", (op_id,))])
+        except Exception:
+            recover(self.root, self.con)  # a failed (not killed) write is undone at once, while we hold the lock
+            raise
         crash_point("after_commit")
         if had_old:
             remove_path(old)

@@ -275,6 +275,45 @@ def test_a_read_only_library_reads_but_refuses_writes_clearly(lib):
         _make_writable(lib.root)
 
 
+def test_a_read_only_index_file_alone_makes_the_library_read_only(lib):
+    lib.add(random_expert("a"))
+    index = lib.root / "library.sqlite"
+    index.chmod(0o444)
+    try:
+        again = ExpertLibrary.open(lib.root)
+        assert again.readonly and again["a"].weights
+        with pytest.raises(LibraryError, match="read-only"):
+            lib.remove("a")
+    finally:
+        index.chmod(0o644)
+
+
+def test_a_damaged_index_is_a_clear_library_error(lib):
+    (lib.root / "library.sqlite").write_bytes(b"not a database at all" * 100)
+    for extra in ("-wal", "-shm"):
+        (lib.root / ("library.sqlite" + extra)).unlink(missing_ok=True)
+    with pytest.raises(LibraryError, match="not a readable library index"):
+        ExpertLibrary.open(lib.root)
+
+
+@pytest.mark.parametrize("point", ["after_old_aside", "after_rename", "before_commit"])
+def test_a_write_that_fails_midway_is_undone_at_once(lib, monkeypatch, point):
+    from library_store import store_io
+
+    lib.add(random_expert("x", seed=1))
+    before = lib.checksums()
+
+    def fail(name):
+        if name == point:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_io, "crash_point", fail)
+    with pytest.raises(OSError, match="No space"):
+        lib.add(random_expert("x", seed=2), replace=True)
+    assert lib.checksums() == before and lib.verify() == [] and leftovers(lib.root) == []
+    assert torch.equal(lib["x"].weights[next(iter(random_weights()))], next(iter(random_weights(seed=1).values())))
+
+
 def test_open_readonly_on_a_writable_folder_refuses_writes(lib):
     lib.add(random_expert("a"))
     ro = ExpertLibrary.open(lib.root, readonly=True)
