@@ -369,3 +369,22 @@ def test_peft_adapter_imports_exports_and_gives_the_same_logits(base, tmp_path):
     assert torch.allclose(expected, trained.eval()(ids).logits, atol=1e-6)
     assert not torch.allclose(expected, base.model(ids).logits, atol=1e-3)  # the adapter does something
     assert lib["peft-made"].weights.keys() == get_peft_model_state_dict(trained).keys()
+
+
+@torch.no_grad()
+def test_an_expert_on_some_layers_exports_with_layers_to_transform(base, tmp_path):
+    import copy
+
+    from peft import PeftModel
+
+    lib = ExpertLibrary.create(tmp_path / "lib", base)
+    weights = random_weights(layers=(1,), shapes={"q_proj": (64, 64)})
+    lib.add(LoraExpert.from_state_dict(ExpertInfo("layer1", alpha=8.0), weights))
+    model = PeftModel.from_pretrained(copy.deepcopy(base.model), str(lib.export("layer1", tmp_path / "out")))
+    assert [n for n, _ in model.named_modules() if n.endswith("lora_A")] == [
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_A"]
+    merged = copy.deepcopy(base.model)  # ΔW = scaling * B @ A, by hand
+    site = "base_model.model.model.layers.1.self_attn.q_proj"
+    merged.model.layers[1].self_attn.q_proj.weight += 2.0 * weights[f"{site}.lora_B.weight"] @ weights[f"{site}.lora_A.weight"]
+    ids = torch.tensor([[1, 504, 3575, 282]])  # (1, t)
+    assert torch.allclose(model(ids).logits, merged(ids).logits, atol=1e-4)
