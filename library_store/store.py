@@ -20,6 +20,7 @@ import os
 import shutil
 import sqlite3
 import uuid
+from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -180,8 +181,6 @@ class ExpertLibrary(AuxDataMixin):
                 f"  base model: {json.dumps(fingerprint, sort_keys=True)}")
 
     def _read(self):
-        from contextlib import closing
-
         return closing(connect(self.root, readonly=self.readonly))
 
     def _write(self) -> WriteSession:

@@ -131,6 +131,7 @@ def init_index(root: Path, meta: dict[str, object]) -> None:
         con.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
         con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
         con.execute("COMMIT")
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file before it is moved
 
 
 def read_meta(con: sqlite3.Connection) -> dict:
