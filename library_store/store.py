@@ -325,7 +325,7 @@ class ExpertLibrary(AuxDataMixin):
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise LibraryError(f"Export destination {dest} exists and is not an empty directory.")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".tmp-export-{uuid.uuid4().hex}"
+        tmp = dest.parent / f".exporting-{uuid.uuid4().hex}"  # not `.tmp-*`: a library write would clean it
         shutil.copytree(self.expert_dir(name), tmp)
         fsync_tree(tmp)
         if dest.exists():

@@ -95,7 +95,8 @@ def test_kill_9_mid_remove_keeps_the_expert(tmp_path, point):
 def test_kill_9_mid_derived_write_keeps_the_old_entry(tmp_path, point):
     lib = new_library(tmp_path / "lib")
     lib.put_derived("proto", {"v": 1}, {"x": torch.zeros(4)}, {"n": 1})
-    killed_at(point, lambda: ExpertLibrary.open(lib.root).put_derived("proto", {"v": 1}, {"x": torch.ones(8)}, {"n": 2}))
+    new = {"x": torch.ones(8)}
+    killed_at(point, lambda: ExpertLibrary.open(lib.root).put_derived("proto", {"v": 1}, new, {"n": 2}))
     again = ExpertLibrary.open(lib.root)
     tensors, meta = again.get_derived("proto", {"v": 1})
     assert meta == {"n": 1} and torch.equal(tensors["x"], torch.zeros(4)) and again.verify() == []
