@@ -38,41 +38,61 @@ def find_sdist(folder: Path) -> Path | None:
 
 
 def download_sdist(folder: Path) -> Path:
-    """`pip download` the sdist (pip's progress bar goes straight to the terminal)."""
+    """`pip download` the sdist (pip's progress bar goes straight to the terminal).
+
+    bigbench 1.0.0 declares a `file://` dependency (bleurt), so pip stops with "cannot declare direct URL
+    dependencies" after downloading and unpacking it. `--no-clean` and a private TMPDIR keep that unpacked
+    tree; the task files are then read from it. Returns the tarball, or the unpacked tree in that case."""
     folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "pip-tmp"
+    tmp.mkdir(exist_ok=True)
     print(f"Downloading BIG-bench {BIGBENCH_VERSION} from PyPI ({SDIST_SIZE}, once) into {folder} ...",
           file=sys.stderr, flush=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "--progress-bar", "on",
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-clean", "--progress-bar", "on",
            f"bigbench=={BIGBENCH_VERSION}", "-d", str(folder)]
-    result = subprocess.run(cmd)  # not captured: the user sees pip's progress
+    result = subprocess.run(cmd, env={**os.environ, "TMPDIR": str(tmp)})  # not captured: pip's progress shows
     sdist = find_sdist(folder)
-    if sdist is None:
-        raise TaskError(f"Could not download bigbench=={BIGBENCH_VERSION} (pip exited with {result.returncode}). "
-                        f"Download bigbench-{BIGBENCH_VERSION}.tar.gz elsewhere and put it in {folder}.")
-    return sdist
+    if sdist is not None:
+        return sdist
+    trees = sorted(tmp.glob(f"pip-download-*/bigbench*/{_TASKS_DIR}"))
+    if trees:
+        return trees[0].parent.parent
+    raise TaskError(f"Could not download bigbench=={BIGBENCH_VERSION} (pip exited with {result.returncode}). "
+                    f"Download bigbench-{BIGBENCH_VERSION}.tar.gz elsewhere and put it in {folder}.")
 
 
-def extract_task_files(sdist: Path, dest: Path) -> int:
-    """Copy every task.json (and note programmatic tasks) out of the tarball in one streaming pass."""
+def _wanted(rel: str) -> bool:
+    return (rel.endswith("/task.json") or rel.endswith("/task.py")) and ".." not in rel.split("/")
+
+
+def extract_task_files(source: Path, dest: Path) -> int:
+    """Copy every task.json (and mark programmatic tasks' task.py) out of the sdist tarball in one streaming
+    pass, or out of an unpacked sdist tree. Returns the number of task.json files."""
+    import shutil
+
     staging = dest.with_name(dest.name + ".partial")
-    staging.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     n = 0
-    with tarfile.open(sdist, "r:gz") as tar:
-        for member in tar:  # streaming: the 358 MB archive is read once
-            path = member.name.split("/", 1)[-1]  # drop "bigbench-1.0.0/"
-            if not member.isfile() or not path.startswith(_TASKS_DIR):
-                continue
-            rel = path[len(_TASKS_DIR):]
-            if rel.endswith("/task.json") or rel.endswith("/task.py"):
-                if ".." in rel.split("/"):
+    if Path(source).is_dir():
+        root = Path(source) / _TASKS_DIR
+        for f in sorted(root.rglob("task.*")):
+            rel = f.relative_to(root).as_posix()
+            if _wanted("/" + rel) and "/" in rel:
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, staging / rel)
+                n += rel.endswith("task.json")
+    else:
+        with tarfile.open(source, "r:gz") as tar:
+            for member in tar:  # streaming: the 358 MB archive is read once
+                path = member.name.split("/", 1)[-1]  # drop "bigbench-1.0.0/"
+                if not member.isfile() or not path.startswith(_TASKS_DIR) or not _wanted(path[len(_TASKS_DIR):]):
                     continue
-                out = staging / rel
+                out = staging / path[len(_TASKS_DIR):]
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(tar.extractfile(member).read())
-                n += rel.endswith("task.json")
+                n += path.endswith("task.json")
     if dest.exists():
-        import shutil
-
         shutil.rmtree(dest)
     os.replace(staging, dest)
     return n
@@ -85,8 +105,12 @@ def task_folder(sdist: Path | None = None, cache: Path | None = None) -> Path:
     if dest.is_dir():
         return dest
     sdist = sdist or find_sdist(cache) or download_sdist(cache)
-    print(f"Extracting BIG-bench task files from {sdist.name} ...", file=sys.stderr, flush=True)
-    extract_task_files(sdist, dest)
+    print(f"Extracting BIG-bench task files from {sdist} ...", file=sys.stderr, flush=True)
+    n = extract_task_files(sdist, dest)
+    import shutil
+
+    shutil.rmtree(cache / "pip-tmp", ignore_errors=True)  # the unpacked sdist is 1.8 GB; the task files suffice
+    print(f"BIG-bench: {n} task files cached in {dest}", file=sys.stderr, flush=True)
     return dest
 
 
@@ -103,7 +127,12 @@ def _examples(data: dict, where: str) -> tuple[list[Example], str]:
         if "target_scores" in ex:
             scores = ex["target_scores"]
             choices = [str(c) for c in scores]
-            answer = max(range(len(choices)), key=lambda j: float(list(scores.values())[j]))
+            if not choices:
+                raise TaskError(f"{where}: example {i} has an empty 'target_scores'.")
+            values = [float(v) for v in scores.values()]
+            answer = values.index(max(values))
+            if data.get("append_choices_to_input", True):  # BIG-bench's default: the options follow the input
+                text += "".join(f"{data.get('choice_prefix', chr(10) + ' choice: ')}{c}" for c in choices)
             out.append(Example(text, choices[answer], choices=choices, answer=answer))
             kinds.add("multiple_choice")
         elif "target" in ex:
@@ -119,10 +148,20 @@ def _examples(data: dict, where: str) -> tuple[list[Example], str]:
     return out, metric
 
 
+def _has_examples(path: Path) -> bool:
+    """A parent task's task.json only describes its subtasks; it holds no examples."""
+    if not path.is_file():
+        return False
+    try:
+        return bool(json.loads(path.read_text(encoding="utf-8")).get("examples"))
+    except json.JSONDecodeError:
+        return True  # let read_task report the broken file
+
+
 def read_task(folder: Path, name: str, seed: int = 0) -> Task:
     """One task by folder name; subtasks (`<task>/<sub>/task.json`) are joined into one task."""
     root = folder / name
-    files = [root / "task.json"] if (root / "task.json").is_file() else sorted(root.glob("*/task.json"))
+    files = [root / "task.json"] if _has_examples(root / "task.json") else sorted(root.glob("*/task.json"))
     if not files:
         if (root / "task.py").is_file():
             raise TaskError(f"BIG-bench task {name!r} is programmatic (task.py); only JSON tasks can be read.")
