@@ -1,0 +1,436 @@
+"""Shared helpers of the evaluation scripts: batched scoring, bootstrap intervals, tables and SVG figures.
+
+Usage::
+
+    from bench.eval_common import rank_classify, greedy_generate, exact_match, bootstrap_ci
+    preds = rank_classify(model, tok, prompt_ids, choice_ids)        # index of the best choice per example
+    texts = greedy_generate(model, tok, prompt_ids, max_new_tokens=8)
+    mean, lo, hi = bootstrap_ci(np.array([1, 0, 1, 1]))
+
+`model` is the (possibly Arrow-routed) Hugging Face causal LM, e.g. `RoutedModel.base.model`: routing is per
+token, so it works unchanged on padded batches. Padding is safe here because
+- scoring pads on the right: a causal model never lets a real token see a later pad, and each pad's own
+  routing touches nothing but the pad;
+- generation pads on the left with an attention mask (HF derives the positions from it).
+`tests/unit/test_eval_quick.py` checks both against one-example-at-a-time runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from html import escape
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+FIGURES = ROOT / "docs" / "figures"
+
+
+# ---------------------------------------------------------------- prompts
+
+_BASES: dict = {}
+
+
+def load_base(name: str):
+    """`load_base_model(name)`, loaded once per process: the evaluation attaches and detaches libraries on one
+    model (RoutedModel.detach and train_expert both restore it), so the quick runs and a test share it."""
+    if name not in _BASES:
+        from library_store.base_models import load_base_model
+
+        _BASES[name] = load_base_model(name)
+    return _BASES[name]
+
+
+
+def prompt_ids(base, texts: list[str], chat: bool = True) -> list[list[int]]:
+    """Token ids of each text inside the model's chat template (as the experts were trained)."""
+    tok = base.tokenizer
+    return [tok(base.format_prompt(t, chat), add_special_tokens=False).input_ids for t in texts]
+
+
+def user_positions(base, text: str, chat: bool = True) -> list[int]:
+    """Positions of the tokens that overlap the user's own text (not the template around it)."""
+    formatted = base.format_prompt(text, chat)
+    start = formatted.rfind(text)
+    end = start + len(text)
+    enc = base.tokenizer(formatted, add_special_tokens=False, return_offsets_mapping=True)
+    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < end]
+
+
+def _batches(lengths: list[int], max_tokens: int, max_rows: int = 64):
+    """Index groups, sorted by length, whose padded size stays under max_tokens (less padding, bounded memory)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    group: list[int] = []
+    for i in order:
+        longest = max([lengths[j] for j in group] + [lengths[i]])
+        if group and (longest * (len(group) + 1) > max_tokens or len(group) >= max_rows):
+            yield group
+            group = []
+        group.append(i)
+    if group:
+        yield group
+
+
+def _right_pad(rows: list[list[int]], pad: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (b, width)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def common_prefix(rows: list[list[int]]) -> int:
+    """Length of the token prefix all rows share, leaving every row at least one token of its own (the chat
+    template's system turn is ~25 tokens of every prompt: computed once, it halves the cost of short prompts)."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for r in rows[1:]:
+        k = 0
+        while k < n and r[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+class SharedPrefix:
+    """The KV cache of a shared prefix, run once and copied for each batch. Exact: a causal model's prefix
+    states do not depend on what follows, and routing is per token.
+
+    Usage: ``sp = SharedPrefix(model, ids[:L]); cache = sp.cache(batch_size)`` then feed the suffixes.
+    """
+
+    def __init__(self, model, prefix: list[int]):
+        self.model, self.length = model, len(prefix)
+        self._cache = None
+        if prefix:
+            self._cache = model.get_decoder()(input_ids=torch.tensor([prefix]), use_cache=True).cache
+
+    def cache(self, batch: int):
+        if self._cache is None:
+            return None
+        import copy
+
+        c = copy.deepcopy(self._cache)
+        c.batch_repeat_interleave(batch)
+        return c
+
+
+def _hidden(model, ids: torch.Tensor, prefix: SharedPrefix | None = None) -> torch.Tensor:
+    """(b, t, d) final hidden states of right-padded `ids` (after the shared prefix, if any); callers apply the
+    LM head to the few positions they need, so (b, t, vocab) logits of a 49k vocabulary are never formed."""
+    cache = prefix.cache(ids.shape[0]) if prefix is not None else None
+    return model.get_decoder()(input_ids=ids, cache=cache, use_cache=cache is not None).last_hidden_state
+
+
+@torch.no_grad()
+def choice_loglik(model, tokenizer, prompts: list[list[int]], choices: list[list[list[int]]],
+                  max_tokens: int = 4096, share_prefix: bool = True) -> list[list[float]]:
+    """Length-normalised log-likelihood (mean log-prob per choice token) of every choice after its prompt.
+
+    prompts[i] are the prompt ids of example i, choices[i][j] the ids of its j-th choice. When all choices of
+    an example are one token long, the prompt alone is run once and the choices read off its last position.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    head = model.get_output_embeddings()
+    out: list[list[float]] = [[math.nan] * len(c) for c in choices]
+    rows, owners = [], []  # one row per forward sequence: (example, choice or -1 for "all single-token")
+    for i, (p, cs) in enumerate(zip(prompts, choices)):
+        if any(len(c) == 0 for c in cs):
+            raise ValueError(f"example {i}: a choice tokenises to nothing")
+        if all(len(c) == 1 for c in cs):
+            rows.append(p)
+            owners.append((i, -1))
+        else:
+            for j, c in enumerate(cs):
+                rows.append(p + c)
+                owners.append((i, j))
+    L = common_prefix(rows) if share_prefix and len(rows) > 1 else 0
+    prefix = SharedPrefix(model, rows[0][:L])
+    for group in _batches([len(r) - L for r in rows], max_tokens):
+        h = _hidden(model, _right_pad([rows[g][L:] for g in group], pad), prefix)  # (b, t - L, d)
+        for b, g in enumerate(group):
+            i, j = owners[g]
+            n_p = len(prompts[i]) - L
+            if j < 0:
+                logp = torch.log_softmax(head(h[b, n_p - 1]).float(), -1)  # (vocab,)
+                out[i] = [float(logp[c[0]]) for c in choices[i]]
+            else:
+                c = choices[i][j]
+                pos = torch.arange(n_p - 1, n_p - 1 + len(c))  # positions predicting the choice tokens
+                logp = torch.log_softmax(head(h[b, pos]).float(), -1)  # (len(c), vocab)
+                out[i][j] = float(logp[torch.arange(len(c)), torch.tensor(c)].mean())
+    return out
+
+
+def rank_classify(model, tokenizer, prompts, choices, max_tokens: int = 4096, share_prefix: bool = True) -> list[int]:
+    """Rank classification: the index of the choice with the highest length-normalised log-likelihood."""
+    scores = choice_loglik(model, tokenizer, prompts, choices, max_tokens, share_prefix)
+    return [int(np.argmax(s)) for s in scores]
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, max_tokens: int = 4096,
+                    share_prefix: bool = True) -> list[str]:
+    """Greedy continuations of many prompts; the new text of each.
+
+    Batched with left padding placed *after* the shared prefix ([prefix][pads][own tokens]), an attention
+    mask hiding the pads and explicit positions, so every row sees exactly what it would see alone. Stops
+    when every row has produced the end-of-sequence token.
+    """
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    head = model.get_output_embeddings()
+    decoder = model.get_decoder()
+    out = [""] * len(prompts)
+    L = common_prefix(prompts) if share_prefix and len(prompts) > 1 else 0
+    prefix = SharedPrefix(model, prompts[0][:L])
+    for group in _batches([len(p) - L + max_new_tokens for p in prompts], max_tokens):
+        rows = [prompts[g][L:] for g in group]
+        b, width = len(rows), max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # (b, width)
+        own = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])  # (b, width)
+        mask = torch.cat([torch.ones(b, L, dtype=torch.long), own], 1)  # (b, L + width)
+        pos = (L + own.cumsum(1) - 1).clamp(min=L)  # (b, width) positions of the own tokens
+        cache = prefix.cache(b)
+        new = torch.full((b, max_new_tokens), pad)
+        done = torch.zeros(b, dtype=torch.bool)
+        for step in range(max_new_tokens):
+            res = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+            cache = res.cache
+            nxt = head(res.last_hidden_state[:, -1]).argmax(-1)  # (b,)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            new[:, step] = nxt
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+            ids, pos = nxt[:, None], pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], 1)
+        for k, g in enumerate(group):
+            toks = new[k].tolist()
+            toks = toks[: toks.index(eos)] if eos in toks else toks
+            out[g] = tokenizer.decode(toks, skip_special_tokens=True)
+    return out
+
+
+def normalize_answer(text: str) -> str:
+    """First line of the answer, outer whitespace and a trailing full stop removed (case is kept: some tasks
+    are about case)."""
+    line = text.strip().split("\n", 1)[0].strip()
+    return line[:-1].rstrip() if line.endswith(".") else line
+
+
+def exact_match(pred: str, target: str) -> int:
+    return int(normalize_answer(pred) == normalize_answer(target))
+
+
+def target_tokens(tokenizer, targets: list[str]) -> int:
+    """A small generation budget: the longest target's token count plus room for the end-of-turn token."""
+    return max(len(tokenizer(t, add_special_tokens=False).input_ids) for t in targets) + 2
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def bootstrap_ci(x: np.ndarray, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap interval of the mean of per-example scores."""
+    x = np.asarray(x, dtype=float)
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one score (the task has no evaluated examples).")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)  # (n_boot,)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(x.mean()), float(lo), float(hi)
+
+
+def _task_mean_draws(per_task: list[np.ndarray], n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot,) means over tasks of per-task means, examples resampled within each task (stratified)."""
+    rng = np.random.default_rng(seed)
+    draws = np.zeros(n_boot)
+    for x in per_task:
+        x = np.asarray(x, dtype=float)
+        draws += x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    return draws / len(per_task)
+
+
+def bootstrap_task_mean(per_task: list[np.ndarray], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high) of the unweighted mean over tasks, each task resampled on its own examples."""
+    draws = _task_mean_draws(per_task, n_boot, seed)
+    mean = float(np.mean([np.mean(x) for x in per_task]))
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    return mean, float(lo), float(hi)
+
+
+def paired_difference(a: list[np.ndarray], b: list[np.ndarray], n_boot: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high) of mean_over_tasks(b) - mean_over_tasks(a), resampling the *same* examples for both
+    (both methods answered the same prompts), which is sharper than comparing two separate intervals."""
+    diffs = [np.asarray(y, float) - np.asarray(x, float) for x, y in zip(a, b)]
+    return bootstrap_task_mean(diffs, n_boot, seed)
+
+
+def chance_level(examples, metric: str, all_examples=None) -> float:
+    """Multiple choice: mean of 1 / number of choices. Exact match: 1 / number of distinct targets when the
+    task (all of `all_examples`, train included) is a small closed set (at most 10 labels, e.g. 'day' /
+    'month'), else 0."""
+    if metric == "multiple_choice":
+        return float(np.mean([1.0 / len(e.choices) for e in examples]))
+    labels = {e.target for e in (all_examples or examples)}
+    return 1.0 / len(labels) if len(labels) <= 10 else 0.0
+
+
+# ---------------------------------------------------------------- output
+
+
+class Clock:
+    """Wall-clock sections: ``with clock("build"): ...``; ``clock.times`` maps section -> seconds."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.start = time.time()
+
+    def __call__(self, name: str):
+        clock = self
+
+        class _Section:
+            def __enter__(self):
+                self.t0 = time.time()
+
+            def __exit__(self, *exc):
+                clock.times[name] = clock.times.get(name, 0.0) + time.time() - self.t0
+
+        return _Section()
+
+    def total(self) -> float:
+        return time.time() - self.start
+
+
+def write_json(path: Path, obj) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=float))
+    return path
+
+
+def fmt_ci(mean: float, lo: float, hi: float) -> str:
+    return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _color(v: float) -> str:
+    """White (0) to dark blue (1)."""
+    v = min(max(v, 0.0), 1.0)
+    r, g, b = (int(255 - v * (255 - c)) for c in (8, 48, 107))
+    return f"rgb({r},{g},{b})"
+
+
+def svg_heatmap(matrix: np.ndarray, rows: list[str], cols: list[str], title: str, cell: int = 28) -> str:
+    """A self-contained SVG heatmap (renders on GitHub without plotly or matplotlib). Values are scaled by
+    the matrix maximum; each cell also prints its value."""
+    m = np.asarray(matrix, float)
+    top = max(len(c) for c in cols) * 6 + 40
+    left = max(len(r) for r in rows) * 7 + 10
+    w, h = left + cell * len(cols) + 10, top + cell * len(rows) + 10
+    vmax = m.max() if m.size and m.max() > 0 else 1.0
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+             f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+             f'<text x="5" y="16" font-size="13" font-weight="bold">{escape(title)}</text>']
+    for j, c in enumerate(cols):
+        x = left + j * cell + cell / 2
+        parts.append(f'<text transform="translate({x + 4},{top - 4}) rotate(-60)">{escape(c)}</text>')
+    for i, r in enumerate(rows):
+        y = top + i * cell
+        parts.append(f'<text x="{left - 5}" y="{y + cell / 2 + 4}" text-anchor="end">{escape(r)}</text>')
+        for j in range(len(cols)):
+            v = m[i, j] / vmax
+            parts.append(f'<rect x="{left + j * cell}" y="{y}" width="{cell}" height="{cell}" fill="{_color(v)}" '
+                         f'stroke="#ddd"/>')
+            parts.append(f'<text x="{left + j * cell + cell / 2}" y="{y + cell / 2 + 3}" text-anchor="middle" '
+                         f'font-size="8" fill="{"white" if v > 0.6 else "black"}">{m[i, j]:.2f}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def svg_intervals(labels: list[str], stats: list[tuple[float, float, float]], title: str,
+                  chance: float | None = None, width: int = 520) -> str:
+    """Horizontal dot-and-whisker chart of (mean, low, high) per label on a 0..1 axis, chance as a dashed line."""
+    left, row, top = max(len(l) for l in labels) * 7 + 15, 26, 40
+    plot_w = width - left - 20
+    h = top + row * len(labels) + 30
+    x = lambda v: left + plot_w * min(max(v, 0.0), 1.0)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" font-family="sans-serif" '
+             f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+             f'<text x="5" y="16" font-size="13" font-weight="bold">{escape(title)}</text>']
+    for t in np.linspace(0, 1, 6):
+        parts.append(f'<line x1="{x(t)}" y1="{top - 8}" x2="{x(t)}" y2="{h - 25}" stroke="#eee"/>'
+                     f'<text x="{x(t)}" y="{h - 10}" text-anchor="middle">{t:.1f}</text>')
+    if chance is not None:
+        parts.append(f'<line x1="{x(chance)}" y1="{top - 8}" x2="{x(chance)}" y2="{h - 25}" stroke="red" '
+                     f'stroke-dasharray="4,3"/><text x="{x(chance) + 3}" y="{top - 10}" fill="red">chance</text>')
+    for i, (lab, (m, lo, hi)) in enumerate(zip(labels, stats)):
+        y = top + i * row + row / 2
+        parts.append(f'<text x="{left - 6}" y="{y + 4}" text-anchor="end">{escape(lab)}</text>'
+                     f'<line x1="{x(lo)}" y1="{y}" x2="{x(hi)}" y2="{y}" stroke="#08306b" stroke-width="2"/>'
+                     f'<circle cx="{x(m)}" cy="{y}" r="4" fill="#08306b"/>'
+                     f'<text x="{x(hi) + 5}" y="{y + 4}" fill="#555">{m:.3f}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def write_figure(name: str, svg: str, folder: Path = FIGURES) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(svg)
+    return path
+
+
+# ---------------------------------------------------------------- --quick fixtures (random twin, tiny libraries)
+
+QUICK_TASKS = {"string": ["reverse_word", "first_letter"], "arithmetic": ["add", "subtract"]}
+
+
+def quick_libraries(folder: Path, model: str = "tiny-random-llama", steps: int = 3) -> dict[str, Path]:
+    """A private library (one expert per task) and an MBC-shaped library (one cluster expert per family) of
+    four built-in tasks, trained a few steps on the random twin: real experts through the real training
+    code, made in seconds. The clusters are the families by construction (the quick run tests the plumbing,
+    not MBC)."""
+    from library_store.store import ExpertLibrary
+    from library_store.tasks import resolve_tasks
+    from library_store.train import TrainConfig, train_expert
+
+    base = load_base(model)
+    tasks = {t.name: t for t in resolve_tasks("builtin:" + ",".join(sum(QUICK_TASKS.values(), [])))}
+    cfg = TrainConfig(steps=steps, batch_size=4, init_seed=0, progress=False)
+    private = ExpertLibrary.create(folder / "quick-private", base.fingerprint)
+    for name, task in tasks.items():
+        private.add(train_expert(base, [task], name, "private", cfg))
+    mbc = ExpertLibrary.create(folder / "quick-mbc", base.fingerprint)
+    for i, (family, names) in enumerate(QUICK_TASKS.items()):
+        mbc.add(train_expert(base, [tasks[n] for n in names], f"cluster_{i}", "cluster", cfg, cluster=f"cluster_{i}"))
+    mbc.set_clusters({f"cluster_{i}": names for i, names in enumerate(QUICK_TASKS.values())})
+    return {"private": folder / "quick-private", "mbc": folder / "quick-mbc"}
+
+
+def quick_mc_spec(folder: Path, n: int = 30) -> str:
+    """A `jsonl:` spec of two small multiple-choice tasks (the labels of two held-out classification variants
+    as choices), so the quick run exercises rank classification."""
+    from library_store.tasks import resolve_tasks
+
+    out = Path(folder) / "quick-mc"
+    out.mkdir(parents=True, exist_ok=True)
+    for task in resolve_tasks("variants:day_or_month,tool_or_food"):
+        ex = (task.train + task.heldout)[:n]
+        labels = sorted({e.target for e in ex})
+        lines = [json.dumps({"input": e.input, "choices": labels, "answer": labels.index(e.target)}) for e in ex]
+        (out / f"{task.name}_mc.jsonl").write_text("\n".join(lines) + "\n")
+    return f"jsonl:{out}"

@@ -1,0 +1,307 @@
+"""Does the library help on tasks no expert saw? base / uniform merge / Private+Arrow / MBC+Arrow (+ oracle).
+
+Usage::
+
+    .venv/bin/python bench/eval_heldout.py --setting A                # related unseen variants, demo libraries
+    .venv/bin/python bench/eval_heldout.py --setting B --build        # BIG-bench: build 2 libraries, evaluate
+    .venv/bin/python bench/eval_heldout.py --quick                    # twin + tiny libraries, < 1 min
+
+Setting A: the built-in held-out variant tasks (`variants`, never in the demo libraries, same families), exact
+match, with the demo libraries. The oracle is the single private expert *of the same family* that gets the
+largest mean Arrow weight on 20 of the task's *training* prompts (no held-out score is looked at).
+Setting B: a private and an MBC library built with `python -m library_store build` from BIG-bench training
+tasks, evaluated on other BIG-bench tasks: multiple choice by rank classification (length-normalised
+log-likelihood), generative by exact match.
+
+Every score comes with a 95 % bootstrap interval (examples resampled; the mean over tasks resamples within
+each task) and paired bootstrap intervals of the differences between methods, which answer "is this method
+better than that one" more sharply than two overlapping intervals can. Nothing is tuned on held-out tasks:
+router settings are the library defaults (Arrow, top-k 4, T 1). Writes `bench/results/heldout-<setting>.json`
+and `docs/figures/heldout-<setting>.svg`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.eval_common import (FIGURES, RESULTS, Clock, bootstrap_ci, bootstrap_task_mean, chance_level,  # noqa: E402
+                               exact_match, fmt_ci, greedy_generate, load_base, md_table, paired_difference, prompt_ids,
+                               rank_classify, svg_intervals, target_tokens, write_figure, write_json)
+
+ORDER = ["base", "uniform", "private_arrow", "mbc_arrow"]  # the paper's claimed ordering, worst to best
+LABELS = {"base": "base", "uniform": "uniform merge (private)", "private_arrow": "Private+Arrow",
+          "mbc_arrow": "MBC+Arrow", "oracle": "oracle: closest expert"}
+SETTING_B_TRAIN = ("bigbench:" + ",".join([
+    "hyperbaton", "implicatures", "emoji_movie", "general_knowledge", "odd_one_out", "similarities_abstraction",
+    "anachronisms", "sentence_ambiguity", "timedial", "crass_ai", "nonsense_words_grammar", "logic_grid_puzzle"]))
+SETTING_B_EVAL = "bigbench:" + ",".join([
+    "sports_understanding", "navigate", "snarks", "date_understanding", "epistemic_reasoning", "bbq_lite_json"])
+
+
+# ---------------------------------------------------------------- scoring one model on many tasks
+
+
+def score_task(base, task, n: int, max_tokens: int) -> dict:
+    """Per-example 0/1 scores of the model as it is now routed, plus a few predictions to read."""
+    examples = task.heldout[:n]
+    ids = prompt_ids(base, [e.input for e in examples])
+    tok = base.tokenizer
+    if task.metric == "multiple_choice":
+        choices = [[tok(c, add_special_tokens=False).input_ids for c in e.choices] for e in examples]
+        pred = rank_classify(base.model, tok, ids, choices, max_tokens)
+        correct = [int(p == e.answer) for p, e in zip(pred, examples)]
+        shown = [e.choices[p] for p, e in zip(pred, examples)]
+    else:
+        shown = greedy_generate(base.model, tok, ids, target_tokens(tok, [e.target for e in examples]), max_tokens)
+        correct = [exact_match(p, e.target) for p, e in zip(shown, examples)]
+    return {"correct": correct, "samples": [[e.input[-80:], e.target, p] for e, p in zip(examples[:3], shown[:3])]}
+
+
+def score_all(base, tasks, n: int, max_tokens: int, clock: Clock, label: str) -> dict:
+    out = {}
+    for t in tasks:
+        with clock(label):
+            out[t.name] = score_task(base, t, n, max_tokens)
+        print(f"  {label:14s} {t.name:24s} {np.mean(out[t.name]['correct']):.3f}", flush=True)
+    return out
+
+
+def oracle_experts(base, rm, private_lib, tasks, n_train: int = 20) -> dict[str, dict]:
+    """Per held-out task: the same-family private expert with the largest mean Arrow weight on training
+    prompts of that task (its family from the built-in suite)."""
+    from bench.eval_routing import routing_profiles
+    from library_store.tasks import resolve_tasks
+
+    names = [i.name for i in private_lib.infos()]
+    fam_of = {t.name: t.family for t in resolve_tasks("builtin:" + ",".join(
+        sorted({t for i in private_lib.infos() for t in (i.tasks or [i.name])})))}
+    expert_family = {i.name: fam_of.get((i.tasks or [i.name])[0]) for i in private_lib.infos()}
+    out = {}
+    for task in tasks:
+        w, _ = routing_profiles(rm, base, [e.input for e in task.train[:n_train]])
+        mean = dict(zip(rm.experts, w.mean(0)))
+        same = [n for n in names if expert_family[n] == task.family] or names
+        best = max(same, key=lambda n: mean[n])
+        out[task.name] = {"expert": best, "family_candidates": same, "mean_weight": float(mean[best])}
+    return out
+
+
+def evaluate(base, tasks, private_path: str, mbc_path: str, n: int, max_tokens: int, with_oracle: bool,
+             clock: Clock) -> tuple[dict, dict]:
+    """{method: {task: score record}} for base, uniform, private_arrow, mbc_arrow (and oracle)."""
+    from explorer.routed import RoutedModel, RouterConfig
+    from library_store.store import ExpertLibrary
+
+    scores, oracle = {}, {}
+    scores["base"] = score_all(base, tasks, n, max_tokens, clock, "base")
+    private = ExpertLibrary.open(private_path, readonly=True)
+    rm = RoutedModel.from_library(base, private, RouterConfig(mode="arrow", top_k=min(4, len(private))))
+    try:
+        if with_oracle:
+            with clock("oracle_choice"):
+                oracle = oracle_experts(base, rm, private, tasks)
+        rm.set_router(RouterConfig(mode="uniform"))
+        scores["uniform"] = score_all(base, tasks, n, max_tokens, clock, "uniform")
+        rm.set_router(RouterConfig(mode="arrow", top_k=min(4, len(private))))
+        scores["private_arrow"] = score_all(base, tasks, n, max_tokens, clock, "private_arrow")
+        if with_oracle:
+            scores["oracle"] = {}
+            for t in tasks:
+                rm.set_router(RouterConfig(mode=f"expert:{oracle[t.name]['expert']}"))
+                scores["oracle"].update(score_all(base, [t], n, max_tokens, clock, "oracle"))
+    finally:
+        rm.detach()
+    mbc = ExpertLibrary.open(mbc_path, readonly=True)
+    rm = RoutedModel.from_library(base, mbc, RouterConfig(mode="arrow", top_k=min(4, len(mbc))))
+    try:
+        scores["mbc_arrow"] = score_all(base, tasks, n, max_tokens, clock, "mbc_arrow")
+    finally:
+        rm.detach()
+    return scores, oracle
+
+
+# ---------------------------------------------------------------- summarising
+
+
+def summarise(tasks, scores: dict, n: int) -> dict:
+    """Per-task and mean scores with intervals, chance levels, the ordering check and paired differences."""
+    methods = [m for m in ORDER + ["oracle"] if m in scores]
+    per_task, rows = {}, []
+    for t in tasks:
+        ex = t.heldout[:n]
+        rec = {"n": len(ex), "metric": t.metric, "family": t.family,
+               "chance": chance_level(ex, t.metric, t.train + t.heldout)}
+        for m in methods:
+            mean, lo, hi = bootstrap_ci(np.array(scores[m][t.name]["correct"]))
+            rec[m] = {"mean": mean, "ci95": [lo, hi], "samples": scores[m][t.name]["samples"]}
+        per_task[t.name] = rec
+        rows.append([t.name, rec["n"], t.metric.replace("_", " "), f"{rec['chance']:.2f}"]
+                    + [fmt_ci(rec[m]["mean"], *rec[m]["ci95"]) for m in methods])
+    arrays = {m: [np.array(scores[m][t.name]["correct"]) for t in tasks] for m in methods}
+    means = {m: bootstrap_task_mean(arrays[m]) for m in methods}
+    chance = float(np.mean([per_task[t.name]["chance"] for t in tasks]))
+    rows.append(["**mean**", sum(r["n"] for r in per_task.values()), "", f"{chance:.2f}"]
+                + [f"**{fmt_ci(*means[m])}**" for m in methods])
+    diffs = {}
+    for a, b in zip(ORDER, ORDER[1:]):
+        d = paired_difference(arrays[a], arrays[b])
+        lo_a, hi_a = means[a][1:]
+        lo_b, hi_b = means[b][1:]
+        diffs[f"{b} - {a}"] = {"mean": d[0], "ci95": [d[1], d[2]], "excludes_zero": d[1] > 0 or d[2] < 0,
+                               "intervals_overlap": not (hi_a < lo_b or hi_b < lo_a)}
+    order_means = [means[m][0] for m in ORDER]
+    reproduced = all(x < y for x, y in zip(order_means, order_means[1:]))
+    return {"methods": methods, "tasks": per_task,
+            "mean": {m: {"mean": means[m][0], "ci95": [means[m][1], means[m][2]]} for m in methods},
+            "chance_mean": chance, "differences": diffs,
+            "ordering": {"claimed": "base < uniform < private_arrow < mbc_arrow", "means": dict(zip(ORDER, order_means)),
+                         "reproduced": reproduced,
+                         "observed": observed_order({m: means[m][0] for m in ORDER})},
+            "table": md_table(["task", "n", "metric", "chance"] + [LABELS[m] for m in methods], rows)}
+
+
+def observed_order(means: dict[str, float]) -> str:
+    """'base 0.310 < uniform 0.320 = ...' from worst to best; equal means are shown as '='."""
+    ms = sorted(means, key=lambda m: means[m])
+    text = f"{ms[0]} {means[ms[0]]:.3f}"
+    for a, b in zip(ms, ms[1:]):
+        text += f" {'=' if abs(means[b] - means[a]) < 1e-12 else '<'} {b} {means[b]:.3f}"
+    return text
+
+
+def report(summary: dict) -> str:
+    lines = [summary["table"], ""]
+    o = summary["ordering"]
+    lines.append(f"paper's ordering {o['claimed']}: {'REPRODUCED' if o['reproduced'] else 'NOT reproduced'} "
+                 f"(observed {o['observed']})")
+    for k, d in summary["differences"].items():
+        lines.append(f"  {k}: {fmt_ci(d['mean'], *d['ci95'])} paired; "
+                     f"{'excludes 0' if d['excludes_zero'] else 'includes 0 (no clear difference)'}; "
+                     f"separate intervals {'overlap' if d['intervals_overlap'] else 'do not overlap'}")
+    return "\n".join(lines)
+
+
+def figure(summary: dict, name: str, title: str, figures: Path) -> str:
+    ms = summary["methods"]
+    path = write_figure(name, svg_intervals([LABELS[m] for m in ms],
+                                            [(summary["mean"][m]["mean"], *summary["mean"][m]["ci95"]) for m in ms],
+                                            title, chance=summary["chance_mean"]), figures)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+# ---------------------------------------------------------------- settings
+
+
+def build_library(kind: str, spec: str, dest: Path, model: str, steps: int, extra: list[str], log: Path) -> dict:
+    """`python -m library_store build <kind> ...` in a subprocess (the documented command), timed."""
+    cmd = [sys.executable, "-m", "library_store", "build", kind, str(dest), "--tasks", spec, "--model", model,
+           "--steps", str(steps), *extra]
+    clock = Clock()
+    with clock("build"), open(log, "a") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, check=True)
+    return {"command": " ".join(["python"] + cmd[1:]), "seconds": clock.total()}
+
+
+def run_setting(setting: str, args, out: Path, figures: Path, model: str, tasks_spec: str, private: str,
+                mbc: str, n: int, builds: dict | None = None, tag: str = "") -> dict:
+    from library_store.tasks import resolve_tasks
+
+    clock = Clock()
+    with clock("load"):
+        base = load_base(model)
+        tasks = resolve_tasks(tasks_spec)
+    scores, oracle = evaluate(base, tasks, private, mbc, n, args.max_tokens, setting == "A", clock)
+    summary = summarise(tasks, scores, n)
+    name = f"heldout-{setting}{tag}"
+    summary.update(
+        setting=setting, model=model, tasks_spec=tasks_spec, private_library=private, mbc_library=mbc,
+        n_cap=n, oracle=oracle, builds=builds or {}, router={"mode": "arrow", "top_k": 4, "temperature": 1.0},
+        command=" ".join(["python"] + sys.argv), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        seconds=clock.times, eval_seconds=clock.total(), torch_threads=torch.get_num_threads(),
+        scores={m: {t: s["correct"] for t, s in v.items()} for m, v in scores.items()})
+    summary["total_seconds"] = clock.total() + sum(b.get("seconds", 0) for b in (builds or {}).values())
+    summary["figure"] = figure(summary, f"{name}.svg", f"Setting {setting}: mean over tasks, 95% CI", figures)
+    write_json(out / f"{name}.json", summary)
+    print(report(summary))
+    print(f"time: eval {clock.total():.0f} s, total {summary['total_seconds']:.0f} s")
+    return summary
+
+
+def setting_b(args, out: Path, figures: Path) -> dict:
+    lib_dir = Path(args.b_dir)
+    lib_dir.mkdir(parents=True, exist_ok=True)
+    private, mbc = lib_dir / "bb-private", lib_dir / "bb-mbc"
+    builds = {}
+    if args.build:
+        log = Path(args.build_log)
+        for kind, dest in (("private", private), ("mbc", mbc)):
+            if not (dest / "library.sqlite").exists():
+                extra = ["--k", str(args.b_k)] if kind == "mbc" else []
+                builds[kind] = build_library(kind, args.b_train, dest, args.model, args.steps, extra, log)
+                write_json(out / "heldout-B-builds.json", builds)
+    return run_setting("B", args, out, figures, args.model, args.b_eval, str(private), str(mbc), args.n_b, builds)
+
+
+def quick(out: Path, figures: Path, args, libs: dict | None = None) -> list[dict]:
+    """Twin model, tiny libraries in a temp folder (or given); setting A on two variants, setting B on
+    multiple-choice versions of two variant classification tasks (rank classification), a few examples each."""
+    from bench.eval_common import quick_libraries, quick_mc_spec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = libs or quick_libraries(Path(tmp))
+        a = run_setting("A", args, out, figures, "tiny-random-llama", "variants:add_three,last_letter",
+                        str(libs["private"]), str(libs["mbc"]), 6, tag="-quick")
+        b = run_setting("B", args, out, figures, "tiny-random-llama", quick_mc_spec(Path(tmp)),
+                        str(libs["private"]), str(libs["mbc"]), 6, tag="-quick")
+        return [a, b]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setting", choices=["A", "B", "both"], default="A")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--private", default=str(ROOT / "assets/libraries/demo-private"), help="setting A library")
+    ap.add_argument("--mbc", default=str(ROOT / "assets/libraries/demo-mbc"), help="setting A library")
+    ap.add_argument("--n", type=int, default=100, help="setting A: held-out examples per task (cap)")
+    ap.add_argument("--n-b", type=int, default=200, help="setting B: held-out examples per task (cap)")
+    ap.add_argument("--b-train", default=SETTING_B_TRAIN, help="setting B: the library's training tasks")
+    ap.add_argument("--b-eval", default=SETTING_B_EVAL, help="setting B: unseen evaluation tasks")
+    ap.add_argument("--b-dir", default=str(ROOT / "build" / "eval-libraries"), help="setting B libraries")
+    ap.add_argument("--b-k", type=int, default=4, help="setting B: MBC clusters")
+    ap.add_argument("--build", action="store_true", help="setting B: build the libraries first (skips existing)")
+    ap.add_argument("--steps", type=int, default=60, help="setting B: training steps per expert")
+    ap.add_argument("--build-log", default=str(ROOT / "build" / "eval-libraries" / "build.log"))
+    ap.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per forward batch")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--figures", default=str(FIGURES))
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out, figures = Path(args.out), Path(args.figures)
+    if args.quick:
+        quick(out, figures, args)
+        return
+    if args.setting in ("A", "both"):
+        run_setting("A", args, out, figures, args.model, "variants", args.private, args.mbc, args.n)
+    if args.setting in ("B", "both"):
+        setting_b(args, out, figures)
+
+
+if __name__ == "__main__":
+    main()
