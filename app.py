@@ -37,15 +37,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    import torch
-
     from explorer.page_data import Explorer
     from explorer.ui import build_demo, launch
 
     libraries = args.library or [str(p) for p in DEMO_LIBRARIES]
-    explorer = Explorer(args.base_model, libraries, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    explorer.start()  # load while gradio starts; the first page load shows the progress
-    launch(build_demo(explorer), host=args.host, port=args.port, share=args.share)
+    explorer = Explorer(args.base_model, libraries, dtype="bfloat16" if args.bf16 else "float32")
+    demo = build_demo(explorer)
+    # The page first, then the model: loading competes for the CPU with the server's start, and the page shows
+    # the loading progress anyway.
+    launch(demo, host=args.host, port=args.port, share=args.share, prevent_thread_lock=True)
+    explorer.start()
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -22,15 +22,17 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
-import torch
 
 from explorer.plots import most_used_expert
-from explorer.routed import RoutedModel, RouterConfig
 from explorer.trace import RoutingTrace
-from library_store.base_models import load_base_model
-from library_store.store import ExpertLibrary
+
+if TYPE_CHECKING:  # torch, transformers and the store load in the background thread, after the page is up
+    from explorer.routed import RoutedModel
+    from library_store.store import ExpertLibrary
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class RunResult:
 # ---------------------------------------------------------------- library analysis
 
 
-def experts_table(lib: ExpertLibrary) -> pd.DataFrame:
+def experts_table(lib: "ExpertLibrary") -> pd.DataFrame:
     """One row per expert: name, kind, tasks, cluster, rank, parameters, steps, final loss."""
     rows = []
     for info in lib.infos():
@@ -88,7 +90,7 @@ def experts_table(lib: ExpertLibrary) -> pd.DataFrame:
                                        "final loss"])
 
 
-def _latest(lib: ExpertLibrary, kind: str):
+def _latest(lib: "ExpertLibrary", kind: str):
     """(tensors, meta, config) of the newest derived entry of `kind`, or None."""
     entries = [d for d in lib.list_derived() if d["kind"] == kind]
     if not entries:
@@ -116,7 +118,7 @@ def _tasks_of(meta: dict, config: dict) -> list[str] | None:
     return None
 
 
-def analyse_library(lib: ExpertLibrary, name: str) -> LibraryAnalysis:
+def analyse_library(lib: "ExpertLibrary", name: str) -> LibraryAnalysis:
     """The Library tab's data: stored MBC map and similarity (if the library has them), clusters, experts."""
     table = experts_table(lib)
     cluster_of = {task: cluster for cluster, tasks in lib.clusters().items() for task in tasks}
@@ -151,7 +153,7 @@ def analyse_library(lib: ExpertLibrary, name: str) -> LibraryAnalysis:
     return out
 
 
-def expert_groups(lib: ExpertLibrary) -> dict[str, str]:
+def expert_groups(lib: "ExpertLibrary") -> dict[str, str]:
     """expert -> MBC cluster, for colouring the heatmap by cluster (experts without one keep their name)."""
     cluster_of = {task: cluster for cluster, tasks in lib.clusters().items() for task in tasks}
     groups = {}
@@ -191,7 +193,7 @@ def user_token_positions(tokenizer, trace: RoutingTrace, formatted: str, user_te
 class Explorer:
     """The page's one model and its libraries (see module docstring)."""
 
-    def __init__(self, base_model: str, libraries: list, dtype: torch.dtype = torch.float32,
+    def __init__(self, base_model: str, libraries: list, dtype: str = "float32",
                  prompt_tokens: int = PAGE_PROMPT_TOKENS):
         self.base_name, self.dtype, self.prompt_tokens = base_model, dtype, prompt_tokens
         self.paths: dict[str, Path] = {}
@@ -203,10 +205,10 @@ class Explorer:
             self.paths[name] = path
         self.lock = threading.RLock()  # one run at a time on the shared, in-place wrapped model
         self.base = None
-        self.libs: dict[str, ExpertLibrary] = {}
+        self.libs: dict[str, "ExpertLibrary"] = {}
         self.experts: dict[str, list] = {}  # library -> its LoraExperts, read once
         self.problems: dict[str, str] = {}  # library -> why it could not be opened
-        self._routed: RoutedModel | None = None
+        self._routed: "RoutedModel | None" = None
         self._routed_lib: str | None = None
         self._analyses: dict[str, LibraryAnalysis] = {}
         self._progress = (0.0, "waiting to start")
@@ -231,8 +233,14 @@ class Explorer:
     def _load(self) -> None:
         t0 = time.perf_counter()
         try:
-            self._progress = (0.05, f"loading base model {self.base_name}")
-            self.base = load_base_model(self.base_name, dtype=self.dtype)
+            self._progress = (0.02, "importing torch and transformers")
+            import torch
+
+            from library_store.base_models import load_base_model
+            from library_store.store import ExpertLibrary
+
+            self._progress = (0.1, f"loading base model {self.base_name}")
+            self.base = load_base_model(self.base_name, dtype=getattr(torch, self.dtype))
             for i, (name, path) in enumerate(self.paths.items()):
                 self._progress = (0.5 + 0.5 * i / max(1, len(self.paths)), f"reading library {name}")
                 try:
@@ -286,7 +294,7 @@ class Explorer:
 
     # ------------------------------------------------------------ routing (call with self.lock held)
 
-    def routed(self, library: str) -> RoutedModel:
+    def routed(self, library: str) -> "RoutedModel":
         """The RoutedModel of `library`, swapping the wrapped layers if another library was attached."""
         if library not in self.libs:
             why = self.problems.get(library, f"unknown library; choose one of {list(self.libs)}")
@@ -295,6 +303,8 @@ class Explorer:
             if self._routed is not None:
                 self._routed.detach()
             self._routed, self._routed_lib = None, None
+            from explorer.routed import RoutedModel
+
             self._routed = RoutedModel(self.base, self.experts[library])
             self._routed_lib = library
         return self._routed
@@ -354,6 +364,8 @@ class Explorer:
                        disabled=disabled), notices, None
 
     def _trace(self, req: RunRequest, disabled: tuple[str, ...]) -> RoutingTrace:
+        from explorer.routed import RouterConfig
+
         rm = self.routed(req.library)
         rm.set_router(RouterConfig(mode="arrow", top_k=req.top_k, temperature=req.temperature, disabled=disabled))
         trace = rm.trace(req.prompt, max_new_tokens=req.max_new_tokens, chat=req.chat)
@@ -382,6 +394,8 @@ class Explorer:
         modes = {"base": "base", "uniform merge": "uniform"}
         if top:
             modes[f"most-used expert ({top})"] = f"expert:{top}"
+        from explorer.routed import RouterConfig
+
         out = {}
         with self.lock:
             rm = self.routed(req.library)
