@@ -50,7 +50,8 @@ def test_top1_heatmap_encodes_winner_and_confidence():
     z = np.asarray(fig.data[0].z)
     assert z.shape == (3, 6)
     np.testing.assert_array_equal(np.floor(z), 2)  # category = expert index
-    np.testing.assert_allclose(z - 2, 0.8 * 0.999, atol=1e-5)  # fraction = the winner's weight
+    # fraction = the winner's weight above an even top-2 split: (0.8 - 0.5) / (1 - 0.5)
+    np.testing.assert_allclose(z - 2, 0.6 * 0.999, atol=1e-5)
     legend = [d.name for d in fig.data[1:]]
     assert legend == ["alpha", "beta", "gamma", "delta"]
     assert [d.visible for d in fig.data[1:]] == ["legendonly", "legendonly", True, "legendonly"]
