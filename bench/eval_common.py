@@ -80,6 +80,23 @@ def _right_pad(rows: list[list[int]], pad: int) -> torch.Tensor:
     return torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (b, width)
 
 
+def routed_experts(lib) -> tuple[list[str], tuple[str, ...]]:
+    """(experts that route, experts to disable). An MBC library also stores its warm-up experts (one per
+    task, a few steps each, kept for the clustering map); MBC+Arrow routes over the cluster experts only."""
+    infos = lib.infos()
+    if any(i.kind == "cluster" for i in infos):
+        return [i.name for i in infos if i.kind == "cluster"], tuple(i.name for i in infos if i.kind != "cluster")
+    return [i.name for i in infos], ()
+
+
+def arrow_router(lib, top_k: int = 4):
+    """The library's default Arrow router (top-k 4, T 1), warm-up experts of an MBC library disabled."""
+    from explorer.routed import RouterConfig
+
+    use, off = routed_experts(lib)
+    return RouterConfig(mode="arrow", top_k=min(top_k, len(use)), disabled=off)
+
+
 # ---------------------------------------------------------------- scoring
 
 
@@ -400,10 +417,10 @@ QUICK_TASKS = {"string": ["reverse_word", "first_letter"], "arithmetic": ["add",
 
 
 def quick_libraries(folder: Path, model: str = "tiny-random-llama", steps: int = 3) -> dict[str, Path]:
-    """A private library (one expert per task) and an MBC-shaped library (one cluster expert per family) of
-    four built-in tasks, trained a few steps on the random twin: real experts through the real training
-    code, made in seconds. The clusters are the families by construction (the quick run tests the plumbing,
-    not MBC)."""
+    """A private library (one expert per task) and an MBC-shaped library (one cluster expert per family, plus
+    one warm-up expert as MBC builds keep them) of four built-in tasks, trained a few steps on the twin: real
+    experts through the real training code, made in seconds. The clusters are the families by construction
+    (the quick run tests the plumbing, not MBC)."""
     from library_store.store import ExpertLibrary
     from library_store.tasks import resolve_tasks
     from library_store.train import TrainConfig, train_expert
@@ -415,6 +432,7 @@ def quick_libraries(folder: Path, model: str = "tiny-random-llama", steps: int =
     for name, task in tasks.items():
         private.add(train_expert(base, [task], name, "private", cfg))
     mbc = ExpertLibrary.create(folder / "quick-mbc", base.fingerprint)
+    mbc.add(train_expert(base, [tasks["add"]], "warmup-add", "warmup", cfg))  # stored, never routed
     for i, (family, names) in enumerate(QUICK_TASKS.items()):
         mbc.add(train_expert(base, [tasks[n] for n in names], f"cluster_{i}", "cluster", cfg, cluster=f"cluster_{i}"))
     mbc.set_clusters({f"cluster_{i}": names for i, names in enumerate(QUICK_TASKS.values())})

@@ -32,16 +32,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.eval_common import (FIGURES, RESULTS, Clock, SharedPrefix, _batches, _hidden, _right_pad,  # noqa: E402
-                               bootstrap_ci, common_prefix, fmt_ci, load_base, md_table, prompt_ids, svg_heatmap,
-                               user_positions, write_figure, write_json)
+                               arrow_router, bootstrap_ci, common_prefix, fmt_ci, load_base, md_table, prompt_ids,
+                               routed_experts, svg_heatmap, user_positions, write_figure, write_json)
 
 GOALS = {"private": 0.90, "cluster": 0.95}
 
 
 def library_tasks(lib) -> dict[str, list[str]]:
-    """task -> experts trained on it (from each expert's `tasks`; an expert without tasks is its own task)."""
+    """task -> routed experts trained on it (each expert's `tasks`; an expert without tasks is its own task).
+    In an MBC library only the cluster experts count (the warm-up experts are not routed)."""
+    use, _ = routed_experts(lib)
     own: dict[str, list[str]] = {}
     for info in lib.infos():
+        if info.name not in use:
+            continue
         for t in info.tasks or [info.name]:
             own.setdefault(t, []).append(info.name)
     return own
@@ -88,10 +92,12 @@ def adjusted_rand(lib, families: dict[str, str]) -> dict:
 
 def evaluate_library(base, lib, tasks, n_per_task: int, top_k: int, label: str, figures=FIGURES) -> dict:
     """Route every task's held-out prompts through `lib`; the result dict written to JSON (see module doc)."""
-    from explorer.routed import RoutedModel, RouterConfig
+    from explorer.routed import RoutedModel
 
     own = library_tasks(lib)
-    rm = RoutedModel.from_library(base, lib, RouterConfig(mode="arrow", top_k=min(top_k, len(lib))))
+    use, _ = routed_experts(lib)
+    rm = RoutedModel.from_library(base, lib, arrow_router(lib, top_k))
+    cols = [rm.experts.index(n) for n in use]  # disabled (warm-up) experts always weigh 0: not shown
     try:
         kinds = {i.kind for i in lib.infos()}
         level = "cluster" if "cluster" in kinds else "private"
@@ -100,17 +106,18 @@ def evaluate_library(base, lib, tasks, n_per_task: int, top_k: int, label: str, 
         for task in tasks:
             texts = [e.input for e in task.heldout[:n_per_task]]
             w_all, w_user = routing_profiles(rm, base, texts)
-            own_idx = [rm.experts.index(n) for n in own.get(task.name, []) if n in rm.experts]
+            w_all, w_user = w_all[:, cols], w_user[:, cols]
+            own_idx = [use.index(n) for n in own.get(task.name, []) if n in use]
             ok_all = np.isin(w_all.argmax(1), own_idx).astype(int)
             ok_user = np.isin(w_user.argmax(1), own_idx).astype(int)
             hits_all.append(ok_all)
             hits_user.append(ok_user)
-            winners = [rm.experts[i] for i in w_all.argmax(1)]
+            winners = [use[i] for i in w_all.argmax(1)]
             top = max(set(winners), key=winners.count)
             per_task[task.name] = {"n": len(texts), "family": task.family, "own_experts": own.get(task.name, []),
                                    "accuracy": float(ok_all.mean()), "accuracy_user_tokens": float(ok_user.mean()),
                                    "most_chosen": top, "most_chosen_share": winners.count(top) / len(winners),
-                                   "mean_weight": dict(zip(rm.experts, map(float, w_all.mean(0))))}
+                                   "mean_weight": dict(zip(use, map(float, w_all.mean(0))))}
             conf.append(w_all.mean(0))
             rows.append([task.name, task.family, ", ".join(own.get(task.name, [])), len(texts),
                          f"{ok_all.mean():.2f}", f"{ok_user.mean():.2f}", top])
@@ -118,16 +125,17 @@ def evaluate_library(base, lib, tasks, n_per_task: int, top_k: int, label: str, 
         overall_user = bootstrap_ci(np.concatenate(hits_user))
         goal = GOALS[level]
         fig = write_figure(f"routing-{label}-confusion.svg",
-                           svg_heatmap(np.array(conf), [t.name for t in tasks], rm.experts,
+                           svg_heatmap(np.array(conf), [t.name for t in tasks], use,
                                        f"{label}: mean Arrow weight, task (rows) x expert (cols)"), figures)
         families = {t.name: t.family for t in tasks}
         result = {
-            "library": label, "level": level, "experts": rm.experts, "top_k": rm.router.top_k,
+            "library": label, "level": level, "experts": use, "top_k": rm.router.top_k,
+            "not_routed": list(rm.router.disabled),
             "n_per_task": n_per_task, "tasks": per_task,
             "overall": {"mean": overall[0], "ci95": overall[1:]},
             "overall_user_tokens": {"mean": overall_user[0], "ci95": overall_user[1:]},
             "goal": goal, "goal_met": overall[0] >= goal,
-            "confusion": {"rows": [t.name for t in tasks], "cols": rm.experts, "mean_weight": np.array(conf).tolist()},
+            "confusion": {"rows": [t.name for t in tasks], "cols": use, "mean_weight": np.array(conf).tolist()},
             "figure": str(fig.relative_to(ROOT)) if fig.is_relative_to(ROOT) else str(fig),
         }
         if level == "cluster":

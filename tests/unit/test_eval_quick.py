@@ -98,6 +98,7 @@ def test_routing_quick(libs, tmp_path):
         saved = json.loads((tmp_path / f"routing-{r['library']}.json").read_text())
         assert saved["overall"]["mean"] == r["overall"]["mean"]
         assert Path(r["figure"]).read_text().startswith("<svg")
+    assert results[1]["experts"] == ["cluster_0", "cluster_1"] and results[1]["not_routed"] == ["warmup-add"]
     ari = results[1]["adjusted_rand"]
     assert ari["ari"] == pytest.approx(1.0)  # the quick MBC library's clusters are the families
     assert "adjusted_rand" not in results[0]
