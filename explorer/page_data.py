@@ -153,9 +153,19 @@ def analyse_library(lib: "ExpertLibrary", name: str) -> LibraryAnalysis:
     return out
 
 
-def expert_groups(lib: "ExpertLibrary") -> dict[str, str]:
-    """expert -> MBC cluster, for colouring the heatmap by cluster (experts without one keep their name)."""
-    cluster_of = {task: cluster for cluster, tasks in lib.clusters().items() for task in tasks}
+def routable_experts(lib: "ExpertLibrary") -> list[str]:
+    """The experts a library routes over. An MBC library also keeps its warm-up adapters (one per task, a few
+    steps each): they are the map's data, not experts to route to, so they are left out when others exist."""
+    infos = lib.infos()
+    chosen = [i.name for i in infos if i.kind != "warmup"]
+    return chosen or [i.name for i in infos]
+
+
+def expert_groups(lib: "ExpertLibrary", borrowed: dict[str, str] | None = None) -> dict[str, str]:
+    """expert -> MBC cluster, for colouring the heatmap by cluster (experts without one keep their name).
+    `borrowed` (task -> cluster, e.g. from an MBC library over the same tasks) colours a private library."""
+    cluster_of = {**(borrowed or {}), **{task: cluster for cluster, tasks in lib.clusters().items()
+                                         for task in tasks}}
     groups = {}
     for info in lib.infos():
         groups[info.name] = info.cluster or next((cluster_of[t] for t in info.tasks if t in cluster_of), info.name)
@@ -211,6 +221,7 @@ class Explorer:
         self._routed: "RoutedModel | None" = None
         self._routed_lib: str | None = None
         self._analyses: dict[str, LibraryAnalysis] = {}
+        self._groups: dict[str, dict[str, str]] = {}
         self._progress = (0.0, "waiting to start")
         self._error: str | None = None
         self._done = threading.Event()
@@ -248,7 +259,7 @@ class Explorer:
                     lib.check_base(self.base.fingerprint)
                     self.libs[name] = lib
                     self.experts[name] = []
-                    for expert in lib.names():
+                    for expert in routable_experts(lib):
                         try:
                             self.experts[name].append(lib[expert])
                         except Exception as exc:  # ExpertUnavailable: a broken file; route over the others
@@ -303,9 +314,10 @@ class Explorer:
             if self._routed is not None:
                 self._routed.detach()
             self._routed, self._routed_lib = None, None
-            from explorer.routed import RoutedModel
+            from explorer.routed import RoutedModel, RouterConfig
 
-            self._routed = RoutedModel(self.base, self.experts[library])
+            # base mode until a run sets its router: the default top-k may exceed a small library
+            self._routed = RoutedModel(self.base, self.experts[library], RouterConfig(mode="base"))
             self._routed_lib = library
         return self._routed
 
@@ -316,7 +328,18 @@ class Explorer:
         return list(self.base.targets) if self.base is not None else []
 
     def groups(self, library: str) -> dict[str, str]:
-        return expert_groups(self.libs[library]) if library in self.libs else {}
+        """expert -> cluster; a library without clusters borrows another loaded library's (same task names)."""
+        if library not in self.libs:
+            return {}
+        if library not in self._groups:
+            borrowed = {}
+            if not self.libs[library].clusters():
+                for other, lib in self.libs.items():
+                    if other != library and lib.clusters():
+                        borrowed = {t: c for c, tasks in lib.clusters().items() for t in tasks}
+                        break
+            self._groups[library] = expert_groups(self.libs[library], borrowed)
+        return self._groups[library]
 
     def analysis(self, library: str) -> LibraryAnalysis:
         if library not in self._analyses:

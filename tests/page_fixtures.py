@@ -34,13 +34,42 @@ def random_expert(base, name: str, tasks: list[str], seed: int, rank: int = 4, c
     return LoraExpert.from_state_dict(info, state)
 
 
+def make_tiny_mbc_library(path, n_tasks: int = 6, k: int = 2, seed: int = 0) -> str:
+    """Laid out like `build mbc` leaves it: warm-up adapters `warmup-<task>` (the map's data) and one
+    `cluster-<c>` expert per cluster (the routed ones), clusters set, `mbc-similarity` and `mbc-map` stored."""
+    base = load_base_model(TINY)
+    lib = ExpertLibrary.create(path, base)
+    tasks = TASKS[:n_tasks]
+    labels = [i % k for i in range(n_tasks)]
+    clusters = {f"cluster-{c}": [t for t, lab in zip(tasks, labels) if lab == c] for c in range(k)}
+    for i, (task, lab) in enumerate(zip(tasks, labels)):
+        expert = random_expert(base, f"warmup-{task}", [task], seed=seed + i, cluster=f"cluster-{lab}")
+        expert.info.kind = "warmup"
+        lib.add(expert)
+    for c, members in clusters.items():
+        expert = random_expert(base, c, members, seed=seed + 100 + len(members), cluster=c)
+        expert.info.kind = "cluster"
+        lib.add(expert)
+    lib.set_clusters(clusters)
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(n_tasks, 3))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    meta = {"tasks": tasks, "experts": [f"warmup-{t}" for t in tasks], "labels": labels, "clusters": clusters}
+    key = {"experts": meta["experts"], "seed": seed}
+    lib.put_derived("mbc-similarity", key, {"similarity": torch.tensor(emb @ emb.T, dtype=torch.float32),
+                                            "labels": torch.tensor(labels)}, meta=meta)
+    lib.put_derived("mbc-map", key, {"coords": torch.tensor(rng.normal(size=(n_tasks, 2)), dtype=torch.float32)},
+                    meta={**meta, "method": "pca"})
+    return str(path)
+
+
 def make_tiny_library(path, n_experts: int = 5, with_map: bool = True, seed: int = 0) -> str:
     base = load_base_model(TINY)
     lib = ExpertLibrary.create(path, base)
     tasks = TASKS[:n_experts]
     clusters = {f"cluster{i % 2}": [t for j, t in enumerate(tasks) if j % 2 == i] for i in range(2)}
     for i, task in enumerate(tasks):
-        lib.add(random_expert(base, task, [task], seed=seed + i, cluster=f"cluster{i % 2}"))
+        lib.add(random_expert(base, task, [task], seed=seed + i, cluster=f"cluster{i % 2}" if with_map else None))
     if with_map:
         lib.set_clusters(clusters)
         rng = np.random.default_rng(seed)

@@ -8,7 +8,7 @@ import pytest
 from explorer import plots
 from explorer.page_data import Explorer, RunRequest, analyse_library, crop_to_prompt, experts_table
 from library_store.store import ExpertLibrary
-from tests.page_fixtures import TASKS, TINY, make_tiny_library
+from tests.page_fixtures import TASKS, TINY, make_tiny_library, make_tiny_mbc_library
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +151,23 @@ def test_examples_cover_the_task_families():
     assert all(e["prompt"].strip() for e in examples)
     assert len({e["family"] for e in examples}) == len(examples)  # one per family
     json.dumps(examples)
+
+
+def test_mbc_library_routes_over_cluster_experts_and_maps_the_warmups(tmp_path, lib_path):
+    mbc = make_tiny_mbc_library(tmp_path / "mbc", n_tasks=6, k=2)
+    plain = make_tiny_library(tmp_path / "private", n_experts=6, with_map=False)
+    ex = Explorer(TINY, [mbc, plain])
+    assert ex.wait(timeout=300), ex.status()
+    assert ex.expert_names("mbc") == ["cluster-0", "cluster-1"]  # warm-ups are the map's data, not routed
+    trace = ex.run(RunRequest("Add these numbers: 4 + 5", library="mbc", top_k=2, max_new_tokens=2)).trace
+    assert trace.experts == ["cluster-0", "cluster-1"]
+    an = ex.analysis("mbc")
+    assert an.tasks == TASKS[:6] and an.coords.shape == (6, 2)
+    assert an.cluster_of == {t: f"cluster-{i % 2}" for i, t in enumerate(TASKS[:6])}
+    assert (an.experts["kind"] == "warmup").sum() == 6  # the table lists every adapter
+    # the private library has no clusters of its own: it borrows the MBC library's (same task names)
+    groups = ex.groups("private")
+    assert groups["reverse_word"] == "cluster-0" and groups["add_two"] == "cluster-1"
+    fig = plots.top1_heatmap(ex.run(RunRequest("hi", library="private", top_k=2, max_new_tokens=1)).trace,
+                             groups=groups)
+    assert sorted(d.name for d in fig.data[1:]) == ["cluster-0", "cluster-1"]
