@@ -5,6 +5,7 @@ Usage::
     protos = compute_prototypes(A, B)            # A (E, r, d), B (E, out, r) -> (E, d) unit vectors
     state = RouterState(mode="arrow", top_k=4)
     layer = RoutedLinear(linear, SiteStack(site, protos, A, B, scaling), state, key=(layer_i, module_i))
+    q, k, v = routed_group([q_lin, k_lin, v_lin], [sq, sk, sv], state, keys)   # one shared first matmul
     y = layer(x)                                 # base(x) + Σ_e w_e · scaling_e · B_e A_e x, w routed per token
 
 Definitions follow `peft/tuners/lora/arrow.py` and mttl (see `/work/shared/design/ALGORITHMS.md`): the score of
@@ -75,66 +76,122 @@ class RouterState:
     mask: torch.Tensor | None = None  # (E,) bool
     fixed: torch.Tensor | None = None  # (E,)
     capture: list | None = field(default=None, repr=False)
+    version: int = 0  # bumped on every router change, so cached group results are not reused across it
+
+
+class RoutedGroup:
+    """The first matmul of layers that read the same input (q, k, v), shared: [prototypes; A rows] of every
+    member stacked, (G·E + G·E·r, d), so one matmul gives all G routers' scores and all A-projections.
+
+    Members call `compute(x)` in turn; the result is cached by the identity of `x`, so only the first member
+    pays. A member called with another tensor recomputes, so the cache can change timing, never results.
+    A plain object (not an nn.Module): its tensors are built in the base layer's dtype and device at attach.
+    """
+
+    def __init__(self, stacks: list[SiteStack], state: RouterState, dtype: torch.dtype, device=None):
+        E, _, d = stacks[0].A.shape
+        r = max(s.A.shape[1] for s in stacks)
+        protos = torch.cat([s.prototypes.reshape(E, d) for s in stacks])  # (G E, d)
+        rows = torch.cat([pad_rank(s.A, r).reshape(E * r, d) for s in stacks])  # (G E r, d)
+        self.proj = torch.cat([protos, rows]).to(device, dtype).contiguous()  # (G E + G E r, d)
+        self.n_members, self.n_experts, self.rank, self.state = len(stacks), E, r, state
+        self._x = self._out = None
+        self._version = -1
+
+    def route(self, scores: torch.Tensor) -> torch.Tensor:
+        """(t, G, E) raw scores h · p_e -> (t, G, E) weights: softmax(|s| / T) over the top-k, 0 elsewhere."""
+        st = self.state
+        s = scores.abs()  # (t, G, E)
+        if st.mask is not None:
+            s = s.masked_fill(st.mask, float("-inf"))
+        if st.temperature != 1.0:
+            s = s / st.temperature
+        top, idx = s.topk(st.top_k, dim=-1)  # (t, G, k)
+        return torch.zeros_like(s).scatter_(-1, idx, top.softmax(dim=-1))  # (t, G, E)
+
+    def compute(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., d) -> routing weights (t, G, E) and weighted A-projections (t, G, E·r)."""
+        st = self.state
+        if self._x is x and self._version == st.version:
+            return self._out
+        G, E, r = self.n_members, self.n_experts, self.rank
+        h = x.reshape(-1, x.shape[-1])  # (t, d)
+        if h.dtype != self.proj.dtype:
+            h = h.to(self.proj.dtype)
+        z = F.linear(h, self.proj)  # (t, G E + G E r)
+        t = z.shape[0]
+        if st.mode == "arrow":
+            w = self.route(z[:, : G * E].view(t, G, E))  # (t, G, E)
+        else:  # uniform / expert: the same weights for every token
+            w = st.fixed.to(z.dtype).expand(t, G, E)  # (t, G, E)
+        a = (z[:, G * E:].view(t, G, E, r) * w.unsqueeze(-1)).view(t, G, E * r)  # (t, G, E r)
+        self._x, self._out, self._version = x, (w, a), st.version
+        return w, a
+
+    def clear(self) -> None:
+        self._x = self._out = None
 
 
 class RoutedLinear(nn.Module):
     """An `nn.Linear` plus the Arrow-routed sum of E LoRA experts, in two matmuls.
 
     Usage: ``model.layers[3].self_attn.q_proj = RoutedLinear(q_proj, stack, state, key=(3, 0))``
+    (or `routed_group` for layers that read one input).
 
-    `proj` stacks [prototypes; all A rows] (E + E·r, d): one matmul gives the scores (t, E) and every expert's
-    A-projection (t, E·r). The projections are scaled by the routing weights and one matmul with `up`, all the
-    B's stacked and pre-multiplied by their scaling (E·r, out), gives the update.
+    The group's first matmul gives the scores and every expert's A-projection (t, E·r); these are scaled by
+    the routing weights, and one matmul with `up`, all the B's stacked and pre-multiplied by their scaling
+    (E·r, out), gives the update, added to the base output in the same call (addmm).
     """
 
-    def __init__(self, base: nn.Linear, stack: SiteStack, state: RouterState, key: tuple[int, int]):
+    def __init__(self, base: nn.Linear, stack: SiteStack, state: RouterState, key: tuple[int, int],
+                 group: RoutedGroup | None = None, member: int = 0):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"Arrow routing wraps nn.Linear only; {stack.site} is a {type(base).__name__}.")
-        E, r, d = stack.A.shape
+        E, _, d = stack.A.shape
         out = stack.B.shape[1]
         if d != base.in_features or out != base.out_features:
             raise ValueError(f"{stack.site}: experts are ({out} x {d}), the model's layer is "
                              f"({base.out_features} x {base.in_features})")
-        self.base, self.site, self.state, self.key = base, stack.site, state, key
-        self.n_experts, self.rank = E, r
         dtype, device = base.weight.dtype, base.weight.device
-        proj = torch.cat([stack.prototypes.reshape(E, d), stack.A.reshape(E * r, d)])  # (E + E r, d)
-        up = (stack.B * stack.scaling.view(E, 1, 1)).permute(0, 2, 1).reshape(E * r, out)  # (E r, out)
-        self.register_buffer("proj", proj.to(device, dtype).contiguous(), persistent=False)
+        self.base, self.site, self.state, self.key = base, stack.site, state, key
+        self.group = group or RoutedGroup([stack], state, dtype, device)
+        self.member, self.n_experts = member, E
+        r = self.group.rank
+        B = pad_rank(stack.B.transpose(1, 2), r).transpose(1, 2)  # (E, out, r)
+        up = (B * stack.scaling.view(E, 1, 1)).permute(0, 2, 1).reshape(E * r, out)  # (E r, out)
         self.register_buffer("up", up.to(device, dtype).contiguous(), persistent=False)
 
     def extra_repr(self) -> str:
-        return f"site={self.site}, experts={self.n_experts}, rank={self.rank}"
-
-    def route(self, scores: torch.Tensor) -> torch.Tensor:
-        """(t, E) raw scores h · p_e -> (t, E) weights: softmax(|s| / T) over the top-k, 0 elsewhere."""
-        st = self.state
-        s = scores.abs()  # (t, E)
-        if st.mask is not None:
-            s = s.masked_fill(st.mask, float("-inf"))
-        if st.temperature != 1.0:
-            s = s / st.temperature
-        top, idx = s.topk(st.top_k, dim=-1)  # (t, k)
-        return torch.zeros_like(s).scatter_(1, idx, top.softmax(dim=-1))  # (t, E)
+        return f"site={self.site}, experts={self.n_experts}, rank={self.group.rank}, shares={self.group.n_members}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.state
         y = self.base(x)  # (..., out)
         if st.mode == "base":
             return y
-        E, r = self.n_experts, self.rank
-        h = x.reshape(-1, x.shape[-1])  # (t, d)
-        z = F.linear(h.to(self.proj.dtype), self.proj)  # (t, E + E r)
-        if st.mode == "arrow":
-            w = self.route(z[:, :E])  # (t, E)
-        else:  # uniform / expert: fixed weights for every token
-            w = st.fixed.to(z.dtype).expand(h.shape[0], E)  # (t, E)
+        w, a = self.group.compute(x)  # (t, G, E), (t, G, E r)
         if st.capture is not None:
-            st.capture.append((self.key, w))
-        a = (z[:, E:].view(-1, E, r) * w.unsqueeze(-1)).view(-1, E * r)  # (t, E r)
-        delta = (a @ self.up).to(y.dtype)  # (t, out)
-        return y + delta.view(y.shape)
+            st.capture.append((self.key, w[:, self.member]))
+        y2 = y.reshape(-1, y.shape[-1])  # (t, out)
+        a_m = a[:, self.member]  # (t, E r)
+        if a_m.dtype != y2.dtype:
+            return (y2 + (a_m @ self.up).to(y2.dtype)).view(y.shape)
+        return torch.addmm(y2, a_m, self.up).view(y.shape)
+
+
+def routed_group(bases: list[nn.Linear], stacks: list[SiteStack], state: RouterState,
+                 keys: list[tuple[int, int]]) -> list[RoutedLinear]:
+    """RoutedLinears for layers that read the same input (e.g. q, k, v of one attention block)."""
+    group = RoutedGroup(stacks, state, bases[0].weight.dtype, bases[0].weight.device)
+    return [RoutedLinear(b, s, state, k, group, m) for m, (b, s, k) in enumerate(zip(bases, stacks, keys))]
+
+
+def pad_rank(t: torch.Tensor, r: int) -> torch.Tensor:
+    """(E, r0, n) -> (E, r, n) with zero rows (a smaller rank padded; zeros change no product)."""
+    if t.shape[1] == r:
+        return t
+    return torch.cat([t, t.new_zeros(t.shape[0], r - t.shape[1], t.shape[2])], dim=1)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

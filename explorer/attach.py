@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from explorer.arrow import PROTOTYPE_METHOD, RoutedLinear, RouterState, SiteStack, compute_prototypes
+from explorer.arrow import (PROTOTYPE_METHOD, RoutedLinear, RouterState, SiteStack, compute_prototypes,
+                            routed_group)
 from library_store.expert import LoraExpert, parse_site
 
 PROTOTYPE_KIND = "arrow-prototypes"
@@ -31,7 +32,7 @@ def build_stacks(experts: list[LoraExpert], prototypes: dict[str, dict[str, torc
     """One SiteStack per site any expert covers; missing sites and smaller ranks are zero-padded.
 
     `prototypes` maps expert name -> {site: (d,)} for experts whose prototypes are already known (a cache);
-    the others are computed here, batched over experts per site.
+    the others are computed here, batched over all sites of one shape.
     """
     names = [e.name for e in experts]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -47,28 +48,48 @@ def build_stacks(experts: list[LoraExpert], prototypes: dict[str, dict[str, torc
                                  f"others have {shapes[site][0]} x {shapes[site][1]}: not the same base model.")
     order = site_order or sorted(shapes, key=lambda s: (parse_site(s)[0], s))
     known = prototypes or {}
-    E = len(experts)
+    scaling = torch.tensor([e.scaling for e in experts], dtype=torch.float32)  # (E,)
     stacks: dict[str, SiteStack] = {}
+    jobs: dict[tuple, list[tuple[str, list[int]]]] = {}  # (r, d, out) -> [(site, experts to compute)]
     for site in [s for s in order if s in shapes]:
         out, d = shapes[site]
-        r = max(fac[site][0].shape[0] for fac in factors if site in fac)
-        A = torch.zeros(E, r, d)  # (E, r_max, d)
-        B = torch.zeros(E, out, r)  # (E, out, r_max)
-        for i, fac in enumerate(factors):
-            if site in fac:
-                a, b = fac[site]
-                A[i, : a.shape[0]] = a
-                B[i, :, : b.shape[1]] = b
-        scaling = torch.tensor([e.scaling for e in experts], dtype=torch.float32)  # (E,)
-        protos = torch.zeros(E, d)  # (E, d)
-        todo = [i for i, e in enumerate(experts) if site not in known.get(e.name, {})]
-        for i, e in enumerate(experts):
-            if i not in todo:
-                protos[i] = known[e.name][site]
-        if todo:
-            protos[todo] = compute_prototypes(A[todo], B[todo])
+        facs = [fac.get(site) for fac in factors]
+        r = max(f[0].shape[0] for f in facs if f is not None)
+        A = torch.stack([_padded(f[0] if f else None, (r, d)) for f in facs])  # (E, r_max, d)
+        B = torch.stack([_padded(f[1] if f else None, (out, r)) for f in facs])  # (E, out, r_max)
+        cached = [known.get(e.name, {}).get(site) for e in experts]
+        protos = torch.stack([p if p is not None else torch.zeros(d) for p in cached])  # (E, d)
         stacks[site] = SiteStack(site, protos, A, B, scaling)
+        todo = [i for i, p in enumerate(cached) if p is None]
+        if todo:
+            jobs.setdefault((r, d, out), []).append((site, todo))
+    # One batched QR/SVD per layer shape (q and o share one, k and v another): a handful of calls for the
+    # whole model instead of one per site keeps attaching fast even on a busy CPU.
+    E = len(experts)
+    for group in jobs.values():
+        def pick(t, todo):  # all experts (the usual case) without an index copy
+            return t if len(todo) == E else t[todo]
+
+        A = torch.cat([pick(stacks[site].A, todo) for site, todo in group])  # (sum of todo, r, d)
+        B = torch.cat([pick(stacks[site].B, todo) for site, todo in group])  # (sum of todo, out, r)
+        protos = compute_prototypes(A, B).split([len(todo) for _, todo in group])
+        for (site, todo), p in zip(group, protos):
+            if len(todo) == E:
+                stacks[site].prototypes = p
+            else:
+                stacks[site].prototypes[todo] = p
     return stacks
+
+
+def _padded(t: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+    """`t` zero-padded to `shape` (a smaller rank, or an expert that does not cover this site)."""
+    if t is None:
+        return torch.zeros(shape)
+    if tuple(t.shape) == shape:
+        return t.float()
+    out = torch.zeros(shape)
+    out[: t.shape[0], : t.shape[1]] = t
+    return out
 
 
 def split_prototypes(stacks: dict[str, SiteStack], names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -90,22 +111,34 @@ def model_sites(model: nn.Module, targets: list[str]) -> list[str]:
     return out
 
 
-def wrap_model(model: nn.Module, stacks: dict[str, SiteStack], state: RouterState) -> dict[str, tuple[int, int]]:
+SHARED_INPUT = ("q_proj", "k_proj", "v_proj")  # read the same hidden state in Llama and Phi attention
+
+
+def wrap_model(model: nn.Module, stacks: dict[str, SiteStack], state: RouterState,
+               share_inputs: bool = True) -> dict[str, tuple[int, int]]:
     """Replace each stacked site's layer by a RoutedLinear; returns site -> (layer index, module index)
-    where module index is the leaf name's position in model order."""
+    where module index is the leaf name's position in model order. With `share_inputs`, the q, k and v
+    layers of one block share their first matmul (`RoutedGroup`)."""
     unwrap_model(model)
     modules = dict(model.named_modules())
     missing = [s for s in stacks if s not in modules]
     if missing:
         raise LookupError(f"The experts target layers this model does not have, e.g. {missing[:3]}")
     leaves = module_leaves(list(stacks))
-    keys = {}
-    for site, stack in stacks.items():
-        layer, leaf = parse_site(site)
-        keys[site] = (layer, leaves.index(leaf))
-        parent_name, _, attr = site.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, attr, RoutedLinear(getattr(parent, attr), stack, state, keys[site]))
+    keys = {site: (parse_site(site)[0], leaves.index(parse_site(site)[1])) for site in stacks}
+    groups: dict[str, list[str]] = {}  # one list per shared input, in model order
+    for site in stacks:
+        parent, _, leaf = site.rpartition(".")
+        groups.setdefault(parent + ".qkv" if share_inputs and leaf in SHARED_INPUT else site, []).append(site)
+    for sites in groups.values():
+        bases = [model.get_submodule(s) for s in sites]
+        for s, b in zip(sites, bases):
+            if not isinstance(b, nn.Linear):
+                raise TypeError(f"Arrow routing wraps nn.Linear only; {s} is a {type(b).__name__}.")
+        routed = routed_group(bases, [stacks[s] for s in sites], state, [keys[s] for s in sites])
+        for site, layer in zip(sites, routed):
+            parent, _, attr = site.rpartition(".")
+            setattr(model.get_submodule(parent), attr, layer)
     return keys
 
 

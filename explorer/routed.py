@@ -61,7 +61,7 @@ class RoutedModel:
     """A base model whose target layers route every token over a library of experts (see module docstring)."""
 
     def __init__(self, base, experts: list[LoraExpert], router: RouterConfig = RouterConfig(),
-                 prototypes: dict[str, dict[str, torch.Tensor]] | None = None):
+                 prototypes: dict[str, dict[str, torch.Tensor]] | None = None, share_inputs: bool = True):
         self.base = base
         self.experts: list[str] = [e.name for e in experts]
         self.unavailable: dict[str, str] = {}  # expert name -> why it was skipped (from_library)
@@ -73,7 +73,7 @@ class RoutedModel:
                               f"(targets {base.targets}): e.g. {extra[:3]}")
         self._stacks = build_stacks(experts, prototypes, site_order=sites)
         self.sites = list(self._stacks)
-        self._keys = wrap_model(base.model, self._stacks, self._state)  # site -> (layer, module index)
+        self._keys = wrap_model(base.model, self._stacks, self._state, share_inputs)  # site -> (layer, module index)
         self.layers = sorted({k[0] for k in self._keys.values()})
         self.modules = module_leaves(self.sites)
         self.router = RouterConfig(mode="base")
@@ -143,6 +143,7 @@ class RoutedModel:
         st.mode, st.top_k, st.temperature = router.kind, router.top_k, float(router.temperature)
         st.mask = None if n_on == len(self.experts) else ~enabled
         st.fixed = fixed
+        st.version += 1
         self.router = router
 
     # ------------------------------------------------------------ running

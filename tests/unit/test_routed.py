@@ -185,3 +185,22 @@ def test_from_library_refuses_another_base_model(tmp_path):
     lib = make_library(tmp_path / "lib", llama, experts(llama, 2))
     with pytest.raises(LibraryMismatch, match="built for another base model"):
         RoutedModel.from_library(fresh("tiny-random-phi"), lib)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_shared_qkv_matmul_changes_no_result(twin):
+    base = fresh(twin)
+    exps = experts(base, 4)
+    shared = RoutedModel(base, exps, RouterConfig(top_k=2))
+    alone = RoutedModel(fresh(twin), exps, RouterConfig(top_k=2), share_inputs=False)
+    torch.testing.assert_close(shared.logits(IDS), alone.logits(IDS), atol=1e-5, rtol=0)
+    attn = base.model.get_submodule("model.layers.1.self_attn")
+    assert attn.q_proj.group is attn.v_proj.group and attn.q_proj.group is not attn.o_proj.group
+    x1, x2 = torch.randn(1, 3, 64), torch.randn(1, 3, 64)
+    with torch.no_grad():
+        attn.q_proj(x2)
+        want = attn.k_proj(x2)
+        attn.q_proj(x1)
+        torch.testing.assert_close(attn.k_proj(x2), want)  # k fed another tensor than q: recomputed
+        shared.set_router(RouterConfig(top_k=1))
+        assert (attn.k_proj(x2) - want).abs().max() > 0  # a router change is never served from the cache
