@@ -195,7 +195,8 @@ def test_shared_qkv_matmul_changes_no_result(twin):
     alone = RoutedModel(fresh(twin), exps, RouterConfig(top_k=2), share_inputs=False)
     torch.testing.assert_close(shared.logits(IDS), alone.logits(IDS), atol=1e-5, rtol=0)
     attn = base.model.get_submodule("model.layers.1.self_attn")
-    assert attn.q_proj.group is attn.v_proj.group and attn.q_proj.group is not attn.o_proj.group
+    out_proj = getattr(attn, base.targets[3])  # o_proj or dense
+    assert attn.q_proj.group is attn.v_proj.group and attn.q_proj.group is not out_proj.group
     x1, x2 = torch.randn(1, 3, 64), torch.randn(1, 3, 64)
     with torch.no_grad():
         attn.q_proj(x2)
