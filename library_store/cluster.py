@@ -35,6 +35,7 @@ class MBCConfig:
     delta: bool = True  # cluster W - W_init (what training changed), not the raw weights
     seed: int = 0  # SVD, k-means and UMAP
     n_init: int = 10
+    map_method: str = "auto"  # "umap" from 4 experts up, else "pca"; "pca" forces PCA (UMAP's JIT takes minutes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,10 +90,12 @@ def _cosine(x: np.ndarray) -> np.ndarray:
     return x @ x.T  # (N, N)
 
 
-def map_coords(embedding: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
-    """2-D coordinates: UMAP (cosine, n_neighbors below N) from 4 experts up, PCA below that."""
+def map_coords(embedding: np.ndarray, seed: int = 0, method: str = "auto") -> tuple[np.ndarray, str]:
+    """2-D coordinates: UMAP (cosine, n_neighbors below N) from 4 experts up, PCA below that (or if asked)."""
+    if method not in ("auto", "umap", "pca"):
+        raise ValueError(f"map method must be auto, umap or pca (got {method!r}).")
     n = embedding.shape[0]
-    if n < 4:
+    if n < 4 or method == "pca":
         from sklearn.decomposition import PCA
 
         if n == 1:
@@ -136,7 +139,7 @@ def mbc_cluster(experts: list[LoraExpert], k: int, init: dict[str, torch.Tensor]
     raw_labels = km.fit_predict(similarity)  # k-means on the rows of the similarity matrix, as mttl does
     order = {lab: i for i, lab in enumerate(dict.fromkeys(raw_labels.tolist()))}  # number by first appearance
     labels = np.array([order[lab] for lab in raw_labels.tolist()])
-    coords, method = map_coords(emb, config.seed) if with_map else (np.zeros((n, 2)), "none")
+    coords, method = map_coords(emb, config.seed, config.map_method) if with_map else (np.zeros((n, 2)), "none")
     return MBCResult([e.name for e in experts], labels, similarity, raw_similarity, emb, coords, method, config)
 
 
