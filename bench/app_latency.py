@@ -135,7 +135,7 @@ def main() -> None:
             t1 = time.perf_counter()
             out = route(prompt)
             times.append(time.perf_counter() - t1)
-            generated.append(sum(json.loads(out[8])["is_generated"]))
+            generated.append(sum(json.loads(out[9])["is_generated"]))
             print(f"  route {times[-1]:6.2f} s  {generated[-1]:2d} new tokens  {prompt!r}")
         t1 = time.perf_counter()
         client.predict(prompts[0], library, True, NEW_TOKENS, api_name="/compare")

@@ -247,6 +247,39 @@ def diff_heatmap(before: "RoutingTrace", after: "RoutingTrace", module: str = ME
     return fig
 
 
+def token_experts(trace: "RoutingTrace", index: int, module: str = MEAN) -> go.Figure:
+    """One token's routing at every layer: layer x expert weights (what the token strip's click shows)."""
+    if not 0 <= index < len(trace.tokens):
+        return note_figure("One token's experts", "Click a token in the strip above to see its experts.")
+    w = module_weights(trace, module)[:, index]  # (L, E)
+    token = display_token(trace.tokens[index])
+    part = "generated" if trace.is_generated[index] else "prompt"
+    fig = go.Figure(go.Heatmap(z=w, x=[esc(e) for e in trace.experts], y=list(range(len(trace.layers))),
+                               zmin=0, zmax=1, colorscale="Viridis", xgap=1, ygap=1, colorbar=dict(title="weight"),
+                               hovertemplate="layer %{y} · %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_yaxes(title_text="layer", tickmode="array", tickvals=list(range(len(trace.layers))),
+                     ticktext=[str(layer) for layer in trace.layers])
+    fig.update_layout(title=dict(text=f"Experts of token <b>{token}</b> (#{index}, {part}) at every layer", x=0.01),
+                      template="plotly_white", xaxis=dict(tickangle=-45),
+                      height=max(320, 140 + 14 * len(trace.layers)), margin=dict(l=60, r=20, t=60, b=110))
+    return fig
+
+
+def token_strip(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, str] | None = None):
+    """[(token text, top-1 expert over all layers)] for a clickable strip; colours {label: colour}."""
+    w = module_weights(trace, module).mean(axis=0)  # (T, E): the token's mean routing over layers
+    names = [groups.get(e, e) if groups else e for e in trace.experts]
+    labels = sorted(set(names))
+    colours = category_colours(labels if groups else list(trace.experts))
+    strip = []
+    for ti, token in enumerate(trace.tokens):
+        per = {}
+        for e, name in enumerate(names):
+            per[name] = per.get(name, 0.0) + float(w[ti, e])
+        strip.append((str(token), max(per, key=per.get) if per else None))
+    return strip, colours
+
+
 # ---------------------------------------------------------------- library figures
 
 

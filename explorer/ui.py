@@ -73,11 +73,13 @@ def build_demo(explorer: Explorer, examples: list[dict] | None = None) -> gr.Blo
         return None
 
     def figures(state, module, colour_by, expert, show_template):
+        """heatmap, expert weight, entropy, usage, routing change, token strip."""
         if not state or state.get("trace") is None:
             empty = plots.note_figure("Routing", NO_TRACE)
-            return empty, empty, empty, empty, plots.note_figure("Routing change", NO_TRACE)
+            return empty, empty, empty, empty, plots.note_figure("Routing change", NO_TRACE), gr.update(value=[])
         trace = explorer.view(state["trace"], show_template)
         groups = explorer.groups(trace.meta.get("library", "")) if colour_by == "cluster" else None
+        strip, colours = plots.token_strip(trace, module, groups)
         expert = expert if expert in trace.experts else plots.most_used_expert(trace) or trace.experts[0]
         ref = state.get("reference")
         diff = (plots.diff_heatmap(explorer.view(ref, show_template), trace, module) if ref is not None else
@@ -85,7 +87,13 @@ def build_demo(explorer: Explorer, examples: list[dict] | None = None) -> gr.Blo
                                                     "routing and output change."))
         return (plots.top1_heatmap(trace, module, groups), plots.expert_heatmap(trace, expert, module),
                 plots.entropy_heatmap(trace, module), plots.usage_bar(trace, explorer.groups(trace.meta.get(
-                    "library", ""))), diff)
+                    "library", ""))), diff, gr.HighlightedText(value=strip, color_map=colours))
+
+    def on_token(state, module, show_template, evt: gr.SelectData):
+        if not state or state.get("trace") is None:
+            return plots.note_figure("One token's experts", NO_TRACE)
+        index = evt.index if isinstance(evt.index, int) else (evt.index or [-1])[0]
+        return plots.token_experts(explorer.view(state["trace"], show_template), int(index), module)
 
     def route(prompt, library, chat, top_k, temperature, max_new, disabled, module, colour_by, expert,
               show_template, progress=gr.Progress()):
@@ -97,7 +105,8 @@ def build_demo(explorer: Explorer, examples: list[dict] | None = None) -> gr.Blo
         if result is None or result.error:
             message = _md([error or result.error], "error")
             blank = plots.note_figure("Routing", NO_TRACE)
-            return (message, "", blank, blank, blank, blank, blank, "", "", None, gr.update(), gr.update())
+            return (message, "", blank, blank, blank, blank, blank, gr.update(value=[]), "", "", None, gr.update(),
+                    gr.update())
         trace = result.trace
         state = {"trace": trace, "reference": result.reference, "request": request}
         top = plots.most_used_expert(trace)
@@ -127,7 +136,7 @@ def build_demo(explorer: Explorer, examples: list[dict] | None = None) -> gr.Blo
         status = explorer.status() if error is None else error
         note = _md([analysis.note]) if analysis.note else ""
         return (status, gr.update(choices=experts, value=[]), gr.update(choices=experts, value=None),
-                gr.update(maximum=max(1, len(experts)), value=min(4, max(1, len(experts)))),
+                gr.update(value=min(4, max(1, len(experts)))),  # no lower maximum: too high is clamped, with a notice
                 plots.similarity_map(analysis), plots.cosine_matrix(analysis), analysis.experts, note,
                 f"Library **{html.escape(library or '')}**: {len(experts)} experts, "
                 f"{len(analysis.tasks)} tasks on the map.")
@@ -141,7 +150,7 @@ def build_demo(explorer: Explorer, examples: list[dict] | None = None) -> gr.Blo
             (out / "trace.json").write_text(trace.to_json())
             files += [out / "trace.csv", out / "trace.json"]
             for name, fig in zip(("heatmap", "expert", "entropy", "usage", "change"),
-                                 figures(state, module, colour_by, expert, show_template)):
+                                 figures(state, module, colour_by, expert, show_template)[:5]):
                 files.append(out / f"{name}.html")
                 files[-1].write_text(plots.figure_html(fig))
         analysis = explorer.analysis(library or "")
@@ -185,6 +194,11 @@ def build_demo(explorer: Explorer, examples: list[dict] | None = None) -> gr.Blo
                     colour_by = gr.Radio(COLOUR_BY, value="expert", label="Colour by")
                     show_template = gr.Checkbox(value=False, label="Show chat-template tokens")
                 heatmap = gr.Plot(label="Top-1 expert per token and layer", elem_id="heatmap")
+                with gr.Accordion("Token by token: click a token to see its experts at every layer", open=True):
+                    strip = gr.HighlightedText(label="Tokens, coloured by their top expert (mean over layers)",
+                                               combine_adjacent=False, show_legend=True, elem_id="token-strip",
+                                               interactive=False)
+                    token_plot = gr.Plot(label="One token's experts", elem_id="token-experts")
                 with gr.Row():
                     usage = gr.Plot(label="Expert usage", elem_id="usage")
                     with gr.Column():
@@ -218,8 +232,8 @@ def build_demo(explorer: Explorer, examples: list[dict] | None = None) -> gr.Blo
         library.change(on_library, inputs=[library], outputs=library_outputs, api_name="library")
         route_inputs = [prompt, library, chat, top_k, temperature, max_new, disabled, module, colour_by, expert,
                         show_template]
-        route_outputs = [notice, text, heatmap, expert_plot, entropy, usage, diff, ref_text, trace_json, state,
-                         module, expert]
+        route_outputs = [notice, text, heatmap, expert_plot, entropy, usage, diff, strip, ref_text, trace_json,
+                         state, module, expert]
         compare_args = dict(fn=compare, inputs=[prompt, library, chat, max_new, state],
                             outputs=[base_text, uniform_text, single_text, arrow_text])
         run.click(route, route_inputs, route_outputs, api_name="route").then(**compare_args, api_name="compare")
@@ -228,7 +242,8 @@ def build_demo(explorer: Explorer, examples: list[dict] | None = None) -> gr.Blo
         view_inputs = [state, module, colour_by, expert, show_template]
         for control, name in ((module, "view_module"), (colour_by, "view_colour"), (expert, "view_expert"),
                               (show_template, "view_template")):
-            control.change(figures, view_inputs, [heatmap, expert_plot, entropy, usage, diff], api_name=name)
+            control.change(figures, view_inputs, [heatmap, expert_plot, entropy, usage, diff, strip], api_name=name)
+        strip.select(on_token, [state, module, show_template], [token_plot], api_name="token")
         export_button.click(export, view_inputs + [library], [files], api_name="export")
     return demo
 

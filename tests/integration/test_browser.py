@@ -96,6 +96,10 @@ def test_route_heatmap_and_library_map(app, browser):
     assert page.locator("#heatmap .legendtext").count() >= 1  # expert names in the legend
     # layers on the y axis: the tiny twin has two
     assert page.locator("#heatmap .ytick text").all_text_contents() == ["0", "1"]
+    # the token strip: click a token, its layer x expert routing appears
+    page.locator("#token-strip .token").nth(2).click()
+    page.wait_for_selector("#token-experts .js-plotly-plot .gtitle", timeout=60_000)
+    assert "Experts of token" in page.locator("#token-experts .gtitle").text_content()
     page.get_by_role("tab", name="Library").click()
     page.wait_for_selector("#similarity-map .js-plotly-plot .point", timeout=60_000)
     points = page.locator("#similarity-map .scatterlayer .point").count()

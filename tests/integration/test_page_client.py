@@ -12,7 +12,8 @@ from tests.page_fixtures import TINY, make_tiny_library
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = [ROOT / "assets" / "libraries" / "demo-mbc", ROOT / "assets" / "libraries" / "demo-private"]
-N_OUT = 11  # route's outputs: notice, text, 5 figures, reference text, trace JSON, module, expert
+N_OUT = 12  # route's outputs: notice, text, 5 figures, token strip, reference text, trace JSON, module, expert
+TRACE = 9  # the trace JSON's place among them
 
 
 def serve(base: str, libraries: list):
@@ -46,7 +47,7 @@ def route(client, prompt, top_k=2, max_new=4, disabled=(), chat=True, library="l
 def test_route_returns_the_trace(page):
     _, client = page
     out = route(client, "Reverse the word: apple")
-    trace = RoutingTrace.from_json(out[8])
+    trace = RoutingTrace.from_json(out[TRACE])
     assert out[1] == trace.text and trace.text
     assert "".join(trace.tokens).count("Reverse the word: apple") == 1
     assert trace.experts == ["add_two", "capital_city", "reverse_word", "sentiment", "sort_letters"]
@@ -67,26 +68,26 @@ def test_compare_follows_route_in_the_same_session(page):
 def test_empty_prompt_is_a_message_not_an_error(page):
     _, client = page
     out = route(client, "")
-    assert "The prompt is empty" in out[0] and out[8] == ""
+    assert "The prompt is empty" in out[0] and out[TRACE] == ""
 
 
 def test_long_prompt_is_truncated_with_a_visible_notice(page):
     _, client = page
     out = route(client, "x" * 20_000, max_new=1)
     assert "truncated" in out[0] and "20,000 characters" in out[0]
-    assert RoutingTrace.from_json(out[8]).n_prompt < 400
+    assert RoutingTrace.from_json(out[TRACE]).n_prompt < 400
 
 
 def test_top_k_above_the_library_is_clamped(page):
     _, client = page
     out = route(client, "hello", top_k=16)
-    assert "clamped to 5" in out[0] and RoutingTrace.from_json(out[8]).top_k == 5
+    assert "clamped to 5" in out[0] and RoutingTrace.from_json(out[TRACE]).top_k == 5
 
 
 def test_markup_in_the_prompt_comes_back_as_text(page):
     _, client = page
     out = route(client, '<img src=x onerror="alert(1)"> hi')
-    assert "<img" in "".join(RoutingTrace.from_json(out[8]).tokens)  # the data keeps it as text...
+    assert "<img" in "".join(RoutingTrace.from_json(out[TRACE]).tokens)  # the data keeps it as text...
     figure = json.loads(out[2]["plot"])
     labels = "".join(figure["layout"]["xaxis"]["ticktext"])
     assert "<img" not in labels and "&lt;img" in labels  # ...the figure escapes it
@@ -101,9 +102,9 @@ def test_eight_simultaneous_requests_equal_each_alone(page):
     url, _ = page
     prompts = [f"Reverse the word: {w}" for w in ("apple", "pear", "plum", "fig", "kiwi", "lime", "date", "nut")]
     settings = [dict(top_k=1 + i % 4, max_new=3 + i % 3) for i in range(8)]
-    alone = [route(Client(url, verbose=False), p, **s)[8] for p, s in zip(prompts, settings)]
+    alone = [route(Client(url, verbose=False), p, **s)[TRACE] for p, s in zip(prompts, settings)]
     with ThreadPoolExecutor(8) as pool:
-        together = list(pool.map(lambda ps: route(Client(url, verbose=False), ps[0], **ps[1])[8],
+        together = list(pool.map(lambda ps: route(Client(url, verbose=False), ps[0], **ps[1])[TRACE],
                                  zip(prompts, settings)))
     for a, b, p in zip(alone, together, prompts):
         ta, tb = RoutingTrace.from_json(a), RoutingTrace.from_json(b)
@@ -136,7 +137,7 @@ def test_smollm2_with_the_demo_libraries():
         status = client.predict("demo-mbc", api_name="/library")
         assert "ready" in status[0]
         out = route(client, "Reverse the letters of this word: garden", top_k=4, max_new=12, library="demo-mbc")
-        trace = RoutingTrace.from_json(out[8])
+        trace = RoutingTrace.from_json(out[TRACE])
         assert len(trace.layers) == 30 and trace.modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
         np.testing.assert_allclose(trace.weights.sum(-1), 1, atol=1e-4)
         mapfig = json.loads(status[4]["plot"])

@@ -177,3 +177,20 @@ def test_figure_html_is_standalone():
     html = plots.figure_html(plots.usage_bar(make_trace()))
     assert "<html>" in html and '<script src="http' not in html and "<script src='http" not in html
     assert len(html) > 1_000_000  # plotly.js is inlined
+
+
+def test_token_experts_is_that_tokens_layer_by_expert_weights():
+    t = make_trace(tokens=("a", XSS, "c", "d", "e", "f"))
+    fig = plots.token_experts(t, 1, module="q_proj")
+    np.testing.assert_allclose(np.asarray(fig.data[0].z), t.weights[:, 0, 1])
+    assert "<img" not in fig.layout.title.text and "&lt;img" in fig.layout.title.text
+    assert "Click a token" in plots.token_experts(t, 99).layout.annotations[0].text
+
+
+def test_token_strip_labels_each_token_with_its_top_expert_or_cluster():
+    t = one_hot_trace(winner=3, conf=0.7)
+    strip, colours = plots.token_strip(t)
+    assert [tok for tok, _ in strip] == t.tokens and {lab for _, lab in strip} == {"delta"}
+    assert set(colours) == set(t.experts)
+    strip, colours = plots.token_strip(t, groups={"alpha": "x", "beta": "x", "gamma": "y", "delta": "y"})
+    assert {lab for _, lab in strip} == {"y"} and set(colours) == {"x", "y"}
