@@ -28,6 +28,10 @@ if TYPE_CHECKING:  # only for the annotations: plots stay free of the store and 
 
 MEAN = "mean"  # the module selector's "mean over modules" value
 PALETTE = qualitative.Dark24 + qualitative.Light24  # 48 distinct colours before they repeat
+# A light look without plotly's named templates: assigning "plotly_white" deep-copies a large template per
+# figure, about half of the page's figure-building time.
+LOOK = dict(template="none", plot_bgcolor="white", paper_bgcolor="white", hoverlabel=dict(align="left"),
+            font=dict(family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size=12, color="#2a3f5f"))
 MAX_TICKS = 80  # above this many tokens, label every n-th one so the axis stays readable
 _MIN_TINT = 0.25  # a top-1 weight of 0 still shows a quarter of its expert's colour, never white
 
@@ -108,7 +112,7 @@ def _token_axis(fig: go.Figure, trace: "RoutingTrace", title: str) -> None:
         fig.add_vline(x=trace.n_prompt - 0.5, line_width=2, line_dash="dash", line_color="black")
         fig.add_annotation(x=trace.n_prompt - 0.5, y=1.0, yref="paper", yanchor="bottom", xanchor="left",
                            text="generated →", showarrow=False, font=dict(size=11))
-    fig.update_layout(title=dict(text=esc(title), x=0.01), template="plotly_white",
+    fig.update_layout(title=dict(text=esc(title), x=0.01), **LOOK,
                       margin=dict(l=60, r=20, t=60, b=110), height=max(320, 120 + 18 * len(trace.layers)))
 
 
@@ -134,7 +138,7 @@ def note_figure(title: str, note: str) -> go.Figure:
     fig = go.Figure()
     fig.add_annotation(text=esc(note), x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
                        font=dict(size=14))
-    fig.update_layout(title=dict(text=esc(title), x=0.01), template="plotly_white", height=320,
+    fig.update_layout(title=dict(text=esc(title), x=0.01), **LOOK, height=320,
                       xaxis=dict(visible=False), yaxis=dict(visible=False))
     return fig
 
@@ -219,7 +223,7 @@ def usage_bar(trace: "RoutingTrace", groups: dict[str, str] | None = None) -> go
     fig = go.Figure(go.Bar(x=[esc(n) for n in names], y=usage[order], marker_color=[colours[n] for n in names],
                            customdata=hover, hovertemplate="%{customdata}<br>mean weight %{y:.3f}<extra></extra>"))
     fig.update_layout(title=dict(text="Expert usage over the prompt: what this query needed", x=0.01),
-                      template="plotly_white", height=340, yaxis_title="mean routing weight",
+                      **LOOK, height=340, yaxis_title="mean routing weight", yaxis_gridcolor="#e8e8e8",
                       xaxis=dict(tickangle=-45), margin=dict(l=60, r=20, t=60, b=110))
     return fig
 
@@ -260,7 +264,7 @@ def token_experts(trace: "RoutingTrace", index: int, module: str = MEAN) -> go.F
     fig.update_yaxes(title_text="layer", tickmode="array", tickvals=list(range(len(trace.layers))),
                      ticktext=[str(layer) for layer in trace.layers])
     fig.update_layout(title=dict(text=f"Experts of token <b>{token}</b> (#{index}, {part}) at every layer", x=0.01),
-                      template="plotly_white", xaxis=dict(tickangle=-45),
+                      **LOOK, xaxis=dict(tickangle=-45),
                       height=max(320, 140 + 14 * len(trace.layers)), margin=dict(l=60, r=20, t=60, b=110))
     return fig
 
@@ -300,7 +304,7 @@ def similarity_map(analysis: "LibraryAnalysis") -> go.Figure:
             customdata=hover, hovertemplate="%{customdata}<extra></extra>",
             marker=dict(size=13, color=colours[cluster], line=dict(width=1, color="white"))))
     fig.update_layout(title=dict(text="Adapter-similarity map (warm-up weights): similar tasks sit together",
-                                 x=0.01), template="plotly_white", height=520, legend_title_text="MBC cluster",
+                                 x=0.01), **LOOK, height=520, legend_title_text="MBC cluster",
                       xaxis=dict(showticklabels=False, title=""), yaxis=dict(showticklabels=False, title=""))
     return fig
 
@@ -329,7 +333,7 @@ def cosine_matrix(analysis: "LibraryAnalysis") -> go.Figure:
                                colorbar=dict(title="cos"),
                                hovertemplate="%{y} · %{x}<br>cos %{z:.3f}<extra></extra>"))
     fig.update_layout(title=dict(text="Cosine similarity of warm-up adapters, grouped by cluster", x=0.01),
-                      template="plotly_white", height=560, yaxis=dict(autorange="reversed"),
+                      **LOOK, height=560, yaxis=dict(autorange="reversed"),
                       xaxis=dict(tickangle=-60), margin=dict(l=160, b=160, t=60, r=20))
     return fig
 
