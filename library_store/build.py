@@ -212,7 +212,8 @@ def cmd_build_mbc(args) -> int:
     _check_k(args.clusters, len(resolve_tasks(args.tasks, seed=args.seed)))  # refuse before loading a model
     base, tasks = _setup(args)
     warm = replace(_config(args, "warmup-"), init_seed=args.init_seed)
-    mbc = MBCConfig(k=args.clusters, sparsity=args.sparsity, delta=not args.no_delta, seed=args.seed)
+    mbc = MBCConfig(k=args.clusters, sparsity=args.sparsity, delta=not args.no_delta, seed=args.seed,
+                    map_method=args.map_method)
     build_mbc(base, tasks, args.out, args.clusters, warm, _config(args), mbc, save_dtype=args.save_dtype)
     return 0
 
@@ -233,4 +234,6 @@ def add_build_commands(subparsers) -> None:
     p.add_argument("--init-seed", type=int, default=0, help="the LoRA init every warm-up expert starts from")
     p.add_argument("--sparsity", type=float, default=MBCConfig.sparsity, help="per-expert |w| quantile zeroed")
     p.add_argument("--no-delta", action="store_true", help="cluster raw weights, not W - W_init")
+    p.add_argument("--map-method", choices=("auto", "umap", "pca"), default="auto",
+                   help="2-D map: UMAP from 4 tasks up (auto), or PCA (no JIT compile, seconds)")
     p.set_defaults(func=cmd_build_mbc)
