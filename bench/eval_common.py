@@ -19,15 +19,15 @@ from __future__ import annotations
 import json
 import math
 import time
-from html import escape
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.eval_figures import FIGURES, svg_heatmap, svg_intervals, write_figure  # noqa: F401 (re-exported)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-FIGURES = ROOT / "docs" / "figures"
 
 
 # ---------------------------------------------------------------- prompts
@@ -341,74 +341,6 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def _color(v: float) -> str:
-    """White (0) to dark blue (1)."""
-    v = min(max(v, 0.0), 1.0)
-    r, g, b = (int(255 - v * (255 - c)) for c in (8, 48, 107))
-    return f"rgb({r},{g},{b})"
-
-
-def svg_heatmap(matrix: np.ndarray, rows: list[str], cols: list[str], title: str, cell: int = 28) -> str:
-    """A self-contained SVG heatmap (renders on GitHub without plotly or matplotlib). Values are scaled by
-    the matrix maximum; each cell also prints its value."""
-    m = np.asarray(matrix, float)
-    top = max(len(c) for c in cols) * 6 + 40
-    left = max(len(r) for r in rows) * 7 + 10
-    w, h = left + cell * len(cols) + 10, top + cell * len(rows) + 10
-    vmax = m.max() if m.size and m.max() > 0 else 1.0
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-             f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
-             f'<text x="5" y="16" font-size="13" font-weight="bold">{escape(title)}</text>']
-    for j, c in enumerate(cols):
-        x = left + j * cell + cell / 2
-        parts.append(f'<text transform="translate({x + 4},{top - 4}) rotate(-60)">{escape(c)}</text>')
-    for i, r in enumerate(rows):
-        y = top + i * cell
-        parts.append(f'<text x="{left - 5}" y="{y + cell / 2 + 4}" text-anchor="end">{escape(r)}</text>')
-        for j in range(len(cols)):
-            v = m[i, j] / vmax
-            parts.append(f'<rect x="{left + j * cell}" y="{y}" width="{cell}" height="{cell}" fill="{_color(v)}" '
-                         f'stroke="#ddd"/>')
-            parts.append(f'<text x="{left + j * cell + cell / 2}" y="{y + cell / 2 + 3}" text-anchor="middle" '
-                         f'font-size="8" fill="{"white" if v > 0.6 else "black"}">{m[i, j]:.2f}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def svg_intervals(labels: list[str], stats: list[tuple[float, float, float]], title: str,
-                  chance: float | None = None, width: int = 520) -> str:
-    """Horizontal dot-and-whisker chart of (mean, low, high) per label on a 0..1 axis, chance as a dashed line."""
-    left, row, top = max(len(l) for l in labels) * 7 + 15, 26, 40
-    plot_w = width - left - 20
-    h = top + row * len(labels) + 30
-    x = lambda v: left + plot_w * min(max(v, 0.0), 1.0)  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" font-family="sans-serif" '
-             f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
-             f'<text x="5" y="16" font-size="13" font-weight="bold">{escape(title)}</text>']
-    for t in np.linspace(0, 1, 6):
-        parts.append(f'<line x1="{x(t)}" y1="{top - 8}" x2="{x(t)}" y2="{h - 25}" stroke="#eee"/>'
-                     f'<text x="{x(t)}" y="{h - 10}" text-anchor="middle">{t:.1f}</text>')
-    if chance is not None:
-        parts.append(f'<line x1="{x(chance)}" y1="{top - 8}" x2="{x(chance)}" y2="{h - 25}" stroke="red" '
-                     f'stroke-dasharray="4,3"/><text x="{x(chance) + 3}" y="{top - 10}" fill="red">chance</text>')
-    for i, (lab, (m, lo, hi)) in enumerate(zip(labels, stats)):
-        y = top + i * row + row / 2
-        parts.append(f'<text x="{left - 6}" y="{y + 4}" text-anchor="end">{escape(lab)}</text>'
-                     f'<line x1="{x(lo)}" y1="{y}" x2="{x(hi)}" y2="{y}" stroke="#08306b" stroke-width="2"/>'
-                     f'<circle cx="{x(m)}" cy="{y}" r="4" fill="#08306b"/>'
-                     f'<text x="{x(hi) + 5}" y="{y + 4}" fill="#555">{m:.3f}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def write_figure(name: str, svg: str, folder: Path = FIGURES) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(svg)
-    return path
 
 
 # ---------------------------------------------------------------- --quick fixtures (random twin, tiny libraries)

@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -103,8 +104,9 @@ def oracle_experts(base, rm, private_lib, tasks, n_train: int = 20) -> dict[str,
 
 
 def evaluate(base, tasks, private_path: str, mbc_path: str, n: int, max_tokens: int, with_oracle: bool,
-             clock: Clock) -> tuple[dict, dict]:
-    """{method: {task: score record}} for base, uniform, private_arrow, mbc_arrow (and oracle)."""
+             clock: Clock, mbc_ready=None) -> tuple[dict, dict]:
+    """{method: {task: score record}} for base, uniform, private_arrow, mbc_arrow (and oracle).
+    `mbc_ready()`, if given, is polled before the MBC library is opened (it may still be building)."""
     from explorer.routed import RoutedModel, RouterConfig
     from library_store.store import ExpertLibrary
 
@@ -127,6 +129,9 @@ def evaluate(base, tasks, private_path: str, mbc_path: str, n: int, max_tokens: 
                 scores["oracle"].update(score_all(base, [t], n, max_tokens, clock, "oracle"))
     finally:
         rm.detach()
+    while mbc_ready is not None and not mbc_ready():
+        with clock("waiting_for_mbc_build"):
+            time.sleep(30)
     mbc = ExpertLibrary.open(mbc_path, readonly=True)
     rm = RoutedModel.from_library(base, mbc, arrow_router(mbc))  # cluster experts only
     try:
@@ -213,7 +218,7 @@ def build_library(kind: str, spec: str, dest: Path, model: str, steps: int, extr
                   threads: int) -> dict:
     """`python -m library_store build <kind> ...` in a subprocess (the documented command), timed."""
     cmd = [sys.executable, "-m", "library_store", "build", kind, "--tasks", spec, "--out", str(dest),
-           "--base-model", model, "--steps", str(steps), "--no-progress", *extra]
+           "--base-model", model, "--steps", str(steps), *extra]
     if threads:
         cmd += ["--threads", str(threads)]
     clock = Clock()
@@ -227,14 +232,15 @@ def build_library(kind: str, spec: str, dest: Path, model: str, steps: int, extr
 
 
 def run_setting(setting: str, args, out: Path, figures: Path, model: str, tasks_spec: str, private: str,
-                mbc: str, n: int, builds: dict | None = None, tag: str = "") -> dict:
+                mbc: str, n: int, builds=None, tag: str = "", mbc_ready=None) -> dict:
     from library_store.tasks import resolve_tasks
 
     clock = Clock()
     with clock("load"):
         base = load_base(model)
         tasks = resolve_tasks(tasks_spec)
-    scores, oracle = evaluate(base, tasks, private, mbc, n, args.max_tokens, setting == "A", clock)
+    scores, oracle = evaluate(base, tasks, private, mbc, n, args.max_tokens, setting == "A", clock, mbc_ready)
+    builds = builds() if callable(builds) else builds  # read after the run: a build may have finished meanwhile
     summary = summarise(tasks, scores, n)
     name = f"heldout-{setting}{tag}"
     summary.update(
@@ -263,12 +269,21 @@ def setting_b(args, out: Path, figures: Path) -> dict | None:
         for kind, dest in (("private", private), ("mbc", mbc)):
             if kind in builds and (dest / "library.sqlite").exists():
                 continue
-            extra = ["--clusters", str(args.b_k), "--warmup-steps", str(args.warmup_steps)] if kind == "mbc" else []
+            extra = ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--max-len", str(args.max_len)]
+            if kind == "mbc":
+                extra += ["--clusters", str(args.b_k), "--warmup-steps", str(args.warmup_steps),
+                          "--warmup-batch-size", str(args.batch_size), "--warmup-lr", str(args.lr)]
             builds[kind] = build_library(kind, args.b_train, dest, args.model, args.steps, extra, log, args.threads)
             write_json(record, builds)
     if args.build_only:
         return None
-    return run_setting("B", args, out, figures, args.model, args.b_eval, str(private), str(mbc), args.n_b, builds)
+
+    def recorded() -> dict:
+        return json.loads(record.read_text()) if record.is_file() else {}
+
+    ready = (lambda: "mbc" in recorded()) if args.wait_mbc else None
+    return run_setting("B", args, out, figures, args.model, args.b_eval, str(private), str(mbc), args.n_b,
+                       builds=recorded, mbc_ready=ready)
 
 
 def quick(out: Path, figures: Path, args, libs: dict | None = None) -> list[dict]:
@@ -299,8 +314,13 @@ def main(argv=None) -> None:
     ap.add_argument("--b-k", type=int, default=4, help="setting B: MBC clusters")
     ap.add_argument("--build", action="store_true", help="setting B: build the libraries first (skips existing)")
     ap.add_argument("--build-only", action="store_true", help="setting B: build, do not evaluate")
-    ap.add_argument("--steps", type=int, default=60, help="setting B: training steps per private / cluster expert")
-    ap.add_argument("--warmup-steps", type=int, default=20, help="setting B: MBC warm-up steps per task")
+    ap.add_argument("--wait-mbc", action="store_true",
+                    help="setting B: evaluate base/uniform/private while another process builds the MBC library")
+    ap.add_argument("--steps", type=int, default=24, help="setting B: training steps per private / cluster expert")
+    ap.add_argument("--warmup-steps", type=int, default=6, help="setting B: MBC warm-up steps per task")
+    ap.add_argument("--batch-size", type=int, default=4, help="setting B: training batch size")
+    ap.add_argument("--lr", type=float, default=2e-3, help="setting B: learning rate (short CPU runs)")
+    ap.add_argument("--max-len", type=int, default=80, help="setting B: training tokens per example")
     ap.add_argument("--build-log", default=str(ROOT / "build" / "eval-libraries" / "build.log"))
     ap.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per forward batch")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
