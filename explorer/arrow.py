@@ -94,23 +94,24 @@ class RoutedGroup:
         protos = torch.cat([s.prototypes.reshape(E, d) for s in stacks])  # (G E, d)
         rows = torch.cat([pad_rank(s.A, r).reshape(E * r, d) for s in stacks])  # (G E r, d)
         self.proj = torch.cat([protos, rows]).to(device, dtype).contiguous()  # (G E + G E r, d)
-        self.n_members, self.n_experts, self.rank, self.state = len(stacks), E, r, state
+        G = len(stacks)
+        self.n_members, self.n_experts, self.rank, self.state = G, E, r, state
+        # Views for the one-token path (decoding): prototypes alone, and A rows grouped per (member, expert).
+        self.protos = self.proj[: G * E]  # (G E, d)
+        self.a_rows = self.proj[G * E:].view(G * E, r * d)  # (G E, r d)
+        self.offsets = (torch.arange(G, device=device) * E).view(1, G, 1)  # (1, G, 1)
         self._x = self._out = None
         self._version = -1
 
     def route(self, scores: torch.Tensor) -> torch.Tensor:
         """(t, G, E) raw scores h · p_e -> (t, G, E) weights: softmax(|s| / T) over the top-k, 0 elsewhere."""
-        st = self.state
-        s = scores.abs()  # (t, G, E)
-        if st.mask is not None:
-            s = s.masked_fill(st.mask, float("-inf"))
-        if st.temperature != 1.0:
-            s = s / st.temperature
-        top, idx = s.topk(st.top_k, dim=-1)  # (t, G, k)
-        return torch.zeros_like(s).scatter_(-1, idx, top.softmax(dim=-1))  # (t, G, E)
+        w_top, idx = self.route_top(scores)  # (t, G, k)
+        return torch.zeros_like(scores).scatter_(-1, idx, w_top)  # (t, G, E)
 
-    def compute(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (..., d) -> routing weights (t, G, E) and weighted A-projections (t, G, E·r)."""
+    def compute(self, x: torch.Tensor) -> tuple:
+        """x (..., d) -> ("dense", weights (t, G, E), weighted A-projections (t, G, E·r)) or, for one token
+        routed over few of many experts, ("sparse", weights (1, G, E) or None, top-k ids (G, k),
+        weighted A-projections of the top-k (G, k·r))."""
         st = self.state
         if self._x is x and self._version == st.version:
             return self._out
@@ -118,6 +119,10 @@ class RoutedGroup:
         h = x.reshape(-1, x.shape[-1])  # (t, d)
         if h.dtype != self.proj.dtype:
             h = h.to(self.proj.dtype)
+        if h.shape[0] == 1 and st.mode == "arrow" and st.top_k * 2 <= E:
+            out = self._one_token(h)
+            self._x, self._out, self._version = x, out, st.version
+            return out
         z = F.linear(h, self.proj)  # (t, G E + G E r)
         t = z.shape[0]
         if st.mode == "arrow":
@@ -125,8 +130,32 @@ class RoutedGroup:
         else:  # uniform / expert: the same weights for every token
             w = st.fixed.to(z.dtype).expand(t, G, E)  # (t, G, E)
         a = (z[:, G * E:].view(t, G, E, r) * w.unsqueeze(-1)).view(t, G, E * r)  # (t, G, E r)
-        self._x, self._out, self._version = x, (w, a), st.version
-        return w, a
+        self._x, self._out, self._version = x, ("dense", w, a), st.version
+        return self._out
+
+    def _one_token(self, h: torch.Tensor) -> tuple:
+        """Decoding: read only the top-k experts' A rows (and, in the members, B rows). When generating, every
+        step streams the stacks from memory for one token, so reading k of E experts is what keeps it cheap."""
+        G, E, r, k = self.n_members, self.n_experts, self.rank, self.state.top_k
+        w_top, idx = self.route_top(F.linear(h, self.protos).view(1, G, E))  # (1, G, k), (1, G, k)
+        rows = self.a_rows.index_select(0, (idx + self.offsets).view(-1))  # (G k, r d)
+        z = rows.view(G, k * r, -1) @ h[0]  # (G, k r)
+        a = (z.view(G, k, r) * w_top[0].unsqueeze(-1)).view(G, k * r)  # (G, k r)
+        w = None
+        if self.state.capture is not None:
+            w = torch.zeros(1, G, E, dtype=w_top.dtype, device=w_top.device).scatter_(-1, idx, w_top)  # (1, G, E)
+        return "sparse", w, idx[0], a
+
+    def route_top(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, G, E) raw scores -> top-k softmax weights (t, G, k) and expert ids (t, G, k)."""
+        st = self.state
+        s = scores.abs()  # (t, G, E)
+        if st.mask is not None:
+            s = s.masked_fill(st.mask, float("-inf"))
+        if st.temperature != 1.0:
+            s = s / st.temperature
+        top, idx = s.topk(st.top_k, dim=-1)  # (t, G, k)
+        return top.softmax(dim=-1), idx
 
     def clear(self) -> None:
         self._x = self._out = None
@@ -170,14 +199,21 @@ class RoutedLinear(nn.Module):
         y = self.base(x)  # (..., out)
         if st.mode == "base":
             return y
-        w, a = self.group.compute(x)  # (t, G, E), (t, G, E r)
+        kind, w, *rest = self.group.compute(x)
+        if self.member == self.group.n_members - 1:  # the last reader (v): do not keep activations alive
+            self.group.clear()
         if st.capture is not None:
-            st.capture.append((self.key, w[:, self.member]))
+            st.capture.append((self.key, w[:, self.member]))  # (t, E)
         y2 = y.reshape(-1, y.shape[-1])  # (t, out)
-        a_m = a[:, self.member]  # (t, E r)
+        if kind == "sparse":  # one token: only its top-k experts' B rows
+            idx, a = rest  # (G, k), (G, k r)
+            up = self.up.view(self.n_experts, -1).index_select(0, idx[self.member])  # (k, r out)
+            a_m, up = a[self.member : self.member + 1], up.view(a.shape[1], -1)  # (1, k r), (k r, out)
+        else:
+            a_m, up = rest[0][:, self.member], self.up  # (t, E r), (E r, out)
         if a_m.dtype != y2.dtype:
-            return (y2 + (a_m @ self.up).to(y2.dtype)).view(y.shape)
-        return torch.addmm(y2, a_m, self.up).view(y.shape)
+            return (y2 + (a_m @ up).to(y2.dtype)).view(y.shape)
+        return torch.addmm(y2, a_m, up).view(y.shape)
 
 
 def routed_group(bases: list[nn.Linear], stacks: list[SiteStack], state: RouterState,

@@ -66,7 +66,7 @@ def build_stacks(experts: list[LoraExpert], prototypes: dict[str, dict[str, torc
     # One batched QR/SVD per layer shape (q and o share one, k and v another): a handful of calls for the
     # whole model instead of one per site keeps attaching fast even on a busy CPU.
     E = len(experts)
-    for group in jobs.values():
+    for group in (chunk for (r, d, out), g in jobs.items() for chunk in _chunks(g, r * (d + out))):
         def pick(t, todo):  # all experts (the usual case) without an index copy
             return t if len(todo) == E else t[todo]
 
@@ -79,6 +79,20 @@ def build_stacks(experts: list[LoraExpert], prototypes: dict[str, dict[str, torc
             else:
                 stacks[site].prototypes[todo] = p
     return stacks
+
+
+def _chunks(group: list[tuple[str, list[int]]], row_size: int, max_floats: int = 1 << 25) -> list[list]:
+    """Split a shape group so one batched call stacks at most `max_floats` (128 MB) of factors: 256 Phi-2
+    experts at all 128 sites would otherwise be 2.7 GB at once."""
+    max_rows = max(1, max_floats // row_size)
+    out, rows = [[]], 0
+    for job in group:
+        if out[-1] and rows + len(job[1]) > max_rows:
+            out.append([])
+            rows = 0
+        out[-1].append(job)
+        rows += len(job[1])
+    return out
 
 
 def _padded(t: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:

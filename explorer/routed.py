@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from explorer.arrow import MODES, RoutedLinear, RouterState
-from explorer.attach import (PROTOTYPE_KIND, build_stacks, model_sites, module_leaves, prototype_config,
-                             split_prototypes, unwrap_model, wrap_model)
+from explorer.attach import (PROTOTYPE_KIND, build_stacks, module_leaves, prototype_config, split_prototypes,
+                             unwrap_model, wrap_model)
 from explorer.trace import RoutingTrace
 from library_store.expert import LoraExpert
 
@@ -66,11 +66,11 @@ class RoutedModel:
         self.experts: list[str] = [e.name for e in experts]
         self.unavailable: dict[str, str] = {}  # expert name -> why it was skipped (from_library)
         self._state = RouterState()
-        sites = model_sites(base.model, base.targets) if experts else []
-        extra = sorted({s for e in experts for s in e.factors()} - set(sites))
+        wanted = {s for e in experts for s in e.factors()}
+        sites = [name for name, _ in base.model.named_modules() if name in wanted]  # model order
+        extra = sorted(wanted - set(sites))
         if extra:
-            raise LookupError(f"The experts target layers that {base.source} does not route "
-                              f"(targets {base.targets}): e.g. {extra[:3]}")
+            raise LookupError(f"The experts target layers that {base.source} does not have: e.g. {extra[:3]}")
         self._stacks = build_stacks(experts, prototypes, site_order=sites)
         self.sites = list(self._stacks)
         self._keys = wrap_model(base.model, self._stacks, self._state, share_inputs)  # site -> (layer, module index)

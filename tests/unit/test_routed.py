@@ -4,6 +4,7 @@ import torch
 from arrow_helpers import IDS, TWINS, experts, fresh, reference_logits, save_peft_dir
 
 from explorer.arrow import RoutedLinear
+from explorer.attach import random_expert
 from explorer.routed import RoutedModel, RouterConfig
 from library_store.store import ExpertLibrary, LibraryMismatch
 
@@ -205,3 +206,26 @@ def test_shared_qkv_matmul_changes_no_result(twin):
         torch.testing.assert_close(attn.k_proj(x2), want)  # k fed another tensor than q: recomputed
         shared.set_router(RouterConfig(top_k=1))
         assert (attn.k_proj(x2) - want).abs().max() > 0  # a router change is never served from the cache
+
+
+def test_experts_on_mlp_layers_too():
+    base = fresh("tiny-random-llama")
+    targets = ["q_proj", "v_proj", "gate_proj", "down_proj"]
+    exps = [random_expert(base.model, targets, f"m{i}", rank=2, seed=i, scale=0.5) for i in range(3)]
+    want = reference_logits(fresh("tiny-random-llama"), exps, top_k=2)
+    rm = RoutedModel(base, exps, RouterConfig(top_k=2))
+    torch.testing.assert_close(rm.logits(IDS), want, atol=1e-4, rtol=0)
+    assert rm.modules == targets and rm.trace("hi").weights.shape[:2] == (2, 4)
+
+
+def test_bf16_base_model_routes_close_to_fp32():
+    base32, base16 = fresh("tiny-random-phi"), fresh("tiny-random-phi")
+    base16.model.to(torch.bfloat16)
+    exps = experts(base32, 3)
+    want = RoutedModel(base32, exps, RouterConfig(top_k=2)).logits(IDS)
+    rm = RoutedModel(base16, exps, RouterConfig(top_k=2))
+    got = rm.logits(IDS)
+    assert got.dtype == torch.bfloat16
+    # bf16 rounding can flip a near-tie in the top-k, so compare the whole output, not every entry
+    assert torch.nn.functional.cosine_similarity(got.float().flatten(), want.flatten(), dim=0) > 0.99
+    assert rm.trace("hi", max_new_tokens=2).weights.dtype.name == "float32"

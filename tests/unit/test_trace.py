@@ -87,3 +87,17 @@ def test_no_capture_left_behind(rm):
         with pytest.raises(RuntimeError, match="already running"):
             with rm.capturing():
                 pass
+
+
+def test_one_token_steps_equal_a_full_forward(rm):
+    # Decoding routes one token by reading only its top-k experts; it must agree with the dense path.
+    ids = torch.tensor([[1, 523, 3784, 314, 260, 3600, 30, 2003]])
+    with torch.no_grad():
+        full = rm.logits(ids)
+        out = rm.base.model(input_ids=ids[:, :5], use_cache=True)
+        cache, steps = out.cache, []
+        for i in range(5, 8):
+            out = rm.base.model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            steps.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 5:], atol=1e-4, rtol=0)
