@@ -43,7 +43,7 @@ def main() -> None:
             page.locator("input[aria-label='number input for max new tokens']").fill(str(args.max_new))
             page.locator("input[aria-label='number input for max new tokens']").press("Enter")
             page.click("#run")
-            page.wait_for_selector("#heatmap .js-plotly-plot .xtick", timeout=600_000)
+            page.wait_for_selector("#heatmap .js-plotly-plot .xtick text", timeout=600_000)
             page.wait_for_function("document.querySelector('#generated textarea').value.length > 0")
             page.wait_for_timeout(1500)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

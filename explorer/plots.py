@@ -33,7 +33,7 @@ PALETTE = qualitative.Dark24 + qualitative.Light24  # 48 distinct colours before
 LOOK = dict(template="none", plot_bgcolor="white", paper_bgcolor="white", hoverlabel=dict(align="left"),
             font=dict(family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size=12, color="#2a3f5f"))
 MAX_TICKS = 80  # above this many tokens, label every n-th one so the axis stays readable
-_MIN_TINT = 0.25  # a top-1 weight of 0 still shows a quarter of its expert's colour, never white
+_MIN_TINT = 0.35  # an even split still shows a third of its expert's colour, never white
 
 
 def esc(text: str) -> str:

@@ -84,7 +84,7 @@ def open_page(browser, url):
 def run_prompt(page, text: str):
     page.fill("#prompt textarea", text)
     page.click("#run")
-    page.wait_for_selector("#heatmap .js-plotly-plot .xtick", timeout=120_000)
+    page.wait_for_selector("#heatmap .js-plotly-plot .xtick text", timeout=120_000)
     page.wait_for_function("document.querySelector('#generated textarea').value.length > 0", timeout=60_000)
 
 
