@@ -52,6 +52,8 @@ class LibraryAnalysis:
     cluster_of: dict[str, str] = field(default_factory=dict)  # task -> MBC cluster
     experts: pd.DataFrame = field(default_factory=pd.DataFrame)
     note: str = ""  # shown instead of the map when there is no MBC data
+    family_of: dict[str, str] = field(default_factory=dict)  # task -> task family (when the build recorded it)
+    summary: str = ""  # how the map was made: method, agreement of clusters with families
 
 
 @dataclass
@@ -150,6 +152,15 @@ def analyse_library(lib: "ExpertLibrary", name: str) -> LibraryAnalysis:
     if labels is not None and len(labels) == len(tasks) and not out.cluster_of:
         out.cluster_of = {t: f"cluster{int(c)}" for t, c in zip(tasks, labels)}
     out.tasks, out.coords, out.similarity = tasks, coords, similarity
+    families = meta.get("families")
+    if isinstance(families, list) and len(families) == len(tasks):
+        out.family_of = {t: str(f) for t, f in zip(tasks, families)}
+    parts = [f"{len(tasks)} warm-up adapters"]
+    if meta.get("method"):
+        parts.append(f"2-D map by {meta['method']}")
+    if isinstance(meta.get("ari_vs_families"), (int, float)):
+        parts.append(f"adjusted Rand index of the clusters vs the task families {meta['ari_vs_families']:.2f}")
+    out.summary = "; ".join(parts) + "."
     return out
 
 

@@ -32,6 +32,7 @@ PALETTE = qualitative.Dark24 + qualitative.Light24  # 48 distinct colours before
 # figure, about half of the page's figure-building time.
 LOOK = dict(template="none", plot_bgcolor="white", paper_bgcolor="white", hoverlabel=dict(align="left"),
             font=dict(family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size=12, color="#2a3f5f"))
+SYMBOLS = ["circle", "square", "diamond", "triangle-up", "cross", "star", "hexagon", "triangle-down"]
 MAX_TICKS = 80  # above this many tokens, label every n-th one so the axis stays readable
 _MIN_TINT = 0.35  # an even split still shows a third of its expert's colour, never white
 
@@ -294,6 +295,9 @@ def similarity_map(analysis: "LibraryAnalysis") -> go.Figure:
         return note_figure("Adapter-similarity map", analysis.note or "This library has no MBC map.")
     clusters = [analysis.cluster_of.get(t, "none") for t in analysis.tasks]
     colours = category_colours(sorted(set(clusters)))
+    family_of = analysis.family_of
+    families = sorted(set(family_of.values()))
+    symbol = {f: SYMBOLS[i % len(SYMBOLS)] for i, f in enumerate(families)}  # shape = family, colour = cluster
     fig = go.Figure()
     for cluster in sorted(set(clusters)):
         idx = [i for i, c in enumerate(clusters) if c == cluster]
@@ -302,9 +306,14 @@ def similarity_map(analysis: "LibraryAnalysis") -> go.Figure:
             x=analysis.coords[idx, 0], y=analysis.coords[idx, 1], mode="markers+text", name=esc(cluster),
             text=[esc(analysis.tasks[i]) for i in idx], textposition="top center", textfont=dict(size=10),
             customdata=hover, hovertemplate="%{customdata}<extra></extra>",
-            marker=dict(size=13, color=colours[cluster], line=dict(width=1, color="white"))))
-    fig.update_layout(title=dict(text="Adapter-similarity map (warm-up weights): similar tasks sit together",
-                                 x=0.01), **LOOK, height=520, legend_title_text="MBC cluster",
+            marker=dict(size=14, color=colours[cluster], line=dict(width=1, color="white"),
+                        symbol=[symbol.get(family_of.get(analysis.tasks[i]), "circle") for i in idx])))
+    for family in families:  # shape legend: grey markers, one per family
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"family {esc(family)}",
+                                 marker=dict(size=11, color="#888", symbol=symbol[family])))
+    title = "Adapter-similarity map of the warm-up weights: colour = MBC cluster" + (
+        ", shape = task family" if families else "")
+    fig.update_layout(title=dict(text=title, x=0.01), **LOOK, height=540, legend_title_text="MBC cluster",
                       xaxis=dict(showticklabels=False, title=""), yaxis=dict(showticklabels=False, title=""))
     return fig
 
@@ -312,6 +321,9 @@ def similarity_map(analysis: "LibraryAnalysis") -> go.Figure:
 def _map_hover(analysis: "LibraryAnalysis", i: int, n: int = 3) -> str:
     task = analysis.tasks[i]
     lines = [f"task <b>{esc(task)}</b>", f"cluster {esc(analysis.cluster_of.get(task, 'none'))}"]
+    family = analysis.family_of.get(task)
+    if family:
+        lines.append(f"family {esc(family)}")
     if analysis.similarity is not None:
         sims = analysis.similarity[i].astype(float).copy()
         sims[i] = -np.inf

@@ -138,8 +138,9 @@ def build_demo(explorer: Explorer, examples: list[dict] | None = None) -> gr.Blo
         return (status, gr.update(choices=experts, value=[]), gr.update(choices=experts, value=None),
                 gr.update(value=min(4, max(1, len(experts)))),  # no lower maximum: too high is clamped, with a notice
                 plots.similarity_map(analysis), plots.cosine_matrix(analysis), analysis.experts, note,
-                f"Library **{html.escape(library or '')}**: {len(experts)} experts, "
-                f"{len(analysis.tasks)} tasks on the map.")
+                f"Library **{html.escape(library or '')}**: {len(experts)} routed experts. "
+                f"{html.escape(analysis.summary)} Tasks whose warm-up adapters are alike are synergistic when "
+                "trained together: MBC trains one expert per cluster.")
 
     def export(state, module, colour_by, expert, show_template, library):
         out = Path(tempfile.mkdtemp(prefix="explorer-export-"))

@@ -159,6 +159,17 @@ def test_similarity_map_one_point_per_task_coloured_by_cluster():
     assert f"near task{nearest}" in hover
 
 
+def test_similarity_map_shapes_by_family_when_known():
+    an = make_analysis()
+    an.family_of = {t: ("string" if i < 3 else "arithmetic") for i, t in enumerate(an.tasks)}
+    fig = plots.similarity_map(an)
+    points = [d for d in fig.data if d.x[0] is not None]
+    assert sum(len(d.x) for d in points) == 6
+    assert sorted(d.name for d in fig.data if d.x[0] is None) == ["family arithmetic", "family string"]
+    assert "family string" in points[0].customdata[0]
+    assert set(points[0].marker.symbol) <= set(plots.SYMBOLS[:2])
+
+
 def test_library_figures_show_a_note_without_mbc_data():
     an = make_analysis(with_map=False)
     for fig in (plots.similarity_map(an), plots.cosine_matrix(an)):
