@@ -21,9 +21,15 @@ from library_store.expert import LoraExpert, parse_site
 PROTOTYPE_KIND = "arrow-prototypes"
 
 
-def prototype_config(expert: LoraExpert) -> dict:
-    """What a cached prototype set depends on: the expert's weights (checksum) and the method."""
-    return {"expert": expert.name, "checksum": expert.info.checksum, "method": PROTOTYPE_METHOD}
+def prototype_config(experts: list[LoraExpert]) -> dict:
+    """What a cached prototype set depends on: the method and every expert's weights (name, checksum), in
+    order. One entry per attached set: a changed library recomputes (about a second), a same one reads once."""
+    return {"method": PROTOTYPE_METHOD, "experts": [[e.name, e.info.checksum] for e in experts]}
+
+
+def join_prototypes(per_site: dict[str, torch.Tensor], names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """{site: (E, d)} as cached -> {expert name: {site: (d,)}} for `build_stacks`."""
+    return {n: {site: p[i] for site, p in per_site.items()} for i, n in enumerate(names)}
 
 
 @torch.no_grad()
@@ -104,11 +110,6 @@ def _padded(t: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
     out = torch.zeros(shape)
     out[: t.shape[0], : t.shape[1]] = t
     return out
-
-
-def split_prototypes(stacks: dict[str, SiteStack], names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """{expert name: {site: (d,)}} from the stacks, for caching per expert."""
-    return {n: {site: st.prototypes[i].clone() for site, st in stacks.items()} for i, n in enumerate(names)}
 
 
 def model_sites(model: nn.Module, targets: list[str]) -> list[str]:

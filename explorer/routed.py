@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from explorer.arrow import MODES, RoutedLinear, RouterState
-from explorer.attach import (PROTOTYPE_KIND, build_stacks, module_leaves, prototype_config, split_prototypes,
+from explorer.attach import (PROTOTYPE_KIND, build_stacks, join_prototypes, module_leaves, prototype_config,
                              unwrap_model, wrap_model)
 from explorer.trace import RoutingTrace
 from library_store.expert import LoraExpert
@@ -93,20 +93,17 @@ class RoutedModel:
             except Exception as exc:  # ExpertUnavailable, or a file gone bad: skip it, say why
                 unavailable[name] = f"{type(exc).__name__}: {exc}"
                 log.warning("expert %s skipped: %s", name, exc)
-        cached = {}
-        for e in experts:
-            hit = library.get_derived(PROTOTYPE_KIND, prototype_config(e)) if e.info.checksum else None
-            if hit is not None:
-                cached[e.name] = hit[0]
+        config = prototype_config(experts)
+        hit = library.get_derived(PROTOTYPE_KIND, config) if experts else None
+        cached = join_prototypes(hit[0], [e.name for e in experts]) if hit else None
         rm = cls(base, experts, router, prototypes=cached)
         rm.unavailable = unavailable
-        fresh = split_prototypes(rm._stacks, rm.experts)
-        for e in experts:
-            if e.name not in cached and e.info.checksum:
-                try:
-                    library.put_derived(PROTOTYPE_KIND, prototype_config(e), fresh[e.name], {"expert": e.name})
-                except Exception as exc:  # a read-only library still routes; it just recomputes next time
-                    log.info("prototypes of %s not cached: %s", e.name, exc)
+        if experts and hit is None:
+            try:  # one entry for the whole set: one write, and one read next time
+                library.put_derived(PROTOTYPE_KIND, config, {s: st.prototypes for s, st in rm._stacks.items()},
+                                    {"experts": rm.experts})
+            except Exception as exc:  # a read-only library still routes; it just recomputes next time
+                log.info("prototypes not cached: %s", exc)
         return rm
 
     def detach(self) -> None:
