@@ -412,9 +412,13 @@ class Explorer:
         req, notices, error = self.check(req)
         if error:
             return RunResult(trace=None, notices=notices, error=error)
-        with self.lock:
-            trace = self._trace(req, req.disabled)
-            reference = self._trace(req, ()) if req.disabled else None
+        try:
+            with self.lock:
+                trace = self._trace(req, req.disabled)
+                reference = self._trace(req, ()) if req.disabled else None
+        except (ValueError, RuntimeError, LookupError) as exc:  # the engine's refusals: a message, not a trace
+            log.exception("run failed")
+            return RunResult(trace=None, notices=notices, error=f"This run failed: {exc}")
         if trace.truncated:
             notices.append("The prompt was cut to fit the model's context.")
         return RunResult(trace=trace, notices=notices, reference=reference)

@@ -122,8 +122,8 @@ def build_demo(explorer: Explorer, examples: list[dict] | None = None) -> gr.Blo
     def compare(prompt, library, chat, max_new, state):
         if not state or state.get("trace") is None:
             return "", "", "", ""
-        request = RunRequest(prompt=prompt or "", library=library or "", chat=bool(chat),
-                             max_new_tokens=int(max_new))
+        request = state.get("request") or RunRequest(prompt=prompt or "", library=library or "", chat=bool(chat),
+                                                     max_new_tokens=int(max_new))
         texts = explorer.compare(request, state["trace"])
         single = next((k for k in texts if k.startswith("most-used")), "most-used expert")
         return (texts.get("base", ""), texts.get("uniform merge", ""),
