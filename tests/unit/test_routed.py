@@ -234,3 +234,21 @@ def test_bf16_base_model_routes_close_to_fp32():
     # bf16 rounding can flip a near-tie in the top-k, so compare the whole output, not every entry
     assert torch.nn.functional.cosine_similarity(got.float().flatten(), want.flatten(), dim=0) > 0.99
     assert rm.trace("hi", max_new_tokens=2).weights.dtype.name == "float32"
+
+
+def test_base_weights_changed_after_attach_are_followed():
+    # Base weights live inside the fused matmul; in-place edits and replaced tensors must both be seen.
+    base, ref = fresh("tiny-random-llama"), fresh("tiny-random-llama")
+    exps = experts(base, 3)
+    rm = RoutedModel(base, exps, RouterConfig(top_k=2))
+    q = base.model.get_submodule("model.layers.0.self_attn.q_proj").base
+    v = base.model.get_submodule("model.layers.1.self_attn.v_proj").base
+    with torch.no_grad():
+        q.weight.mul_(2.0)  # in place: the view writes into the fused matrix
+        v.weight = torch.nn.Parameter(v.weight.detach() * 0.5)  # replaced: noticed by its data pointer
+        ref.model.get_submodule("model.layers.0.self_attn.q_proj").weight.mul_(2.0)
+        ref.model.get_submodule("model.layers.1.self_attn.v_proj").weight.mul_(0.5)
+    want = RoutedModel(ref, exps, RouterConfig(top_k=2)).logits(IDS)
+    torch.testing.assert_close(rm.logits(IDS), want, atol=1e-5, rtol=0)
+    rm.detach()
+    assert q.weight.untyped_storage().nbytes() == q.weight.numel() * 4  # own storage again, not a view
