@@ -1,5 +1,6 @@
 """The page through its API, as `gradio_client` sees it: the `route` event returns the routing trace; bad input
 comes back as page messages; eight simultaneous requests each equal the same request alone."""
+import base64
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,15 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = [ROOT / "assets" / "libraries" / "demo-mbc", ROOT / "assets" / "libraries" / "demo-private"]
 N_OUT = 12  # route's outputs: notice, text, 5 figures, token strip, reference text, trace JSON, module, expert
 TRACE = 9  # the trace JSON's place among them
+
+
+def array(value) -> np.ndarray:
+    """A plotly JSON array: a list, or plotly 6's typed form {"dtype", "bdata" (base64), "shape"}."""
+    if isinstance(value, dict) and "bdata" in value:
+        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        shape = value.get("shape")
+        return flat.reshape([int(n) for n in str(shape).split(",")]) if shape else flat
+    return np.asarray(value)
 
 
 def serve(base: str, libraries: list):
@@ -112,6 +122,17 @@ def test_eight_simultaneous_requests_equal_each_alone(page):
         assert p.split(": ")[1] in "".join(tb.tokens)
 
 
+def test_intervention_shows_the_change(page):
+    _, client = page
+    out = route(client, "Reverse the word: apple", disabled=["reverse_word"])
+    trace = RoutingTrace.from_json(out[TRACE])
+    assert (trace.weights[..., trace.experts.index("reverse_word")] == 0).all()
+    assert "Intervention" in out[0] and "reverse_word" in out[0]
+    change = json.loads(out[6]["plot"])["data"][0]  # total variation per token x layer vs the plain run
+    assert change["type"] == "heatmap" and array(change["z"]).max() > 0
+    assert isinstance(out[8], str) and out[8]  # the text with no expert disabled, for comparison
+
+
 def test_export_gives_csv_json_and_standalone_html(page):
     _, client = page
     route(client, "Reverse the word: apple")
@@ -141,7 +162,7 @@ def test_smollm2_with_the_demo_libraries():
         assert len(trace.layers) == 30 and trace.modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
         np.testing.assert_allclose(trace.weights.sum(-1), 1, atol=1e-4)
         mapfig = json.loads(status[4]["plot"])
-        points = [x for d in mapfig["data"] for x in d["x"] if x is not None]
+        points = [x for d in mapfig["data"] if d["x"] != [None] for x in array(d["x"])]
         assert len(points) == len(explorer.analysis("demo-mbc").tasks) >= 16  # one point per task
     finally:
         demo.close()
