@@ -106,7 +106,8 @@ def _token_axis(fig: go.Figure, trace: "RoutingTrace", title: str) -> None:
     step = max(1, -(-T // MAX_TICKS))
     ticks = list(range(0, T, step))
     fig.update_xaxes(tickmode="array", tickvals=ticks, ticktext=[display_token(trace.tokens[i]) for i in ticks],
-                     tickangle=-60, title_text="token (prompt, then generated)", range=[-0.5, T - 0.5])
+                     tickangle=-60, title_text="token (prompt, then generated)", range=[-0.5, T - 0.5],
+                     automargin=True)
     fig.update_yaxes(title_text="layer", tickmode="array", tickvals=list(range(len(trace.layers))),
                      ticktext=[str(layer) for layer in trace.layers])
     if 0 < trace.n_prompt < T:
@@ -314,7 +315,8 @@ def similarity_map(analysis: "LibraryAnalysis") -> go.Figure:
     title = "Adapter-similarity map of the warm-up weights: colour = MBC cluster" + (
         ", shape = task family" if families else "")
     fig.update_layout(title=dict(text=title, x=0.01), **LOOK, height=540, legend_title_text="MBC cluster",
-                      xaxis=dict(showticklabels=False, title=""), yaxis=dict(showticklabels=False, title=""))
+                      xaxis=dict(showticklabels=False, title="", zeroline=False, gridcolor="#f0f0f0"),
+                      yaxis=dict(showticklabels=False, title="", zeroline=False, gridcolor="#f0f0f0"))
     return fig
 
 
@@ -345,8 +347,8 @@ def cosine_matrix(analysis: "LibraryAnalysis") -> go.Figure:
                                colorbar=dict(title="cos"),
                                hovertemplate="%{y} · %{x}<br>cos %{z:.3f}<extra></extra>"))
     fig.update_layout(title=dict(text="Cosine similarity of warm-up adapters, grouped by cluster", x=0.01),
-                      **LOOK, height=560, yaxis=dict(autorange="reversed"),
-                      xaxis=dict(tickangle=-60), margin=dict(l=160, b=160, t=60, r=20))
+                      **LOOK, height=600, yaxis=dict(autorange="reversed", automargin=True),
+                      xaxis=dict(tickangle=-60, automargin=True), margin=dict(l=20, b=20, t=60, r=20))
     return fig
 
 
