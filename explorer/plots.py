@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 
 if TYPE_CHECKING:  # only for the annotations: plots stay free of the store and the model
-    from explorer.page_data import LibraryAnalysis
+    from explorer.library_data import LibraryAnalysis
     from explorer.trace import RoutingTrace
 
 MEAN = "mean"  # the module selector's "mean over modules" value

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from explorer import plots
-from explorer.page_data import LibraryAnalysis
+from explorer.library_data import LibraryAnalysis
 from explorer.trace import RoutingTrace
 
 XSS = '<img src=x onerror="window.__xss=1">'

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from explorer import plots
-from explorer.page_data import Explorer, RunRequest, analyse_library, crop_to_prompt, experts_table
+from explorer.library_data import analyse_library, experts_table
+from explorer.page_data import Explorer, RunRequest, crop_to_prompt
 from library_store.store import ExpertLibrary
 from tests.page_fixtures import TASKS, TINY, make_tiny_library, make_tiny_mbc_library
 
