@@ -164,9 +164,11 @@ def top1_heatmap(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, st
         return note_figure("Top-1 expert per token and layer", "Nothing routed: the trace has no tokens or experts.")
     top = w_cat.argmax(axis=-1)  # (L, T)
     conf = np.take_along_axis(w_cat, top[..., None], axis=-1)[..., 0]  # (L, T)
-    even = 1.0 / max(1, min(trace.top_k, n))  # the winner's weight in an even top-k split: palest
-    frac = np.clip((conf - even) / max(1e-6, 1.0 - even), 0, 1)
-    z = top + frac * 0.999  # category e covers [e, e+1); the fraction is the confidence above an even split
+    # Tint = the winner's weight between an even top-k split (palest) and the most decisive cell of this grid
+    # (full colour): absolute weights of a 16-expert library hover near 1/k and would leave every cell pale.
+    even = 1.0 / max(1, min(trace.top_k, n))
+    frac = np.clip((conf - even) / max(1e-6, float(conf.max()) - even), 0, 1)
+    z = top + frac * 0.999  # category e covers [e, e+1); the fraction is the relative confidence
     colours = category_colours(names)
     scale = []
     for i, name in enumerate(names):  # equal stops at each boundary make the categories sharp
@@ -181,7 +183,7 @@ def top1_heatmap(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, st
                                  visible=True if i in used else "legendonly"))
     what = "cluster" if groups else "expert"
     where = "mean over modules" if module == MEAN else module
-    _token_axis(fig, trace, f"Top-1 {what} per token and layer ({where}); pale = close to an even split")
+    _token_axis(fig, trace, f"Top-1 {what} per token and layer ({where}); pale = close to an even top-k split")
     fig.update_layout(legend=dict(title_text=what, orientation="v", x=1.01, y=1), margin=dict(r=160),
                       height=max(fig.layout.height, 140 + 21 * len(used)))  # room for the legend's entries
     return fig

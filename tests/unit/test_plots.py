@@ -46,12 +46,14 @@ def test_module_weights_mean_sums_to_one_and_unknown_module_raises():
 
 def test_top1_heatmap_encodes_winner_and_confidence():
     t = one_hot_trace(winner=2, conf=0.8)
+    t.weights[1, ..., 2], t.weights[1, ..., 3] = 0.65, 0.35  # layer 1 less sure
+    t.weights[2, ..., 2], t.weights[2, ..., 3] = 0.5, 0.5  # layer 2: an even top-2 split
     fig = plots.top1_heatmap(t)
     z = np.asarray(fig.data[0].z)
     assert z.shape == (3, 6)
     np.testing.assert_array_equal(np.floor(z), 2)  # category = expert index
-    # fraction = the winner's weight above an even top-2 split: (0.8 - 0.5) / (1 - 0.5)
-    np.testing.assert_allclose(z - 2, 0.6 * 0.999, atol=1e-5)
+    # fraction = the winner's weight from an even split (0) to the grid's most decisive cell (1)
+    np.testing.assert_allclose(z[:, 0] - 2, [0.999, 0.5 * 0.999, 0], atol=1e-5)
     legend = [d.name for d in fig.data[1:]]
     assert legend == ["alpha", "beta", "gamma", "delta"]
     assert [d.visible for d in fig.data[1:]] == ["legendonly", "legendonly", True, "legendonly"]
