@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> reverse apple'
-SCREENSHOT = ROOT / "bench" / "results" / "browser-tiny.png"
+SCREENSHOT = ROOT / ".cache" / "browser-tiny.png"  # a look at the last run (ignored by git)
 
 
 def free_port() -> int:
