@@ -48,11 +48,12 @@ def score(base, task, n: int) -> np.ndarray:
     return np.array([exact_match(p, e.target) for p, e in zip(preds, examples)], dtype=float)
 
 
-def run(library: Path, base_name: str, tasks_spec: str, n: int, kinds: tuple[str, ...], record: bool) -> dict:
+def run(library: Path, base_name: str, tasks_spec: str, n: int, kinds: tuple[str, ...], record: bool,
+        only: list[str] | None = None) -> dict:
     base = load_base_model(base_name)
     lib = ExpertLibrary.open(library, base=base)
     tasks = {t.name: t for t in resolve_tasks(tasks_spec)}
-    experts = [i for i in lib.infos() if i.kind in kinds]
+    experts = [i for i in lib.infos() if i.kind in kinds and (not only or i.name in only)]
     needed = sorted({t for i in experts for t in i.tasks})
     missing = [t for t in needed if t not in tasks]
     if missing:
@@ -89,7 +90,8 @@ def run(library: Path, base_name: str, tasks_spec: str, n: int, kinds: tuple[str
 def table(result: dict) -> str:
     rows = [[r["task"], r["family"], r["expert"], f"{r['base']:.2f}", f"{r['expert_score']:.2f}",
              f"{r['delta']:+.2f} [{r['delta_ci95'][0]:+.2f}, {r['delta_ci95'][1]:+.2f}]",
-             "yes" if r["beats_base"] else "**no**"] for r in result["rows"]]
+             "yes" if r["beats_base"] else "**no**"]
+            for r in sorted(result["rows"], key=lambda r: (r["family"], r["task"]))]
     mean_b = np.mean([r["base"] for r in result["rows"]])
     mean_e = np.mean([r["expert_score"] for r in result["rows"]])
     rows.append(["**mean**", "", "", f"{mean_b:.2f}", f"{mean_e:.2f}", f"{mean_e - mean_b:+.2f}", ""])
@@ -104,6 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=100, help="held-out examples per task")
     p.add_argument("--kinds", default="private,cluster")
     p.add_argument("--record", action="store_true", help="store the scores in the library's index")
+    p.add_argument("--experts", default=None, help="score only these experts (comma-separated); their rows "
+                   "replace the same experts' rows in an earlier JSON result, the others are kept")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="build a tiny twin library and score it (smoke test)")
     args = p.parse_args(argv)
@@ -117,13 +121,24 @@ def main(argv=None) -> int:
         build_private(load_base_model("tiny-random-llama"), resolve_tasks("builtin:add,first_letter"), tmp,
                       TrainConfig(steps=2, batch_size=2, progress=False))
         args.library, args.base_model, args.n = str(tmp), "tiny-random-llama", 8
-    result = run(Path(args.library), args.base_model, args.tasks, args.n, tuple(args.kinds.split(",")), args.record)
+    only = args.experts.split(",") if args.experts else None
+    result = run(Path(args.library), args.base_model, args.tasks, args.n, tuple(args.kinds.split(",")), args.record,
+                 only)
+    out = RESULTS / f"expert_quality-{Path(args.library).name}.json"
+    if only and out.is_file() and not args.quick:  # an incremental run: keep the other experts' rows
+        import json
+
+        earlier = json.loads(out.read_text())
+        if earlier.get("n_per_task") == args.n:
+            rows = [r for r in earlier["rows"] if r["expert"] not in only] + result["rows"]
+            result["rows"] = sorted(rows, key=lambda r: (r["kind"], r["expert"], r["task"]))
+            result["all_beat_base"] = all(r["beats_base"] for r in result["rows"])
+            result["seconds"] = round(result["seconds"] + earlier.get("seconds", 0), 1)
     print(table(result))
     print(f"{len(result['rows'])} expert-task pairs, {result['seconds']} s; every expert beats the base: "
           f"{result['all_beat_base']}")
     if not args.quick:
-        out = write_json(RESULTS / f"expert_quality-{Path(args.library).name}.json", result)
-        print(f"wrote {out}")
+        print(f"wrote {write_json(out, result)}")
     return 0 if result["all_beat_base"] or args.quick else 1
 
 
