@@ -257,6 +257,18 @@ def run_setting(setting: str, args, out: Path, figures: Path, model: str, tasks_
     return summary
 
 
+def mbc_complete(path: str) -> bool:
+    """True once an MBC library holds an expert for every one of its clusters (a build may still be running)."""
+    from library_store.store import ExpertLibrary
+
+    try:
+        lib = ExpertLibrary.open(path, readonly=True)
+        clusters = lib.clusters()
+        return bool(clusters) and all(c in lib for c in clusters)
+    except Exception:  # not created yet, or mid-write
+        return False
+
+
 def setting_b(args, out: Path, figures: Path) -> dict | None:
     """Build (with --build; existing libraries are kept) and evaluate setting B. Build times are kept in
     `heldout-B-builds.json` so an evaluation run later reports the whole cost."""
@@ -315,7 +327,7 @@ def main(argv=None) -> None:
     ap.add_argument("--build", action="store_true", help="setting B: build the libraries first (skips existing)")
     ap.add_argument("--build-only", action="store_true", help="setting B: build, do not evaluate")
     ap.add_argument("--wait-mbc", action="store_true",
-                    help="setting B: evaluate base/uniform/private while another process builds the MBC library")
+                    help="evaluate base/uniform/private while another process still builds the MBC library")
     ap.add_argument("--steps", type=int, default=24, help="setting B: training steps per private / cluster expert")
     ap.add_argument("--warmup-steps", type=int, default=6, help="setting B: MBC warm-up steps per task")
     ap.add_argument("--batch-size", type=int, default=4, help="setting B: training batch size")
@@ -336,7 +348,8 @@ def main(argv=None) -> None:
         quick(out, figures, args)
         return
     if args.setting in ("A", "both"):
-        run_setting("A", args, out, figures, args.model, "variants", args.private, args.mbc, args.n)
+        ready = (lambda: mbc_complete(args.mbc)) if args.wait_mbc else None
+        run_setting("A", args, out, figures, args.model, "variants", args.private, args.mbc, args.n, mbc_ready=ready)
     if args.setting in ("B", "both"):
         setting_b(args, out, figures)
 
