@@ -103,8 +103,7 @@ class RoutedGroup:
         self.protos = self.proj[: G * E]  # (G E, d)
         self.a_rows = self.proj[G * E:].view(G * E, r * d)  # (G E, r d)
         self.offsets = (torch.arange(G, device=device) * E).view(1, G, 1)  # (1, G, 1)
-        self._x = self._out = None
-        self._version = -1
+        self._cache: tuple | None = None  # (input tensor, router version, result)
 
     def route(self, scores: torch.Tensor) -> torch.Tensor:
         """(t, G, E) raw scores h · p_e -> (t, G, E) weights: softmax(|s| / T) over the top-k, 0 elsewhere."""
@@ -116,15 +115,16 @@ class RoutedGroup:
         routed over few of many experts, ("sparse", weights (1, G, E) or None, top-k ids (G, k),
         weighted A-projections of the top-k (G, k·r))."""
         st = self.state
-        if self._x is x and self._version == st.version:
-            return self._out
+        cached = self._cache  # one attribute read: a consistent (input, version, result) even across threads
+        if cached is not None and cached[0] is x and cached[1] == st.version:
+            return cached[2]
         G, E, r = self.n_members, self.n_experts, self.rank
         h = x.reshape(-1, x.shape[-1])  # (t, d)
         if h.dtype != self.proj.dtype:
             h = h.to(self.proj.dtype)
         if h.shape[0] == 1 and st.mode == "arrow" and st.top_k * 2 <= E:
             out = self._one_token(h)
-            self._x, self._out, self._version = x, out, st.version
+            self._cache = (x, st.version, out)
             return out
         z = F.linear(h, self.proj)  # (t, G E + G E r)
         t = z.shape[0]
@@ -133,8 +133,8 @@ class RoutedGroup:
         else:  # uniform / expert: the same weights for every token
             w = st.fixed.to(z.dtype).expand(t, G, E)  # (t, G, E)
         a = (z[:, G * E:].view(t, G, E, r) * w.unsqueeze(-1)).view(t, G, E * r)  # (t, G, E r)
-        self._x, self._out, self._version = x, ("dense", w, a), st.version
-        return self._out
+        self._cache = (x, st.version, ("dense", w, a))
+        return self._cache[2]
 
     def _one_token(self, h: torch.Tensor) -> tuple:
         """Decoding: read only the top-k experts' A rows (and, in the members, B rows). When generating, every
@@ -161,7 +161,7 @@ class RoutedGroup:
         return top.softmax(dim=-1), idx
 
     def clear(self) -> None:
-        self._x = self._out = None
+        self._cache = None
 
 
 class RoutedLinear(nn.Module):

@@ -14,7 +14,9 @@ The base model is modified in place (its target layers are wrapped); one RoutedM
 """
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -57,14 +59,26 @@ class RouterConfig:
         return self.mode.split(":", 1)[0]
 
 
+def _serialized(method):
+    """One call at a time per model: the router state and the trace buffer are shared by every layer, so a
+    page serving two requests at once must not interleave them (re-entrant for calls from inside)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class RoutedModel:
-    """A base model whose target layers route every token over a library of experts (see module docstring)."""
+    """A base model whose target layers route every token over a library of experts (see module docstring).
+    Safe to share between threads: public calls run one at a time."""
 
     def __init__(self, base, experts: list[LoraExpert], router: RouterConfig = RouterConfig(),
                  prototypes: dict[str, dict[str, torch.Tensor]] | None = None, share_inputs: bool = True):
         self.base = base
         self.experts: list[str] = [e.name for e in experts]
         self.unavailable: dict[str, str] = {}  # expert name -> why it was skipped (from_library)
+        self._lock = threading.RLock()
         self._state = RouterState()
         wanted = {s for e in experts for s in e.factors()}
         sites = [name for name, _ in base.model.named_modules() if name in wanted]  # model order
@@ -106,12 +120,14 @@ class RoutedModel:
                 log.info("prototypes not cached: %s", exc)
         return rm
 
+    @_serialized
     def detach(self) -> None:
         """Restore the base model's plain layers."""
         unwrap_model(self.base.model)
 
     # ------------------------------------------------------------ router
 
+    @_serialized
     def set_router(self, router: RouterConfig) -> None:
         """Switch mode / top_k / temperature / disabled experts; checked against this library."""
         unknown = [n for n in router.disabled if n not in self.experts]
@@ -146,6 +162,7 @@ class RoutedModel:
     # ------------------------------------------------------------ running
 
     @torch.no_grad()
+    @_serialized
     def logits(self, input_ids) -> torch.Tensor:
         """(batch, tokens, vocab) logits of the routed model."""
         ids = torch.as_tensor(input_ids)
@@ -173,6 +190,7 @@ class RoutedModel:
                                         return_dict_in_generate=True)
 
     @torch.no_grad()
+    @_serialized
     def generate(self, prompt: str, max_new_tokens: int = 32, chat: bool = True) -> str:
         """Greedy continuation of the prompt (chat template by default); the new text only."""
         ids, _ = self.encode(prompt, max_new_tokens, chat)
@@ -182,6 +200,7 @@ class RoutedModel:
         return self.base.tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
 
     @torch.no_grad()
+    @_serialized
     def trace(self, prompt: str, max_new_tokens: int = 0, chat: bool = True) -> RoutingTrace:
         """Generate greedily while recording the routing weights of every prompt and generated token."""
         ids, truncated = self.encode(prompt, max_new_tokens, chat)

@@ -101,3 +101,16 @@ def test_one_token_steps_equal_a_full_forward(rm):
             cache = out.cache
             steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 5:], atol=1e-4, rtol=0)
+
+
+def test_concurrent_calls_do_not_mix(rm):
+    # A page may serve two requests at once: traces and generations must come out as if run one by one.
+    from concurrent.futures import ThreadPoolExecutor
+
+    want_trace = rm.trace("Count: one two", max_new_tokens=3)
+    want_text = rm.generate("Reverse: apple", max_new_tokens=3)
+    with ThreadPoolExecutor(4) as pool:
+        traces = [pool.submit(rm.trace, "Count: one two", 3) for _ in range(3)]
+        texts = [pool.submit(rm.generate, "Reverse: apple", 3) for _ in range(3)]
+        assert all(t.result() == want_trace for t in traces)
+        assert all(t.result() == want_text for t in texts)
