@@ -88,6 +88,32 @@ def warmup_init(lib: ExpertLibrary, base, warmup: TrainConfig, dtype: torch.dtyp
     return init
 
 
+def _cluster(lib, base, tasks, names, init, mbc: MBCConfig, warmup: TrainConfig, key: dict) -> list[int]:
+    """Run MBC on the stored warm-up experts; record the cosine matrix and the map as derived data."""
+    threads = torch.get_num_threads()
+    result = mbc_cluster([lib[n] for n in names], mbc.k, init=init, config=mbc)
+    # scikit-learn's threadpoolctl resets OpenMP's thread count on exit, which torch shares: restore ours, or
+    # the cluster experts train with oversubscribed threads (measured 5x slower on a busy 2-core machine)
+    torch.set_num_threads(threads)
+    families = [t.family for t in tasks]
+    ari = adjusted_rand(result.labels, families)
+    clusters = {f"{CLUSTER_PREFIX}{c}": [n.removeprefix(WARMUP_PREFIX) for n in members]
+                for c, members in sorted(result.clusters().items())}
+    for c, members in clusters.items():
+        _log(f"{c}: {', '.join(members)}")
+    _log(f"adjusted Rand index of the clusters vs the task families: {ari:.3f}")
+    meta = {"tasks": [t.name for t in tasks], "experts": names, "families": families,
+            "labels": result.labels.tolist(), "clusters": clusters, "mbc": mbc.to_dict(), "warmup": asdict(warmup),
+            "ari_vs_families": ari}
+    lib.put_derived("mbc-similarity", key, {
+        "similarity": torch.tensor(result.similarity, dtype=torch.float32),  # (N, N) after sparsify + SVD
+        "raw_similarity": torch.tensor(result.raw_similarity, dtype=torch.float32),  # (N, N) before
+        "labels": torch.tensor(result.labels, dtype=torch.int64)}, meta=meta)
+    lib.put_derived("mbc-map", key, {"coords": torch.tensor(result.coords, dtype=torch.float32)},  # (N, 2)
+                    meta={**meta, "method": result.map_method})
+    return [int(x) for x in result.labels]
+
+
 def build_mbc(base, tasks: list[Task], out, k: int, warmup: TrainConfig | None = None,
               train: TrainConfig | None = None, mbc: MBCConfig | None = None,
               save_dtype: str = "bf16") -> ExpertLibrary:
@@ -112,28 +138,20 @@ def build_mbc(base, tasks: list[Task], out, k: int, warmup: TrainConfig | None =
         _train_into(lib, base, [task], name, "warmup", warmup, dtype, where=f"[warm-up {i}/{len(tasks)}]")
     _log(f"warm-up done in {time.perf_counter() - start:.0f} s")
 
-    experts = [lib[n] for n in names]
-    result = mbc_cluster(experts, k, init=init, config=mbc)
     by_task = {t.name: t for t in tasks}
-    families = [t.family for t in tasks]
-    ari = adjusted_rand(result.labels, families)
-    clusters = {f"{CLUSTER_PREFIX}{c}": [n.removeprefix(WARMUP_PREFIX) for n in members]
-                for c, members in sorted(result.clusters().items())}
-    lib.set_clusters(clusters)
-    for c, members in clusters.items():
-        _log(f"{c}: {', '.join(members)}")
-    _log(f"adjusted Rand index of the clusters vs the task families: {ari:.3f}")
-    task_names = [t.name for t in tasks]
-    meta = {"tasks": task_names, "experts": names, "families": families, "labels": result.labels.tolist(),
-            "clusters": clusters, "mbc": mbc.to_dict(), "warmup": asdict(warmup), "ari_vs_families": ari}
     key = {"experts": {n: lib.info(n).checksum for n in names}, "mbc": mbc.to_dict()}
-    lib.put_derived("mbc-similarity", key, {
-        "similarity": torch.tensor(result.similarity, dtype=torch.float32),  # (N, N) after sparsify + SVD
-        "raw_similarity": torch.tensor(result.raw_similarity, dtype=torch.float32),  # (N, N) before
-        "labels": torch.tensor(result.labels, dtype=torch.int64)}, meta=meta)
-    lib.put_derived("mbc-map", key, {"coords": torch.tensor(result.coords, dtype=torch.float32)},  # (N, 2)
-                    meta={**meta, "method": result.map_method})
-    for name, label in zip(names, result.labels):  # each warm-up expert records its cluster
+    cached = lib.get_derived("mbc-similarity", key)
+    if cached is not None:  # resumed after the clustering: same warm-up experts, same settings, same clusters
+        labels = [int(x) for x in cached[0]["labels"].tolist()]
+        _log(f"clusters of an earlier run reused (ARI vs families {cached[1]['ari_vs_families']:.3f})")
+    else:
+        labels = _cluster(lib, base, tasks, names, init, mbc, warmup, key)
+    clusters: dict[str, list[str]] = {}
+    for task, label in zip(tasks, labels):
+        clusters.setdefault(f"{CLUSTER_PREFIX}{label}", []).append(task.name)
+    clusters = dict(sorted(clusters.items()))
+    lib.set_clusters(clusters)
+    for name, label in zip(names, labels):  # each warm-up expert records its cluster
         info = lib.info(name)
         if info.cluster != f"{CLUSTER_PREFIX}{label}":
             expert = lib[name]

@@ -43,7 +43,8 @@ REVIEW_SUBJECTS = """movie meal hotel book concert trip show game class party so
 service""".split()
 
 COLORS = "red blue green yellow purple orange pink brown black white gray violet crimson teal beige gold".split()
-SHAPES = "circle square triangle rectangle oval star hexagon pentagon diamond cube sphere cone cylinder pyramid heart arrow".split()
+SHAPES = """circle square triangle rectangle oval star hexagon pentagon diamond cube sphere cone cylinder pyramid
+heart arrow""".split()
 THINGS_PEOPLE = """Anna Ben Carla David Emma Felix Grace Hugo Iris Jack Kate Leo Mia Noah Olga Paul""".split()
 
 FRUITS = """apple banana cherry grape lemon lime mango orange peach pear plum kiwi papaya apricot fig melon
