@@ -50,6 +50,9 @@ def _routed(args):
     from library_store.base_models import load_base_model
     from library_store.store import ExpertLibrary
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr is for the one error line, not a weight-loading bar
     router = RouterConfig(mode=args.mode, top_k=args.top_k, temperature=args.temperature,
                           disabled=tuple(n for n in args.disable.split(",") if n))
     base = load_base_model(args.base_model, dtype=torch.bfloat16 if args.bf16 else torch.float32)
