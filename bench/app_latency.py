@@ -7,8 +7,10 @@ Usage::
     python bench/app_latency.py --library assets/libraries/demo-private --runs 12 --bf16
     python bench/app_latency.py --base-model tiny-random-llama --library /tmp/lib --no-baseline
 
-Side by side in the same run, the bare model (`BaseModel.generate`, no experts, no page) on the same prompts,
-so the page's overhead reads as a ratio even on a busy machine. Writes bench/results/app_latency.json.
+Every timed run generates exactly 32 new tokens (min_new_tokens: the demo experts would otherwise stop after
+a few). Side by side in the same run, the bare model (no experts, no page) makes the same tokens for the same
+prompts, so the page's overhead reads as a ratio even on a busy machine. The start-up figures come from
+`python app.py` subprocesses. Writes bench/results/app_latency.json.
 """
 from __future__ import annotations
 
@@ -83,20 +85,37 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def bare_generate(base_model: str, bf16: bool, prompts: list[str]) -> list[float]:
-    """The model alone on the same prompts: what any page on this machine has to wait for."""
+def bare_generate(base_model: str, dtype: str, prompts: list[str], new_tokens: list[int]) -> list[float]:
+    """The model alone (no experts, no page) making the same number of new tokens for the same prompts."""
     import torch
 
     from library_store.base_models import load_base_model
 
-    base = load_base_model(base_model, dtype=torch.bfloat16 if bf16 else torch.float32)
-    base.generate(prompts[0], max_new_tokens=4)  # warm-up
+    base = load_base_model(base_model, dtype=getattr(torch, dtype))
     times = []
-    for prompt in prompts:
+    for prompt, n in [(prompts[0], 4)] + list(zip(prompts, new_tokens)):  # the first is a warm-up
+        ids = base.tokenizer(base.format_prompt(prompt), return_tensors="pt", add_special_tokens=False).input_ids
         t0 = time.perf_counter()
-        base.generate(prompt, max_new_tokens=NEW_TOKENS)
+        base.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=base.tokenizer.pad_token_id)
         times.append(time.perf_counter() - t0)
-    return times
+    return times[1:]
+
+
+def serve(base_model: str, library: str, dtype: str):
+    """The page in this process, so the bench can make every run generate exactly NEW_TOKENS tokens."""
+    from explorer.page_data import Explorer
+    from explorer.ui import build_demo, launch
+
+    explorer = Explorer(base_model, [library], dtype=dtype)
+    demo = build_demo(explorer)
+    launch(demo, port=None, prevent_thread_lock=True, quiet=True)
+    explorer.start()
+    if not explorer.wait(timeout=600):
+        raise RuntimeError(explorer.status())
+    # The demo experts answer in a few tokens; the goal is about 32 new tokens, so no early stop at EOS.
+    explorer.base.model.generation_config.min_new_tokens = NEW_TOKENS
+    return demo
 
 
 def main() -> None:
@@ -117,13 +136,20 @@ def main() -> None:
 
     proc, _, first_start = start(app_args)  # the first start also fills the caches (converted weights...)
     stop(proc)
-    proc, url, second_start = start(app_args)
+    proc, url, second_start = start(app_args)  # what a visitor waits for on a warm machine
     try:
         client = Client(url, verbose=False)
         t0 = time.perf_counter()
         status = client.predict(library, api_name="/library")[0]
         ready = second_start + time.perf_counter() - t0
-        print(f"second start: page after {second_start:.1f} s, model ready after {ready:.1f} s ({status})")
+    finally:
+        stop(proc)
+    print(f"second start: page after {second_start:.1f} s, model ready after {ready:.1f} s ({status})")
+
+    dtype = "bfloat16" if args.bf16 else "float32"
+    demo = serve(args.base_model, args.library, dtype)
+    try:
+        client = Client(demo.local_url, verbose=False)
 
         def route(prompt: str):
             return client.predict(prompt, library, True, args.top_k, 1.0, NEW_TOKENS, [], "mean", "expert", None,
@@ -141,16 +167,16 @@ def main() -> None:
         client.predict(prompts[0], library, True, NEW_TOKENS, api_name="/compare")
         compare_s = time.perf_counter() - t1
     finally:
-        stop(proc)
+        demo.close()
 
-    bare = [] if args.no_baseline else bare_generate(args.base_model, args.bf16, prompts)
+    bare = [] if args.no_baseline else bare_generate(args.base_model, dtype, prompts, generated)
     result = {
         "command": " ".join(["python", "bench/app_latency.py", *sys.argv[1:]]),
         "base_model": args.base_model, "library": args.library, "bf16": args.bf16, "top_k": args.top_k,
         "new_tokens": NEW_TOKENS, "runs": args.runs,
         "route_p50_s": round(statistics.median(times), 3), "route_p90_s": round(pct(times, 0.9), 3),
         "route_s": [round(t, 3) for t in times], "generated_tokens": generated,
-        "compare_s": round(compare_s, 3),
+        "compare_s": round(compare_s, 3), "forced_new_tokens": True,
         "first_start_to_page_s": round(first_start, 2), "second_start_to_page_s": round(second_start, 2),
         "second_start_to_ready_s": round(ready, 2),
         "bare_generate_p50_s": round(statistics.median(bare), 3) if bare else None,
