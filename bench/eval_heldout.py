@@ -104,14 +104,20 @@ def oracle_experts(base, rm, private_lib, tasks, n_train: int = 20) -> dict[str,
 
 
 def evaluate(base, tasks, private_path: str, mbc_path: str, n: int, max_tokens: int, with_oracle: bool,
-             clock: Clock, mbc_ready=None) -> tuple[dict, dict]:
+             clock: Clock, mbc_ready=None, on_method=None, private_ready=None) -> tuple[dict, dict]:
     """{method: {task: score record}} for base, uniform, private_arrow, mbc_arrow (and oracle).
-    `mbc_ready()`, if given, is polled before the MBC library is opened (it may still be building)."""
+    `mbc_ready()`, if given, is polled before the MBC library is opened (it may still be building);
+    `on_method(scores, oracle)` is called after each method, so a run stopped early leaves its partial results."""
+    done = on_method or (lambda *_: None)
     from explorer.routed import RoutedModel, RouterConfig
     from library_store.store import ExpertLibrary
 
     scores, oracle = {}, {}
     scores["base"] = score_all(base, tasks, n, max_tokens, clock, "base")
+    done(scores, oracle)
+    while private_ready is not None and not private_ready():
+        with clock("waiting_for_private_build"):
+            time.sleep(30)
     private = ExpertLibrary.open(private_path, readonly=True)
     rm = RoutedModel.from_library(base, private, arrow_router(private))
     try:
@@ -120,13 +126,17 @@ def evaluate(base, tasks, private_path: str, mbc_path: str, n: int, max_tokens: 
                 oracle = oracle_experts(base, rm, private, tasks)
         rm.set_router(RouterConfig(mode="uniform"))
         scores["uniform"] = score_all(base, tasks, n, max_tokens, clock, "uniform")
+        done(scores, oracle)
         rm.set_router(arrow_router(private))
         scores["private_arrow"] = score_all(base, tasks, n, max_tokens, clock, "private_arrow")
+        done(scores, oracle)
         if with_oracle:
-            scores["oracle"] = {}
+            by_task = {}
             for t in tasks:
                 rm.set_router(RouterConfig(mode=f"expert:{oracle[t.name]['expert']}"))
-                scores["oracle"].update(score_all(base, [t], n, max_tokens, clock, "oracle"))
+                by_task.update(score_all(base, [t], n, max_tokens, clock, "oracle"))
+            scores["oracle"] = by_task
+            done(scores, oracle)
     finally:
         rm.detach()
     while mbc_ready is not None and not mbc_ready():
@@ -136,6 +146,7 @@ def evaluate(base, tasks, private_path: str, mbc_path: str, n: int, max_tokens: 
     rm = RoutedModel.from_library(base, mbc, arrow_router(mbc))  # cluster experts only
     try:
         scores["mbc_arrow"] = score_all(base, tasks, n, max_tokens, clock, "mbc_arrow")
+        done(scores, oracle)
     finally:
         rm.detach()
     return scores, oracle
@@ -164,21 +175,23 @@ def summarise(tasks, scores: dict, n: int) -> dict:
     rows.append(["**mean**", sum(r["n"] for r in per_task.values()), "", f"{chance:.2f}"]
                 + [f"**{fmt_ci(*means[m])}**" for m in methods])
     diffs = {}
-    for a, b in zip(ORDER, ORDER[1:]):
+    present = [m for m in ORDER if m in scores]
+    for a, b in zip(present, present[1:]):
         d = paired_difference(arrays[a], arrays[b])
         lo_a, hi_a = means[a][1:]
         lo_b, hi_b = means[b][1:]
         diffs[f"{b} - {a}"] = {"mean": d[0], "ci95": [d[1], d[2]], "excludes_zero": d[1] > 0 or d[2] < 0,
                                "intervals_overlap": not (hi_a < lo_b or hi_b < lo_a)}
-    order_means = [means[m][0] for m in ORDER]
-    reproduced = all(x < y for x, y in zip(order_means, order_means[1:]))
+    order_means = [means[m][0] for m in present]
+    missing = [m for m in ORDER if m not in scores]
+    reproduced = all(x < y for x, y in zip(order_means, order_means[1:])) if not missing else None
     return {"methods": methods, "tasks": per_task,
             "mean": {m: {"mean": means[m][0], "ci95": [means[m][1], means[m][2]]} for m in methods},
-            "chance_mean": chance, "differences": diffs,
+            "chance_mean": chance, "differences": diffs, "partial": bool(missing), "missing_methods": missing,
             "ordering": {"claimed": "base < uniform < private_arrow < mbc_arrow",
-                         "means": dict(zip(ORDER, order_means)),
+                         "means": dict(zip(present, order_means)),
                          "reproduced": reproduced,
-                         "observed": observed_order({m: means[m][0] for m in ORDER})},
+                         "observed": observed_order({m: means[m][0] for m in present})},
             "table": md_table(["task", "n", "metric", "chance"] + [LABELS[m] for m in methods], rows)}
 
 
@@ -194,8 +207,9 @@ def observed_order(means: dict[str, float]) -> str:
 def report(summary: dict) -> str:
     lines = [summary["table"], ""]
     o = summary["ordering"]
-    lines.append(f"paper's ordering {o['claimed']}: {'REPRODUCED' if o['reproduced'] else 'NOT reproduced'} "
-                 f"(observed {o['observed']})")
+    verdict = {True: "REPRODUCED", False: "NOT reproduced", None: "not decided (PARTIAL: no "
+               + ", ".join(summary.get("missing_methods", [])) + ")"}[o["reproduced"]]
+    lines.append(f"paper's ordering {o['claimed']}: {verdict} (observed {o['observed']})")
     for k, d in summary["differences"].items():
         lines.append(f"  {k}: {fmt_ci(d['mean'], *d['ci95'])} paired; "
                      f"{'excludes 0' if d['excludes_zero'] else 'includes 0 (no clear difference)'}; "
@@ -232,26 +246,32 @@ def build_library(kind: str, spec: str, dest: Path, model: str, steps: int, extr
 
 
 def run_setting(setting: str, args, out: Path, figures: Path, model: str, tasks_spec: str, private: str,
-                mbc: str, n: int, builds=None, tag: str = "", mbc_ready=None) -> dict:
+                mbc: str, n: int, builds=None, tag: str = "", mbc_ready=None, private_ready=None) -> dict:
     from library_store.tasks import resolve_tasks
 
     clock = Clock()
     with clock("load"):
         base = load_base(model)
         tasks = resolve_tasks(tasks_spec)
-    scores, oracle = evaluate(base, tasks, private, mbc, n, args.max_tokens, setting == "A", clock, mbc_ready)
-    builds = builds() if callable(builds) else builds  # read after the run: a build may have finished meanwhile
-    summary = summarise(tasks, scores, n)
     name = f"heldout-{setting}{tag}"
-    summary.update(
-        setting=setting, model=model, tasks_spec=tasks_spec, private_library=private, mbc_library=mbc,
-        n_cap=n, oracle=oracle, builds=builds or {}, router={"mode": "arrow", "top_k": 4, "temperature": 1.0},
-        command=" ".join(["python"] + sys.argv), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        seconds=clock.times, eval_seconds=clock.total(), torch_threads=torch.get_num_threads(),
-        scores={m: {t: s["correct"] for t, s in v.items()} for m, v in scores.items()})
-    summary["total_seconds"] = clock.total() + sum(b.get("seconds", 0) for b in (builds or {}).values())
-    summary["figure"] = figure(summary, f"{name}.svg", f"Setting {setting}: mean over tasks, 95% CI", figures)
-    write_json(out / f"{name}.json", summary)
+
+    def save(scores: dict, oracle: dict, final: bool = False) -> dict:
+        summary = summarise(tasks, scores, n)
+        built = builds() if callable(builds) else builds  # re-read: a build may have finished meanwhile
+        summary.update(
+            setting=setting, model=model, tasks_spec=tasks_spec, private_library=private, mbc_library=mbc,
+            n_cap=n, oracle=oracle, builds=built or {}, router={"mode": "arrow", "top_k": 4, "temperature": 1.0},
+            command=" ".join(["python"] + sys.argv), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            seconds=dict(clock.times), eval_seconds=clock.total(), torch_threads=torch.get_num_threads(),
+            finished=final, scores={m: {t: s["correct"] for t, s in v.items()} for m, v in scores.items()})
+        summary["total_seconds"] = clock.total() + sum(b.get("seconds", 0) for b in (built or {}).values())
+        summary["figure"] = figure(summary, f"{name}.svg", f"Setting {setting}: mean over tasks, 95% CI", figures)
+        write_json(out / f"{name}.json", summary)
+        return summary
+
+    scores, oracle = evaluate(base, tasks, private, mbc, n, args.max_tokens, setting == "A", clock, mbc_ready,
+                              on_method=save, private_ready=private_ready)
+    summary = save(scores, oracle, final=True)
     print(report(summary))
     print(f"time: eval {clock.total():.0f} s, total {summary['total_seconds']:.0f} s")
     return summary
@@ -294,8 +314,9 @@ def setting_b(args, out: Path, figures: Path) -> dict | None:
         return json.loads(record.read_text()) if record.is_file() else {}
 
     ready = (lambda: "mbc" in recorded()) if args.wait_mbc else None
+    private_ready = (lambda: "private" in recorded()) if args.wait_mbc else None
     return run_setting("B", args, out, figures, args.model, args.b_eval, str(private), str(mbc), args.n_b,
-                       builds=recorded, mbc_ready=ready)
+                       builds=recorded, mbc_ready=ready, private_ready=private_ready)
 
 
 def quick(out: Path, figures: Path, args, libs: dict | None = None) -> list[dict]:
@@ -327,7 +348,7 @@ def main(argv=None) -> None:
     ap.add_argument("--build", action="store_true", help="setting B: build the libraries first (skips existing)")
     ap.add_argument("--build-only", action="store_true", help="setting B: build, do not evaluate")
     ap.add_argument("--wait-mbc", action="store_true",
-                    help="evaluate base/uniform/private while another process still builds the MBC library")
+                    help="start with what is built (base first) while other processes build the libraries")
     ap.add_argument("--steps", type=int, default=24, help="setting B: training steps per private / cluster expert")
     ap.add_argument("--warmup-steps", type=int, default=6, help="setting B: MBC warm-up steps per task")
     ap.add_argument("--batch-size", type=int, default=4, help="setting B: training batch size")

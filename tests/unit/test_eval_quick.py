@@ -115,7 +115,7 @@ def test_heldout_quick(libs, tmp_path):
                 _in_range(t[m])
                 assert t["n"] == 6 and 0 <= t["chance"] <= 1
         assert set(s["differences"]) == {"uniform - base", "private_arrow - uniform", "mbc_arrow - private_arrow"}
-        assert isinstance(s["ordering"]["reproduced"], bool)
+        assert isinstance(s["ordering"]["reproduced"], bool) and s["partial"] is False and s["finished"]
         assert (tmp_path / f"heldout-{s['setting']}-quick.json").is_file()
     assert a["oracle"]["add_three"]["expert"] in ("add", "subtract")  # same family only
     assert a["oracle"]["last_letter"]["expert"] in ("reverse_word", "first_letter")
