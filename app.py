@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    parser.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (faster on CPU, less exact)")
+    parser.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (half the memory; faster only on CPUs with bf16 units)")
     return parser.parse_args(argv)
 
 
