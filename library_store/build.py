@@ -93,7 +93,8 @@ def _cluster(lib, base, tasks, names, init, mbc: MBCConfig, warmup: TrainConfig,
     threads = torch.get_num_threads()
     result = mbc_cluster([lib[n] for n in names], mbc.k, init=init, config=mbc)
     # scikit-learn's threadpoolctl resets OpenMP's thread count on exit, which torch shares: restore ours, or
-    # the cluster experts train with oversubscribed threads (measured 5x slower on a busy 2-core machine)
+    # the cluster experts train with oversubscribed threads (a step took 57 s with 2 threads against 10 s
+    # with 1 on a busy 2-core machine)
     torch.set_num_threads(threads)
     families = [t.family for t in tasks]
     ari = adjusted_rand(result.labels, families)
