@@ -81,12 +81,9 @@ def _right_pad(rows: list[list[int]], pad: int) -> torch.Tensor:
 
 
 def routed_experts(lib) -> tuple[list[str], tuple[str, ...]]:
-    """(experts that route, experts to disable). An MBC library also stores its warm-up experts (one per
-    task, a few steps each, kept for the clustering map); MBC+Arrow routes over the cluster experts only."""
-    infos = lib.infos()
-    if any(i.kind == "cluster" for i in infos):
-        return [i.name for i in infos if i.kind == "cluster"], tuple(i.name for i in infos if i.kind != "cluster")
-    return [i.name for i in infos], ()
+    """(experts that route, experts to disable). `RoutedModel.from_library` attaches only the library's routable
+    experts (an MBC library's warm-up experts are left out), so nothing needs disabling."""
+    return lib.routable_names(), ()
 
 
 def arrow_router(lib, top_k: int = 4):

@@ -121,11 +121,8 @@ def analyse_library(lib: "ExpertLibrary", name: str) -> LibraryAnalysis:
 
 
 def routable_experts(lib: "ExpertLibrary") -> list[str]:
-    """The experts a library routes over. An MBC library also keeps its warm-up adapters (one per task, a few
-    steps each): they are the map's data, not experts to route to, so they are left out when others exist."""
-    infos = lib.infos()
-    chosen = [i.name for i in infos if i.kind != "warmup"]
-    return chosen or [i.name for i in infos]
+    """The experts a library routes over (not an MBC library's warm-up adapters): the store's one rule."""
+    return lib.routable_names()
 
 
 def expert_groups(lib: "ExpertLibrary", borrowed: dict[str, str] | None = None) -> dict[str, str]:

@@ -96,12 +96,14 @@ class RoutedModel:
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def from_library(cls, base, library, router: RouterConfig = RouterConfig()) -> "RoutedModel":
-        """Attach every available expert of `library`; broken ones are skipped and listed in `.unavailable`.
-        Refuses a library made for another base model. Prototypes are cached in the library's derived data."""
+    def from_library(cls, base, library, router: RouterConfig = RouterConfig(),
+                     names: list[str] | None = None) -> "RoutedModel":
+        """Attach `names` (default: `library.routable_names()`, i.e. not an MBC library's warm-up experts);
+        broken ones are skipped and listed in `.unavailable`. Refuses a library made for another base model.
+        Prototypes are cached in the library's derived data."""
         library.check_base(base.fingerprint)
         experts, unavailable = [], {}
-        for name in library.names():
+        for name in library.routable_names() if names is None else names:
             try:
                 experts.append(library[name])
             except Exception as exc:  # ExpertUnavailable, or a file gone bad: skip it, say why

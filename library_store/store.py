@@ -217,6 +217,14 @@ class ExpertLibrary(AuxDataMixin):
     def info(self, name: str) -> ExpertInfo:
         return _row_info(self._row(name))
 
+    def routable_names(self) -> list[str]:
+        """The experts a library routes over. An MBC library also keeps its warm-up experts (one per task, a few
+        steps each): they are the similarity map's data, not experts to route to, so they are left out when
+        other experts exist. The page, the CLI and the engine all ask this one place."""
+        infos = self.infos()
+        chosen = [i.name for i in infos if i.kind != "warmup"]
+        return chosen or [i.name for i in infos]
+
     def checksums(self) -> dict[str, str]:
         """name -> sha256 of its weights; put it in a derived config so the cache follows the experts."""
         with self._read() as con:

@@ -186,6 +186,18 @@ def test_from_library_skips_and_reports_a_broken_expert(tmp_path):
     assert "e1" in rm.unavailable and "checksum" in rm.unavailable["e1"]
 
 
+def test_from_library_routes_over_cluster_experts_not_mbc_warmups(tmp_path):
+    base = fresh("tiny-random-llama")
+    exps = experts(base, 3)
+    exps[0].info.kind = exps[1].info.kind = "warmup"  # an MBC library keeps its warm-ups for the map
+    exps[2].info.kind = "cluster"
+    lib = make_library(tmp_path / "lib", base, exps)
+    assert lib.routable_names() == ["e2"]
+    assert RoutedModel.from_library(base, lib, RouterConfig(top_k=1)).experts == ["e2"]
+    every = RoutedModel.from_library(base, lib, RouterConfig(top_k=1), names=lib.names())
+    assert every.experts == ["e0", "e1", "e2"]
+
+
 def test_from_library_refuses_another_base_model(tmp_path):
     llama = fresh("tiny-random-llama")
     lib = make_library(tmp_path / "lib", llama, experts(llama, 2))
