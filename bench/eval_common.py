@@ -81,17 +81,18 @@ def _right_pad(rows: list[list[int]], pad: int) -> torch.Tensor:
 
 
 def routed_experts(lib) -> tuple[list[str], tuple[str, ...]]:
-    """(experts that route, experts to disable). `RoutedModel.from_library` attaches only the library's routable
-    experts (an MBC library's warm-up experts are left out), so nothing needs disabling."""
-    return lib.routable_names(), ()
+    """(experts that route, experts stored but not routed). `RoutedModel.from_library` attaches only the
+    library's routable experts (an MBC library's warm-up experts are left out), so nothing needs disabling."""
+    use = lib.routable_names()
+    return use, tuple(n for n in lib.names() if n not in use)
 
 
 def arrow_router(lib, top_k: int = 4):
-    """The library's default Arrow router (top-k 4, T 1), warm-up experts of an MBC library disabled."""
+    """The library's default Arrow router (top-k 4, T 1) over its routable experts."""
     from explorer.routed import RouterConfig
 
-    use, off = routed_experts(lib)
-    return RouterConfig(mode="arrow", top_k=min(top_k, len(use)), disabled=off)
+    use, _ = routed_experts(lib)
+    return RouterConfig(mode="arrow", top_k=min(top_k, len(use)))
 
 
 # ---------------------------------------------------------------- scoring

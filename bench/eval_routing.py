@@ -130,7 +130,7 @@ def evaluate_library(base, lib, tasks, n_per_task: int, top_k: int, label: str, 
         families = {t.name: t.family for t in tasks}
         result = {
             "library": label, "level": level, "experts": use, "top_k": rm.router.top_k,
-            "not_routed": list(rm.router.disabled),
+            "not_routed": list(routed_experts(lib)[1]),
             "n_per_task": n_per_task, "tasks": per_task,
             "overall": {"mean": overall[0], "ci95": overall[1:]},
             "overall_user_tokens": {"mean": overall_user[0], "ci95": overall_user[1:]},
