@@ -126,3 +126,17 @@ def test_heldout_quick(libs, tmp_path):
 def test_routing_cli_needs_a_library():
     with pytest.raises(SystemExit):
         eval_routing.main([])
+
+
+def test_partial_summary_and_ordering_text():
+    from library_store.tasks import Example, Task
+
+    tasks = [Task(f"t{i}", "f", train=[Example("q", "a")] * 3, heldout=[Example("q", "a")] * 4) for i in range(2)]
+    rec = {"correct": [1, 0, 1, 0], "samples": []}
+    partial = eval_heldout.summarise(tasks, {"base": {"t0": rec, "t1": rec}}, 4)
+    assert partial["partial"] and partial["missing_methods"] == ["uniform", "private_arrow", "mbc_arrow"]
+    assert partial["ordering"]["reproduced"] is None and partial["differences"] == {}
+    assert "PARTIAL" in eval_heldout.report(partial)
+    assert eval_heldout.observed_order({"base": 0.1, "uniform": 0.1, "mbc_arrow": 0.3}) == \
+        "base 0.100 = uniform 0.100 < mbc_arrow 0.300"
+    assert not eval_heldout.mbc_complete("/nonexistent/library")
