@@ -4,7 +4,6 @@ Usage::
 
     lib = ExpertLibrary.open("assets/libraries/demo-mbc", readonly=True)
     analysis = analyse_library(lib, "demo-mbc")   # tasks, 2-D map, cosine matrix, clusters, experts table
-    routable_experts(lib)                          # the experts a page routes over (not the MBC warm-ups)
     expert_groups(lib)                             # expert -> cluster, to colour routing by cluster
 """
 from __future__ import annotations
@@ -118,11 +117,6 @@ def analyse_library(lib: "ExpertLibrary", name: str) -> LibraryAnalysis:
         parts.append(f"adjusted Rand index of the clusters vs the task families {meta['ari_vs_families']:.2f}")
     out.summary = "; ".join(parts) + "."
     return out
-
-
-def routable_experts(lib: "ExpertLibrary") -> list[str]:
-    """The experts a library routes over (not an MBC library's warm-up adapters): the store's one rule."""
-    return lib.routable_names()
 
 
 def expert_groups(lib: "ExpertLibrary", borrowed: dict[str, str] | None = None) -> dict[str, str]:

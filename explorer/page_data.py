@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from explorer.library_data import LibraryAnalysis, analyse_library, expert_groups, routable_experts
+from explorer.library_data import LibraryAnalysis, analyse_library, expert_groups
 from explorer.plots import most_used_expert
 from explorer.trace import RoutingTrace
 
@@ -148,7 +148,7 @@ class Explorer:
                     lib.check_base(self.base.fingerprint)
                     self.libs[name] = lib
                     self.experts[name] = []
-                    for expert in routable_experts(lib):
+                    for expert in lib.routable_names():
                         try:
                             self.experts[name].append(lib[expert])
                         except Exception as exc:  # ExpertUnavailable: a broken file; route over the others
