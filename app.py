@@ -37,8 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from explorer.page_data import Explorer
-    from explorer.ui import build_demo, launch
+    from explorer.page.session import Explorer
+    from explorer.page.ui import build_demo, launch
 
     libraries = args.library or [str(p) for p in DEMO_LIBRARIES]
     explorer = Explorer(args.base_model, libraries, dtype="bfloat16" if args.bf16 else "float32")

@@ -89,7 +89,7 @@ def bare_generate(base_model: str, dtype: str, prompts: list[str], new_tokens: l
     """The model alone (no experts, no page) making the same number of new tokens for the same prompts."""
     import torch
 
-    from library_store.base_models import load_base_model
+    from library_store.models import load_base_model
 
     base = load_base_model(base_model, dtype=getattr(torch, dtype))
     times = []
@@ -104,8 +104,8 @@ def bare_generate(base_model: str, dtype: str, prompts: list[str], new_tokens: l
 
 def serve(base_model: str, library: str, dtype: str):
     """The page in this process, so the bench can make every run generate exactly NEW_TOKENS tokens."""
-    from explorer.page_data import Explorer
-    from explorer.ui import build_demo, launch
+    from explorer.page.session import Explorer
+    from explorer.page.ui import build_demo, launch
 
     explorer = Explorer(base_model, [library], dtype=dtype)
     demo = build_demo(explorer)

@@ -30,11 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from explorer.arrow import compute_prototypes  # noqa: E402
-from explorer.attach import random_expert  # noqa: E402
-from explorer.routed import RoutedModel, RouterConfig  # noqa: E402
-from library_store.base_models import load_base_model  # noqa: E402
-from library_store.store import ExpertLibrary  # noqa: E402
+from explorer.routing.layer import compute_prototypes  # noqa: E402
+from explorer.routing.inject import random_expert  # noqa: E402
+from explorer.routing.model import RoutedModel, RouterConfig  # noqa: E402
+from library_store.models import load_base_model  # noqa: E402
+from library_store.store.library import ExpertLibrary  # noqa: E402
 
 GOALS = {
     "forward_ratio": {16: 1.15, 64: 1.5}, "generation_ratio": {16: 0.85}, "vs_peft_forward": {16: 0.6, 64: 0.45},

@@ -39,7 +39,7 @@ def load_base(name: str):
     """`load_base_model(name)`, loaded once per process: the evaluation attaches and detaches libraries on one
     model (RoutedModel.detach and train_expert both restore it), so the quick runs and a test share it."""
     if name not in _BASES:
-        from library_store.base_models import load_base_model
+        from library_store.models import load_base_model
 
         _BASES[name] = load_base_model(name)
     return _BASES[name]
@@ -89,7 +89,7 @@ def routed_experts(lib) -> tuple[list[str], tuple[str, ...]]:
 
 def arrow_router(lib, top_k: int = 4):
     """The library's default Arrow router (top-k 4, T 1) over its routable experts."""
-    from explorer.routed import RouterConfig
+    from explorer.routing.model import RouterConfig
 
     use, _ = routed_experts(lib)
     return RouterConfig(mode="arrow", top_k=min(top_k, len(use)))
@@ -351,9 +351,9 @@ def quick_libraries(folder: Path, model: str = "tiny-random-llama", steps: int =
     one warm-up expert as MBC builds keep them) of four built-in tasks, trained a few steps on the twin: real
     experts through the real training code, made in seconds. The clusters are the families by construction
     (the quick run tests the plumbing, not MBC)."""
-    from library_store.store import ExpertLibrary
+    from library_store.store.library import ExpertLibrary
     from library_store.tasks import resolve_tasks
-    from library_store.train import TrainConfig, train_expert
+    from library_store.training.train import TrainConfig, train_expert
 
     base = load_base(model)
     tasks = {t.name: t for t in resolve_tasks("builtin:" + ",".join(sum(QUICK_TASKS.values(), [])))}

@@ -109,8 +109,8 @@ def evaluate(base, tasks, private_path: str, mbc_path: str, n: int, max_tokens: 
     `mbc_ready()`, if given, is polled before the MBC library is opened (it may still be building);
     `on_method(scores, oracle)` is called after each method, so a run stopped early leaves its partial results."""
     done = on_method or (lambda *_: None)
-    from explorer.routed import RoutedModel, RouterConfig
-    from library_store.store import ExpertLibrary
+    from explorer.routing.model import RoutedModel, RouterConfig
+    from library_store.store.library import ExpertLibrary
 
     scores, oracle = {}, {}
     scores["base"] = score_all(base, tasks, n, max_tokens, clock, "base")
@@ -279,7 +279,7 @@ def run_setting(setting: str, args, out: Path, figures: Path, model: str, tasks_
 
 def mbc_complete(path: str) -> bool:
     """True once an MBC library holds an expert for every one of its clusters (a build may still be running)."""
-    from library_store.store import ExpertLibrary
+    from library_store.store.library import ExpertLibrary
 
     try:
         lib = ExpertLibrary.open(path, readonly=True)

@@ -92,7 +92,7 @@ def adjusted_rand(lib, families: dict[str, str]) -> dict:
 
 def evaluate_library(base, lib, tasks, n_per_task: int, top_k: int, label: str, figures=FIGURES) -> dict:
     """Route every task's held-out prompts through `lib`; the result dict written to JSON (see module doc)."""
-    from explorer.routed import RoutedModel
+    from explorer.routing.model import RoutedModel
 
     own = library_tasks(lib)
     use, _ = routed_experts(lib)
@@ -161,7 +161,7 @@ def report(result: dict) -> str:
 
 def run(library: str, model: str, n_per_task: int, top_k: int, task_spec: str | None, out: Path,
         figures: Path = FIGURES, label: str | None = None) -> dict:
-    from library_store.store import ExpertLibrary
+    from library_store.store.library import ExpertLibrary
     from library_store.tasks import resolve_tasks
 
     clock = Clock()

@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.eval_common import (RESULTS, bootstrap_ci, exact_match, greedy_generate, md_table,  # noqa: E402
                                prompt_ids, target_tokens, write_json)
-from library_store.base_models import load_base_model  # noqa: E402
-from library_store.store import ExpertLibrary  # noqa: E402
+from library_store.models import load_base_model  # noqa: E402
+from library_store.store.library import ExpertLibrary  # noqa: E402
 from library_store.tasks import resolve_tasks  # noqa: E402
-from library_store.train import attached  # noqa: E402
+from library_store.training.train import attached  # noqa: E402
 
 
 @torch.no_grad()
@@ -114,8 +114,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        from library_store.build import build_private
-        from library_store.train import TrainConfig
+        from library_store.training.build import build_private
+        from library_store.training.train import TrainConfig
 
         tmp = Path(tempfile.mkdtemp()) / "quick"
         build_private(load_base_model("tiny-random-llama"), resolve_tasks("builtin:add,first_letter"), tmp,

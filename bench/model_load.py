@@ -20,7 +20,7 @@ CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
 import torch
-from library_store.base_models import load_base_model
+from library_store.models import load_base_model
 from transformers import AutoModelForCausalLM, AutoTokenizer  # imports are reported apart from the load
 from transformers.models.llama import modeling_llama  # noqa: F401
 t1 = time.perf_counter()

@@ -17,7 +17,7 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    from library_store.base_models import DEFAULT_MODEL
+    from library_store.models import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="python -m explorer", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -46,9 +46,9 @@ def _parser() -> argparse.ArgumentParser:
 def _routed(args):
     import torch
 
-    from explorer.routed import RoutedModel, RouterConfig
-    from library_store.base_models import load_base_model
-    from library_store.store import ExpertLibrary
+    from explorer.routing.model import RoutedModel, RouterConfig
+    from library_store.models import load_base_model
+    from library_store.store.library import ExpertLibrary
 
     from transformers.utils import logging as hf_logging
 
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             trace.meta["library"] = args.library
             print(json.dumps(trace.to_dict()) if args.json else _summary(trace))
     except Exception as exc:  # noqa: BLE001 - every failure becomes one readable line, not a traceback
-        from library_store.base_models import BaseModelError
-        from library_store.store import LibraryError
+        from library_store.models import BaseModelError
+        from library_store.store.library import LibraryError
 
         if not isinstance(exc, (ValueError, LookupError, KeyError, OSError, LibraryError, BaseModelError)):
             raise

@@ -8,7 +8,7 @@ Usage::
     python -m library_store export libs/mine my-expert ./out_dir
     python -m library_store remove libs/mine my-expert
     python -m library_store verify libs/mine          # exit 1 and one line per broken expert
-    python -m library_store build ...                  # from library_store.build, when present
+    python -m library_store build ...                  # from library_store.training.build, when present
 
 Errors print one line to stderr and exit 2 (no traceback).
 """
@@ -19,11 +19,11 @@ import json
 import sqlite3
 import sys
 
-from library_store.base_models import BaseModelError
-from library_store.store import ExpertLibrary, LibraryError
+from library_store.models import BaseModelError
+from library_store.store.library import ExpertLibrary, LibraryError
 
 try:
-    from library_store.build import add_build_commands
+    from library_store.training.build import add_build_commands
 except ImportError:
     add_build_commands = None
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from library_store.base_models import load_base_model
+from library_store.models import load_base_model
 from library_store.expert import ExpertInfo, LoraExpert, TrainRecord
-from library_store.store import ExpertLibrary
+from library_store.store.library import ExpertLibrary
 
 TINY = "tiny-random-llama"
 TASKS = ["reverse_word", "add_two", "capital_city", "sentiment", "sort_letters", "antonym"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 
-from ..expert import check_name
+from library_store.expert import check_name
 from .builtin import builtin_by_name, builtin_names, builtin_tasks, heldout_variant_tasks
 from .core import MIN_EXAMPLES, Example, Task, TaskError, split_examples
 

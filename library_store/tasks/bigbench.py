@@ -27,7 +27,7 @@ _TASKS_DIR = "bigbench/benchmark_tasks/"
 
 
 def bigbench_cache() -> Path:
-    from ..base_models import cache_dir
+    from library_store.models import cache_dir
 
     return cache_dir() / "bigbench"
 

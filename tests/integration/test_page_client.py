@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from explorer.trace import RoutingTrace
+from explorer.routing.trace import RoutingTrace
 from tests.page_fixtures import TINY, make_tiny_library
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,8 +27,8 @@ def array(value) -> np.ndarray:
 
 
 def serve(base: str, libraries: list):
-    from explorer.page_data import Explorer
-    from explorer.ui import build_demo, launch
+    from explorer.page.session import Explorer
+    from explorer.page.ui import build_demo, launch
 
     explorer = Explorer(base, libraries)
     explorer.start()

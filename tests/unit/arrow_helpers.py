@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from explorer.attach import random_expert
-from library_store.base_models import load_base_model
+from explorer.routing.inject import random_expert
+from library_store.models import load_base_model
 from library_store.expert import LoraExpert
 
 TWINS = ("tiny-random-llama", "tiny-random-phi")

@@ -4,7 +4,7 @@ import torch
 from arrow_helpers import dense_prototype
 from torch import nn
 
-from explorer.arrow import RoutedLinear, RouterState, SiteStack, compute_prototypes
+from explorer.routing.layer import RoutedLinear, RouterState, SiteStack, compute_prototypes
 
 
 def factors(E, r, d, out, seed=0):

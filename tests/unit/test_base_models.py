@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from library_store import base_models as bm
-from library_store.base_models import BaseModelError, load_base_model
+from library_store import models as bm
+from library_store.models import BaseModelError, load_base_model
 
 
 @pytest.mark.parametrize("name, targets", [

@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-from library_store import build as build_mod
-from library_store.build import build_mbc, build_private
+from library_store.training import build as build_mod
+from library_store.training.build import build_mbc, build_private
 from library_store.cli import main
-from library_store.cluster import MBCConfig
-from library_store.store import ExpertLibrary
+from library_store.training.mbc import MBCConfig
+from library_store.store.library import ExpertLibrary
 from library_store.tasks import resolve_tasks
-from library_store.train import TrainConfig
+from library_store.training.train import TrainConfig
 
 TASKS = "builtin:add,subtract,uppercase_word,first_letter"
 FAST = dict(steps=2, batch_size=2, progress=False)
@@ -16,7 +16,7 @@ FAST = dict(steps=2, batch_size=2, progress=False)
 
 @pytest.fixture(scope="module")
 def base():
-    from library_store.base_models import load_base_model
+    from library_store.models import load_base_model
 
     return load_base_model("tiny-random-llama")
 

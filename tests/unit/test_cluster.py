@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from library_store.cluster import MBCConfig, adjusted_rand, flatten, map_coords, mbc_cluster, sparsify
+from library_store.training.mbc import MBCConfig, adjusted_rand, flatten, map_coords, mbc_cluster, sparsify
 from library_store.expert import ExpertInfo, LoraExpert
 
 KEYS = [f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"

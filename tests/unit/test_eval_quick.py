@@ -30,8 +30,8 @@ def libs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def routed_twin():
-    from explorer.attach import random_expert
-    from explorer.routed import RoutedModel, RouterConfig
+    from explorer.routing.inject import random_expert
+    from explorer.routing.model import RoutedModel, RouterConfig
 
     base = copy.deepcopy(C.load_base("tiny-random-llama"))  # the quick runs share the original
     exps = [random_expert(base.model, base.targets, f"e{i}", rank=4, alpha=8, seed=i, scale=0.5) for i in range(4)]
@@ -57,7 +57,7 @@ def test_batched_scores_equal_one_at_a_time(routed_twin):
 
 
 def test_batched_generation_equals_plain_generate(routed_twin):
-    from library_store.base_models import generate
+    from library_store.models import generate
 
     base = routed_twin
     ids = C.prompt_ids(base, TEXTS)

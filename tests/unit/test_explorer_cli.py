@@ -9,7 +9,7 @@ import pytest
 from arrow_helpers import experts, fresh
 
 from explorer.cli import main
-from library_store.store import ExpertLibrary
+from library_store.store.library import ExpertLibrary
 
 ROOT = Path(__file__).resolve().parents[2]
 

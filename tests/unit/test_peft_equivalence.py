@@ -7,8 +7,8 @@ import pytest
 import torch
 from arrow_helpers import IDS, TWINS, experts, fresh, save_peft_dir
 
-from explorer.arrow import compute_prototypes
-from explorer.routed import RoutedModel, RouterConfig
+from explorer.routing.layer import compute_prototypes
+from explorer.routing.model import RoutedModel, RouterConfig
 
 
 def peft_arrow(twin, exps, top_k, temperature, tmp_path):

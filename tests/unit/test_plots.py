@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from explorer import plots
-from explorer.library_data import LibraryAnalysis
-from explorer.trace import RoutingTrace
+from explorer.page import plots
+from explorer.page.library_view import LibraryAnalysis
+from explorer.routing.trace import RoutingTrace
 
 XSS = '<img src=x onerror="window.__xss=1">'
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 from arrow_helpers import IDS, TWINS, experts, fresh, reference_logits, save_peft_dir
 
-from explorer.arrow import RoutedLinear
-from explorer.attach import random_expert
-from explorer.routed import RoutedModel, RouterConfig
-from library_store.store import ExpertLibrary, LibraryMismatch
+from explorer.routing.layer import RoutedLinear
+from explorer.routing.inject import random_expert
+from explorer.routing.model import RoutedModel, RouterConfig
+from library_store.store.library import ExpertLibrary, LibraryMismatch
 
 
 @torch.no_grad()
@@ -169,7 +169,7 @@ def test_from_library_caches_prototypes_and_equals_in_memory(tmp_path, monkeypat
     def no_compute(*a, **k):
         raise AssertionError("prototypes recomputed despite the cache")
 
-    monkeypatch.setattr("explorer.attach.compute_prototypes", no_compute)
+    monkeypatch.setattr("explorer.routing.inject.compute_prototypes", no_compute)
     again = RoutedModel.from_library(base, ExpertLibrary.open(tmp_path / "lib", readonly=True), RouterConfig(top_k=2))
     torch.testing.assert_close(again.logits(IDS), want, atol=1e-5, rtol=0)
 

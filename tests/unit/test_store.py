@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import save_file
 from store_helpers.experts import LLAMA_FP, LLAMA_SHAPES, random_expert, random_weights
 
-from library_store.base_models import load_base_model
+from library_store.models import load_base_model
 from library_store.expert import ExpertInfo, LoraExpert
-from library_store.store import (ExpertLibrary, ExpertUnavailable, InvalidName, LibraryError, LibraryMismatch,
+from library_store.store.library import (ExpertLibrary, ExpertUnavailable, InvalidName, LibraryError, LibraryMismatch,
                                  module_shapes)
 
 
@@ -299,7 +299,7 @@ def test_a_damaged_index_is_a_clear_library_error(lib):
 
 @pytest.mark.parametrize("point", ["after_old_aside", "after_rename", "before_commit"])
 def test_a_write_that_fails_midway_is_undone_at_once(lib, monkeypatch, point):
-    from library_store import store_io
+    from library_store.store import io as store_io
 
     lib.add(random_expert("x", seed=1))
     before = lib.checksums()

@@ -11,7 +11,7 @@ import torch
 from store_helpers.experts import LLAMA_FP, LLAMA_SHAPES, random_expert
 
 from library_store.cli import main
-from library_store.store import ExpertLibrary
+from library_store.store.library import ExpertLibrary
 
 ROOT = Path(__file__).resolve().parents[2]
 

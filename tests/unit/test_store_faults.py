@@ -14,8 +14,8 @@ import pytest
 import torch
 from store_helpers.experts import LLAMA_FP, LLAMA_SHAPES, random_expert
 
-from library_store import store_io
-from library_store.store import ExpertLibrary
+from library_store.store import io as store_io
+from library_store.store.library import ExpertLibrary
 
 HELPER = Path(__file__).parent / "store_helpers" / "add_expert.py"
 BIG_RANK = 128  # ~0.5 MB of weights: large enough that the write takes real file operations

@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from library_store.base_models import load_tokenizer
+from library_store.models import load_tokenizer
 from library_store.tasks import TaskError, builtin_tasks, heldout_variant_tasks, resolve_tasks
 from library_store.tasks.bigbench import extract_task_files, load_bigbench_tasks
 from library_store.tasks.builtin import number_words

@@ -4,8 +4,8 @@ import pytest
 import torch
 from arrow_helpers import IDS, TWINS, experts, fresh
 
-from explorer.routed import RoutedModel, RouterConfig
-from explorer.trace import RoutingTrace
+from explorer.routing.model import RoutedModel, RouterConfig
+from explorer.routing.trace import RoutingTrace
 
 
 @pytest.fixture(scope="module", params=TWINS)

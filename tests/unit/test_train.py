@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from library_store.base_models import load_base_model
+from library_store.models import load_base_model
 from library_store.expert import parse_site
 from library_store.tasks import resolve_tasks
-from library_store.train import (IGNORE, TrainConfig, attached, collate, common_prefix, encode, lora_init_state,
+from library_store.training.train import (IGNORE, TrainConfig, attached, collate, common_prefix, encode, lora_init_state,
                                  prefix_target_loss, target_loss, train_expert)
-from library_store.train import _attach, _detach
+from library_store.training.train import _attach, _detach
 
 FAST = dict(steps=3, batch_size=2, progress=False)
 

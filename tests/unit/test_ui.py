@@ -1,14 +1,14 @@
-"""The page's engine (page_data.Explorer) and the Blocks wiring on a tiny twin + tiny library: bad input gives
+"""The page's engine (session.Explorer) and the Blocks wiring on a tiny twin + tiny library: bad input gives
 messages, never tracebacks; settings are clamped with notices; the Library tab's data is read from the store."""
 import json
 
 import numpy as np
 import pytest
 
-from explorer import plots
-from explorer.library_data import analyse_library, experts_table
-from explorer.page_data import Explorer, RunRequest, crop_to_prompt
-from library_store.store import ExpertLibrary
+from explorer.page import plots
+from explorer.page.library_view import analyse_library, experts_table
+from explorer.page.session import Explorer, RunRequest, crop_to_prompt
+from library_store.store.library import ExpertLibrary
 from tests.page_fixtures import TASKS, TINY, make_tiny_library, make_tiny_mbc_library
 
 
@@ -124,7 +124,7 @@ def test_library_without_mbc_data_gets_a_note(tmp_path):
 
 
 def test_mismatched_library_is_reported_not_fatal(tmp_path, lib_path):
-    from library_store.base_models import load_base_model
+    from library_store.models import load_base_model
 
     other = ExpertLibrary.create(tmp_path / "phi", load_base_model("tiny-random-phi"))
     del other
@@ -135,7 +135,7 @@ def test_mismatched_library_is_reported_not_fatal(tmp_path, lib_path):
 
 
 def test_build_demo_has_an_api_name_on_every_event(explorer):
-    from explorer.ui import build_demo
+    from explorer.page.ui import build_demo
 
     demo = build_demo(explorer, examples=[{"family": "free text", "prompt": "hi"}])
     config = demo.get_config_file()
@@ -145,7 +145,7 @@ def test_build_demo_has_an_api_name_on_every_event(explorer):
 
 
 def test_examples_cover_the_task_families():
-    from explorer.ui import load_examples
+    from explorer.page.ui import load_examples
 
     examples = load_examples()
     assert any(e["family"] == "free text" for e in examples)

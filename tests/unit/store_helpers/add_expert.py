@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/unit, for store_helpers
 
-from library_store import store_io  # noqa: E402
-from library_store.store import ExpertLibrary  # noqa: E402
+from library_store.store import io as store_io  # noqa: E402
+from library_store.store.library import ExpertLibrary  # noqa: E402
 from store_helpers.experts import random_expert  # noqa: E402
 
 parser = argparse.ArgumentParser()

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from library_store.expert import PEFT_PREFIX, ExpertInfo, parse_site
-from library_store.store_io import LibraryError
+from library_store.store.io import LibraryError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -26,15 +26,15 @@ from pathlib import Path
 
 from torch import nn
 
-from library_store import store_io
-from library_store.base_models import same_model
+from library_store.store import io as store_io
+from library_store.models import same_model
 from library_store.expert import EXPERT_KINDS, ExpertInfo, LoraExpert, check_name, parse_site
-from library_store.store_io import (FORMAT_VERSION, INDEX, SCHEMA_VERSION, LibraryError, WriteSession, connect,
+from library_store.store.io import (FORMAT_VERSION, INDEX, SCHEMA_VERSION, LibraryError, WriteSession, connect,
                                     dir_writable, fsync_path, fsync_tree, init_index, library_writable,
                                     read_meta, sha256_file)
-from library_store.store_aux import AuxDataMixin, config_key
-from library_store.store_peft import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_adapter, write_adapter
-from library_store.store_check import check_fit, check_weight_keys
+from library_store.store.derived import AuxDataMixin, config_key
+from library_store.store.peft_layout import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_adapter, write_adapter
+from library_store.store.checks import check_fit, check_weight_keys
 
 __all__ = ["ExpertLibrary", "LibraryError", "LibraryMismatch", "ExpertUnavailable", "InvalidName",
            "module_shapes", "config_key"]

@@ -1,5 +1,5 @@
 """The explorer page: the only module that imports gradio. Layout and event wiring only; the work is done by
-`explorer.page_data.Explorer` (model, libraries, runs) and `explorer.plots` (figures).
+`explorer.page.session.Explorer` (model, libraries, runs) and `explorer.page.plots` (figures).
 
 Usage::
 
@@ -22,8 +22,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import gradio as gr  # noqa: E402
 
-from explorer import plots  # noqa: E402
-from explorer.page_data import MAX_NEW_TOKENS, Explorer, RunRequest  # noqa: E402
+from explorer.page import plots  # noqa: E402
+from explorer.page.session import MAX_NEW_TOKENS, Explorer, RunRequest  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples.json"
 # System fonts only: the page must not fetch anything from outside (no Google Fonts, no CDN).
@@ -63,7 +63,7 @@ def build_demo(explorer: Explorer, examples: list[dict] | None = None) -> gr.Blo
     names = explorer.library_names
     first = names[0] if names else None
 
-    # ------------------------------------------------------------ callbacks (thin: page_data and plots work)
+    # ------------------------------------------------------------ callbacks (thin: session and plots work)
 
     def ensure_loaded(progress) -> str | None:
         if not explorer.ready:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    from library_store.store import ExpertLibrary
+    from library_store.store.library import ExpertLibrary
 
 MAP_KIND, SIMILARITY_KIND = "mbc-map", "mbc-similarity"  # derived data written by `build mbc`
 

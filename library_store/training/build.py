@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .cluster import MBCConfig, adjusted_rand, mbc_cluster
-from .expert import LoraExpert
-from .store import ExpertLibrary
-from .tasks import Task
-from .train import TrainConfig, lora_init_state, train_expert
+from library_store.training.mbc import MBCConfig, adjusted_rand, mbc_cluster
+from library_store.expert import LoraExpert
+from library_store.store.library import ExpertLibrary
+from library_store.tasks import Task
+from library_store.training.train import TrainConfig, lora_init_state, train_expert
 
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 WARMUP_PREFIX, CLUSTER_PREFIX = "warmup-", "cluster-"
@@ -209,8 +209,8 @@ def _config(args, prefix: str = "") -> TrainConfig:
 
 
 def _setup(args):
-    from .base_models import load_base_model
-    from .tasks import resolve_tasks
+    from library_store.models import load_base_model
+    from library_store.tasks import resolve_tasks
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -226,7 +226,7 @@ def cmd_build_private(args) -> int:
 
 
 def cmd_build_mbc(args) -> int:
-    from .tasks import resolve_tasks
+    from library_store.tasks import resolve_tasks
 
     _check_k(args.clusters, len(resolve_tasks(args.tasks, seed=args.seed)))  # refuse before loading a model
     base, tasks = _setup(args)

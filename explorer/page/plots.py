@@ -23,8 +23,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 
 if TYPE_CHECKING:  # only for the annotations: plots stay free of the store and the model
-    from explorer.library_data import LibraryAnalysis
-    from explorer.trace import RoutingTrace
+    from explorer.page.library_view import LibraryAnalysis
+    from explorer.routing.trace import RoutingTrace
 
 MEAN = "mean"  # the module selector's "mean over modules" value
 PALETTE = qualitative.Dark24 + qualitative.Light24  # 48 distinct colours before they repeat

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from library_store.expert import PEFT_PREFIX, parse_site
-from library_store.store_io import LibraryError
+from library_store.store.io import LibraryError
 
 
 def check_weight_keys(name: str, weights: dict[str, torch.Tensor]) -> None:

@@ -19,8 +19,8 @@ from datetime import datetime, timezone
 import torch
 
 from library_store.expert import check_name
-from library_store.store_io import fsync_tree, sha256_file
-from library_store.store_peft import load_weights
+from library_store.store.io import fsync_tree, sha256_file
+from library_store.store.peft_layout import load_weights
 
 
 def config_key(config: dict) -> str:
@@ -37,7 +37,7 @@ def _name(name: str, what: str) -> str:
     try:
         return check_name(name)
     except ValueError as exc:
-        from library_store.store import InvalidName
+        from library_store.store.library import InvalidName
 
         raise InvalidName(f"Invalid {what}: {exc}") from None
 

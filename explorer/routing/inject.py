@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from explorer.arrow import (PROTOTYPE_METHOD, RoutedLinear, RouterState, SiteStack, compute_prototypes,
+from explorer.routing.layer import (PROTOTYPE_METHOD, RoutedLinear, RouterState, SiteStack, compute_prototypes,
                             routed_group)
 from library_store.expert import LoraExpert, parse_site
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .expert import ExpertInfo, LoraExpert, TrainRecord, check_name
-from .tasks.core import Example, Task
+from library_store.expert import ExpertInfo, LoraExpert, TrainRecord, check_name
+from library_store.tasks.core import Example, Task
 
 IGNORE = -100  # label value that cross_entropy skips: the prompt tokens
 MIN_SHARED_PREFIX = 4  # below this, running the prefix separately saves nothing

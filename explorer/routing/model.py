@@ -22,10 +22,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from explorer.arrow import MODES, RoutedLinear, RouterState
-from explorer.attach import (PROTOTYPE_KIND, build_stacks, join_prototypes, module_leaves, prototype_config,
+from explorer.routing.layer import MODES, RoutedLinear, RouterState
+from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, join_prototypes, module_leaves, prototype_config,
                              unwrap_model, wrap_model)
-from explorer.trace import RoutingTrace
+from explorer.routing.trace import RoutingTrace
 from library_store.expert import LoraExpert
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .expert import LoraExpert
+from library_store.expert import LoraExpert
 
 DEFAULT_SPARSITY = 0.5  # the quantile mttl's MBC script passes (its library default is 0.8)
 MAX_COMPONENTS = 64

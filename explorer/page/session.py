@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from explorer.library_data import LibraryAnalysis, analyse_library, expert_groups
-from explorer.plots import most_used_expert
-from explorer.trace import RoutingTrace
+from explorer.page.library_view import LibraryAnalysis, analyse_library, expert_groups
+from explorer.page.plots import most_used_expert
+from explorer.routing.trace import RoutingTrace
 
 if TYPE_CHECKING:  # torch, transformers and the store load in the background thread, after the page is up
-    from explorer.routed import RoutedModel
-    from library_store.store import ExpertLibrary
+    from explorer.routing.model import RoutedModel
+    from library_store.store.library import ExpertLibrary
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,8 @@ class Explorer:
             self._progress = (0.02, "importing torch and transformers")
             import torch
 
-            from library_store.base_models import load_base_model
-            from library_store.store import ExpertLibrary
+            from library_store.models import load_base_model
+            from library_store.store.library import ExpertLibrary
 
             self._progress = (0.1, f"loading base model {self.base_name}")
             self.base = load_base_model(self.base_name, dtype=getattr(torch, self.dtype))
@@ -203,7 +203,7 @@ class Explorer:
             if self._routed is not None:
                 self._routed.detach()
             self._routed, self._routed_lib = None, None
-            from explorer.routed import RoutedModel, RouterConfig
+            from explorer.routing.model import RoutedModel, RouterConfig
 
             # base mode until a run sets its router: the default top-k may exceed a small library
             self._routed = RoutedModel(self.base, self.experts[library], RouterConfig(mode="base"))
@@ -276,7 +276,7 @@ class Explorer:
                        disabled=disabled), notices, None
 
     def _trace(self, req: RunRequest, disabled: tuple[str, ...]) -> RoutingTrace:
-        from explorer.routed import RouterConfig
+        from explorer.routing.model import RouterConfig
 
         rm = self.routed(req.library)
         rm.set_router(RouterConfig(mode="arrow", top_k=req.top_k, temperature=req.temperature, disabled=disabled))
@@ -310,7 +310,7 @@ class Explorer:
         modes = {"base": "base", "uniform merge": "uniform"}
         if top:
             modes[f"most-used expert ({top})"] = f"expert:{top}"
-        from explorer.routed import RouterConfig
+        from explorer.routing.model import RouterConfig
 
         out = {}
         with self.lock:
