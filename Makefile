@@ -10,13 +10,17 @@ export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test venv test-deps chromium bench clean-venv
+.PHONY: run test test-fast check-assets venv test-deps chromium bench clean-venv
 
 run: $(STAMP)
 	$(BIN)/python app.py
 
 test: $(TEST_STAMP) chromium
 	$(BIN)/python -m pytest
+
+# The quick loop: unit tests on the tiny twins, without training, subprocesses, the real model or a browser.
+test-fast: $(TEST_STAMP)
+	$(BIN)/python -m pytest tests/unit -m "not slow" -q
 
 venv: $(STAMP)
 
@@ -39,6 +43,12 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	  else echo "Chromium is missing: run 'sudo apt-get install -y chromium'"; exit 1; fi; }
+
+# Nothing under assets/ may change by running the page, the CLI or the tests.
+check-assets:
+	@test -z "$$(git status --porcelain --untracked-files=all -- assets)" || \
+	  { echo "assets/ changed:"; git status --porcelain --untracked-files=all -- assets; exit 1; }
+	@echo "assets/ unchanged"
 
 bench: $(STAMP)
 	$(BIN)/python bench/arrow_speed.py

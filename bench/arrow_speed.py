@@ -1,22 +1,26 @@
-"""Arrow routing speed: ours against the base model and against PEFT's Arrow, from one interleaved run.
+"""Arrow routing speed: ours against the base model and against PEFT's Arrow, base and routed interleaved.
 
 Usage::
 
-    .venv/bin/python bench/arrow_speed.py            # ~5-8 min on 2 busy cores; writes bench/results/arrow_speed.json
+    .venv/bin/python bench/arrow_speed.py                     # SmolLM2 fp32 on the CPU; writes bench/results/
+    .venv/bin/python bench/arrow_speed.py --quick             # E=16 only, no PEFT / Phi-2 part (a smoke run)
+    .venv/bin/python bench/arrow_speed.py --random-base --device cuda    # what bench/gpu_check.sh runs
 
-SmolLM2-135M (fp32) with random rank-4 q/k/v/o experts (B non-zero), top-4, for E = 16 and E = 64:
-routed/base forward on 64 tokens, routed/base generation tokens per second, ours/PEFT-Arrow forward on the same
-adapters (PEFT via `create_arrow_model` on the exported PEFT folders), time to attach the library (from disk,
-prototype cache cold and warm) and the trace on/off ratio; then prototypes for 256 experts at Phi-2 shapes
-(hidden 2560, 32 layers, q/k/v/dense, rank 4) with the largest deviation from a dense SVD on a sample.
+SmolLM2-135M (or, with --random-base, random weights with its exact config) with random rank-4 q/k/v/o
+experts (B non-zero), top-4, for E = 16 and E = 64: routed/base forward on 64 tokens, routed/base generation
+tokens per second, ours/PEFT-Arrow forward on the same adapters (PEFT via `create_arrow_model`), time to attach
+the library from disk (prototype cache cold and warm), the trace on/off ratio; then exact prototypes for 256
+experts at Phi-2 shapes (hidden 2560, 32 layers, q/k/v/dense, rank 4) against a dense SVD on a sample.
 
-Timing: CPU time of this process (torch runs one intra-op thread here), so time the CPU spends on other
-workers' jobs does not count; repetitions alternate between the compared sides so drift hits both alike.
-Ratios are of medians. Goals are the issue's.
+Timing: on the CPU, CPU time of this process (torch runs one intra-op thread when OMP_NUM_THREADS=1), so time
+the CPU spends on other jobs does not count; on CUDA, wall time after synchronising. Every repetition runs
+each compared side once, in rotating order, so drift hits both alike. Reported: ratio of medians, and the
+ratio's spread as min-max over repetitions (each repetition's own ratio). Goals are issue 14's.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import statistics
@@ -29,57 +33,84 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from random_base import random_base, random_experts  # noqa: E402
+
+from explorer.routing.config import RouterConfig  # noqa: E402
+from explorer.routing.device import add_device_arguments, resolve_device, resolve_dtype, synchronize  # noqa: E402
+from explorer.routing.inject import CHUNK_FLOATS  # noqa: E402
 from explorer.routing.layer import compute_prototypes  # noqa: E402
-from explorer.routing.inject import random_expert  # noqa: E402
-from explorer.routing.model import RoutedModel, RouterConfig  # noqa: E402
+from explorer.routing.model import RoutedModel  # noqa: E402
 from library_store.models import load_base_model  # noqa: E402
 from library_store.store.library import ExpertLibrary  # noqa: E402
 
-GOALS = {
-    "forward_ratio": {16: 1.15, 64: 1.5}, "generation_ratio": {16: 0.85}, "vs_peft_forward": {16: 0.6, 64: 0.45},
-    "attach_s": {64: 5.0}, "trace_ratio": 1.05, "phi2_prototypes_s": 5.0,
-}
+# (figure, E) -> (goal, higher is better); issue 14's table
+GOALS = {("forward_ratio", 16): (1.10, False), ("forward_ratio", 64): (1.25, False),
+         ("generation_ratio", 16): (0.92, True), ("generation_ratio", 64): (0.85, True),
+         ("vs_peft_forward", 16): (0.6, False), ("vs_peft_forward", 64): (0.45, False),
+         ("attach_cold_s", 64): (2.0, False), ("trace_ratio", 16): (1.05, False), ("trace_ratio", 64): (1.05, False),
+         ("phi2_prototypes_s", 256): (3.0, False)}
 PROMPT = "Tell me about the history of Paris in a few sentences."
 
 
-def cpu(fn) -> float:
-    t0 = time.process_time()
-    fn()
-    return time.process_time() - t0
+class Clock:
+    """CPU time of this process on the CPU, synchronised wall time on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, fn) -> float:
+        synchronize(self.device)
+        t0 = time.perf_counter() if self.device.type == "cuda" else time.process_time()
+        fn()
+        synchronize(self.device)
+        return (time.perf_counter() if self.device.type == "cuda" else time.process_time()) - t0
 
 
-def interleaved(sides: dict, reps: int) -> dict[str, float]:
-    """Median CPU seconds per side; each repetition runs every side once, in rotating order."""
-    times: dict[str, list[float]] = {k: [] for k in sides}
+def interleaved(clock: Clock, sides: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per side per repetition; each repetition runs every side once, in rotating order."""
     names = list(sides)
+    for _ in range(warmup):
+        for name in names:
+            sides[name]()
+    times: dict[str, list[float]] = {k: [] for k in sides}
     for rep in range(reps):
         for name in names[rep % len(names):] + names[: rep % len(names)]:
-            times[name].append(cpu(sides[name]))
-    return {k: statistics.median(v) for k, v in times.items()}
+            times[name].append(clock(sides[name]))
+    return times
+
+
+def ratio(times: dict, num: str, den: str) -> dict:
+    """Ratio of medians num/den, with min and max of the per-repetition ratios."""
+    per_rep = [a / b for a, b in zip(times[num], times[den])]
+    return {"median": statistics.median(times[num]) / statistics.median(times[den]),
+            "min": min(per_rep), "max": max(per_rep), "reps": len(per_rep)}
 
 
 @torch.no_grad()
-def bench_library(E, base, experts, lib_path, peft_paths, args) -> dict:
+def bench_library(E, base, experts, lib_path, peft_paths, args, clock, device) -> dict:
     res: dict = {"E": E}
-    ids = torch.randint(200, 40000, (1, 64), generator=torch.Generator().manual_seed(E))
-    if E == 64:  # attach from disk: weights read and checked, prototypes computed (cold) or cached (warm)
+    ids = torch.randint(200, 40000, (1, 64), generator=torch.Generator().manual_seed(E)).to(device)
+    peft_base = copy.deepcopy(base.model) if peft_paths else None  # before attach: a plain copy for PEFT
+    if lib_path is not None and E == 64:  # attach from disk: weights read and checked, prototypes cold / warm
         for state in ("cold", "warm"):
             t0 = time.perf_counter()
             rm = RoutedModel.from_library(base, ExpertLibrary.open(lib_path), RouterConfig(top_k=4))
+            synchronize(device)
             res[f"attach_{state}_s"] = time.perf_counter() - t0
     else:
         rm = RoutedModel(base, experts[:E], RouterConfig(top_k=4))
+    base.model.to(device)
     arrow, plain = RouterConfig(top_k=4), RouterConfig(mode="base")
+    prompt_ids = rm.encode(PROMPT)[0].to(device)
+    n_new = args.new_tokens
 
     def fwd(router):
         def run():
             rm.set_router(router)
             base.model(input_ids=ids)
         return run
-
-    prompt_ids = rm.encode(PROMPT)[0]
-    n_new = args.new_tokens
 
     def gen(router):
         def run():
@@ -90,133 +121,140 @@ def bench_library(E, base, experts, lib_path, peft_paths, args) -> dict:
 
     def traced():
         rm.set_router(arrow)
-        with rm.capturing():
+        with rm.capturing() as records:
             base.model(input_ids=ids)
+        rm._assemble(records, ids.shape[1])
 
-    t = interleaved({"base": fwd(plain), "routed": fwd(arrow), "traced": traced}, args.reps)
-    res.update(base_forward_s=t["base"], routed_forward_s=t["routed"], forward_ratio=t["routed"] / t["base"],
-               trace_ratio=t["traced"] / t["routed"])
-    g = interleaved({"base": gen(plain), "routed": gen(arrow)}, args.gen_reps)
-    res.update(base_tok_s=n_new / g["base"], routed_tok_s=n_new / g["routed"], generation_ratio=g["base"] / g["routed"])
-    if E == 16 and not args.quick:  # the shared q/k/v matmul, measured: keep it only if it helps
-        shared = {"on": [], "off": []}
-        for rep in range(args.gen_reps):
-            for share in (True, False):
-                rm = RoutedModel(base, experts[:E], arrow, share_inputs=share)
-                shared["on" if share else "off"].append(cpu(gen(arrow)))
-        rm = RoutedModel(base, experts[:E], arrow)
-        res["shared_qkv_generation_speedup"] = statistics.median(shared["off"]) / statistics.median(shared["on"])
+    t = interleaved(clock, {"base": fwd(plain), "routed": fwd(arrow), "traced": traced}, args.reps)
+    res.update(base_forward_s=statistics.median(t["base"]), routed_forward_s=statistics.median(t["routed"]),
+               forward_ratio=ratio(t, "routed", "base"), trace_ratio=ratio(t, "traced", "routed"))
+    g = interleaved(clock, {"base": gen(plain), "routed": gen(arrow)}, args.gen_reps)
+    res.update(base_tok_s=n_new / statistics.median(g["base"]), routed_tok_s=n_new / statistics.median(g["routed"]),
+               generation_ratio=ratio(g, "base", "routed"))  # time base / time routed = routed tok/s / base tok/s
+    if peft_paths:
+        from peft import ArrowConfig, create_arrow_model
 
-    # PEFT's Arrow on the same adapters, on its own copy of the base model
-    from peft import ArrowConfig, create_arrow_model
-
-    peft_base = load_base_model(args.base_model).model
-    t0 = time.perf_counter()
-    peft = create_arrow_model(peft_base, peft_paths[:E], ArrowConfig(top_k=4, router_temperature=1.0)).eval()
-    res["peft_attach_s"] = time.perf_counter() - t0
-    peft(input_ids=ids)  # builds PEFT's prototypes, once
-    rm.set_router(arrow)
-    t = interleaved({"ours": lambda: base.model(input_ids=ids), "peft": lambda: peft(input_ids=ids)}, args.reps)
-    res.update(peft_forward_s=t["peft"], ours_forward_s=t["ours"], vs_peft_forward=t["ours"] / t["peft"])
-    del peft, peft_base
+        t0 = time.perf_counter()
+        peft = create_arrow_model(peft_base, peft_paths[:E], ArrowConfig(top_k=4, router_temperature=1.0)).eval()
+        res["peft_attach_s"] = time.perf_counter() - t0
+        peft.to(device)
+        peft(input_ids=ids)  # builds PEFT's prototypes, once
+        rm.set_router(arrow)
+        t = interleaved(clock, {"ours": lambda: base.model(input_ids=ids), "peft": lambda: peft(input_ids=ids)},
+                        args.reps)
+        res.update(peft_forward_s=statistics.median(t["peft"]), ours_forward_s=statistics.median(t["ours"]),
+                   vs_peft_forward=ratio(t, "ours", "peft"))
+        del peft, peft_base
     rm.detach()
     gc.collect()
     return res
 
 
 @torch.no_grad()
-def bench_phi2_prototypes(n_experts=256, layers=32, modules=4, d=2560, r=4, sample=2) -> dict:
-    """Prototype time at Phi-2 shapes, batched the way attaching does it (chunks of <= 128 MB)."""
+def bench_phi2_prototypes(n_experts=256, layers=32, modules=4, d=2560, r=4, sample=2, device="cpu") -> dict:
+    """Prototype time at Phi-2 shapes, batched the way attaching does it (chunks of CHUNK_FLOATS)."""
     sites = layers * modules
-    per_chunk = max(1, (1 << 25) // (n_experts * r * 2 * d))  # sites per batched call, as in attach
+    per_chunk = max(1, CHUNK_FLOATS // (n_experts * r * 2 * d))  # sites per batched call, as in attach
     gen = torch.Generator().manual_seed(0)
+    clock = Clock(torch.device(device))
     total, done, kept = 0.0, 0, None
     while done < sites:
         n = min(per_chunk, sites - done)
-        A = torch.randn(n * n_experts, r, d, generator=gen) / d ** 0.5  # (n E, r, d)
-        B = torch.randn(n * n_experts, d, r, generator=gen) * 0.05  # (n E, out, r)
-        t0 = time.process_time()
-        protos = compute_prototypes(A, B)  # (n E, d)
-        total += time.process_time() - t0
+        A = (torch.randn(n * n_experts, r, d, generator=gen) / d ** 0.5).to(device)  # (n E, r, d)
+        B = (torch.randn(n * n_experts, d, r, generator=gen) * 0.05).to(device)  # (n E, out, r)
+        out = {}
+        total += clock(lambda: out.setdefault("p", compute_prototypes(A, B)))  # (n E, d)
         if kept is None:
-            kept = (A[:sample].clone(), B[:sample].clone(), protos[:sample].clone())
+            kept = (A[:sample].cpu(), B[:sample].cpu(), out["p"][:sample].cpu())
         done += n
-        del A, B, protos
+        del A, B, out
     A, B, protos = kept
-    worst_cos, worst_abs, dense_s = 0.0, 0.0, []
+    worst_cos, dense_s = 0.0, []
     for i in range(sample):
         t0 = time.process_time()
         v = torch.linalg.svd(B[i].double() @ A[i].double()).Vh[0]  # dense (d, d) SVD: the slow, obvious way
         dense_s.append(time.process_time() - t0)
-        p = protos[i].double()
-        cos = float(torch.dot(p, v))
-        worst_cos = max(worst_cos, 1 - abs(cos))
-        worst_abs = max(worst_abs, float((p - torch.sign(torch.tensor(cos)) * v).abs().max()))
+        worst_cos = max(worst_cos, 1 - abs(float(torch.dot(protos[i].double(), v))))
     return {"experts": n_experts, "sites": sites, "shape": [d, d], "rank": r, "phi2_prototypes_s": total,
-            "sample": sample, "max_one_minus_abs_cos": worst_cos, "max_abs_diff": worst_abs,
-            "dense_svd_s_per_module": statistics.mean(dense_s),
-            "dense_svd_whole_library_h": statistics.mean(dense_s) * sites * n_experts / 3600}
+            "sample": sample, "max_one_minus_abs_cos": worst_cos, "dense_svd_s_per_module": statistics.mean(dense_s)}
 
 
-def verdict(value, goal, higher_is_better=False) -> str:
-    ok = value >= goal if higher_is_better else value <= goal
-    return f"{'ok ' if ok else 'MISS'} (goal {'>=' if higher_is_better else '<='} {goal})"
+def verdict(value: float, key: tuple) -> str:
+    if key not in GOALS:
+        return ""
+    goal, higher = GOALS[key]
+    ok = value >= goal if higher else value <= goal
+    return f"{'ok' if ok else 'MISS'} ({'>=' if higher else '<='} {goal})"
+
+
+def table(out: dict) -> str:
+    """The results as a markdown table with the goals."""
+    rows = ["| figure | E | median | min-max | goal |", "|---|---|---|---|---|"]
+
+    def row(name, E, r):
+        if isinstance(r, dict):
+            rows.append(f"| {name} | {E} | {r['median']:.3f} | {r['min']:.3f}-{r['max']:.3f} (n={r['reps']}) | "
+                        f"{verdict(r['median'], (name, E))} |")
+        else:
+            rows.append(f"| {name} | {E} | {r:.2f} | | {verdict(r, (name, E))} |")
+
+    for r in out["libraries"]:
+        for name in ("forward_ratio", "generation_ratio", "vs_peft_forward", "trace_ratio", "attach_cold_s",
+                     "attach_warm_s", "peft_attach_s"):
+            if name in r:
+                row(name, r["E"], r[name])
+    if "phi2" in out:
+        row("phi2_prototypes_s", out["phi2"]["experts"], out["phi2"]["phi2_prototypes_s"])
+    return "\n".join(rows)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base-model", default="smollm2-135m-instruct")
-    p.add_argument("--reps", type=int, default=5, help="forward repetitions per side")
-    p.add_argument("--gen-reps", type=int, default=3, help="generation repetitions per side")
+    p.add_argument("--random-base", action="store_true", help="random weights with SmolLM2's config (no download)")
+    p.add_argument("--experts", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--reps", type=int, default=7, help="forward repetitions per side (>= 5)")
+    p.add_argument("--gen-reps", type=int, default=5, help="generation repetitions per side (>= 5)")
     p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--quick", action="store_true", help="E=16 only, no Phi-2 part (a smoke run)")
+    p.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison")
+    p.add_argument("--quick", action="store_true", help="E=16 only, 3 repetitions, no PEFT, no Phi-2 part")
+    add_device_arguments(p, default="cpu")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "arrow_speed.json"))
     args = p.parse_args(argv)
+    if args.quick:
+        args.experts, args.reps, args.gen_reps, args.no_peft = [16], 3, 3, True
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     started = time.perf_counter()
-    base = load_base_model(args.base_model)
-    experts = [random_expert(base.model, base.targets, f"e{i:02d}", rank=4, alpha=16, seed=i) for i in range(64)]
-    out = {"command": "python bench/arrow_speed.py", "base_model": args.base_model, "rank": 4, "top_k": 4,
-           "targets": base.targets, "torch_threads": torch.get_num_threads(), "goals": GOALS, "libraries": []}
+    base = random_base("smollm2", dtype=dtype) if args.random_base else load_base_model(args.base_model, dtype=dtype)
+    base.model.to(device)
+    experts = random_experts(base, max(args.experts))
+    out = {"command": "python bench/arrow_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "base_model": base.source, "rank": 4, "top_k": 4, "device": str(device), "dtype": str(dtype),
+           "targets": base.targets, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+           "goals": {f"{k[0]}@{k[1]}": v[0] for k, v in GOALS.items()}, "libraries": []}
+    clock = Clock(device)
     with tempfile.TemporaryDirectory() as tmp:
-        lib = ExpertLibrary.create(Path(tmp) / "lib", base)
-        for e in experts:
-            lib.add(e)
-        peft_paths = [str(lib.export(e.name, Path(tmp) / "peft" / e.name)) for e in experts]
-        for E in (16,) if args.quick else (16, 64):
+        lib_path, peft_paths = None, []
+        if 64 in args.experts or not args.no_peft:  # the library on disk: attach timing, PEFT's adapter folders
+            lib_path = Path(tmp) / "lib"
+            lib = ExpertLibrary.create(lib_path, base)
+            for e in experts:
+                lib.add(e)
+            if not args.no_peft:
+                peft_paths = [str(lib.export(e.name, Path(tmp) / "peft" / e.name)) for e in experts]
+        for E in args.experts:
             print(f"E={E} ...", flush=True)
-            out["libraries"].append(bench_library(E, base, experts, Path(tmp) / "lib", peft_paths, args))
+            out["libraries"].append(bench_library(E, base, experts, lib_path, peft_paths, args, clock, device))
     if not args.quick:
         print("Phi-2 prototypes ...", flush=True)
-        out["phi2"] = bench_phi2_prototypes()
+        out["phi2"] = bench_phi2_prototypes(device=str(device))
     out["total_s"] = time.perf_counter() - started
-
-    print(f"\nArrow routing speed ({args.base_model}, rank 4, top-4, CPU time, medians of interleaved runs)")
+    print(f"\nArrow routing speed ({base.source}, {device}, {dtype}, rank 4, top-4; ratios of medians, "
+          f"min-max of per-repetition ratios)\n" + table(out))
     for r in out["libraries"]:
-        E = r["E"]
-        print(f"E={E}")
-        print(f"  routed/base forward, 64 tokens : {r['forward_ratio']:.2f}  "
-              f"({r['routed_forward_s']*1e3:.0f} / {r['base_forward_s']*1e3:.0f} ms)  "
-              + verdict(r["forward_ratio"], GOALS["forward_ratio"][E]))
-        line = (f"  routed/base generation tok/s   : {r['generation_ratio']:.2f}  "
-                f"({r['routed_tok_s']:.1f} / {r['base_tok_s']:.1f} tok/s)")
-        print(line + ("  " + verdict(r["generation_ratio"], GOALS["generation_ratio"][E], True)
-                      if E in GOALS["generation_ratio"] else ""))
-        print(f"  ours/PEFT-Arrow forward        : {r['vs_peft_forward']:.2f}  "
-              f"({r['ours_forward_s']*1e3:.0f} / {r['peft_forward_s']*1e3:.0f} ms)  "
-              + verdict(r["vs_peft_forward"], GOALS["vs_peft_forward"][E]))
-        print(f"  trace on/off forward           : {r['trace_ratio']:.3f}  " + verdict(r["trace_ratio"], 1.05))
-        if "attach_cold_s" in r:
-            print(f"  attach from disk, cold / warm  : {r['attach_cold_s']:.2f} s / {r['attach_warm_s']:.2f} s  "
-                  + verdict(r["attach_cold_s"], 5.0) + f"   (PEFT create_arrow_model: {r['peft_attach_s']:.1f} s)")
-        if "shared_qkv_generation_speedup" in r:
-            print(f"  shared q/k/v matmul, gen speed : x{r['shared_qkv_generation_speedup']:.2f}")
-    if "phi2" in out:
-        ph = out["phi2"]
-        print(f"Phi-2 shapes: prototypes for {ph['experts']} experts x {ph['sites']} sites: "
-              f"{ph['phi2_prototypes_s']:.2f} s  " + verdict(ph["phi2_prototypes_s"], 5.0))
-        print(f"  vs dense SVD on {ph['sample']} samples: max 1-|cos| {ph['max_one_minus_abs_cos']:.1e}, "
-              f"max |diff| {ph['max_abs_diff']:.1e}; dense SVD {ph['dense_svd_s_per_module']:.1f} s per module "
-              f"(~{ph['dense_svd_whole_library_h']:.0f} h for the library)")
+        print(f"E={r['E']}: forward {r['routed_forward_s'] * 1e3:.0f} / {r['base_forward_s'] * 1e3:.0f} ms, "
+              f"generation {r['routed_tok_s']:.1f} / {r['base_tok_s']:.1f} tok/s (routed / base)")
     print(f"total {out['total_s']:.0f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

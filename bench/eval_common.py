@@ -5,6 +5,8 @@ Usage::
     from bench.eval_common import rank_classify, greedy_generate, exact_match, bootstrap_ci
     preds = rank_classify(model, tok, prompt_ids, choice_ids)        # index of the best choice per example
     texts = greedy_generate(model, tok, prompt_ids, max_new_tokens=8)
+    new_ids = greedy_generate_ids(model, tok, prompt_ids, 8)          # the same, as token ids (eos kept)
+    router, source = library_router(lib)                             # the library's default router, or Arrow
     mean, lo, hi = bootstrap_ci(np.array([1, 0, 1, 1]))
 
 `model` is the (possibly Arrow-routed) Hugging Face causal LM, e.g. `RoutedModel.base.model`: routing is per
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from bench.eval_figures import FIGURES, svg_heatmap, svg_intervals, write_figure  # noqa: F401 (re-exported)
+from library_store.training.prefix import SharedPrefix, cache_kwarg, common_prefix_length, output_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -45,20 +48,10 @@ def load_base(name: str):
     return _BASES[name]
 
 
-
 def prompt_ids(base, texts: list[str], chat: bool = True) -> list[list[int]]:
     """Token ids of each text inside the model's chat template (as the experts were trained)."""
     tok = base.tokenizer
     return [tok(base.format_prompt(t, chat), add_special_tokens=False).input_ids for t in texts]
-
-
-def user_positions(base, text: str, chat: bool = True) -> list[int]:
-    """Positions of the tokens that overlap the user's own text (not the template around it)."""
-    formatted = base.format_prompt(text, chat)
-    start = formatted.rfind(text)
-    end = start + len(text)
-    enc = base.tokenizer(formatted, add_special_tokens=False, return_offsets_mapping=True)
-    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < end]
 
 
 def _batches(lengths: list[int], max_tokens: int, max_rows: int = 64):
@@ -88,57 +81,35 @@ def routed_experts(lib) -> tuple[list[str], tuple[str, ...]]:
 
 
 def arrow_router(lib, top_k: int = 4):
-    """The library's default Arrow router (top-k 4, T 1) over its routable experts."""
-    from explorer.routing.model import RouterConfig
+    """The fallback router when a library has recorded none: Arrow, top-k 4 (at most the routed experts), T 1,
+    no centring."""
+    from explorer.routing.config import RouterConfig
 
     use, _ = routed_experts(lib)
     return RouterConfig(mode="arrow", top_k=min(top_k, len(use)))
 
 
+def library_router(lib, fallback_top_k: int = 4):
+    """(RouterConfig, source): the library's recorded default router (`library_store.store.reports`, chosen by
+    `bench/eval_routing.py --sweep --record` on training prompts), source "recorded default"; else the
+    fallback `arrow_router`, source "fallback (no recorded default)"."""
+    from explorer.routing.config import RouterConfig
+    from library_store.store.reports import default_router
+
+    recorded = default_router(lib)
+    if recorded is not None:
+        return RouterConfig.from_dict(recorded), "recorded default"
+    return arrow_router(lib, fallback_top_k), "fallback (no recorded default)"
+
+
 # ---------------------------------------------------------------- scoring
-
-
-def common_prefix(rows: list[list[int]]) -> int:
-    """Length of the token prefix all rows share, leaving every row at least one token of its own (the chat
-    template's system turn is ~25 tokens of every prompt: computed once, it halves the cost of short prompts)."""
-    n = min(len(r) for r in rows) - 1
-    first = rows[0]
-    for r in rows[1:]:
-        k = 0
-        while k < n and r[k] == first[k]:
-            k += 1
-        n = k
-    return max(n, 0)
-
-
-class SharedPrefix:
-    """The KV cache of a shared prefix, run once and copied for each batch. Exact: a causal model's prefix
-    states do not depend on what follows, and routing is per token.
-
-    Usage: ``sp = SharedPrefix(model, ids[:L]); cache = sp.cache(batch_size)`` then feed the suffixes.
-    """
-
-    def __init__(self, model, prefix: list[int]):
-        self.model, self.length = model, len(prefix)
-        self._cache = None
-        if prefix:
-            self._cache = model.get_decoder()(input_ids=torch.tensor([prefix]), use_cache=True).cache
-
-    def cache(self, batch: int):
-        if self._cache is None:
-            return None
-        import copy
-
-        c = copy.deepcopy(self._cache)
-        c.batch_repeat_interleave(batch)
-        return c
 
 
 def _hidden(model, ids: torch.Tensor, prefix: SharedPrefix | None = None) -> torch.Tensor:
     """(b, t, d) final hidden states of right-padded `ids` (after the shared prefix, if any); callers apply the
     LM head to the few positions they need, so (b, t, vocab) logits of a 49k vocabulary are never formed."""
-    cache = prefix.cache(ids.shape[0]) if prefix is not None else None
-    return model.get_decoder()(input_ids=ids, cache=cache, use_cache=cache is not None).last_hidden_state
+    cached = prefix.kwargs(ids.shape[0]) if prefix is not None else {}
+    return model.get_decoder()(input_ids=ids, use_cache=bool(cached), **cached).last_hidden_state
 
 
 @torch.no_grad()
@@ -163,8 +134,8 @@ def choice_loglik(model, tokenizer, prompts: list[list[int]], choices: list[list
             for j, c in enumerate(cs):
                 rows.append(p + c)
                 owners.append((i, j))
-    L = common_prefix(rows) if share_prefix and len(rows) > 1 else 0
-    prefix = SharedPrefix(model, rows[0][:L])
+    L = common_prefix_length(rows) if share_prefix and len(rows) > 1 else 0
+    prefix = SharedPrefix(model.get_decoder(), rows[0][:L])
     for group in _batches([len(r) - L for r in rows], max_tokens):
         h = _hidden(model, _right_pad([rows[g][L:] for g in group], pad), prefix)  # (b, t - L, d)
         for b, g in enumerate(group):
@@ -187,10 +158,24 @@ def rank_classify(model, tokenizer, prompts, choices, max_tokens: int = 4096, sh
     return [int(np.argmax(s)) for s in scores]
 
 
-@torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, max_tokens: int = 4096,
                     share_prefix: bool = True) -> list[str]:
-    """Greedy continuations of many prompts; the new text of each.
+    """Greedy continuations of many prompts; the new text of each (see `greedy_generate_ids`)."""
+    return [decode_new(tokenizer, ids) for ids in
+            greedy_generate_ids(model, tokenizer, prompts, max_new_tokens, max_tokens, share_prefix)]
+
+
+def decode_new(tokenizer, ids: list[int]) -> str:
+    """The text of generated ids, up to the end-of-sequence token."""
+    eos = tokenizer.eos_token_id
+    return tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def greedy_generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, max_tokens: int = 4096,
+                        share_prefix: bool = True) -> list[list[int]]:
+    """Greedy continuations of many prompts: the new token ids of each, up to and including the
+    end-of-sequence token when one was produced (what `RoutedModel.trace` routes as generated tokens).
 
     Batched with left padding placed *after* the shared prefix ([prefix][pads][own tokens]), an attention
     mask hiding the pads and explicit positions, so every row sees exactly what it would see alone. Stops
@@ -200,9 +185,9 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     head = model.get_output_embeddings()
     decoder = model.get_decoder()
-    out = [""] * len(prompts)
-    L = common_prefix(prompts) if share_prefix and len(prompts) > 1 else 0
-    prefix = SharedPrefix(model, prompts[0][:L])
+    out: list[list[int]] = [[] for _ in prompts]
+    L = common_prefix_length(prompts) if share_prefix and len(prompts) > 1 else 0
+    prefix = SharedPrefix(decoder, prompts[0][:L])
     for group in _batches([len(p) - L + max_new_tokens for p in prompts], max_tokens):
         rows = [prompts[g][L:] for g in group]
         b, width = len(rows), max(len(r) for r in rows)
@@ -214,8 +199,9 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
         new = torch.full((b, max_new_tokens), pad)
         done = torch.zeros(b, dtype=torch.bool)
         for step in range(max_new_tokens):
-            res = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-            cache = res.cache
+            res = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                          **({cache_kwarg(decoder): cache} if cache is not None else {}))
+            cache = output_cache(res)
             nxt = head(res.last_hidden_state[:, -1]).argmax(-1)  # (b,)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             new[:, step] = nxt
@@ -225,9 +211,8 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
             ids, pos = nxt[:, None], pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], 1)
         for k, g in enumerate(group):
-            toks = new[k].tolist()
-            toks = toks[: toks.index(eos)] if eos in toks else toks
-            out[g] = tokenizer.decode(toks, skip_special_tokens=True)
+            toks = new[k].tolist()  # a row that stopped early is padded after its eos
+            out[g] = toks[: toks.index(eos) + 1] if eos in toks else toks
     return out
 
 
@@ -353,6 +338,7 @@ def quick_libraries(folder: Path, model: str = "tiny-random-llama", steps: int =
     (the quick run tests the plumbing, not MBC)."""
     from library_store.store.library import ExpertLibrary
     from library_store.tasks import resolve_tasks
+    from library_store.training.mbc import cluster_name, warmup_name
     from library_store.training.train import TrainConfig, train_expert
 
     base = load_base(model)
@@ -362,10 +348,11 @@ def quick_libraries(folder: Path, model: str = "tiny-random-llama", steps: int =
     for name, task in tasks.items():
         private.add(train_expert(base, [task], name, "private", cfg))
     mbc = ExpertLibrary.create(folder / "quick-mbc", base.fingerprint)
-    mbc.add(train_expert(base, [tasks["add"]], "warmup-add", "warmup", cfg))  # stored, never routed
-    for i, (family, names) in enumerate(QUICK_TASKS.items()):
-        mbc.add(train_expert(base, [tasks[n] for n in names], f"cluster_{i}", "cluster", cfg, cluster=f"cluster_{i}"))
-    mbc.set_clusters({f"cluster_{i}": names for i, names in enumerate(QUICK_TASKS.values())})
+    mbc.add(train_expert(base, [tasks["add"]], warmup_name("add"), "warmup", cfg))  # stored, never routed
+    clusters = {cluster_name(i): names for i, names in enumerate(QUICK_TASKS.values())}
+    for c, names in clusters.items():
+        mbc.add(train_expert(base, [tasks[n] for n in names], c, "cluster", cfg, cluster=c))
+    mbc.set_clusters(clusters)
     return {"private": folder / "quick-private", "mbc": folder / "quick-mbc"}
 
 

@@ -4,6 +4,7 @@ Usage::
 
     svg = svg_heatmap(matrix, rows, cols, "title")                     # task x expert mean routing weight
     svg = svg_intervals(["base", "MBC"], [(0.3, 0.25, 0.35), ...], "title", chance=0.5)
+    svg = svg_lines([0, 1, 2], {"centre none": [0.2, 0.5, 0.9]}, "title", "layer", "accuracy")   # 0..1 curves
     write_figure("name.svg", svg)                                     # docs/figures/name.svg
 """
 from __future__ import annotations
@@ -72,6 +73,43 @@ def svg_intervals(labels: list[str], stats: list[tuple[float, float, float]], ti
                      f'<line x1="{x(lo)}" y1="{y}" x2="{x(hi)}" y2="{y}" stroke="#08306b" stroke-width="2"/>'
                      f'<circle cx="{x(m)}" cy="{y}" r="4" fill="#08306b"/>'
                      f'<text x="{x(hi) + 5}" y="{y + 4}" fill="#555">{m:.3f}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+PALETTE = ("#08306b", "#e6550d", "#31a354", "#756bb1", "#de2d26", "#636363", "#3182bd", "#fdae6b")
+
+
+def svg_lines(xs: list, series: dict[str, list[float]], title: str, xlabel: str, ylabel: str,
+              width: int = 560, height: int = 300) -> str:
+    """Curves on a 0..1 y axis (e.g. routing accuracy per layer, one curve per centring option), one colour
+    per series, a legend on the right; None values are skipped."""
+    left, right, top, bottom = 45, 170, 35, 40
+    pw, ph = width - left - right, height - top - bottom
+    n = max(len(xs) - 1, 1)
+    x = lambda i: left + pw * i / n  # noqa: E731
+    y = lambda v: top + ph * (1 - min(max(v, 0.0), 1.0))  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+             f'<text x="5" y="16" font-size="13" font-weight="bold">{escape(title)}</text>']
+    for t in np.linspace(0, 1, 6):
+        parts.append(f'<line x1="{left}" y1="{y(t)}" x2="{left + pw}" y2="{y(t)}" stroke="#eee"/>'
+                     f'<text x="{left - 5}" y="{y(t) + 4}" text-anchor="end">{t:.1f}</text>')
+    step = max(1, len(xs) // 12)  # at most ~12 tick labels
+    for i in range(0, len(xs), step):
+        parts.append(f'<text x="{x(i)}" y="{top + ph + 15}" text-anchor="middle">{escape(str(xs[i]))}</text>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">{escape(xlabel)}</text>'
+                 f'<text transform="translate(12,{top + ph / 2}) rotate(-90)" text-anchor="middle">'
+                 f'{escape(ylabel)}</text>')
+    for j, (label, values) in enumerate(series.items()):
+        colour = PALETTE[j % len(PALETTE)]
+        pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values) if v is not None)
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts += [f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="2.5" fill="{colour}"/>'
+                  for i, v in enumerate(values) if v is not None]
+        ly = top + 14 * j + 5
+        parts.append(f'<line x1="{left + pw + 10}" y1="{ly}" x2="{left + pw + 28}" y2="{ly}" stroke="{colour}" '
+                     f'stroke-width="2"/><text x="{left + pw + 32}" y="{ly + 4}">{escape(label)}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 

@@ -13,11 +13,14 @@ Setting B: a private and an MBC library built with `python -m library_store buil
 tasks, evaluated on other BIG-bench tasks: multiple choice by rank classification (length-normalised
 log-likelihood), generative by exact match.
 
+`--split paraphrase`: the same inputs in wordings never trained on (built-in tasks). Each library routes with
+its recorded default router (`library_store.store.reports`; chosen on training prompts by `eval_routing.py
+--sweep`), else Arrow top-k 4, T 1. The uniform merge is reported raw (used for the ordering) and mean-centred.
+
 Every score comes with a 95 % bootstrap interval (examples resampled; the mean over tasks resamples within
 each task) and paired bootstrap intervals of the differences between methods, which answer "is this method
-better than that one" more sharply than two overlapping intervals can. Nothing is tuned on held-out tasks:
-router settings are the library defaults (Arrow, top-k 4, T 1). Writes `bench/results/heldout-<setting>.json`
-and `docs/figures/heldout-<setting>.svg`.
+better than that one" more sharply than two overlapping intervals can. Nothing is tuned on held-out tasks.
+Writes `bench/results/heldout-<setting>[-<split>].json` and `docs/figures/heldout-<setting>[-<split>].svg`.
 """
 from __future__ import annotations
 
@@ -37,14 +40,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.eval_common import (FIGURES, RESULTS, Clock, arrow_router, bootstrap_ci,  # noqa: E402
+from bench.eval_common import (FIGURES, RESULTS, Clock, bootstrap_ci, library_router,  # noqa: E402
                                bootstrap_task_mean, chance_level, exact_match, fmt_ci, greedy_generate, load_base,
                                md_table, paired_difference, prompt_ids, rank_classify, svg_intervals, target_tokens,
                                write_figure, write_json)
 
 ORDER = ["base", "uniform", "private_arrow", "mbc_arrow"]  # the paper's claimed ordering, worst to best
 LABELS = {"base": "base", "uniform": "uniform merge (private)", "private_arrow": "Private+Arrow",
-          "mbc_arrow": "MBC+Arrow", "oracle": "oracle: closest expert"}
+          "mbc_arrow": "MBC+Arrow", "oracle": "oracle: closest expert",
+          "uniform_centred": "uniform merge, centred (private)"}
+EXTRA = ["uniform_centred", "oracle"]  # reported beside the ordering, not part of it
 # Chosen for short inputs (cheap CPU training and scoring) before any score was seen; the evaluation tasks are
 # multiple choice with one-token options (one forward per example) plus one generative task.
 SETTING_B_TRAIN = "bigbench:" + ",".join([
@@ -55,12 +60,10 @@ SETTING_B_EVAL = "bigbench:" + ",".join([
     "object_counting"])
 
 
-# ---------------------------------------------------------------- scoring one model on many tasks
 
-
-def score_task(base, task, n: int, max_tokens: int) -> dict:
+def score_task(base, task, n: int, max_tokens: int, split: str = "heldout") -> dict:
     """Per-example 0/1 scores of the model as it is now routed, plus a few predictions to read."""
-    examples = task.heldout[:n]
+    examples = task.examples(split)[:n]
     ids = prompt_ids(base, [e.input for e in examples])
     tok = base.tokenizer
     if task.metric == "multiple_choice":
@@ -74,11 +77,11 @@ def score_task(base, task, n: int, max_tokens: int) -> dict:
     return {"correct": correct, "samples": [[e.input[-80:], e.target, p] for e, p in zip(examples[:3], shown[:3])]}
 
 
-def score_all(base, tasks, n: int, max_tokens: int, clock: Clock, label: str) -> dict:
+def score_all(base, tasks, n: int, max_tokens: int, clock: Clock, label: str, split: str = "heldout") -> dict:
     out = {}
     for t in tasks:
         with clock(label):
-            out[t.name] = score_task(base, t, n, max_tokens)
+            out[t.name] = score_task(base, t, n, max_tokens, split)
         print(f"  {label:14s} {t.name:24s} {np.mean(out[t.name]['correct']):.3f}", flush=True)
     return out
 
@@ -86,7 +89,7 @@ def score_all(base, tasks, n: int, max_tokens: int, clock: Clock, label: str) ->
 def oracle_experts(base, rm, private_lib, tasks, n_train: int = 20) -> dict[str, dict]:
     """Per held-out task: the same-family private expert with the largest mean Arrow weight on training
     prompts of that task (its family from the built-in suite)."""
-    from bench.eval_routing import routing_profiles
+    from bench.eval_routing import route_prompts
     from library_store.tasks import resolve_tasks
 
     names = [i.name for i in private_lib.infos()]
@@ -95,8 +98,8 @@ def oracle_experts(base, rm, private_lib, tasks, n_train: int = 20) -> dict[str,
     expert_family = {i.name: fam_of.get((i.tasks or [i.name])[0]) for i in private_lib.infos()}
     out = {}
     for task in tasks:
-        w, _ = routing_profiles(rm, base, [e.input for e in task.train[:n_train]])
-        mean = dict(zip(rm.experts, w.mean(0)))
+        traces = route_prompts(rm, base, [e.input for e in task.train[:n_train]])
+        mean = dict(zip(rm.experts, np.mean([tr.usage("prompt") for tr in traces], axis=0)))
         same = [n for n in names if expert_family[n] == task.family] or names
         best = max(same, key=lambda n: mean[n])
         out[task.name] = {"expert": best, "family_candidates": same, "mean_weight": float(mean[best])}
@@ -104,63 +107,75 @@ def oracle_experts(base, rm, private_lib, tasks, n_train: int = 20) -> dict[str,
 
 
 def evaluate(base, tasks, private_path: str, mbc_path: str, n: int, max_tokens: int, with_oracle: bool,
-             clock: Clock, mbc_ready=None, on_method=None, private_ready=None) -> tuple[dict, dict]:
-    """{method: {task: score record}} for base, uniform, private_arrow, mbc_arrow (and oracle).
+             clock: Clock, mbc_ready=None, on_method=None, private_ready=None, split: str = "heldout",
+             routers: dict | None = None) -> tuple[dict, dict]:
+    """{method: {task: score record}} for base, uniform (raw and centred), private_arrow, mbc_arrow (and oracle).
+    `routers` (if given) is filled with the router each library was routed with and where it came from.
     `mbc_ready()`, if given, is polled before the MBC library is opened (it may still be building);
     `on_method(scores, oracle)` is called after each method, so a run stopped early leaves its partial results."""
     done = on_method or (lambda *_: None)
-    from explorer.routing.model import RoutedModel, RouterConfig
+    from explorer.routing.config import RouterConfig
+    from explorer.routing.model import RoutedModel
     from library_store.store.library import ExpertLibrary
 
     scores, oracle = {}, {}
-    scores["base"] = score_all(base, tasks, n, max_tokens, clock, "base")
+    routers = {} if routers is None else routers
+
+    def score(label, ts=tasks):
+        return score_all(base, ts, n, max_tokens, clock, label, split)
+
+    def attach(kind: str, path: str, ready):
+        """Wait for the library's build (if `ready` is given), open it, attach it with its default router."""
+        while ready is not None and not ready():
+            with clock(f"waiting_for_{kind}_build"):
+                time.sleep(30)
+        lib = ExpertLibrary.open(path, readonly=True)
+        router, source = library_router(lib)
+        routers[kind] = {"router": router.to_dict(), "source": source}
+        return lib, router, RoutedModel.from_library(base, lib, router)  # an MBC library: cluster experts only
+
+    scores["base"] = score("base")
     done(scores, oracle)
-    while private_ready is not None and not private_ready():
-        with clock("waiting_for_private_build"):
-            time.sleep(30)
-    private = ExpertLibrary.open(private_path, readonly=True)
-    rm = RoutedModel.from_library(base, private, arrow_router(private))
+    private, router, rm = attach("private", private_path, private_ready)
     try:
         if with_oracle:
             with clock("oracle_choice"):
                 oracle = oracle_experts(base, rm, private, tasks)
         rm.set_router(RouterConfig(mode="uniform"))
-        scores["uniform"] = score_all(base, tasks, n, max_tokens, clock, "uniform")
+        scores["uniform"] = score("uniform")
         done(scores, oracle)
-        rm.set_router(arrow_router(private))
-        scores["private_arrow"] = score_all(base, tasks, n, max_tokens, clock, "private_arrow")
+        if len(rm.experts) >= 3:  # 'mean' centring needs 3 experts (see RoutedModel.set_router)
+            rm.set_router(RouterConfig(mode="uniform", centre="mean", centre_scope="weights"))
+            scores["uniform_centred"] = score("uniform_centred")
+            done(scores, oracle)
+        rm.set_router(router)
+        scores["private_arrow"] = score("private_arrow")
         done(scores, oracle)
         if with_oracle:
             by_task = {}
             for t in tasks:
                 rm.set_router(RouterConfig(mode=f"expert:{oracle[t.name]['expert']}"))
-                by_task.update(score_all(base, [t], n, max_tokens, clock, "oracle"))
+                by_task.update(score("oracle", [t]))
             scores["oracle"] = by_task
             done(scores, oracle)
     finally:
         rm.detach()
-    while mbc_ready is not None and not mbc_ready():
-        with clock("waiting_for_mbc_build"):
-            time.sleep(30)
-    mbc = ExpertLibrary.open(mbc_path, readonly=True)
-    rm = RoutedModel.from_library(base, mbc, arrow_router(mbc))  # cluster experts only
+    rm = attach("mbc", mbc_path, mbc_ready)[2]
     try:
-        scores["mbc_arrow"] = score_all(base, tasks, n, max_tokens, clock, "mbc_arrow")
+        scores["mbc_arrow"] = score("mbc_arrow")
         done(scores, oracle)
     finally:
         rm.detach()
     return scores, oracle
 
 
-# ---------------------------------------------------------------- summarising
 
-
-def summarise(tasks, scores: dict, n: int) -> dict:
+def summarise(tasks, scores: dict, n: int, split: str = "heldout") -> dict:
     """Per-task and mean scores with intervals, chance levels, the ordering check and paired differences."""
-    methods = [m for m in ORDER + ["oracle"] if m in scores]
+    methods = [m for m in ORDER + EXTRA if m in scores]
     per_task, rows = {}, []
     for t in tasks:
-        ex = t.heldout[:n]
+        ex = t.examples(split)[:n]
         rec = {"n": len(ex), "metric": t.metric, "family": t.family,
                "chance": chance_level(ex, t.metric, t.train + t.heldout)}
         for m in methods:
@@ -185,7 +200,7 @@ def summarise(tasks, scores: dict, n: int) -> dict:
     order_means = [means[m][0] for m in present]
     missing = [m for m in ORDER if m not in scores]
     reproduced = all(x < y for x, y in zip(order_means, order_means[1:])) if not missing else None
-    return {"methods": methods, "tasks": per_task,
+    return {"methods": methods, "tasks": per_task, "split": split,
             "mean": {m: {"mean": means[m][0], "ci95": [means[m][1], means[m][2]]} for m in methods},
             "chance_mean": chance, "differences": diffs, "partial": bool(missing), "missing_methods": missing,
             "ordering": {"claimed": "base < uniform < private_arrow < mbc_arrow",
@@ -225,8 +240,6 @@ def figure(summary: dict, name: str, title: str, figures: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-# ---------------------------------------------------------------- settings
-
 
 def build_library(kind: str, spec: str, dest: Path, model: str, steps: int, extra: list[str], log: Path,
                   threads: int) -> dict:
@@ -246,21 +259,23 @@ def build_library(kind: str, spec: str, dest: Path, model: str, steps: int, extr
 
 
 def run_setting(setting: str, args, out: Path, figures: Path, model: str, tasks_spec: str, private: str,
-                mbc: str, n: int, builds=None, tag: str = "", mbc_ready=None, private_ready=None) -> dict:
+                mbc: str, n: int, builds=None, tag: str = "", mbc_ready=None, private_ready=None,
+                split: str = "heldout") -> dict:
     from library_store.tasks import resolve_tasks
 
     clock = Clock()
     with clock("load"):
         base = load_base(model)
         tasks = resolve_tasks(tasks_spec)
-    name = f"heldout-{setting}{tag}"
+    name = f"heldout-{setting}{tag}" + ("" if split == "heldout" else f"-{split}")
+    routers: dict = {}
 
     def save(scores: dict, oracle: dict, final: bool = False) -> dict:
-        summary = summarise(tasks, scores, n)
+        summary = summarise(tasks, scores, n, split)
         built = builds() if callable(builds) else builds  # re-read: a build may have finished meanwhile
         summary.update(
             setting=setting, model=model, tasks_spec=tasks_spec, private_library=private, mbc_library=mbc,
-            n_cap=n, oracle=oracle, builds=built or {}, router={"mode": "arrow", "top_k": 4, "temperature": 1.0},
+            n_cap=n, oracle=oracle, builds=built or {}, routers=dict(routers),
             command=" ".join(["python"] + sys.argv), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             seconds=dict(clock.times), eval_seconds=clock.total(), torch_threads=torch.get_num_threads(),
             finished=final, scores={m: {t: s["correct"] for t, s in v.items()} for m, v in scores.items()})
@@ -270,7 +285,7 @@ def run_setting(setting: str, args, out: Path, figures: Path, model: str, tasks_
         return summary
 
     scores, oracle = evaluate(base, tasks, private, mbc, n, args.max_tokens, setting == "A", clock, mbc_ready,
-                              on_method=save, private_ready=private_ready)
+                              on_method=save, private_ready=private_ready, split=split, routers=routers)
     summary = save(scores, oracle, final=True)
     print(report(summary))
     print(f"time: eval {clock.total():.0f} s, total {summary['total_seconds']:.0f} s")
@@ -316,7 +331,7 @@ def setting_b(args, out: Path, figures: Path) -> dict | None:
     ready = (lambda: "mbc" in recorded()) if args.wait_mbc else None
     private_ready = (lambda: "private" in recorded()) if args.wait_mbc else None
     return run_setting("B", args, out, figures, args.model, args.b_eval, str(private), str(mbc), args.n_b,
-                       builds=recorded, mbc_ready=ready, private_ready=private_ready)
+                       builds=recorded, mbc_ready=ready, private_ready=private_ready, split=args.split)
 
 
 def quick(out: Path, figures: Path, args, libs: dict | None = None) -> list[dict]:
@@ -327,7 +342,8 @@ def quick(out: Path, figures: Path, args, libs: dict | None = None) -> list[dict
     with tempfile.TemporaryDirectory() as tmp:
         libs = libs or quick_libraries(Path(tmp))
         a = run_setting("A", args, out, figures, "tiny-random-llama", "variants:add_three,last_letter",
-                        str(libs["private"]), str(libs["mbc"]), 6, tag="-quick")
+                        str(libs["private"]), str(libs["mbc"]), 6, tag="-quick",
+                        split=getattr(args, "split", "heldout"))
         b = run_setting("B", args, out, figures, "tiny-random-llama", quick_mc_spec(Path(tmp)),
                         str(libs["private"]), str(libs["mbc"]), 6, tag="-quick")
         return [a, b]
@@ -336,6 +352,8 @@ def quick(out: Path, figures: Path, args, libs: dict | None = None) -> list[dict
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=["A", "B", "both"], default="A")
+    ap.add_argument("--split", choices=["heldout", "paraphrase", "train"], default="heldout",
+                    help="which examples to score (paraphrase: held-out wordings; built-in tasks only)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--private", default=str(ROOT / "assets/libraries/demo-private"), help="setting A library")
     ap.add_argument("--mbc", default=str(ROOT / "assets/libraries/demo-mbc"), help="setting A library")
@@ -370,7 +388,8 @@ def main(argv=None) -> None:
         return
     if args.setting in ("A", "both"):
         ready = (lambda: mbc_complete(args.mbc)) if args.wait_mbc else None
-        run_setting("A", args, out, figures, args.model, "variants", args.private, args.mbc, args.n, mbc_ready=ready)
+        run_setting("A", args, out, figures, args.model, "variants", args.private, args.mbc, args.n, mbc_ready=ready,
+                    split=args.split)
     if args.setting in ("B", "both"):
         setting_b(args, out, figures)
 

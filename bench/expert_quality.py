@@ -4,11 +4,14 @@ Usage::
 
     .venv/bin/python bench/expert_quality.py                                   # demo-private, 100 examples
     .venv/bin/python bench/expert_quality.py --library assets/libraries/demo-mbc --n 50   # cluster experts
+    .venv/bin/python bench/expert_quality.py --split paraphrase                # held-out wordings
     .venv/bin/python bench/expert_quality.py --quick                           # tiny twin library, seconds
 
-For every private (or cluster) expert and every task it was trained on: the task's held-out examples, scored
+For every private (or cluster) expert and every task it was trained on: the task's examples of one split
+(`--split`: `heldout` by default; `paraphrase`, the same inputs in wordings never trained on; `train`), scored
 once by the base model alone and once with that single expert attached (no routing), both inside the chat
-template the experts were trained with. Prints a table, writes `bench/results/expert_quality-<library>.json`,
+template the experts were trained with. Prints a table, writes `bench/results/expert_quality-<library>.json`
+(`-<split>` appended for another split than `heldout`),
 and with `--record` stores the scores in the library's index (`lib.add_score`). Exits 1 if an expert does not
 beat the base on one of its tasks.
 """
@@ -36,12 +39,12 @@ from library_store.training.train import attached  # noqa: E402
 
 
 @torch.no_grad()
-def score(base, task, n: int) -> np.ndarray:
+def score(base, task, n: int, split: str = "heldout") -> np.ndarray:
     """Per-example exact match (0/1) of whatever is attached to `base.model` right now."""
     if task.metric != "exact_match":
         raise SystemExit(f"{task.name} is {task.metric}; this benchmark scores exact-match tasks "
                          "(bench/eval_heldout.py does rank classification).")
-    examples = task.heldout[:n]
+    examples = task.examples(split)[:n]
     prompts = prompt_ids(base, [e.input for e in examples])
     preds = greedy_generate(base.model, base.tokenizer, prompts, target_tokens(base.tokenizer,
                                                                                [e.target for e in examples]))
@@ -49,9 +52,9 @@ def score(base, task, n: int) -> np.ndarray:
 
 
 def run(library: Path, base_name: str, tasks_spec: str, n: int, kinds: tuple[str, ...], record: bool,
-        only: list[str] | None = None) -> dict:
+        only: list[str] | None = None, split: str = "heldout") -> dict:
     base = load_base_model(base_name)
-    lib = ExpertLibrary.open(library, base=base)
+    lib = ExpertLibrary.open(library, readonly=not record, base=base)  # --record writes the scores
     tasks = {t.name: t for t in resolve_tasks(tasks_spec)}
     experts = [i for i in lib.infos() if i.kind in kinds and (not only or i.name in only)]
     needed = sorted({t for i in experts for t in i.tasks})
@@ -61,13 +64,13 @@ def run(library: Path, base_name: str, tasks_spec: str, n: int, kinds: tuple[str
     start = time.perf_counter()
     base_scores = {}
     for name in needed:
-        base_scores[name] = score(base, tasks[name], n)
+        base_scores[name] = score(base, tasks[name], n, split)
         print(f"base on {name}: {base_scores[name].mean():.3f}", file=sys.stderr, flush=True)
     rows = []
     for info in experts:
         with attached(base, lib[info.name]):
             for name in info.tasks:
-                s = score(base, tasks[name], n)
+                s = score(base, tasks[name], n, split)
                 b = base_scores[name]
                 lo, hi = bootstrap_ci(s - b)[1:]
                 rows.append({"expert": info.name, "kind": info.kind, "task": name, "family": tasks[name].family,
@@ -78,11 +81,11 @@ def run(library: Path, base_name: str, tasks_spec: str, n: int, kinds: tuple[str
                 print(f"{info.name} on {name}: {s.mean():.3f} (base {b.mean():.3f})", file=sys.stderr, flush=True)
     if record:
         for name, b in base_scores.items():
-            lib.add_score(None, name, "exact_match", float(b.mean()), {"split": "heldout", "n": len(b),
+            lib.add_score(None, name, "exact_match", float(b.mean()), {"split": split, "n": len(b),
                                                                         "model": "base"})
         for r in rows:
-            lib.add_score(r["expert"], r["task"], "exact_match", r["expert_score"], {"split": "heldout", "n": r["n"]})
-    return {"library": str(library), "base_model": base_name, "n_per_task": n, "rows": rows,
+            lib.add_score(r["expert"], r["task"], "exact_match", r["expert_score"], {"split": split, "n": r["n"]})
+    return {"library": str(library), "base_model": base_name, "split": split, "n_per_task": n, "rows": rows,
             "all_beat_base": all(r["beats_base"] for r in rows), "seconds": round(time.perf_counter() - start, 1),
             "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": torch.get_num_threads()}
 
@@ -103,7 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--library", default=str(ROOT / "assets/libraries/demo-private"))
     p.add_argument("--base-model", default="smollm2-135m-instruct")
     p.add_argument("--tasks", default="builtin", help="task spec the experts' tasks come from")
-    p.add_argument("--n", type=int, default=100, help="held-out examples per task")
+    p.add_argument("--n", type=int, default=100, help="examples per task")
+    p.add_argument("--split", choices=["heldout", "paraphrase", "train"], default="heldout")
     p.add_argument("--kinds", default="private,cluster")
     p.add_argument("--record", action="store_true", help="store the scores in the library's index")
     p.add_argument("--experts", default=None, help="score only these experts (comma-separated); their rows "
@@ -123,13 +127,14 @@ def main(argv=None) -> int:
         args.library, args.base_model, args.n = str(tmp), "tiny-random-llama", 8
     only = args.experts.split(",") if args.experts else None
     result = run(Path(args.library), args.base_model, args.tasks, args.n, tuple(args.kinds.split(",")), args.record,
-                 only)
-    out = RESULTS / f"expert_quality-{Path(args.library).name}.json"
+                 only, args.split)
+    out = RESULTS / (f"expert_quality-{Path(args.library).name}"
+                     + ("" if args.split == "heldout" else f"-{args.split}") + ".json")
     if only and out.is_file() and not args.quick:  # an incremental run: keep the other experts' rows
         import json
 
         earlier = json.loads(out.read_text())
-        if earlier.get("n_per_task") == args.n:
+        if earlier.get("n_per_task") == args.n and earlier.get("split", "heldout") == args.split:
             rows = [r for r in earlier["rows"] if r["expert"] not in only] + result["rows"]
             result["rows"] = sorted(rows, key=lambda r: (r["kind"], r["expert"], r["task"]))
             result["all_beat_base"] = all(r["beats_base"] for r in result["rows"])

@@ -1,9 +1,13 @@
-"""The README's screenshot: the real page, a real run, in Debian's Chromium.
+"""A screenshot of the instrument in use at 1440 x 900 (the whole page, the first 900 px being the screen): a routed prompt, a clicked cell's drill-down, a map pick
+lighting the grid, and a counterfactual, through Debian's Chromium.
 
 Usage::
 
-    python bench/page_screenshot.py                         # SmolLM2 + the demo libraries -> docs/screenshot.png
-    python bench/page_screenshot.py --library /tmp/lib --base-model tiny-random-llama --out /tmp/page.png
+    python bench/page_screenshot.py                               # SmolLM2 + demo-mbc -> /tmp/instrument.png
+    python bench/page_screenshot.py --out docs/screenshot.png --prompt "Add these numbers: 47 + 28"
+    python bench/page_screenshot.py --base-model tiny-random-llama --library /tmp/lib
+
+Starts `app.py` on a free port, drives it with Playwright, stops it.
 """
 from __future__ import annotations
 
@@ -14,44 +18,50 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.test_browser import CHROMIUM, start_app  # noqa: E402  (one way to start the page)
+from bench.app_latency import start, stop  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base-model", default="smollm2-135m-instruct")
-    parser.add_argument("--library", action="append", default=None)
+    parser.add_argument("--library", default=str(ROOT / "assets" / "libraries" / "demo-mbc"))
     parser.add_argument("--prompt", default="Reverse the letters of this word: garden")
-    parser.add_argument("--max-new", type=int, default=12)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "screenshot.png"))
-    parser.add_argument("--height", type=int, default=1750, help="pixels of the page to keep, from the top")
+    parser.add_argument("--out", default="/tmp/instrument.png")
     args = parser.parse_args()
-    app_args = ["--base-model", args.base_model]
-    for lib in args.library or []:
-        app_args += ["--library", lib]
     from playwright.sync_api import sync_playwright
 
-    proc, url = start_app(app_args, timeout=300)
+    proc, url, _ = start(["--base-model", args.base_model, "--library", args.library])
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM,
                                          args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 1400, "height": args.height}, device_scale_factor=1)
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
             page.goto(url)
-            page.wait_for_selector("#status :text('ready')", timeout=300_000)
+            page.wait_for_selector("#map .x-map[data-ready]", timeout=300_000)
+            page.fill("#max-new input[type=number]", "16")
+            page.press("#max-new input[type=number]", "Tab")
             page.fill("#prompt textarea", args.prompt)
-            page.locator("input[aria-label='number input for max new tokens']").fill(str(args.max_new))
-            page.locator("input[aria-label='number input for max new tokens']").press("Enter")
             page.click("#run")
-            page.wait_for_selector("#heatmap .js-plotly-plot .xtick text", timeout=600_000)
-            page.wait_for_function("document.querySelector('#generated textarea').value.length > 0")
-            page.wait_for_timeout(1500)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=args.out, clip={"x": 0, "y": 0, "width": 1400, "height": args.height})
+            page.wait_for_selector("#grid .x-grid[data-ready] .xtick text", timeout=300_000)
+            box = page.locator("#grid .nsewdrag").first.bounding_box()
+            x, y = page.evaluate("""() => { const d = JSON.parse(document.querySelector('#grid .x-grid').dataset
+                .payload); const l = document.querySelector('#grid .x-plot')._fullLayout;
+                return [l.xaxis.l2p(d.positions.length - 3), l.yaxis.l2p(Math.floor(d.layers.length / 2))]; }""")
+            page.mouse.click(box["x"] + x, box["y"] + y)
+            page.wait_for_selector("#drill .x-drill", timeout=60_000)
+            page.locator("#map .scatterlayer .point").first.click(force=True)
+            page.wait_for_selector("#grid .x-grid[data-highlighted]", timeout=30_000)
+            page.click("#cf-run")
+            page.wait_for_selector("#cf-out .x-cfout", timeout=120_000)
+            page.evaluate("window.scrollTo(0, 0)")
+            page.locator("#drill tr.x-exp").first.hover()  # its points grow on the map
+            page.wait_for_timeout(500)
+            page.screenshot(path=args.out, full_page=True)
             browser.close()
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
     print(f"wrote {args.out}")
 
 

@@ -6,8 +6,13 @@ Usage::
     python -m explorer generate --library assets/libraries/demo-mbc --prompt "Reverse the word: apple"
     python -m explorer trace --library assets/libraries/demo-mbc --prompt "Reverse the word: apple" \\
         --top-k 4 --max-new-tokens 8 --json
+    python -m explorer trace --library assets/libraries/demo-private --prompt "Add: 2 + 3" --centre mean \\
+        --centre-scope weights
 
-Errors print one line on stderr and exit with status 2.
+Router settings not given on the command line come from the library's recorded default router (what its
+evaluation chose, `library_store.store.reports.default_router`), else the built-in defaults. Settings are checked
+by the page's request normaliser (`explorer.page.request`, strict: what the page would
+clamp is refused here). Libraries are opened read-only. Errors print one line on stderr and exit with status 2.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
+    from explorer.routing.device import add_device_arguments
     from library_store.models import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="python -m explorer", description=__doc__.split("\n\n")[0])
@@ -27,11 +33,19 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--base-model", default=DEFAULT_MODEL, help="built-in name, Hugging Face id or local dir")
         sp.add_argument("--library", required=library_required, help="expert library folder")
         sp.add_argument("--mode", default="arrow", help="arrow | base | uniform | expert:<name>")
-        sp.add_argument("--top-k", type=int, default=4, help="experts per token (1..number of experts)")
-        sp.add_argument("--temperature", type=float, default=1.0, help="router softmax temperature (> 0)")
+        sp.add_argument("--top-k", type=int, default=None,
+                        help="experts per token (1..number of experts; default: the library's default router)")
+        sp.add_argument("--temperature", type=float, default=None,
+                        help="router softmax temperature (> 0; default: the library's default router)")
+        sp.add_argument("--centre", default=None, metavar="{none,mean,general:<name>}",
+                        help="subtract the experts' mean LoRA (or one general expert) before routing "
+                             "(default: the library's default router)")
+        sp.add_argument("--centre-scope", default=None, choices=["prototypes", "weights"],
+                        help="centre the prototypes only, or the applied weights too (PEFT's GenKnowSub)")
         sp.add_argument("--disable", default="", help="comma-separated experts to leave out")
         sp.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
-        sp.add_argument("--bf16", action="store_true", help="load the base model in bfloat16")
+        sp.add_argument("--bf16", action="store_true", help="load the base model in bfloat16 (= --dtype bfloat16)")
+        add_device_arguments(sp)
 
     g = sub.add_parser("generate", help="print the model's answer to a prompt")
     common(g, library_required=False)
@@ -44,29 +58,48 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _routed(args):
-    import torch
+    """The RoutedModel and the checked request of the command line (ValueError: one line for the user)."""
+    from transformers.utils import logging as hf_logging
 
-    from explorer.routing.model import RoutedModel, RouterConfig
+    from explorer.page.registry import library_default_router
+    from explorer.page.request import CLI_LIMITS, RawRequest, normalise
+    from explorer.routing.config import RouterConfig
+    from explorer.routing.device import resolve_device, resolve_dtype
+    from explorer.routing.model import RoutedModel
     from library_store.models import load_base_model
     from library_store.store.library import ExpertLibrary
 
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # stderr is for the one error line, not a weight-loading bar
-    router = RouterConfig(mode=args.mode, top_k=args.top_k, temperature=args.temperature,
-                          disabled=tuple(n for n in args.disable.split(",") if n))
-    base = load_base_model(args.base_model, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    if args.library is None:
-        return RoutedModel(base, [], RouterConfig(mode="base"))
-    return RoutedModel.from_library(base, ExpertLibrary.open(args.library), router)
+    device = resolve_device(args.device)
+    base = load_base_model(args.base_model, dtype=resolve_dtype("bfloat16" if args.bf16 else args.dtype, device))
+    base.model.to(device)  # routed buffers are built on the base layers' device
+    names, defaults = [], {}
+    if args.library is None:  # the bare model: nothing to route
+        rm = RoutedModel(base, [], RouterConfig(mode="base"))
+    else:  # read-only: a command line run never writes into the library (caches go to the user's cache dir)
+        lib = ExpertLibrary.open(args.library, readonly=True)
+        rm = RoutedModel.from_library(base, lib, RouterConfig(mode="base"))
+        names, defaults = lib.names(), library_default_router(lib)
+    raw = RawRequest(prompt=args.prompt, library=args.library or "", mode=args.mode if args.library else "base",
+                     top_k=args.top_k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                     disabled=args.disable, chat=not args.no_chat, centre=args.centre,
+                     centre_scope=args.centre_scope)
+    done = normalise(raw, rm.experts, tokenizer=base.tokenizer, context_length=base.context_length,
+                     limits=CLI_LIMITS, strict=True, names=names, defaults=defaults)
+    if done.error:
+        raise ValueError(done.error)
+    rm.set_router(done.request.router)
+    return rm, done.request
 
 
 def _summary(trace) -> str:
     """One line per token: the expert with the largest weight averaged over layers and modules."""
-    mean = trace.weights.mean(axis=(0, 1))  # (tokens, experts)
-    lines = [f"mode={trace.mode} top_k={trace.top_k} temperature={trace.temperature} experts={len(trace.experts)}"]
+    router = trace.router
+    centre = f" centre={router.centre} scope={router.centre_scope}" if router.centre != "none" else ""
+    lines = [f"mode={trace.mode} top_k={trace.top_k} temperature={trace.temperature}{centre} "
+             f"experts={len(trace.experts)}"]
     for i, tok in enumerate(trace.tokens):
-        best = trace.experts[int(mean[i].argmax())] if trace.experts and mean[i].max() > 0 else "-"
+        best = trace.crop([i]).winner("all") or "-"
         lines.append(f"{i:4d} {'gen' if trace.is_generated[i] else '   '} {tok!r:24} {best}")
     if trace.text:
         lines.append(f"text: {trace.text}")
@@ -76,12 +109,11 @@ def _summary(trace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        rm = _routed(args)
+        rm, req = _routed(args)
         if args.command == "generate":
-            print(rm.generate(args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat))
+            print(rm.generate(req.prompt, max_new_tokens=req.max_new_tokens, chat=req.chat))
         else:
-            trace = rm.trace(args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat)
-            trace.meta["library"] = args.library
+            trace = rm.trace(req.prompt, max_new_tokens=req.max_new_tokens, chat=req.chat)
             print(json.dumps(trace.to_dict()) if args.json else _summary(trace))
     except Exception as exc:  # noqa: BLE001 - every failure becomes one readable line, not a traceback
         from library_store.models import BaseModelError

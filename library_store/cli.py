@@ -2,9 +2,14 @@
 
 Usage::
 
+    python -m library_store create libs/mine --base-model smollm2-135m-instruct   # an empty library
     python -m library_store info libs/demo-private --json
     python -m library_store list libs/demo-private
-    python -m library_store import libs/mine --peft ./my_adapter --name my-expert [--replace]
+    python -m library_store import libs/mine --peft ./my_adapter --name my-expert [--replace]   # or a .zip
+    python -m library_store export-peft libs/mine ./peft_out   # every routable expert, for create_arrow_model
+    python -m library_store pack libs/mine ./hub_repo [--license apache-2.0]   # a Hub model repository folder
+    python -m library_store unpack ./hub_repo libs/copy       # back into a new library (checksums checked)
+    python -m library_store similarity libs/mine [--json]      # ΔW cosine similarity of the experts
     python -m library_store export libs/mine my-expert ./out_dir
     python -m library_store remove libs/mine my-expert
     python -m library_store verify libs/mine          # exit 1 and one line per broken expert
@@ -52,6 +57,27 @@ def library_summary(lib: ExpertLibrary) -> dict:
     }
 
 
+def cmd_create(args) -> int:
+    from pathlib import Path
+
+    from library_store.models import load_base_model
+    from library_store.store.io import INDEX
+    from library_store.store.library import module_shapes
+
+    root = Path(args.path)
+    if (root / INDEX).exists():  # before loading the base model, which can take a while
+        raise LibraryError(f"A library already exists at {root}; it is left as it is (open it, or choose "
+                           "another path).")
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise LibraryError(f"{root} exists and is not an empty directory; choose a new path for the library.")
+    base = load_base_model(args.base_model)
+    lib = ExpertLibrary.create(root, base.fingerprint, module_shapes=module_shapes(base.model))
+    fp = lib.fingerprint
+    print(f"created {lib.root} for {fp['source']} ({fp['architecture']}, {fp['num_layers']} layers, hidden "
+          f"{fp['hidden_size']}, modules {', '.join(sorted(lib.module_shapes))})")
+    return 0
+
+
 def cmd_info(args) -> int:
     summary = library_summary(ExpertLibrary.open(args.path, readonly=True))
     if args.json:
@@ -83,7 +109,16 @@ def cmd_list(args) -> int:
 
 
 def cmd_import(args) -> int:
-    info = ExpertLibrary.open(args.path).import_peft(args.peft, args.name, kind=args.kind, replace=args.replace)
+    from pathlib import Path
+
+    lib = ExpertLibrary.open(args.path, readonly=False)
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    if Path(args.peft).is_file():  # a .zip: through the upload checks (caps, no symlinks, no path tricks)
+        from library_store.store.upload import intake_adapter
+
+        info = intake_adapter(Path(args.peft), lib, args.name, tasks, replace=args.replace, kind=args.kind)
+    else:
+        info = lib.import_peft(args.peft, args.name, kind=args.kind, replace=args.replace, tasks=tasks)
     print(f"imported {info.name} (rank {info.rank}, {info.n_params:,} params, "
           f"targets {','.join(info.target_modules)})")
     return 0
@@ -96,8 +131,52 @@ def cmd_export(args) -> int:
 
 
 def cmd_remove(args) -> int:
-    ExpertLibrary.open(args.path).remove(args.name)
+    ExpertLibrary.open(args.path, readonly=False).remove(args.name)
     print(f"removed {args.name}")
+    return 0
+
+
+def cmd_export_peft(args) -> int:
+    from library_store.store.share import export_peft
+
+    lib = ExpertLibrary.open(args.path, readonly=True)
+    dest = export_peft(lib, args.dest)
+    print(f"exported {len(lib.routable_names())} experts to {dest} (see {dest}/README.md for create_arrow_model)")
+    return 0
+
+
+def cmd_pack(args) -> int:
+    from library_store.store.share import pack
+
+    lib = ExpertLibrary.open(args.path, readonly=True)
+    out = pack(lib, args.out, license=args.license)
+    print(f"packed {len(lib)} experts into {out} (model card {out}/README.md); push it with "
+          f"`huggingface-cli upload <user>/<repo> {out}`")
+    return 0
+
+
+def cmd_unpack(args) -> int:
+    from library_store.store.share import unpack
+
+    lib = unpack(args.src, args.dest)
+    print(f"unpacked {len(lib)} experts into {lib.root}")
+    return 0
+
+
+def cmd_similarity(args) -> int:
+    from library_store.store.similarity import delta_similarity
+
+    sim = delta_similarity(ExpertLibrary.open(args.path, readonly=True), map_method=args.map)
+    if args.json:
+        print(json.dumps({"names": sim.names, "similarity": sim.similarity.round(6).tolist(),
+                          "coords": sim.coords.round(6).tolist(), "labels": sim.labels, "method": sim.method,
+                          "clusters": sim.clusters, "skipped": sim.skipped}, indent=2))
+        return 0
+    width = max([len(n) for n in sim.names] + [6])
+    for name, row, label in zip(sim.names, sim.similarity, sim.labels):
+        print(f"{name:<{width}} c{label}  " + " ".join(f"{v:+.2f}" for v in row))
+    for name, why in sim.skipped.items():
+        print(f"skipped {name}: {why}", file=sys.stderr)
     return 0
 
 
@@ -116,6 +195,11 @@ def cmd_verify(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m library_store", description="Expert library tools.")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("create", help="an empty library for a base model")
+    p.add_argument("path")
+    p.add_argument("--base-model", required=True,
+                   help="built-in name (smollm2-135m-instruct, tiny-random-llama...), Hugging Face id or local dir")
+    p.set_defaults(func=cmd_create)
     p = sub.add_parser("info", help="describe a library")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -125,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("import", help="add an existing PEFT LoRA adapter directory (safetensors)")
     p.add_argument("path")
-    p.add_argument("--peft", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--peft", required=True, help="adapter directory (adapter_config.json + "
+                   "adapter_model.safetensors) or a .zip of one")
     p.add_argument("--name", required=True)
+    p.add_argument("--tasks", default="", help="comma-separated task names the expert is for")
     p.add_argument("--kind", default="imported", choices=["imported", "private", "warmup", "cluster"])
     p.add_argument("--replace", action="store_true", help="overwrite an expert of the same name (atomically)")
     p.set_defaults(func=cmd_import)
@@ -135,6 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("dest")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("export-peft", help="every routable expert as PEFT adapters + a create_arrow_model README")
+    p.add_argument("path")
+    p.add_argument("dest")
+    p.set_defaults(func=cmd_export_peft)
+    p = sub.add_parser("pack", help="the library as a folder ready to push as a Hugging Face model repository")
+    p.add_argument("path")
+    p.add_argument("out")
+    p.add_argument("--license", default="other", help="the model card's license field (e.g. apache-2.0, mit)")
+    p.set_defaults(func=cmd_pack)
+    p = sub.add_parser("unpack", help="a packed folder (e.g. a downloaded Hub repository) into a new library")
+    p.add_argument("src")
+    p.add_argument("dest")
+    p.set_defaults(func=cmd_unpack)
+    p = sub.add_parser("similarity", help="cosine similarity of the experts' weight updates (ΔW), with clusters")
+    p.add_argument("path")
+    p.add_argument("--map", default="pca", choices=["pca", "umap", "auto"], help="2-D map method (default pca)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_similarity)
     p = sub.add_parser("remove", help="delete an expert")
     p.add_argument("path")
     p.add_argument("name")

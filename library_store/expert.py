@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 PEFT_PREFIX = "base_model.model."
-EXPERT_KINDS = ("private", "warmup", "cluster", "imported")
+EXPERT_KINDS = ("private", "warmup", "cluster", "imported", "general")  # general: centring only, never routed
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SITE_RE = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?P<block>[A-Za-z_]+)\.(?P<module>[A-Za-z0-9_]+)$")
 
@@ -44,7 +44,8 @@ class TrainRecord:
     examples: int = 0
     seed: int = 0
     final_loss: float | None = None
-    seconds: float | None = None
+    seconds: float | None = None  # the optimizer steps alone
+    wall_seconds: float | None = None  # the whole expert on its worker: tokenize, train, pack (a build's time)
     init_seed: int | None = None  # warm-up experts share one LoRA init so MBC sees what training changed
 
 

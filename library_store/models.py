@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from library_store.tiny_models import TINY_MODELS
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
-TINY_MODELS = ("tiny-random-phi", "tiny-random-llama")
 BUILTIN_MODELS = (DEFAULT_MODEL, *TINY_MODELS)
 CACHE_ENV = "LORA_EXPLORER_CACHE"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -145,24 +146,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-# ---------------------------------------------------------------- tiny random twins
-
-
-def tiny_random_model(kind: str, seed: int = 0) -> nn.Module:
-    """A seeded random-weight Phi or Llama (2 layers, hidden 64) with SmolLM2's vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
-
-    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                  pad_token_id=2)
-    torch.manual_seed(seed)
-    if kind == "tiny-random-phi":
-        model = PhiForCausalLM(PhiConfig(**common, partial_rotary_factor=0.5))
-    elif kind == "tiny-random-llama":
-        model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True))
-    else:
-        raise ValueError(kind)
-    return model.eval()
+# ---------------------------------------------------------------- tokenizer
 
 
 def load_tokenizer(path: Path | str = TOKENIZER_DIR):
@@ -229,6 +213,8 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name_or_path in TINY_MODELS:
+        from library_store.tiny_models import tiny_random_model
+
         model = tiny_random_model(name_or_path).to(dtype)
         tokenizer = load_tokenizer()
     elif name_or_path == DEFAULT_MODEL:

@@ -4,7 +4,12 @@ Usage::
 
     lib = ExpertLibrary.open("assets/libraries/demo-mbc", readonly=True)
     analysis = analyse_library(lib, "demo-mbc")   # tasks, 2-D map, cosine matrix, clusters, experts table
+    delta_analysis(lib, "demo-mbc", analysis)      # the same views over the experts' weight updates ΔW
     expert_groups(lib)                             # expert -> cluster, to colour routing by cluster
+    task_clusters(lib)                             # task -> cluster, from the library's cluster table
+
+The MBC data (map, similarity, labels) is read through `library_store.training.mbc.read_mbc`, the one schema
+that builds write; the ΔW map (any library, any initialisation) through `library_store.store.similarity`.
 """
 from __future__ import annotations
 
@@ -16,8 +21,6 @@ import pandas as pd
 
 if TYPE_CHECKING:
     from library_store.store.library import ExpertLibrary
-
-MAP_KIND, SIMILARITY_KIND = "mbc-map", "mbc-similarity"  # derived data written by `build mbc`
 
 
 @dataclass
@@ -33,6 +36,7 @@ class LibraryAnalysis:
     note: str = ""  # shown instead of the map when there is no MBC data
     family_of: dict[str, str] = field(default_factory=dict)  # task -> task family (when the build recorded it)
     summary: str = ""  # how the map was made: method, agreement of clusters with families
+    map_kind: str = "mbc"  # "mbc": rows are warm-up adapters; "delta": rows are experts, cosine of their ΔW
 
 
 def experts_table(lib: "ExpertLibrary") -> pd.DataFrame:
@@ -47,84 +51,70 @@ def experts_table(lib: "ExpertLibrary") -> pd.DataFrame:
                                        "final loss"])
 
 
-def _latest(lib: "ExpertLibrary", kind: str):
-    """(tensors, meta, config) of the newest derived entry of `kind`, or None."""
-    entries = [d for d in lib.list_derived() if d["kind"] == kind]
-    if not entries:
-        return None
-    entry = max(entries, key=lambda d: d.get("created") or "")
-    hit = lib.get_derived(kind, entry["config"])
-    return None if hit is None else (hit[0], hit[1] or {}, entry["config"] or {})
-
-
-def _matrix(tensors: dict, preferred: tuple[str, ...], cols: int | None) -> np.ndarray | None:
-    for key in preferred:
-        if key in tensors:
-            return tensors[key].float().numpy()
-    for value in tensors.values():  # fall back to the first 2-D tensor of the expected shape
-        if value.dim() == 2 and (cols is None and value.shape[0] == value.shape[1] or value.shape[1] == cols):
-            return value.float().numpy()
-    return None
-
-
-def _tasks_of(meta: dict, config: dict) -> list[str] | None:
-    for source in (meta, config):
-        for key in ("tasks", "names", "experts"):
-            if isinstance(source.get(key), list):
-                return [str(t) for t in source[key]]
-    return None
+def task_clusters(lib: "ExpertLibrary") -> dict[str, str]:
+    """task -> cluster from the library's cluster table (what `build mbc` or `set_clusters` wrote)."""
+    return {task: cluster for cluster, tasks in lib.clusters().items() for task in tasks}
 
 
 def analyse_library(lib: "ExpertLibrary", name: str) -> LibraryAnalysis:
-    """The Library tab's data: stored MBC map and similarity (if the library has them), clusters, experts."""
-    table = experts_table(lib)
-    cluster_of = {task: cluster for cluster, tasks in lib.clusters().items() for task in tasks}
-    for info in lib.infos():  # MBC cluster experts name their cluster and its tasks
-        for task in info.tasks:
-            cluster_of.setdefault(task, info.cluster or "")
-    out = LibraryAnalysis(name=name, cluster_of={t: c for t, c in cluster_of.items() if c}, experts=table)
-    found = _latest(lib, MAP_KIND)
-    if found is None:
+    """The Library tab's data: stored MBC data (map, similarity, clusters) if the library has it, experts."""
+    from library_store.training.mbc import MAP_KIND, read_mbc  # torch: loaded after the page is up
+
+    out = LibraryAnalysis(name=name, cluster_of=task_clusters(lib), experts=experts_table(lib))
+    try:
+        data = read_mbc(lib)
+    except ValueError as exc:  # stored data that contradicts itself: say so, show the rest
+        out.note = f"Library {name!r} has MBC data this page cannot read: {exc}"
+        return out
+    if data is None:
         out.note = (f"Library {name!r} has no MBC map (derived data {MAP_KIND!r}): build it with "
                     "`python -m library_store build mbc` to see which tasks' adapters are alike.")
         return out
-    tensors, meta, config = found
-    coords = _matrix(tensors, ("coords", "map", "xy"), cols=2)
-    tasks = _tasks_of(meta, config)
-    sim_found = _latest(lib, SIMILARITY_KIND)
-    similarity = None
-    if sim_found is not None:
-        similarity = _matrix(sim_found[0], ("similarity", "cosine", "sim"), cols=None)
-        tasks = tasks or _tasks_of(sim_found[1], sim_found[2])
-    if similarity is None:
-        similarity = _matrix(tensors, ("similarity", "cosine"), cols=None)
-    if coords is None or tasks is None or len(tasks) != len(coords):
-        out.note = f"Library {name!r} has an MBC map this page cannot read (no coordinates or task names)."
-        return out
-    if similarity is not None and similarity.shape != (len(tasks), len(tasks)):
-        similarity = None
-    labels = meta.get("labels") or config.get("labels")
-    if labels is not None and len(labels) == len(tasks) and not out.cluster_of:
-        out.cluster_of = {t: f"cluster{int(c)}" for t, c in zip(tasks, labels)}
-    out.tasks, out.coords, out.similarity = tasks, coords, similarity
-    families = meta.get("families")
-    if isinstance(families, list) and len(families) == len(tasks):
-        out.family_of = {t: str(f) for t, f in zip(tasks, families)}
-    parts = [f"{len(tasks)} warm-up adapters"]
-    if meta.get("method"):
-        parts.append(f"2-D map by {meta['method']}")
-    if isinstance(meta.get("ari_vs_families"), (int, float)):
-        parts.append(f"adjusted Rand index of the clusters vs the task families {meta['ari_vs_families']:.2f}")
+    out.tasks, out.coords, out.similarity = list(data.tasks), data.coords, data.similarity
+    out.cluster_of = {**data.cluster_of, **out.cluster_of}  # the cluster table wins where both name a task
+    if data.families is not None:
+        out.family_of = dict(zip(data.tasks, data.families))
+    parts = [f"{len(data.tasks)} warm-up adapters"]
+    if data.method:
+        parts.append(f"2-D map by {data.method}")
+    if data.ari_vs_families is not None:
+        parts.append(f"adjusted Rand index of the clusters vs the task families {data.ari_vs_families:.2f}")
     out.summary = "; ".join(parts) + "."
     return out
 
 
 def expert_groups(lib: "ExpertLibrary", borrowed: dict[str, str] | None = None) -> dict[str, str]:
-    """expert -> MBC cluster, for colouring the heatmap by cluster (experts without one keep their name).
-    `borrowed` (task -> cluster, e.g. from an MBC library over the same tasks) colours a private library."""
-    cluster_of = {**(borrowed or {}), **{task: cluster for cluster, tasks in lib.clusters().items()
-                                         for task in tasks}}
-    groups = {}
-    for info in lib.infos():
-        groups[info.name] = info.cluster or next((cluster_of[t] for t in info.tasks if t in cluster_of), info.name)
-    return groups
+    """expert -> cluster, for colouring the routing by cluster: the expert's own cluster, else the cluster of
+    its first task that has one, else its own name. `borrowed` (task -> cluster, e.g. from an MBC library over
+    the same tasks) colours a private library."""
+    cluster_of = {**(borrowed or {}), **task_clusters(lib)}
+    return {info.name: info.cluster or next((cluster_of[t] for t in info.tasks if t in cluster_of), info.name)
+            for info in lib.infos()}
+
+
+def delta_analysis(lib: "ExpertLibrary", name: str, base: LibraryAnalysis | None = None) -> LibraryAnalysis:
+    """The ΔW similarity map of `lib`'s experts (cached and incremental in the store) as a LibraryAnalysis whose
+    rows are experts; `base` (the library's `analyse_library`) lends its experts table and task families."""
+    from library_store.store.similarity import delta_similarity  # torch: loaded after the page is up
+
+    base = base or analyse_library(lib, name)
+    out = LibraryAnalysis(name=name, experts=base.experts, map_kind="delta")
+    try:
+        sim = delta_similarity(lib)
+    except Exception as exc:  # noqa: BLE001 - the tab shows why instead of the map; the rest still works
+        out.note = f"The ΔW similarity map of {name!r} could not be computed: {type(exc).__name__}: {exc}"
+        return out
+    if not sim.names:
+        out.note = f"Library {name!r} has no experts to map."
+        return out
+    own = {info.name: info.cluster for info in lib.infos() if info.cluster}
+    found = {n: c for c, members in sim.clusters.items() for n in members}
+    out.tasks, out.coords, out.similarity = list(sim.names), sim.coords, sim.similarity
+    out.cluster_of = {n: own.get(n) or found[n] for n in sim.names}
+    tasks_of = dict(zip(sim.names, sim.tasks))
+    out.family_of = {n: base.family_of[t[0]] for n, t in tasks_of.items() if t and t[0] in base.family_of}
+    skipped = f" Not on the map: {', '.join(f'{n} ({why})' for n, why in sim.skipped.items())}." if sim.skipped else ""
+    out.summary = (f"{len(sim.names)} experts; cosine of their weight updates ΔW = s·B·A summed over modules "
+                   f"(exact, low rank); 2-D map by {sim.method or 'pca'}; colour = the expert's cluster, else a "
+                   f"k-means cluster of the similarity rows.{skipped}")
+    return out

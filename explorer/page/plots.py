@@ -11,22 +11,24 @@ Usage::
 
 Every string that came from a user or a tokenizer goes through `esc()` before it reaches plotly: plotly renders
 a subset of HTML in hovers and tick labels (<b>, <a href>...), and decodes entities back for display.
+The numbers come from the trace's own reductions (`trace.module_weights`, `trace.entropy`, `trace.usage`,
+`trace.top_expert`, `trace.winner`): a figure only lays them out.
 """
 from __future__ import annotations
 
 import html
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
+from explorer.routing.trace import MEAN  # the module selector's "mean over modules" value
+
 if TYPE_CHECKING:  # only for the annotations: plots stay free of the store and the model
     from explorer.page.library_view import LibraryAnalysis
     from explorer.routing.trace import RoutingTrace
 
-MEAN = "mean"  # the module selector's "mean over modules" value
 PALETTE = qualitative.Dark24 + qualitative.Light24  # 48 distinct colours before they repeat
 # A light look without plotly's named templates: assigning "plotly_white" deep-copies a large template per
 # figure, about half of the page's figure-building time.
@@ -38,8 +40,9 @@ _MIN_TINT = 0.35  # an even split still shows a third of its expert's colour, ne
 
 
 def esc(text: str) -> str:
-    """User or tokenizer text made safe for plotly's HTML-ish labels."""
-    return html.escape(str(text), quote=True)
+    """User or tokenizer text made safe for plotly's HTML-ish labels: & < > escaped, so no tag can start.
+    Quotes stay as typed: outside a tag they are plain text, and plotly shows `&quot;` literally."""
+    return html.escape(str(text), quote=False)
 
 
 def display_token(token: str) -> str:
@@ -48,41 +51,6 @@ def display_token(token: str) -> str:
     if not shown.strip():
         shown = "␣" * max(1, len(shown))
     return esc(shown)
-
-
-# ---------------------------------------------------------------- trace reductions (numpy only)
-
-
-def module_weights(trace: "RoutingTrace", module: str = MEAN) -> np.ndarray:
-    """(layer, token, expert) routing weights of one module, or their mean over modules."""
-    if module == MEAN:
-        return trace.weights.mean(axis=1)  # (L, T, E)
-    if module not in trace.modules:
-        raise ValueError(f"Unknown module {module!r}; this trace routes {trace.modules} (or {MEAN!r}).")
-    return trace.weights[:, trace.modules.index(module)]  # (L, T, E)
-
-
-def routing_entropy(trace: "RoutingTrace", module: str = MEAN) -> np.ndarray:
-    """(layer, token) entropy in nats of the routing weights; for `mean`, the mean of the modules' entropies."""
-    w = trace.weights if module == MEAN else trace.weights[:, [trace.modules.index(module)]]  # (L, M, T, E)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -np.where(w > 0, w * np.log(w), 0.0).sum(axis=-1)  # (L, M, T)
-    return h.mean(axis=1)
-
-
-def expert_usage(trace: "RoutingTrace", prompt_only: bool = True) -> np.ndarray:
-    """(expert,) mean routing weight over layers, modules and (prompt) tokens: what this query needed."""
-    w = trace.weights
-    if prompt_only and trace.n_prompt:
-        w = w[:, :, : trace.n_prompt]
-    if w.shape[2] == 0:
-        return np.zeros(len(trace.experts), dtype=np.float32)
-    return w.mean(axis=(0, 1, 2))
-
-
-def most_used_expert(trace: "RoutingTrace") -> str | None:
-    usage = expert_usage(trace)
-    return trace.experts[int(usage.argmax())] if len(usage) and usage.max() > 0 else None
 
 
 # ---------------------------------------------------------------- shared layout
@@ -148,26 +116,29 @@ def note_figure(title: str, note: str) -> go.Figure:
 # ---------------------------------------------------------------- routing figures
 
 
-def top1_heatmap(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, str] | None = None) -> go.Figure:
+def top1_heatmap(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, str] | None = None,
+                 by: str = "weight", legend: bool = True) -> go.Figure:
     """Token x layer grid coloured by the top-1 expert (or, with `groups` = {expert: cluster}, by the top-1
-    cluster, summing its experts' weights); the tint says how much weight the winner got (pale = unsure)."""
-    w = module_weights(trace, module)  # (L, T, E)
-    names = list(trace.experts)
-    if groups:
-        names = sorted({groups.get(e, e) for e in trace.experts})
-        member = np.array([[groups.get(e, e) == g for g in names] for e in trace.experts], dtype=np.float32)
-        w_cat = w @ member  # (L, T, G): a cluster's weight is the sum of its experts'
+    cluster, summing its experts' weights); the tint says how much weight the winner got (pale = unsure).
+    `by="contribution"`: coloured by the expert that added the most, ‖w_e · s_e · B_e A_e h‖, tinted by its
+    share of the largest contribution of the grid. `legend=False` leaves the legend to the page."""
+    w = trace.module_weights(module)  # (L, T, E)
+    contribution = by == "contribution" and trace.routes.contribution is not None
+    if contribution:
+        names, top, conf = trace.top_contributor(module, groups)  # (L, T) winner and its contribution
     else:
-        w_cat = w
+        names, top, conf = trace.top_expert(module, groups)  # (L, T) winner index and its weight
     n = len(names)
     if n == 0 or w.shape[1] == 0:
         return note_figure("Top-1 expert per token and layer", "Nothing routed: the trace has no tokens or experts.")
-    top = w_cat.argmax(axis=-1)  # (L, T)
-    conf = np.take_along_axis(w_cat, top[..., None], axis=-1)[..., 0]  # (L, T)
-    # Tint = the winner's weight between an even top-k split (palest) and the most decisive cell of this grid
-    # (full colour): absolute weights of a 16-expert library hover near 1/k and would leave every cell pale.
-    even = 1.0 / max(1, min(trace.top_k, n))
-    frac = np.clip((conf - even) / max(1e-6, float(conf.max()) - even), 0, 1)
+    if contribution:
+        frac = np.clip(conf / max(1e-12, float(conf.max())), 0, 1)
+    else:
+        # Tint = the winner's weight between an even top-k split (palest) and the most decisive cell of this
+        # grid (full colour): absolute weights of a 16-expert library hover near 1/k and would leave every
+        # cell pale.
+        even = 1.0 / max(1, min(trace.top_k, n))
+        frac = np.clip((conf - even) / max(1e-6, float(conf.max()) - even), 0, 1)
     z = top + frac * 0.999  # category e covers [e, e+1); the fraction is the relative confidence
     colours = category_colours(names)
     scale = []
@@ -177,15 +148,18 @@ def top1_heatmap(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, st
     fig = go.Figure(go.Heatmap(z=z, zmin=0, zmax=n, colorscale=scale, showscale=False, text=hover,
                                hovertemplate="%{text}<extra></extra>", xgap=1, ygap=1, name="top-1"))
     used = set(top.ravel().tolist())
-    for i, name in enumerate(names):  # a heatmap has no legend: one invisible marker per category gives one
+    for i, name in enumerate(names if legend else []):  # a heatmap has no legend: invisible markers make one
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=esc(name), showlegend=True,
                                  marker=dict(size=12, symbol="square", color=colours[name]),
                                  visible=True if i in used else "legendonly"))
     what = "cluster" if groups else "expert"
     where = "mean over modules" if module == MEAN else module
-    _token_axis(fig, trace, f"Top-1 {what} per token and layer ({where}); pale = close to an even top-k split")
-    fig.update_layout(legend=dict(title_text=what, orientation="v", x=1.01, y=1), margin=dict(r=160),
-                      height=max(fig.layout.height, 140 + 21 * len(used)))  # room for the legend's entries
+    how = "largest contribution" if contribution else "pale = close to an even top-k split"
+    title = f"Top-1 {what} by {'contribution' if contribution else 'weight'} per token and layer ({where}); {how}"
+    _token_axis(fig, trace, title)
+    if legend:
+        fig.update_layout(legend=dict(title_text=what, orientation="v", x=1.01, y=1), margin=dict(r=160),
+                          height=max(fig.layout.height, 140 + 21 * len(used)))  # room for the legend's entries
     return fig
 
 
@@ -193,7 +167,7 @@ def expert_heatmap(trace: "RoutingTrace", expert: str, module: str = MEAN) -> go
     """One expert's routing weight over token x layer (continuous, 0..1)."""
     if expert not in trace.experts:
         return note_figure("Expert weight", f"Expert {expert!r} is not in this trace.")
-    w = module_weights(trace, module)  # (L, T, E)
+    w = trace.module_weights(module)  # (L, T, E)
     z = w[..., trace.experts.index(expert)]  # (L, T)
     hover = _hover_text(trace, w, module, top=max(1, trace.top_k))
     fig = go.Figure(go.Heatmap(z=z, zmin=0, zmax=1, colorscale="Viridis", text=hover, xgap=1, ygap=1,
@@ -205,8 +179,8 @@ def expert_heatmap(trace: "RoutingTrace", expert: str, module: str = MEAN) -> go
 
 def entropy_heatmap(trace: "RoutingTrace", module: str = MEAN) -> go.Figure:
     """Routing entropy (nats) over token x layer: 0 = one expert took everything, log k = an even split."""
-    h = routing_entropy(trace, module)  # (L, T)
-    hover = _hover_text(trace, module_weights(trace, module), module, top=max(1, trace.top_k))
+    h = trace.entropy(module)  # (L, T)
+    hover = _hover_text(trace, trace.module_weights(module), module, top=max(1, trace.top_k))
     zmax = float(np.log(max(2, trace.top_k)))
     fig = go.Figure(go.Heatmap(z=h, zmin=0, zmax=zmax, colorscale="Magma", reversescale=True, text=hover,
                                xgap=1, ygap=1, colorbar=dict(title="nats"),
@@ -217,7 +191,7 @@ def entropy_heatmap(trace: "RoutingTrace", module: str = MEAN) -> go.Figure:
 
 def usage_bar(trace: "RoutingTrace", groups: dict[str, str] | None = None) -> go.Figure:
     """Mean weight per expert over the prompt's tokens, all layers and modules, largest first."""
-    usage = expert_usage(trace)
+    usage = trace.usage("prompt")  # (E,)
     if not len(usage):
         return note_figure("Expert usage", "No experts in this trace.")
     order = np.argsort(-usage)
@@ -242,11 +216,10 @@ def diff_heatmap(before: "RoutingTrace", after: "RoutingTrace", module: str = ME
     same = 0
     while same < T and before.token_ids[same] == after.token_ids[same]:
         same += 1
-    wb = module_weights(before, module)[:, :same]  # (L, S, E)
-    wa = module_weights(after, module)[:, :same]
+    wb = before.module_weights(module)[:, :same]  # (L, S, E)
+    wa = after.module_weights(module)[:, :same]
     tv = 0.5 * np.abs(wa - wb).sum(axis=-1)  # (L, S)
-    shared = replace(after, tokens=after.tokens[:same], token_ids=after.token_ids[:same],
-                     is_generated=after.is_generated[:same], weights=after.weights[:, :, :same])
+    shared = after.crop(list(range(same)))
     hover = _hover_text(shared, wa, module, top=max(1, after.top_k))
     fig = go.Figure(go.Heatmap(z=tv, zmin=0, zmax=1, colorscale="Reds", text=hover, xgap=1, ygap=1,
                                colorbar=dict(title="change"),
@@ -259,7 +232,7 @@ def token_experts(trace: "RoutingTrace", index: int, module: str = MEAN) -> go.F
     """One token's routing at every layer: layer x expert weights (what the token strip's click shows)."""
     if not 0 <= index < len(trace.tokens):
         return note_figure("One token's experts", "Click a token in the strip above to see its experts.")
-    w = module_weights(trace, module)[:, index]  # (L, E)
+    w = trace.module_weights(module)[:, index]  # (L, E)
     token = display_token(trace.tokens[index])
     part = "generated" if trace.is_generated[index] else "prompt"
     fig = go.Figure(go.Heatmap(z=w, x=[esc(e) for e in trace.experts], y=list(range(len(trace.layers))),
@@ -274,18 +247,11 @@ def token_experts(trace: "RoutingTrace", index: int, module: str = MEAN) -> go.F
 
 
 def token_strip(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, str] | None = None):
-    """[(token text, top-1 expert over all layers)] for a clickable strip; colours {label: colour}."""
-    w = module_weights(trace, module).mean(axis=0)  # (T, E): the token's mean routing over layers
-    names = [groups.get(e, e) if groups else e for e in trace.experts]
-    labels = sorted(set(names))
-    colours = category_colours(labels if groups else list(trace.experts))
-    strip = []
-    for ti, token in enumerate(trace.tokens):
-        per = {}
-        for e, name in enumerate(names):
-            per[name] = per.get(name, 0.0) + float(w[ti, e])
-        strip.append((str(token), max(per, key=per.get) if per else None))
-    return strip, colours
+    """[(token text, its top expert or cluster over all layers)] for a clickable strip; colours {label: colour}."""
+    labels = sorted({groups.get(e, e) for e in trace.experts}) if groups else list(trace.experts)
+    strip = [(str(token), trace.crop([ti]).winner("all", groups=groups, module=module))
+             for ti, token in enumerate(trace.tokens)]
+    return strip, category_colours(labels)
 
 
 # ---------------------------------------------------------------- library figures

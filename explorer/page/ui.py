@@ -1,45 +1,59 @@
-"""The explorer page: the only module that imports gradio. Layout and event wiring only; the work is done by
-`explorer.page.session.Explorer` (model, libraries, runs) and `explorer.page.plots` (figures).
+"""The explorer page: with `explorer.page.ui_library` (the Library tab), the only module that imports gradio. It
+lays the Explore view out and wires events; the work is done by `explorer.page.callbacks` and
+`explorer.page.callbacks_cell` (module-level handlers returning or yielding {component key: value}), over a
+`explorer.page.session.Session` (runs, views) and its `Registry` (model, libraries).
+
+The instrument (grid, linked map, drill-down) is `gr.HTML` drawn by `static/*.js` with the plotly.js of the
+installed plotly package, served by the app (`gr.set_static_paths`): no CDN. `gr.Plot` has no click events, so
+the JS sends clicks to Python listeners through custom events ('cell', 'strip', 'pick') and links the grid and
+the map in the browser (window events 'explorer-pick', 'explorer-hover').
 
 Usage::
 
-    explorer = Explorer("smollm2-135m-instruct", ["assets/libraries/demo-mbc"])
-    demo = build_demo(explorer)
+    session = Session(Registry("smollm2-135m-instruct", ["assets/libraries/demo-mbc"]))
+    demo = build_demo(session)
     launch(demo, host="127.0.0.1", port=7860)              # queue on, no share link unless share=True
 
-Every event has an api_name; `route` returns the routing trace as JSON among its outputs, so
-`gradio_client.Client(url).predict(prompt, ..., api_name="/route")` gets the same data as the page.
+Every event has an api_name (listed in docs/page_api.md); `route` streams the answer and returns the routing
+trace as JSON among its outputs, so `gradio_client.Client(url).submit(prompt, ..., api_name="/route")` gets the
+same data as the page.
 """
 from __future__ import annotations
 
-import html
+import inspect
 import json
 import os
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry calls
 
 import gradio as gr  # noqa: E402
+import plotly  # noqa: E402
 
-from explorer.page import plots  # noqa: E402
-from explorer.page.session import MAX_NEW_TOKENS, Explorer, RunRequest  # noqa: E402
+from explorer.page import callbacks as cb  # noqa: E402
+from explorer.page import callbacks_cell as cc  # noqa: E402
+from explorer.page import instrument  # noqa: E402
+from explorer.page.session import MAX_NEW_TOKENS, Session  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples.json"
+EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples.json"
+STATIC = Path(__file__).resolve().parent / "static"
+# plotly.js from the installed plotly package, served by the app: the instrument works offline, no CDN.
+PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
 # System fonts only: the page must not fetch anything from outside (no Google Fonts, no CDN).
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"],
                           font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"])
-CSS = """
-#notice p { margin: 0.2em 0; }
-#status { font-size: 0.9em; opacity: 0.85; }
-.compare textarea { font-family: var(--font-mono); font-size: 0.9em; }
-"""
-INTRO = """# LoRA Expert Library Explorer
-Every token, at every layer, is routed over a library of LoRA experts by **Arrow** (each expert's top singular
-direction scores the token's hidden state; the top-k experts mix). Type a prompt and press **Run** to see which
-expert each token used; the **Library** tab shows which tasks' adapters are alike (MBC clustering)."""
-COLOUR_BY = [("expert", "expert"), ("MBC cluster", "cluster")]
-NO_TRACE = "Press Run to route a prompt."
+CSS = (STATIC / "page.css").read_text()
+TITLE = ("**LoRA Expert Library Explorer** · every token, at every layer, routed over a library of LoRA experts by "
+         "**Arrow**. Click a grid cell for its experts, a map point to light its cells.")
+COLOUR_BY = [("expert", "expert"), ("cluster", "cluster")]
+
+
+def _js(name: str) -> str:
+    return (STATIC / name).read_text()
+
+
+def _plotly_head() -> str:
+    return f'<script src="/gradio_api/file={PLOTLY_JS.as_posix()}"></script>'
 
 
 def load_examples(path: Path = EXAMPLES) -> list[dict]:
@@ -50,203 +64,184 @@ def load_examples(path: Path = EXAMPLES) -> list[dict]:
         return [{"family": "free text", "prompt": "Explain in one sentence what a LoRA adapter is."}]
 
 
-def _md(lines: list[str], kind: str = "note") -> str:
-    """Escaped page messages (they may quote library names or settings)."""
-    mark = "⚠️" if kind == "error" else "ℹ️"
-    return "\n\n".join(f"{mark} {html.escape(line)}" for line in lines)
+def _event(fn, session: Session, components: dict):
+    """Gradio's view of handler `fn`: the session bound; a `progress` parameter gets gradio's progress tracker
+    an `index` parameter the select event (its index passed on) and an `event` parameter the browser's event
+    data (a dict; None from the API); {key: value} becomes {component: value}, an `Update` a `gr.update`.
+    Generator handlers (streaming) stay generators."""
+    params, hints = [], {}
+    for p in list(inspect.signature(fn).parameters.values())[1:]:
+        if p.name == "progress":
+            p = p.replace(default=gr.Progress())
+        elif p.name == "index":
+            p, hints["index"] = p.replace(annotation=gr.SelectData), gr.SelectData
+        elif p.name == "event":
+            p, hints["event"] = p.replace(annotation=gr.EventData, default=inspect.Parameter.empty), gr.EventData
+        params.append(p)
+
+    def convert(out: dict) -> dict:
+        return {components[k]: gr.update(**v.props) if isinstance(v, cb.Update) else v for k, v in out.items()}
+
+    def unpack(a):
+        if isinstance(a, gr.SelectData):
+            return a.index
+        return a._data if isinstance(a, gr.EventData) else a
+
+    def call(args):
+        return fn(session, *[unpack(a) for a in args])
+
+    if inspect.isgeneratorfunction(fn):
+        def handler(*args):
+            for out in call(args):
+                yield convert(out)
+    else:
+        def handler(*args):
+            return convert(call(args))
+    handler.__signature__, handler.__annotations__, handler.__name__ = inspect.Signature(params), hints, fn.__name__
+    return handler
 
 
-def build_demo(explorer: Explorer, examples: list[dict] | None = None) -> gr.Blocks:
-    """The page over one `Explorer`: Explore tab (run, grids, comparisons, interventions, downloads) and
-    Library tab (similarity map, cosine matrix, experts table)."""
+def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Blocks:
+    """The page over one `Session`: the Explore view (prompt, streamed answer, grid | map | drill-down,
+    counterfactual; comparisons, more figures and downloads on demand) and the Library tab."""
     examples = examples if examples is not None else load_examples()
-    names = explorer.library_names
+    names = session.registry.library_names
     first = names[0] if names else None
+    gr.set_static_paths([PLOTLY_JS])  # the one file the page serves from outside the project
+    head = _plotly_head()
 
-    # ------------------------------------------------------------ callbacks (thin: session and plots work)
-
-    def ensure_loaded(progress) -> str | None:
-        if not explorer.ready:
-            ok = explorer.wait(progress=lambda frac, what: progress(frac, desc=what))
-            if not ok:
-                return explorer.error
-        return None
-
-    def figures(state, module, colour_by, expert, show_template):
-        """heatmap, expert weight, entropy, usage, routing change, token strip."""
-        if not state or state.get("trace") is None:
-            empty = plots.note_figure("Routing", NO_TRACE)
-            return empty, empty, empty, empty, plots.note_figure("Routing change", NO_TRACE), gr.update(value=[])
-        trace = explorer.view(state["trace"], show_template)
-        groups = explorer.groups(trace.meta.get("library", "")) if colour_by == "cluster" else None
-        strip, colours = plots.token_strip(trace, module, groups)
-        expert = expert if expert in trace.experts else plots.most_used_expert(trace) or trace.experts[0]
-        ref = state.get("reference")
-        diff = (plots.diff_heatmap(explorer.view(ref, show_template), trace, module) if ref is not None else
-                plots.note_figure("Routing change", "Disable experts (intervention) and press Run to see how "
-                                                    "routing and output change."))
-        return (plots.top1_heatmap(trace, module, groups), plots.expert_heatmap(trace, expert, module),
-                plots.entropy_heatmap(trace, module), plots.usage_bar(trace, explorer.groups(trace.meta.get(
-                    "library", ""))), diff, gr.HighlightedText(value=strip, color_map=colours))
-
-    def on_token(state, module, show_template, evt: gr.SelectData):
-        if not state or state.get("trace") is None:
-            return plots.note_figure("One token's experts", NO_TRACE)
-        index = evt.index if isinstance(evt.index, int) else (evt.index or [-1])[0]
-        return plots.token_experts(explorer.view(state["trace"], show_template), int(index), module)
-
-    def route(prompt, library, chat, top_k, temperature, max_new, disabled, module, colour_by, expert,
-              show_template, progress=gr.Progress()):
-        error = ensure_loaded(progress)
-        request = RunRequest(prompt=prompt or "", library=library or "", chat=bool(chat), top_k=int(top_k),
-                             temperature=float(temperature), max_new_tokens=int(max_new),
-                             disabled=tuple(disabled or ()))
-        result = explorer.run(request) if error is None else None
-        if result is None or result.error:
-            message = _md([error or result.error], "error")
-            blank = plots.note_figure("Routing", NO_TRACE)
-            return (message, "", blank, blank, blank, blank, blank, gr.update(value=[]), "", "", None, gr.update(),
-                    gr.update())
-        trace = result.trace
-        state = {"trace": trace, "reference": result.reference, "request": request}
-        top = plots.most_used_expert(trace)
-        expert = expert if expert in trace.experts and expert else top
-        figs = figures(state, module, colour_by, expert, show_template)
-        ref_text = result.reference.text if result.reference is not None else ""
-        notes = result.notices + ([f"Intervention: experts {', '.join(request.disabled)} disabled."]
-                                  if request.disabled else [])
-        return (_md(notes), trace.text, *figs, ref_text, trace.to_json(), state,
-                gr.update(choices=[("mean over modules", plots.MEAN)] + [(m, m) for m in trace.modules]),
-                gr.update(choices=trace.experts, value=expert))
-
-    def compare(prompt, library, chat, max_new, state):
-        if not state or state.get("trace") is None:
-            return "", "", "", ""
-        request = state.get("request") or RunRequest(prompt=prompt or "", library=library or "", chat=bool(chat),
-                                                     max_new_tokens=int(max_new))
-        texts = explorer.compare(request, state["trace"])
-        single = next((k for k in texts if k.startswith("most-used")), "most-used expert")
-        return (texts.get("base", ""), texts.get("uniform merge", ""),
-                gr.update(value=texts.get(single, ""), label=single), texts.get("arrow", ""))
-
-    def on_library(library, progress=gr.Progress()):
-        error = ensure_loaded(progress)
-        analysis = explorer.analysis(library or "")
-        experts = explorer.expert_names(library or "")
-        status = explorer.status() if error is None else error
-        note = _md([analysis.note]) if analysis.note else ""
-        return (status, gr.update(choices=experts, value=[]), gr.update(choices=experts, value=None),
-                gr.update(value=min(4, max(1, len(experts)))),  # no lower maximum: too high is clamped, with a notice
-                plots.similarity_map(analysis), plots.cosine_matrix(analysis), analysis.experts, note,
-                f"Library **{html.escape(library or '')}**: {len(experts)} routed experts. "
-                f"{html.escape(analysis.summary)} Tasks whose warm-up adapters are alike are synergistic when "
-                "trained together: MBC trains one expert per cluster.")
-
-    def export(state, module, colour_by, expert, show_template, library):
-        out = Path(tempfile.mkdtemp(prefix="explorer-export-"))
-        files = []
-        if state and state.get("trace") is not None:
-            trace = state["trace"]
-            (out / "trace.csv").write_text(trace.to_csv())
-            (out / "trace.json").write_text(trace.to_json())
-            files += [out / "trace.csv", out / "trace.json"]
-            for name, fig in zip(("heatmap", "expert", "entropy", "usage", "change"),
-                                 figures(state, module, colour_by, expert, show_template)[:5]):
-                files.append(out / f"{name}.html")
-                files[-1].write_text(plots.figure_html(fig))
-        analysis = explorer.analysis(library or "")
-        for name, fig in (("similarity-map", plots.similarity_map(analysis)),
-                          ("cosine-matrix", plots.cosine_matrix(analysis))):
-            files.append(out / f"{name}.html")
-            files[-1].write_text(plots.figure_html(fig))
-        return [str(f) for f in files]
-
-    # ------------------------------------------------------------ layout
-
-    with gr.Blocks(title="LoRA Expert Library Explorer") as demo:
-        gr.Markdown(INTRO)
-        with gr.Row():
-            library = gr.Dropdown(choices=names, value=first, label="Library", scale=1)
+    with gr.Blocks(title="LoRA Expert Library Explorer", fill_width=True) as demo:
+        with gr.Row(equal_height=True, elem_id="header"):
+            gr.Markdown(TITLE, elem_id="title")
+            library = gr.Dropdown(choices=names, value=first, label="Library", scale=0, min_width=220,
+                                  elem_id="library")
             status = gr.Markdown("Loading the model…", elem_id="status")
         state = gr.State(None)
         with gr.Tabs():
             with gr.Tab("Explore", id="explore"):
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Type a prompt, or pick an "
-                                            "example below", elem_id="prompt")
-                        gr.Examples(examples=[[e["prompt"]] for e in examples], inputs=[prompt],
-                                    label="Examples (one per task family, and free text)",
-                                    example_labels=[f"{e['family']}: {e['prompt'][:48]}" for e in examples])
-                    with gr.Column(scale=2):
-                        with gr.Row():
-                            chat = gr.Checkbox(value=True, label="Chat template")
-                            run = gr.Button("Run", variant="primary", elem_id="run")
-                        top_k = gr.Slider(1, 16, value=4, step=1, label="top-k experts per token")
-                        temperature = gr.Slider(0.1, 5.0, value=1.0, step=0.1, label="temperature")
-                        max_new = gr.Slider(0, MAX_NEW_TOKENS, value=32, step=1, label="max new tokens")
-                        disabled = gr.Dropdown(choices=[], multiselect=True, value=[], allow_custom_value=True,
-                                               label="Intervention: disable experts")
+                with gr.Row(equal_height=True, elem_id="ask"):
+                    prompt = gr.Textbox(label="Prompt", lines=2, max_lines=4, elem_id="prompt", scale=5,
+                                        placeholder="Type a prompt, or pick an example")
+                    with gr.Column(scale=0, min_width=110):
+                        run = gr.Button("Run", variant="primary", elem_id="run")
+                        chat = gr.Checkbox(value=True, label="chat template", elem_id="chat")
+                    text = gr.Textbox(label="Generated text (Arrow), streamed", interactive=False, lines=2,
+                                      max_lines=4, elem_id="generated", scale=5)
                 notice = gr.Markdown(elem_id="notice")
-                text = gr.Textbox(label="Generated text (Arrow)", interactive=False, elem_id="generated")
-                with gr.Row():
-                    module = gr.Dropdown(choices=[("mean over modules", plots.MEAN)], value=plots.MEAN,
-                                         label="Module")
-                    colour_by = gr.Radio(COLOUR_BY, value="expert", label="Colour by")
-                    show_template = gr.Checkbox(value=False, label="Show chat-template tokens")
-                heatmap = gr.Plot(label="Top-1 expert per token and layer", elem_id="heatmap")
-                with gr.Accordion("Token by token: click a token to see its experts at every layer", open=True):
-                    strip = gr.HighlightedText(label="Tokens, coloured by their top expert (mean over layers)",
-                                               combine_adjacent=False, show_legend=True, elem_id="token-strip",
-                                               interactive=False)
-                    token_plot = gr.Plot(label="One token's experts", elem_id="token-experts")
-                with gr.Row():
-                    usage = gr.Plot(label="Expert usage", elem_id="usage")
-                    with gr.Column():
-                        expert = gr.Dropdown(choices=[], label="Expert to show", allow_custom_value=True)
-                        expert_plot = gr.Plot(label="Expert weight", elem_id="expert-weight")
-                entropy = gr.Plot(label="Routing entropy", elem_id="entropy")
-                gr.Markdown("### The same prompt four ways")
-                with gr.Row(elem_classes="compare"):
-                    base_text = gr.Textbox(label="base model", interactive=False, lines=4)
-                    uniform_text = gr.Textbox(label="uniform merge", interactive=False, lines=4)
-                    single_text = gr.Textbox(label="most-used expert", interactive=False, lines=4)
-                    arrow_text = gr.Textbox(label="arrow", interactive=False, lines=4)
-                with gr.Accordion("Intervention: what changed", open=False):
-                    ref_text = gr.Textbox(label="Text with no expert disabled", interactive=False)
+                with gr.Row(equal_height=True, elem_id="settings"):
+                    example = gr.Dropdown(choices=[(f"{e['family']}: {e['prompt'][:60]}", e["prompt"])
+                                                   for e in examples], value=None, label="examples",
+                                          min_width=150, elem_id="examples")
+                    top_k = gr.Slider(1, 16, value=4, step=1, label="top-k", min_width=110)
+                    temperature = gr.Slider(0.1, 5.0, value=1.0, step=0.1, label="temperature", min_width=110)
+                    centre = gr.Dropdown(choices=["none", "mean"], value="none", label="centre", min_width=110,
+                                         elem_id="centre")
+                    centre_scope = gr.Radio(["prototypes", "weights"], value="prototypes", label="centre scope",
+                                            min_width=190, elem_id="centre-scope")
+                    max_new = gr.Slider(0, MAX_NEW_TOKENS, value=32, step=1, label="new tokens", min_width=110,
+                                        elem_id="max-new")
+                    disabled = gr.Dropdown(choices=[], multiselect=True, value=[], allow_custom_value=True,
+                                           label="disable experts", min_width=130)
+                    module = gr.Dropdown(choices=[cb.MODULE_MEAN], value=cb.MODULE_MEAN[1], label="module",
+                                         min_width=110)
+                    colour_by = gr.Radio(COLOUR_BY, value="expert", label="colour by", min_width=150)
+                    grid_by = gr.Radio(cb.GRID_BY, value="weight", label="grid: top expert by", min_width=170,
+                                       elem_id="grid-by")
+                    show_template = gr.Checkbox(value=False, label="show chat template", min_width=90)
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=6, min_width=420):
+                        grid = gr.HTML(instrument.note_html(cb.NO_TRACE), elem_id="grid", head=head,
+                                       js_on_load=_js("grid.js"), min_height=380)
+                    with gr.Column(scale=3, min_width=260):
+                        linked_map = gr.HTML(instrument.note_html("Loading the library's map…"), elem_id="map",
+                                             head=head, js_on_load=_js("map.js"), min_height=380)
+                        selection = gr.Markdown(elem_id="selection")
+                        pick = gr.Textbox(visible=False, label="pick: an expert, task or cluster")
+                    with gr.Column(scale=3, min_width=280):
+                        drill = gr.HTML(instrument.note_html("Click a grid cell to see its experts."),
+                                        elem_id="drill", js_on_load=_js("panel.js"))
+                        with gr.Accordion("Counterfactual for this cell", open=False, elem_id="cf-panel") as cf_panel:
+                            cell = gr.Textbox(label="cell (layer, token)", max_lines=1, elem_id="cell")
+                            cf_expert = gr.Dropdown(choices=[], label="expert", allow_custom_value=True,
+                                                    elem_id="cf-expert")
+                            cf_action = gr.Radio(cc.ACTIONS, value="off", label="action", elem_id="cf-action")
+                            cf_scope = gr.Radio(cc.SCOPES, value="cell", label="where", elem_id="cf-scope")
+                            cf_run = gr.Button("Run counterfactual", elem_id="cf-run")
+                            cf_out = gr.HTML("", elem_id="cf-out")
+                with gr.Accordion("The same prompt three other ways (base, uniform merge, one expert)",
+                                  open=False) as compare_panel:
+                    compare_button = gr.Button("Compare", elem_id="compare")
+                    with gr.Row(elem_classes="compare"):
+                        base_text = gr.Textbox(label="base model", interactive=False, lines=3)
+                        uniform_text = gr.Textbox(label="uniform merge", interactive=False, lines=3)
+                        single_text = gr.Textbox(label="most-used expert", interactive=False, lines=3)
+                        arrow_text = gr.Textbox(label="arrow", interactive=False, lines=3)
+                with gr.Accordion("More figures: one token, one expert, entropy, usage, intervention",
+                                  open=False) as more:
+                    token_plot = gr.Plot(label="One token's experts (click a token in the strip)",
+                                         elem_id="token-experts")
+                    with gr.Row():
+                        usage = gr.Plot(label="Expert usage", elem_id="usage")
+                        with gr.Column():
+                            expert = gr.Dropdown(choices=[], label="Expert to show", allow_custom_value=True)
+                            expert_plot = gr.Plot(label="Expert weight", elem_id="expert-weight")
+                    entropy = gr.Plot(label="Routing entropy", elem_id="entropy")
+                    ref_text = gr.Textbox(label="Text with no expert disabled (intervention)", interactive=False)
                     diff = gr.Plot(label="Routing change", elem_id="diff")
                 with gr.Accordion("Downloads: trace (CSV, JSON) and every figure (standalone HTML)", open=False):
                     export_button = gr.Button("Prepare downloads")
                     files = gr.File(label="Files", file_count="multiple", interactive=False)
                 trace_json = gr.Textbox(visible=False, label="trace JSON")
+                selection_json = gr.JSON(visible=False, label="selection")
             with gr.Tab("Library", id="library"):
-                library_summary = gr.Markdown()
-                library_note = gr.Markdown(elem_id="library-note")
-                similarity = gr.Plot(label="Adapter-similarity map", elem_id="similarity-map")
-                cosine = gr.Plot(label="Cosine similarity", elem_id="cosine-matrix")
-                table = gr.Dataframe(label="Experts", interactive=False, elem_id="experts-table")
+                tab = _library_tab(session, library)
 
         # ------------------------------------------------------------ events
-        library_outputs = [status, disabled, expert, top_k, similarity, cosine, table, library_note,
-                           library_summary]
-        demo.load(on_library, inputs=[library], outputs=library_outputs, api_name="status")
-        library.change(on_library, inputs=[library], outputs=library_outputs, api_name="library")
-        route_inputs = [prompt, library, chat, top_k, temperature, max_new, disabled, module, colour_by, expert,
-                        show_template]
-        route_outputs = [notice, text, heatmap, expert_plot, entropy, usage, diff, strip, ref_text, trace_json,
-                         state, module, expert]
-        compare_args = dict(fn=compare, inputs=[prompt, library, chat, max_new, state],
-                            outputs=[base_text, uniform_text, single_text, arrow_text])
-        run.click(route, route_inputs, route_outputs, api_name="route").then(**compare_args, api_name="compare")
-        prompt.submit(route, route_inputs, route_outputs, api_name="route_submit").then(
-            **compare_args, api_name="compare_submit")
-        view_inputs = [state, module, colour_by, expert, show_template]
-        for control, name in ((module, "view_module"), (colour_by, "view_colour"), (expert, "view_expert"),
+        # the callbacks' keys are the components' names above
+        c = {k: v for k, v in locals().items() if isinstance(v, (gr.components.Component, gr.Accordion))}
+        c.update({k: v for k, v in tab.items() if k not in c})
+
+        def wire(trigger, fn, inputs, outputs, api_name, **kw):
+            return trigger(_event(fn, session, c), [c[k] for k in inputs], [c[k] for k in outputs],
+                           api_name=api_name, **kw)
+
+        wire(demo.load, cb.library, ["library"], cb.LIBRARY_OUTPUTS, "status")
+        wire(library.change, cb.library, ["library"], cb.LIBRARY_OUTPUTS, "library")
+        for trigger, name in ((demo.load, "router_defaults_load"), (library.change, "router_defaults")):
+            wire(trigger, cb.router_controls, ["library"], ["top_k", "temperature", "centre", "centre_scope"], name)
+        if "lib_changed" in tab:  # an expert added or removed: the Explore view follows
+            wire(tab["lib_changed"].change, cb.library, ["library"], cb.LIBRARY_OUTPUTS, "library_edited")
+        wire(example.change, cb.example, ["example"], ["prompt"], "example")
+        route_inputs = ["prompt", "library", "chat", "top_k", "temperature", "centre", "centre_scope", "max_new",
+                        "disabled", "module", "colour_by", "grid_by", "show_template"]
+        for trigger, suffix in ((run.click, ""), (prompt.submit, "_submit")):
+            routed = wire(trigger, cb.route, route_inputs, cb.ROUTE_OUTPUTS, "route" + suffix)
+            wire(routed.then, cb.figures, ["state", "module", "expert", "show_template"], cb.FIGURE_OUTPUTS,
+                 "figures" + suffix)
+        wire(compare_button.click, cb.compare, ["state"], cb.COMPARE_OUTPUTS, "compare")
+        grid_inputs = ["state", "module", "colour_by", "grid_by", "show_template"]
+        for control, name in ((module, "view_module"), (colour_by, "view_colour"), (grid_by, "view_grid"),
                               (show_template, "view_template")):
-            control.change(figures, view_inputs, [heatmap, expert_plot, entropy, usage, diff, strip], api_name=name)
-        strip.select(on_token, [state, module, show_template], [token_plot], api_name="token")
-        export_button.click(export, view_inputs + [library], [files], api_name="export")
+            wire(control.input, cb.grid, grid_inputs, cb.GRID_OUTPUTS, name)
+        wire(expert.input, cb.figures, ["state", "module", "expert", "show_template"], cb.FIGURE_OUTPUTS,
+             "view_expert")
+        wire(grid.cell, cc.drill, ["state", "library", "module", "cell"], cc.DRILL_OUTPUTS, "drill")
+        wire(grid.strip, cc.token, ["state", "module", "cell"], cc.TOKEN_OUTPUTS, "token")
+        wire(linked_map.pick, cc.highlight, ["state", "library", "module", "colour_by", "grid_by", "show_template",
+                                             "pick"], cc.HIGHLIGHT_OUTPUTS, "highlight")
+        wire(cf_run.click, cc.counterfactual, ["state", "library", "cell", "cf_expert", "cf_action", "cf_scope"],
+             cc.CF_OUTPUTS, "counterfactual")
+        wire(export_button.click, cb.export, ["state", "module", "colour_by", "expert", "show_template", "library"],
+             ["files"], "export")
     return demo
+
+
+def _library_tab(session: Session, library) -> dict:
+    """The Library tab (explorer.page.ui_library): report card, map, experts, upload and removal."""
+    from explorer.page.ui_library import library_tab
+
+    return library_tab(session, library)
+
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,

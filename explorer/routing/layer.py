@@ -8,8 +8,8 @@ Usage::
     q, k, v = routed_group([q_lin, k_lin, v_lin], [sq, sk, sv], state, keys)   # one shared first matmul
     y = layer(x)                                 # base(x) + Σ_e w_e · scaling_e · B_e A_e x, w routed per token
 
-Definitions follow `peft/tuners/lora/arrow.py` and mttl (see `/work/shared/design/ALGORITHMS.md`): the score of
-expert e for a token h is |h · p_e|, the top-k scores go through softmax(s / T), the others weigh 0.
+Definitions follow `peft/tuners/lora/arrow.py` and mttl (see docs/design.md, "Arrow prototypes" and "Routing"):
+the score of expert e for a token h is |h · p_e|, the top-k scores go through softmax(s / T), the others weigh 0.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 PROTOTYPE_METHOD = "qr-svd-v1"  # part of the cache key of stored prototypes: bump when the maths changes
-MODES = ("arrow", "base", "uniform", "expert")
 
 
 @torch.no_grad()
@@ -70,7 +69,11 @@ class RouterState:
     """The router setting shared by every routed layer of one model, plus the trace buffer.
 
     `fixed` holds the (E,) weights of the non-routing modes (uniform: 1/E_enabled, expert: one-hot);
-    `mask` is True for disabled experts (score -inf); `capture` is a list while a trace is recorded.
+    `mask` is True for disabled experts (score -inf); `capture` is a list while a trace is recorded, of
+    ("route", group, idx (t, G, k), weights (t, G, k), raw scores (t, G, k+1 or k), a (t, G, k, r)) per
+    group call (a: the chosen experts' weighted A-projections w_e · A_e h) and ("norm", key, (t,)) per member
+    call (‖base output‖). Slots are largest weight first; the (k+1)-th raw score, when there, is the
+    best expert left out. `RoutedModel._assemble` turns them into a sparse trace (see docs/engine.md).
     """
 
     mode: str = "arrow"
@@ -80,85 +83,174 @@ class RouterState:
     fixed: torch.Tensor | None = None  # (E,)
     capture: list | None = field(default=None, repr=False)
     version: int = 0  # bumped on every router change, so cached group results are not reused across it
+    # a counterfactual (RoutedModel.overriding): (expert index, force, model layers or None for all)
+    override: tuple | None = None
+    _moved: dict = field(default_factory=dict, repr=False)  # (name, version, device) -> tensor
+
+    def on(self, name: str, device: torch.device) -> torch.Tensor | None:
+        """`mask` or `fixed` on `device`, copied once per router setting (set_router builds them on the CPU;
+        a copy per call would be a host-to-GPU transfer per layer)."""
+        t = getattr(self, name)
+        if t is None or t.device == device:
+            return t
+        key = (name, self.version, device)
+        moved = self._moved.get(key)
+        if moved is None:
+            self._moved = {k: v for k, v in self._moved.items() if k[1] == self.version}
+            moved = self._moved[key] = t.to(device)
+        return moved
 
 
-class RoutedGroup:
-    """The first matmul of layers that read the same input (q, k, v), shared: [prototypes; A rows] of every
-    member stacked, (G·E + G·E·r, d), so one matmul gives all G routers' scores and all A-projections.
+class RoutedGroup(nn.Module):
+    """Everything routed about layers that read the same input (q, k, v of one block; or one layer alone).
+
+    `proj` stacks [prototypes; A rows] of every member, (G·E + G·E·r, d): one matmul gives all G routers'
+    scores and all A-projections. `up` stacks every member's B, pre-multiplied by the scaling and zero-padded
+    to the widest member, (G·E, r·out_max): for one token the group gathers its top-k rows of every member at
+    once and makes all G updates in one batched matmul. `gram` (G·E, r, r) = up_e up_eᵀ gives contributions
+    ‖a_e up_e‖ without forming them (the trace's drill-down data).
 
     Members call `compute(x)` in turn; the result is cached by the identity of `x`, so only the first member
     pays. A member called with another tensor recomputes, so the cache can change timing, never results.
-    A plain object (not an nn.Module): its tensors are built in the base layer's dtype and device at attach.
+    Tensors are (non-persistent) buffers of a child of every member: `model.to(...)` after attach moves them.
     """
 
     def __init__(self, stacks: list[SiteStack], state: RouterState, dtype: torch.dtype, device=None):
+        super().__init__()
         E, _, d = stacks[0].A.shape
         r = max(s.A.shape[1] for s in stacks)
+        G = len(stacks)
         protos = torch.cat([s.prototypes.reshape(E, d) for s in stacks])  # (G E, d)
         rows = torch.cat([pad_rank(s.A, r).reshape(E * r, d) for s in stacks])  # (G E r, d)
-        self.proj = torch.cat([protos, rows]).to(device, dtype).contiguous()  # (G E + G E r, d)
-        G = len(stacks)
+        self.register_buffer("proj", torch.cat([protos, rows]).to(device, dtype).contiguous(), persistent=False)
+        self.outs = [s.B.shape[1] for s in stacks]
+        self._full = [out == max(self.outs) for out in self.outs]  # no padding to slice off
+        up = torch.zeros(G * E, r, max(self.outs))  # (G E, r, out_max)
+        for m, s in enumerate(stacks):
+            B = pad_rank(s.B.transpose(1, 2), r) * s.scaling.view(E, 1, 1)  # (E, r, out) = (s_e B_e)ᵀ
+            up[m * E:(m + 1) * E, :, : self.outs[m]] = B
+        self.register_buffer("gram", (up @ up.transpose(1, 2)).to(device), persistent=False)  # (G E, r, r)
+        self.register_buffer("up", up.view(G * E, -1).to(device, dtype), persistent=False)  # (G E, r out_max)
+        self.register_buffer("offsets", (torch.arange(G, device=device) * E).view(G, 1), persistent=False)
         self.n_members, self.n_experts, self.rank, self.state = G, E, r, state
-        # Views for the one-token path (decoding): prototypes alone, and A rows grouped per (member, expert).
-        self.protos = self.proj[: G * E]  # (G E, d)
-        self.a_rows = self.proj[G * E:].view(G * E, r * d)  # (G E, r d)
-        self.offsets = (torch.arange(G, device=device) * E).view(1, G, 1)  # (1, G, 1)
+        self.keys: list[tuple[int, int]] = []  # members' trace keys, filled in by the members
         self._cache: tuple | None = None  # (input tensor, router version, result)
+        self._take_views()
 
-    def route(self, scores: torch.Tensor) -> torch.Tensor:
-        """(t, G, E) raw scores h · p_e -> (t, G, E) weights: softmax(|s| / T) over the top-k, 0 elsewhere."""
-        w_top, idx = self.route_top(scores)  # (t, G, k)
-        return torch.zeros_like(scores).scatter_(-1, idx, w_top)  # (t, G, E)
+    def _take_views(self) -> None:
+        """Plain attributes for the hot path (a buffer read through nn.Module.__getattr__ costs about as much
+        as a small op when decoding): the buffers and their views, taken again whenever the module moves."""
+        GE = self.n_members * self.n_experts
+        self._proj, self._up, self._offsets = self.proj, self.up, self.offsets
+        self._protos = self.proj[:GE]  # (G E, d) prototypes alone
+        self._a_rows = self.proj[GE:].view(GE, -1)  # (G E, r d) A rows grouped per (member, expert)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._take_views()
+        return out
+
+    def extra_repr(self) -> str:
+        return f"members={self.n_members}, experts={self.n_experts}, rank={self.rank}"
+
+    @property
+    def protos(self) -> torch.Tensor:
+        """(G E, d) prototypes alone (a view of `proj`)."""
+        return self._protos
+
+    @property
+    def a_rows(self) -> torch.Tensor:
+        """(G E, r d) A rows grouped per (member, expert) (a view of `proj`)."""
+        return self._a_rows
+
+    def member_up(self, m: int) -> torch.Tensor:
+        """(E r, out_m) member m's stacked, scaled B (a strided view: no copy)."""
+        E, r = self.n_experts, self.rank
+        return self._up[m * E:(m + 1) * E].view(E * r, -1)[:, : self.outs[m]]
 
     def compute(self, x: torch.Tensor) -> tuple:
-        """x (..., d) -> ("dense", weights (t, G, E), weighted A-projections (t, G, E·r)) or, for one token
-        routed over few of many experts, ("sparse", weights (1, G, E) or None, top-k ids (G, k),
-        weighted A-projections of the top-k (G, k·r))."""
+        """x (..., d) -> ("dense", weighted A-projections (t, G, E·r)) or, for one token routed over few of
+        many experts, ("sparse", [member m's update (1, out_m) for each m])."""
         st = self.state
         cached = self._cache  # one attribute read: a consistent (input, version, result) even across threads
         if cached is not None and cached[0] is x and cached[1] == st.version:
             return cached[2]
         G, E, r = self.n_members, self.n_experts, self.rank
-        h = x.reshape(-1, x.shape[-1])  # (t, d)
-        if h.dtype != self.proj.dtype:
-            h = h.to(self.proj.dtype)
-        if h.shape[0] == 1 and st.mode == "arrow" and st.top_k * 2 <= E:
-            out = self._one_token(h)
-            self._cache = (x, st.version, out)
-            return out
-        z = F.linear(h, self.proj)  # (t, G E + G E r)
-        t = z.shape[0]
-        if st.mode == "arrow":
-            w = self.route(z[:, : G * E].view(t, G, E))  # (t, G, E)
-        else:  # uniform / expert: the same weights for every token
-            w = st.fixed.to(z.dtype).expand(t, G, E)  # (t, G, E)
-        a = (z[:, G * E:].view(t, G, E, r) * w.unsqueeze(-1)).view(t, G, E * r)  # (t, G, E r)
-        self._cache = (x, st.version, ("dense", w, a))
-        return self._cache[2]
+        proj = self._proj
+        if x.numel() == x.shape[-1] and st.mode == "arrow" and st.top_k * 2 <= E and x.dtype == proj.dtype:
+            out = ("sparse", self._one_token(x.view(-1)))
+        else:
+            h = x.reshape(-1, x.shape[-1])  # (t, d)
+            if h.dtype != proj.dtype:
+                h = h.to(proj.dtype)
+            z = F.linear(h, proj)  # (t, G E + G E r)
+            t = z.shape[0]
+            scores = z[:, : G * E].view(t, G, E)  # (t, G, E)
+            proj_a = z[:, G * E:].view(t, G, E, r)  # (t, G, E, r)
+            if st.mode == "arrow":
+                w_top, idx, s = self.route_top(scores)  # (t, G, k) x 2, (t, G, E)
+                w = torch.zeros_like(scores).scatter_(-1, idx, w_top)  # (t, G, E)
+            else:  # uniform / expert: the same weights for every token
+                w = st.on("fixed", z.device).to(z.dtype).expand(t, G, E)  # (t, G, E)
+            a = proj_a * w.unsqueeze(-1)  # (t, G, E, r)
+            if st.capture is not None:
+                ranked = st.mode != "arrow"
+                if ranked:
+                    w_top, idx, s = self._fixed_top(scores)
+                chosen = a.gather(2, idx.unsqueeze(-1).expand(*idx.shape, r))  # (t, G, k, r)
+                self._record(idx, w_top, s, chosen, ranked)
+            out = ("dense", a.view(t, G, E * r))
+        self._cache = (x, st.version, out)
+        return out
 
-    def _one_token(self, h: torch.Tensor) -> tuple:
-        """Decoding: read only the top-k experts' A rows (and, in the members, B rows). When generating, every
-        step streams the stacks from memory for one token, so reading k of E experts is what keeps it cheap."""
-        G, E, r, k = self.n_members, self.n_experts, self.rank, self.state.top_k
-        w_top, idx = self.route_top(F.linear(h, self.protos).view(1, G, E))  # (1, G, k), (1, G, k)
-        rows = self.a_rows.index_select(0, (idx + self.offsets).view(-1))  # (G k, r d)
-        z = rows.view(G, k * r, -1) @ h[0]  # (G, k r)
-        a = (z.view(G, k, r) * w_top[0].unsqueeze(-1)).view(G, k * r)  # (G, k r)
-        w = None
+    def _one_token(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Decoding: read only the top-k experts' A and B rows, for all members at once, in as few ops as
+        possible (each costs microseconds of dispatch, which is what a decoding step spends routing).
+        h (d,) -> [member m's update (1, out_m)]."""
+        G, k, r = self.n_members, self.state.top_k, self.rank
+        w_top, idx, s = self.route_top(torch.mv(self._protos, h).view(G, -1))  # (G, k), (G, k), (G, E)
+        flat = (idx + self._offsets).view(-1)  # (G k,) rows of (member, expert)
+        z = torch.mv(self._a_rows.index_select(0, flat).view(G * k * r, -1), h)  # (G k r,) = A_e h
+        a = z.view(G, k, r) * w_top.unsqueeze(-1)  # (G, k, r)
         if self.state.capture is not None:
-            w = torch.zeros(1, G, E, dtype=w_top.dtype, device=w_top.device).scatter_(-1, idx, w_top)  # (1, G, E)
-        return "sparse", w, idx[0], a
+            self._record(idx, w_top, s, a)  # (G, k) ...: one token, no token axis (added when assembled)
+        d = torch.bmm(a.view(G, 1, k * r), self._up.index_select(0, flat).view(G, k * r, -1))  # (G, 1, out_max)
+        return [d[m] if full else d[m, :, :out] for m, (out, full) in enumerate(zip(self.outs, self._full))]
 
-    def route_top(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, G, E) raw scores -> top-k softmax weights (t, G, k) and expert ids (t, G, k)."""
+    def route_top(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(..., E) raw scores h · p_e -> top-k softmax(|s| / T) weights (..., k), expert ids (..., k), and |s|
+        with disabled experts at -inf (..., E)."""
         st = self.state
-        s = scores.abs()  # (t, G, E)
+        s = scores.abs()  # (..., E)
         if st.mask is not None:
-            s = s.masked_fill(st.mask, float("-inf"))
-        if st.temperature != 1.0:
-            s = s / st.temperature
-        top, idx = s.topk(st.top_k, dim=-1)  # (t, G, k)
-        return top.softmax(dim=-1), idx
+            s = s.masked_fill(st.on("mask", s.device), float("-inf"))
+        ov = st.override
+        if ov is not None and (ov[2] is None or self.keys[0][0] in ov[2]):
+            s = s.clone()
+            s[..., ov[0]] = float("inf") if ov[1] else float("-inf")  # forced to the first slot, or off
+            if ov[1]:  # forced: that expert alone, weight 1
+                idx = s.topk(st.top_k, dim=-1).indices  # (..., k), the forced expert first
+                return F.one_hot(torch.zeros_like(idx[..., 0]), st.top_k).to(s.dtype), idx, s
+        top, idx = (s / st.temperature if st.temperature != 1.0 else s).topk(st.top_k, dim=-1)  # (..., k)
+        return top.softmax(dim=-1), idx, s
+
+    def _fixed_top(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Uniform / expert modes, for the trace: the experts with a fixed weight, highest |score| first."""
+        fixed = self.state.on("fixed", scores.device)  # (E,)
+        s = scores.abs()
+        if self.state.mask is not None:
+            s = s.masked_fill(self.state.on("mask", s.device), float("-inf"))
+        idx = s.masked_fill(fixed == 0, float("-inf")).topk(int((fixed > 0).sum()), dim=-1).indices  # (t, G, K)
+        left = s.masked_fill(fixed > 0, float("-inf")).amax(-1, keepdim=True)  # (t, G, 1) best left out
+        raw = torch.cat([s.gather(-1, idx), left], dim=-1)  # (t, G, K + 1)
+        return fixed.to(scores.dtype)[idx], idx, raw
+
+    def _record(self, idx, w_top, s, a, ranked: bool = False) -> None:
+        """Append this call's routing to the trace buffer (see RouterState); s is (t, G, E) |scores| or, when
+        `ranked` (fixed modes), already the (t, G, K+1) raw scores of the slots and the best left out."""
+        if not ranked:  # arrow: the k+1 best raw scores, sorted like the slots; the last is the best left out
+            s = s.topk(min(idx.shape[-1] + 1, self.n_experts), dim=-1).values
+        self.state.capture.append(("route", self, idx, w_top, s, a))
 
     def clear(self) -> None:
         self._cache = None
@@ -171,9 +263,9 @@ class RoutedLinear(nn.Module):
     (or `routed_group` for layers that read one input).
 
     The group's first matmul gives the scores and every expert's A-projection (t, E·r); these are scaled by
-    the routing weights, and one matmul with `up`, all the B's stacked and pre-multiplied by their scaling
-    (E·r, out), gives the update, added to the base output in the same call (addmm). A single token (a
-    decoding step) with top_k ≤ E/2 reads only its top-k experts' rows of both stacks instead (same result).
+    the routing weights, and one matmul with the member's `up`, all the B's stacked and pre-multiplied by
+    their scaling (E·r, out), gives the update, added to the base output in the same call (addmm). A single
+    token (a decoding step) with top_k ≤ E/2 uses the group's one-token update instead (same result).
     Kept deliberately unfused from the base layer: folding W into the first matmul measured no faster on
     decoding here and would make the base weights views into our buffer.
     """
@@ -188,35 +280,36 @@ class RoutedLinear(nn.Module):
         if d != base.in_features or out != base.out_features:
             raise ValueError(f"{stack.site}: experts are ({out} x {d}), the model's layer is "
                              f"({base.out_features} x {base.in_features})")
-        dtype, device = base.weight.dtype, base.weight.device
         self.base, self.site, self.state, self.key = base, stack.site, state, key
-        self.group = group or RoutedGroup([stack], state, dtype, device)
-        self.member, self.n_experts = member, E
-        r = self.group.rank
-        B = pad_rank(stack.B.transpose(1, 2), r).transpose(1, 2)  # (E, out, r)
-        up = (B * stack.scaling.view(E, 1, 1)).permute(0, 2, 1).reshape(E * r, out)  # (E r, out)
-        self.register_buffer("up", up.to(device, dtype).contiguous(), persistent=False)
+        self.group = group if group is not None else RoutedGroup([stack], state, base.weight.dtype,
+                                                                 base.weight.device)
+        self.group.keys.append(key)
+        self.member, self.n_experts, self.out = member, E, out
+        self.last = member == self.group.n_members - 1
+        # plain aliases of the two children for the hot path (nn.Module.__getattr__ is slow when decoding)
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_group", self.group)
 
     def extra_repr(self) -> str:
         return f"site={self.site}, experts={self.n_experts}, rank={self.group.rank}, shares={self.group.n_members}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.state
-        y = self.base(x)  # (..., out)
+        y = self._base(x)  # (..., out)
         if st.mode == "base":
             return y
-        kind, w, *rest = self.group.compute(x)
-        if self.member == self.group.n_members - 1:  # the last reader (v): do not keep activations alive
-            self.group.clear()
+        group = self._group
+        kind, a = group.compute(x)
+        if self.last:  # the last reader (v): do not keep activations alive
+            group.clear()
         if st.capture is not None:
-            st.capture.append((self.key, w[:, self.member]))  # (t, E)
-        y2 = y.reshape(-1, y.shape[-1])  # (t, out)
-        if kind == "sparse":  # one token: only its top-k experts' B rows
-            idx, a = rest  # (G, k), (G, k r)
-            up = self.up.view(self.n_experts, -1).index_select(0, idx[self.member])  # (k, r out)
-            a_m, up = a[self.member : self.member + 1], up.view(a.shape[1], -1)  # (1, k r), (k r, out)
-        else:
-            a_m, up = rest[0][:, self.member], self.up  # (t, E r), (E r, out)
+            wide = None if y.dtype == torch.float64 else torch.float32  # bf16 sums lose digits
+            st.capture.append(("norm", self.key, torch.linalg.vector_norm(y.reshape(-1, self.out), dim=-1,
+                                                                          dtype=wide)))  # (t,)
+        if kind == "sparse":  # one token: the group made every member's update, (1, out) onto (..., 1, out)
+            return y + a[self.member]
+        y2 = y.reshape(-1, self.out)  # (t, out)
+        a_m, up = a[:, self.member], group.member_up(self.member)  # (t, E r), (E r, out)
         if a_m.dtype != y2.dtype:
             return (y2 + (a_m @ up).to(y2.dtype)).view(y.shape)
         return torch.addmm(y2, a_m, up).view(y.shape)

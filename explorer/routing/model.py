@@ -15,48 +15,27 @@ The base model is modified in place (its target layers are wrapped); one RoutedM
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from explorer.routing.layer import MODES, RoutedLinear, RouterState
+from explorer.routing.centring import Centring, site_ranks
+from explorer.routing.capture import assemble, dense_by_key, next_step_kwargs
+from explorer.routing.config import RouterConfig
 from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, join_prototypes, module_leaves, prototype_config,
-                             unwrap_model, wrap_model)
-from explorer.routing.trace import RoutingTrace
+                                     unwrap_model, wrap_model)
+from explorer.routing.layer import PROTOTYPE_METHOD, RoutedLinear, RouterState
+from explorer.routing.topk import TopKRoutes
+from explorer.routing.trace import RoutingTrace, user_token_span
 from library_store.expert import LoraExpert
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    """How tokens are sent to experts.
-
-    mode: "arrow" (per-token top-k routing), "base" (no experts), "uniform" (average of all enabled experts'
-    updates, the paper's baseline) or "expert:<name>" (that expert alone).
-    """
-
-    mode: str = "arrow"
-    top_k: int = 4  # mttl's example uses 4; PEFT's default is 3
-    temperature: float = 1.0  # softmax(score / T) over the top-k; the paper uses 1
-    disabled: tuple[str, ...] = ()  # experts left out of routing and of the uniform merge
-
-    def __post_init__(self):
-        kind = self.mode.split(":", 1)[0]
-        if kind not in MODES or (kind == "expert") != (":" in self.mode) or self.mode.endswith(":"):
-            raise ValueError(f"Unknown router mode {self.mode!r}: use arrow, base, uniform or expert:<name>.")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"top_k must be an integer >= 1 (at most the number of enabled experts), got {self.top_k!r}")
-        if not self.temperature > 0 or self.temperature == float("inf"):
-            raise ValueError(f"temperature must be in (0, inf), got {self.temperature!r}")
-        object.__setattr__(self, "disabled", tuple(self.disabled))
-
-    @property
-    def kind(self) -> str:
-        return self.mode.split(":", 1)[0]
 
 
 def _serialized(method):
@@ -74,10 +53,14 @@ class RoutedModel:
     Safe to share between threads: public calls run one at a time."""
 
     def __init__(self, base, experts: list[LoraExpert], router: RouterConfig = RouterConfig(),
-                 prototypes: dict[str, dict[str, torch.Tensor]] | None = None, share_inputs: bool = True):
+                 prototypes: dict[str, dict[str, torch.Tensor]] | None = None, share_inputs: bool = True,
+                 general: list[LoraExpert] = (), store=None):
+        """`general`: experts a `centre="general:<name>"` router may subtract (not routed); `store`: the
+        library, which caches centred prototypes and supplies `general` experts by name (see from_library)."""
         self.base = base
         self.experts: list[str] = [e.name for e in experts]
         self.unavailable: dict[str, str] = {}  # expert name -> why it was skipped (from_library)
+        self.library: dict = {}  # {"name", "path", "content"} when built by from_library (see library_identity)
         self._lock = threading.RLock()
         self._state = RouterState()
         wanted = {s for e in experts for s in e.factors()}
@@ -88,6 +71,10 @@ class RoutedModel:
         self._stacks = build_stacks(experts, prototypes, site_order=sites)
         self.sites = list(self._stacks)
         self._keys = wrap_model(base.model, self._stacks, self._state, share_inputs)  # site -> (layer, module index)
+        self._share_inputs = share_inputs
+        self._centring = Centring(self._stacks, site_ranks(experts, self.sites), prototype_config(experts),
+                                  {g.name: g for g in general}, store)
+        self._wrapped = ("none", None)  # the centring the wrapped layers hold (see set_router)
         self.layers = sorted({k[0] for k in self._keys.values()})
         self.modules = module_leaves(self.sites)
         self.router = RouterConfig(mode="base")
@@ -100,26 +87,41 @@ class RoutedModel:
                      names: list[str] | None = None) -> "RoutedModel":
         """Attach `names` (default: `library.routable_names()`, i.e. not an MBC library's warm-up experts);
         broken ones are skipped and listed in `.unavailable`. Refuses a library made for another base model.
-        Prototypes are cached in the library's derived data."""
+        Prototypes are cached in the library's derived data. The one loader: the page, the CLI and the
+        evaluation all attach libraries here, and `.library` (its identity) goes into every trace.
+        A `centre="general:<name>"` router loads that expert from the library (any kind, usually `general`)."""
         library.check_base(base.fingerprint)
         experts, unavailable = [], {}
         for name in library.routable_names() if names is None else names:
             try:
-                experts.append(library[name])
-            except Exception as exc:  # ExpertUnavailable, or a file gone bad: skip it, say why
+                expert = library[name]
+                bad = [k for k, t in expert.weights.items() if not torch.isfinite(t).all()]
+                if bad:
+                    raise ValueError(f"non-finite weights (NaN or inf) in {len(bad)} tensors, e.g. {bad[0]}")
+                experts.append(expert)
+            except Exception as exc:  # ExpertUnavailable, a file gone bad, NaN weights: skip it, say why
                 unavailable[name] = f"{type(exc).__name__}: {exc}"
                 log.warning("expert %s skipped: %s", name, exc)
-        config = prototype_config(experts)
-        hit = library.get_derived(PROTOTYPE_KIND, config) if experts else None
-        cached = join_prototypes(hit[0], [e.name for e in experts]) if hit else None
-        rm = cls(base, experts, router, prototypes=cached)
+        while True:
+            config = prototype_config(experts)
+            hit = library.get_derived(PROTOTYPE_KIND, config) if experts else None
+            cached = join_prototypes(hit[0], [e.name for e in experts]) if hit else _expert_prototypes(library,
+                                                                                                      experts)
+            try:
+                rm = cls(base, experts, router, prototypes=cached, store=library)
+                break
+            except (torch.linalg.LinAlgError, RuntimeError) as exc:  # one bad expert must not take the rest down
+                culprits = _unroutable(experts, exc)
+                if not culprits:
+                    raise
+                for name, why in culprits.items():
+                    unavailable[name] = why
+                    log.warning("expert %s skipped: %s", name, why)
+                experts = [e for e in experts if e.name not in culprits]
         rm.unavailable = unavailable
+        rm.library = library_identity(library, experts)
         if experts and hit is None:
-            try:  # one entry for the whole set: one write, and one read next time
-                library.put_derived(PROTOTYPE_KIND, config, {s: st.prototypes for s, st in rm._stacks.items()},
-                                    {"experts": rm.experts})
-            except Exception as exc:  # a read-only library still routes; it just recomputes next time
-                log.info("prototypes not cached: %s", exc)
+            _cache_prototypes(library, rm, experts, config, cached)
         return rm
 
     @_serialized
@@ -131,7 +133,8 @@ class RoutedModel:
 
     @_serialized
     def set_router(self, router: RouterConfig) -> None:
-        """Switch mode / top_k / temperature / disabled experts; checked against this library."""
+        """Switch mode / top_k / temperature / disabled experts / centring; checked against this library.
+        A new centring re-stacks the routed layers from memory (prototypes cached per centring), no reload."""
         unknown = [n for n in router.disabled if n not in self.experts]
         if unknown:
             raise ValueError(f"Cannot disable unknown experts {unknown}; the library has {self.experts}")
@@ -155,6 +158,12 @@ class RoutedModel:
                 raise ValueError(f"Expert {name!r} is disabled; it cannot be used alone.")
             fixed = torch.zeros(len(self.experts))
             fixed[self.experts.index(name)] = 1.0
+        centring = (router.centre, None if router.centre == "none" else router.centre_scope)
+        if centring != self._wrapped:  # may refuse the centring (ValueError): nothing has changed yet
+            stacks = self._centring.stacks(router.centre, router.centre_scope)
+            if self.sites and isinstance(self.base.model.get_submodule(self.sites[0]), RoutedLinear):  # attached
+                self._keys = wrap_model(self.base.model, stacks, self._state, self._share_inputs)
+            self._wrapped = centring
         st.mode, st.top_k, st.temperature = router.kind, router.top_k, float(router.temperature)
         st.mask = None if n_on == len(self.experts) else ~enabled
         st.fixed = fixed
@@ -167,13 +176,18 @@ class RoutedModel:
     @_serialized
     def logits(self, input_ids) -> torch.Tensor:
         """(batch, tokens, vocab) logits of the routed model."""
-        ids = torch.as_tensor(input_ids)
+        ids = torch.as_tensor(input_ids).to(self.device)
         if ids.dim() == 1:
             ids = ids[None]
         return self.base.model(input_ids=ids).logits
 
     def encode(self, prompt: str, max_new_tokens: int = 0, chat: bool = True) -> tuple[torch.Tensor, bool]:
         """(1, t) prompt ids, cut to the last (context - max_new_tokens) tokens; and whether it was cut."""
+        _, ids, truncated = self._encode(prompt, max_new_tokens, chat)
+        return ids, truncated
+
+    def _encode(self, prompt: str, max_new_tokens: int, chat: bool) -> tuple[str, torch.Tensor, bool]:
+        """The formatted prompt, its (1, t) kept ids and whether it was cut (see `encode`)."""
         text = self.base.format_prompt(prompt, chat)
         ids = self.base.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
         room = self.base.context_length - max_new_tokens
@@ -182,14 +196,20 @@ class RoutedModel:
                              f"(the context length minus one), got {max_new_tokens}")
         if ids.shape[1] == 0:
             raise ValueError("The prompt is empty.")
-        return (ids[:, -room:], True) if ids.shape[1] > room else (ids, False)
+        return (text, ids[:, -room:], True) if ids.shape[1] > room else (text, ids, False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the base model (and so every routed buffer) lives; inputs are moved there."""
+        return next(self.base.model.parameters()).device
 
     @torch.no_grad()
-    def _generate(self, ids: torch.Tensor, max_new_tokens: int):
+    def _generate(self, ids: torch.Tensor, max_new_tokens: int, streamer=None):
         tok = self.base.tokenizer
+        ids = ids.to(self.device)
         return self.base.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                         do_sample=False, pad_token_id=tok.pad_token_id,
-                                        return_dict_in_generate=True)
+                                        return_dict_in_generate=True, streamer=streamer)
 
     @torch.no_grad()
     @_serialized
@@ -199,41 +219,67 @@ class RoutedModel:
         if max_new_tokens == 0:
             return ""
         out = self._generate(ids, max_new_tokens)
-        return self.base.tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
+        return self.base.tokenizer.decode(out.sequences[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
     @torch.no_grad()
     @_serialized
-    def trace(self, prompt: str, max_new_tokens: int = 0, chat: bool = True) -> RoutingTrace:
-        """Generate greedily while recording the routing weights of every prompt and generated token."""
-        ids, truncated = self.encode(prompt, max_new_tokens, chat)
+    def trace(self, prompt: str, max_new_tokens: int = 0, chat: bool = True, streamer=None) -> RoutingTrace:
+        """Generate greedily while recording the routing weights of every prompt and generated token; the
+        trace also records the formatted prompt, where the user's own tokens are, the router and the library.
+        `streamer` (a transformers streamer) gets the new tokens as they are generated (the page streams)."""
+        formatted, ids, truncated = self._encode(prompt, max_new_tokens, chat)
         with self.capturing() as records:
             if max_new_tokens > 0:
-                out = self._generate(ids, max_new_tokens)
+                out = self._generate(ids, max_new_tokens, streamer)
                 seq = out.sequences  # (1, t_prompt + n_new)
                 if seq.shape[1] > ids.shape[1]:  # the last new token was never fed back: route it too
-                    self.base.model(input_ids=seq[:, -1:], cache=out.cache, use_cache=True)
+                    self.base.model(input_ids=seq[:, -1:], use_cache=True, **next_step_kwargs(self.base.model, out))
             else:
                 seq = ids
-                self.base.model(input_ids=ids)
+                self.base.model(input_ids=ids.to(self.device))
         token_ids = seq[0].tolist()
-        weights = self._assemble(records, len(token_ids))
-        new = seq[0, ids.shape[1]:]
+        routes = self._assemble(records, len(token_ids))
+        n_prompt = ids.shape[1]
         return RoutingTrace(
             tokens=self.display_tokens(token_ids), token_ids=token_ids,
-            is_generated=[i >= ids.shape[1] for i in range(len(token_ids))],
-            layers=self.layers, modules=self.modules, experts=list(self.experts), weights=weights.numpy(),
-            top_k=self.router.top_k, temperature=float(self.router.temperature), mode=self.router.mode,
-            text=self.base.tokenizer.decode(new, skip_special_tokens=True), prompt=prompt, truncated=truncated,
-            meta={"base_model": self.base.source, "disabled": list(self.router.disabled), "chat": chat,
-                  "unavailable": dict(self.unavailable)},
+            is_generated=[i >= n_prompt for i in range(len(token_ids))],
+            layers=self.layers, modules=self.modules, experts=list(self.experts), routes=routes,
+            router=self.router, text=self.base.tokenizer.decode(token_ids[n_prompt:], skip_special_tokens=True),
+            prompt=prompt, formatted_prompt=formatted, truncated=truncated,
+            user_span=user_token_span(self.base.tokenizer, formatted, prompt, n_prompt),
+            library=dict(self.library),
+            meta={"base_model": self.base.source, "chat": chat, "unavailable": dict(self.unavailable)},
         )
 
     @contextmanager
-    def capturing(self):
-        """Record routing weights without changing any output.
+    def overriding(self, expert: str, force: bool = False, layers: list[int] | None = None):
+        """A counterfactual on top of the router while inside: `expert` switched off (or, `force`, alone with
+        weight 1) at those model layers (None: every layer), for every token the model runs meanwhile.
 
-        Usage: ``with rm.capturing() as records: rm.logits(ids)``; records is a list of ((layer, module index),
-        (t, E) weights), one per routed-layer call, in call order (KV-cache steps append their new tokens).
+        Usage: ``with rm.overriding("e1", layers=[3]): rm.logits(ids)`` (see explorer/page/counterfactual.py).
+        """
+        if expert not in self.experts:
+            raise ValueError(f"Unknown expert {expert!r}; the library has {self.experts}")
+        unknown = [x for x in layers or () if x not in self.layers]
+        if unknown:
+            raise ValueError(f"Unknown layers {unknown}; this model routes layers {self.layers}")
+        st = self._state
+        with self._lock:  # the override is shared state: no other call runs under it
+            st.override = (self.experts.index(expert), bool(force), None if layers is None else frozenset(layers))
+            st.version += 1
+            try:
+                yield
+            finally:
+                st.override = None
+                st.version += 1
+
+    @contextmanager
+    def capturing(self):
+        """Record routing without changing any output.
+
+        Usage: ``with rm.capturing() as records: rm.logits(ids)``, then ``rm.routing_weights(records)`` or
+        ``rm._assemble(records, n_tokens)``; records are per routed-group and per routed-layer call, in call
+        order (KV-cache steps append their new tokens); their format is in `RouterState`'s docstring.
         """
         if self._state.capture is not None:
             raise RuntimeError("A routing capture is already running on this model.")
@@ -246,26 +292,12 @@ class RoutedModel:
 
     def routing_weights(self, records: list) -> dict[str, torch.Tensor]:
         """Captured records -> {site: (tokens, E)} (sites in model order)."""
-        site_of = {k: s for s, k in self._keys.items()}
-        by_site: dict[str, list] = {}
-        for key, w in records:
-            by_site.setdefault(site_of[key], []).append(w)
-        return {s: torch.cat(by_site[s]) for s in self.sites if s in by_site}
+        by_key = dense_by_key(records, len(self.experts))
+        return {s: by_key[self._keys[s]] for s in self.sites if self._keys[s] in by_key}
 
-    def _assemble(self, records: list, n_tokens: int) -> torch.Tensor:
-        """Per-call (key, (t, E)) records, in call order -> (layers, modules, tokens, experts)."""
-        out = torch.zeros(len(self.layers), len(self.modules), n_tokens, len(self.experts))
-        by_key: dict[tuple[int, int], list[torch.Tensor]] = {}
-        for key, w in records:
-            by_key.setdefault(key, []).append(w.float())
-        li = {layer: i for i, layer in enumerate(self.layers)}
-        for (layer, mod), ws in by_key.items():
-            w = torch.cat(ws)  # (tokens, E)
-            if w.shape[0] != n_tokens:
-                raise RuntimeError(f"trace of layer {layer} {self.modules[mod]}: {w.shape[0]} routed tokens "
-                                   f"for {n_tokens} tokens")
-            out[li[layer], mod] = w
-        return out
+    def _assemble(self, records: list, n_tokens: int) -> TopKRoutes:
+        """Records of one capture -> sparse routes (layers, modules, tokens, top-k) with drill-down data."""
+        return assemble(records, self.layers, self.modules, len(self.experts), n_tokens)
 
     def display_tokens(self, token_ids: list[int]) -> list[str]:
         """Each id decoded on its own (readable spaces and newlines); the raw token where that gives '\\ufffd'
@@ -283,3 +315,54 @@ class RoutedModel:
 def with_router(rm: RoutedModel, **changes) -> RouterConfig:
     """The current router with some fields changed, e.g. ``rm.set_router(with_router(rm, top_k=2))``."""
     return replace(rm.router, **changes)
+
+
+def library_identity(library, experts: list[LoraExpert]) -> dict:
+    """What a trace records about the library it was routed over: {"name": folder name, "path", "content":
+    sha256 over the sorted (name, checksum) pairs of the routed experts} (same experts, same content)."""
+    pairs = sorted([e.name, e.info.checksum] for e in experts)
+    content = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+    root = Path(library.root)
+    return {"name": root.name, "path": str(root), "content": content}
+
+
+EXPERT_PROTOTYPE_KIND = "arrow-prototype"  # one expert's prototypes: an added expert is the only one computed
+
+
+def _expert_config(expert: LoraExpert) -> dict:
+    return {"method": PROTOTYPE_METHOD, "expert": [expert.name, expert.info.checksum]}
+
+
+def _expert_prototypes(library, experts: list[LoraExpert]) -> dict[str, dict[str, torch.Tensor]]:
+    """{name: {site: (d,)}} for the experts whose own prototypes are cached (e.g. all but a new upload)."""
+    out = {}
+    for e in experts:
+        hit = library.get_derived(EXPERT_PROTOTYPE_KIND, _expert_config(e))
+        if hit is not None:
+            out[e.name] = hit[0]
+    return out
+
+
+def _cache_prototypes(library, rm: "RoutedModel", experts: list[LoraExpert], config: dict, known: dict) -> None:
+    """One entry for the whole set (one read next time) and one per newly computed expert."""
+    try:
+        library.put_derived(PROTOTYPE_KIND, config, {s: st.prototypes for s, st in rm._stacks.items()},
+                            {"experts": rm.experts})
+        for i, e in enumerate(experts):
+            if e.name not in known:
+                own = {s: st.prototypes[i] for s, st in rm._stacks.items() if s in e.factors()}  # {site: (d,)}
+                library.put_derived(EXPERT_PROTOTYPE_KIND, _expert_config(e), own, {"expert": e.name})
+    except Exception as exc:  # a library that cannot cache still routes; it just recomputes next time
+        log.info("prototypes not cached: %s", exc)
+
+
+def _unroutable(experts: list[LoraExpert], exc: Exception) -> dict[str, str]:
+    """The experts whose prototypes cannot be computed on their own (after attaching all of them failed)."""
+    bad = {}
+    for e in experts:
+        try:
+            build_stacks([e])
+        except Exception as own:  # noqa: BLE001 - any failure of this one expert is its own
+            bad[e.name] = f"prototypes cannot be computed: {type(own).__name__}: {own}"
+    return bad
+

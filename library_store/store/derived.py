@@ -1,13 +1,14 @@
-"""Clusters, scores and cached derived data of a library (mixed into `ExpertLibrary`).
+"""Cached derived data of a library (prototypes, MBC matrices...): `lib.derived`, forwarded by ExpertLibrary.
 
 Usage::
 
-    lib.set_clusters({"c0": ["reverse_word", "add_two"]})
     key = lib.put_derived("prototypes", {"experts": lib.checksums(), "method": "svd"}, {"proto": t})
     tensors, meta = lib.get_derived("prototypes", {"experts": lib.checksums(), "method": "svd"})
 
 Derived data is a cache keyed by (kind, hash of its config): put what it was computed from into the config
-(e.g. `lib.checksums()`), and a changed library simply misses the cache.
+(e.g. `lib.checksums()`), and a changed library simply misses the cache. A library that is open read-only (or
+whose folder is not writable) is never written: its derived data goes to the user cache (`UserCache`, keyed by
+the library's content), and `get` reads the library first, then that cache.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from datetime import datetime, timezone
 
 import torch
 
-from library_store.expert import check_name
-from library_store.store.io import fsync_tree, sha256_file
+from library_store.store.errors import checked_name
+from library_store.store.io import file_problem, fsync_tree, library_writable, sha256_file
 from library_store.store.peft_layout import load_weights
+from library_store.store.user_cache import UserCache
 
 
 def config_key(config: dict) -> str:
@@ -33,53 +35,34 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _name(name: str, what: str) -> str:
-    try:
-        return check_name(name)
-    except ValueError as exc:
-        from library_store.store.library import InvalidName
+class DerivedStore:
+    """The derived data of one library; `index` is the ExpertLibrary (root, readonly, `_read()`, `_write()`,
+    `content_key()`)."""
 
-        raise InvalidName(f"Invalid {what}: {exc}") from None
+    def __init__(self, index):
+        self._index = index
 
+    @property
+    def writes_to_library(self) -> bool:
+        return not self._index.readonly and library_writable(self._index.root)
 
-class AuxDataMixin:
-    """Needs `self.root`, `self._read()`, `self._write()`, `self._file_problem()` from ExpertLibrary."""
+    def user_cache(self) -> UserCache:
+        return UserCache(self._index.content_key())
 
-    # ------------------------------------------------------------ clusters and scores
-
-    def set_clusters(self, clusters: dict[str, list[str]]) -> None:
-        """Replace the cluster table: cluster name -> the task names it groups."""
-        rows = [(_name(c, "cluster name"), json.dumps(list(tasks))) for c, tasks in clusters.items()]
-        with self._write() as w:
-            w.commit([("DELETE FROM clusters", ())] + [("INSERT INTO clusters VALUES (?, ?)", r) for r in rows])
-
-    def clusters(self) -> dict[str, list[str]]:
-        with self._read() as con:
-            return {r[0]: json.loads(r[1]) for r in con.execute("SELECT name, tasks FROM clusters ORDER BY name")}
-
-    def add_score(self, expert: str | None, task: str, metric: str, value: float, meta: dict | None = None) -> None:
-        """Record one evaluation (expert None = the base model or a routed mix, described in meta)."""
-        with self._write() as w:
-            w.commit([("INSERT INTO scores (expert, task, metric, value, meta, created) VALUES (?, ?, ?, ?, ?, ?)",
-                       (expert, task, metric, float(value), json.dumps(meta or {}), _now()))])
-
-    def scores(self) -> list[dict]:
-        with self._read() as con:
-            rows = con.execute("SELECT expert, task, metric, value, meta, created FROM scores ORDER BY id")
-            return [{**dict(r), "meta": json.loads(r["meta"])} for r in rows]
-
-    # ------------------------------------------------------------ derived data
-
-    def put_derived(self, kind: str, config: dict, tensors: dict, meta: dict | None = None) -> str:
-        """Cache tensors computed from the library under (kind, hash of config); returns the key."""
-        _name(kind, "derived-data kind")
+    def put(self, kind: str, config: dict, tensors: dict, meta: dict | None = None) -> str:
+        """Store tensors computed from the library under (kind, hash of config); returns the key."""
+        checked_name(kind, "derived-data kind")
         key = config_key(config)
         tensors = {k: torch.as_tensor(v).detach().cpu().contiguous().clone() for k, v in tensors.items()}
-        target = f"derived/{kind}-{key}.safetensors"
-        with self._write() as w:
-            tmp = w.temp_dir()
-            from safetensors.torch import save_file
+        if not self.writes_to_library:
+            config = json.loads(json.dumps(config, sort_keys=True, default=str))
+            self.user_cache().put(kind, key, config, tensors, meta or {}, _now())
+            return key
+        from safetensors.torch import save_file
 
+        target = f"derived/{kind}-{key}.safetensors"
+        with self._index._write() as w:
+            tmp = w.temp_dir()
             path = tmp / f"{kind}-{key}.safetensors"
             save_file(tensors, str(path), metadata={"kind": kind, "key": key})
             fsync_tree(tmp)
@@ -91,27 +74,29 @@ class AuxDataMixin:
             tmp.rmdir()
         return key
 
-    def get_derived(self, kind: str, config: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """The cached (tensors, meta) for this kind and config, or None (also when the file is damaged)."""
+    def get(self, kind: str, config: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The stored (tensors, meta) for this kind and config: the library's own entry, else the user
+        cache's; None if neither has it (a damaged library entry is ignored with a warning)."""
         key = config_key(config)
-        with self._read() as con:
+        with self._index._read() as con:
             row = con.execute("SELECT * FROM derived WHERE kind = ? AND key = ?", (kind, key)).fetchone()
-        if row is None:
-            return None
-        problem = self._file_problem(self.root / row["file"], row["checksum"], row["size"], full=True)
-        if problem:
-            warnings.warn(f"Derived data {kind}-{key} ignored: {problem}.", stacklevel=2)
-            return None
-        return load_weights(self.root / row["file"]), json.loads(row["meta"])
+        if row is not None:
+            root = self._index.root
+            problem = file_problem(root / row["file"], row["checksum"], row["size"], full=True)
+            if not problem:
+                return load_weights(root / row["file"]), json.loads(row["meta"])
+            warnings.warn(f"Derived data {kind}-{key} ignored: {problem}.", stacklevel=3)
+        return self.user_cache().get(kind, key)
 
-    def list_derived(self) -> list[dict]:
-        with self._read() as con:
+    def list(self) -> list[dict]:
+        """The library's own entries (not the user cache's), by kind and key."""
+        with self._index._read() as con:
             rows = con.execute("SELECT kind, key, config, meta, file, size, created FROM derived ORDER BY kind, key")
             return [{**dict(r), "config": json.loads(r["config"]), "meta": json.loads(r["meta"])} for r in rows]
 
-    def remove_derived(self, kind: str, key: str | None = None) -> None:
-        """Drop one cached entry, or every entry of a kind."""
-        for entry in [d for d in self.list_derived() if d["kind"] == kind and key in (None, d["key"])]:
-            with self._write() as w:
+    def remove(self, kind: str, key: str | None = None) -> None:
+        """Drop one of the library's entries, or every entry of a kind."""
+        for entry in [d for d in self.list() if d["kind"] == kind and key in (None, d["key"])]:
+            with self._index._write() as w:
                 w.swap(entry["file"], None, op="remove_derived",
                        sql=[("DELETE FROM derived WHERE kind = ? AND key = ?", (entry["kind"], entry["key"]))])

@@ -24,6 +24,8 @@ import uuid
 from contextlib import closing
 from pathlib import Path
 
+from library_store.store.errors import LibraryError
+
 SCHEMA_VERSION = 1
 FORMAT_VERSION = 1
 INDEX = "library.sqlite"
@@ -46,10 +48,6 @@ CREATE TABLE IF NOT EXISTS scores (
 CREATE TABLE IF NOT EXISTS pending (
     id TEXT PRIMARY KEY, op TEXT NOT NULL, target TEXT NOT NULL, temp TEXT, old TEXT);
 """
-
-
-class LibraryError(RuntimeError):
-    """Anything wrong with a library: its path, its files, or a write it refuses. The message says which."""
 
 
 def crash_point(name: str) -> None:
@@ -95,6 +93,19 @@ def library_writable(root: Path) -> bool:
     """The folder and its index can both be written (either marked read-only makes the library read-only)."""
     index = root / INDEX
     return dir_writable(root) and (not index.exists() or dir_writable(index))
+
+
+def file_problem(path: Path, checksum: str, size: int, full: bool) -> str | None:
+    """What is wrong with a stored file against its index row (missing, wrong size, or with `full`, wrong
+    checksum), or None."""
+    if not path.is_file():
+        return f"{path} is missing"
+    actual = path.stat().st_size
+    if actual != size:
+        return f"{path} has {actual} bytes, the index says {size} (truncated or replaced)"
+    if full and sha256_file(path) != checksum:
+        return f"{path} does not match its checksum (changed on disk)"
+    return None
 
 
 def remove_path(path: Path) -> None:

@@ -4,14 +4,16 @@ Usage::
 
     lib = ExpertLibrary.create("libs/mine", base)           # a BaseModel, or its fingerprint dict
     lib.add(expert)                                        # LoraExpert; refused if it does not fit the base
-    lib = ExpertLibrary.open("libs/mine", base=base)        # refused if built for another base model
+    lib = ExpertLibrary.open("libs/mine", base=base)        # read-only; refused if built for another base model
+    writer = ExpertLibrary.open("libs/mine", readonly=False)   # builds, import, remove
     for name in lib.names():
         expert = lib[name]                                 # loaded from safetensors, checksum checked
     key = lib.put_derived("prototypes", {"experts": lib.checksums()}, {"proto": tensor})
     tensors, meta = lib.get_derived("prototypes", {"experts": lib.checksums()})
 
-On disk (see shared/design/ARCHITECTURE.md): `library.sqlite`, `experts/<name>/` in PEFT layout,
-`derived/<kind>-<hash>.safetensors`. Every write is crash-safe (see `store_io`).
+On disk (see docs/design.md): `library.sqlite`, `experts/<name>/` in PEFT layout,
+`derived/<kind>-<hash>.safetensors`. Every write is crash-safe (see `store_io`). A read-only library is never
+written: its derived data goes to the user cache (see `derived`).
 """
 from __future__ import annotations
 
@@ -28,28 +30,19 @@ from torch import nn
 
 from library_store.store import io as store_io
 from library_store.models import same_model
-from library_store.expert import EXPERT_KINDS, ExpertInfo, LoraExpert, check_name, parse_site
-from library_store.store.io import (FORMAT_VERSION, INDEX, SCHEMA_VERSION, LibraryError, WriteSession, connect,
-                                    dir_writable, fsync_path, fsync_tree, init_index, library_writable,
-                                    read_meta, sha256_file)
-from library_store.store.derived import AuxDataMixin, config_key
-from library_store.store.peft_layout import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_adapter, write_adapter
-from library_store.store.checks import check_fit, check_weight_keys
+from library_store.expert import EXPERT_KINDS, ExpertInfo, LoraExpert, parse_site
+from library_store.store.errors import (DuplicateExpert, ExpertUnavailable, InvalidName, LibraryError,
+                                        LibraryMismatch, checked_name)
+from library_store.store.io import (FORMAT_VERSION, INDEX, SCHEMA_VERSION, WriteSession, connect, dir_writable,
+                                    file_problem, fsync_path, fsync_tree, init_index, library_writable, read_meta,
+                                    sha256_file)
+from library_store.store.derived import DerivedStore, config_key
+from library_store.store.records import Records
+from library_store.store.peft_layout import load_weights, read_adapter, write_adapter, CONFIG_FILE, WEIGHTS_FILE
+from library_store.store.checks import check_finite, check_fit, check_weight_keys, verify_library
 
 __all__ = ["ExpertLibrary", "LibraryError", "LibraryMismatch", "ExpertUnavailable", "InvalidName",
            "module_shapes", "config_key"]
-
-
-class LibraryMismatch(LibraryError):
-    """The library was built for another base model; the message shows both fingerprints."""
-
-
-class ExpertUnavailable(LibraryError):
-    """An indexed expert whose files are missing or damaged; the message names it."""
-
-
-class InvalidName(LibraryError, ValueError):
-    """A name outside `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`."""
 
 
 def module_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -73,20 +66,19 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _name(name: str, what: str = "name") -> str:
-    try:
-        return check_name(name)
-    except ValueError as exc:
-        raise InvalidName(f"Invalid {what}: {exc}") from None
+_name = checked_name
 
 
-class ExpertLibrary(AuxDataMixin):
+class ExpertLibrary:
     """A mapping name -> LoraExpert over one library folder. Cheap to construct; every call reads the index
-    afresh, so several processes (a build and the page) can share one library."""
+    afresh, so several processes (a build and the page) can share one library. Its cluster table and scores
+    are `self.records`, its derived data `self.derived`; the methods below forward to them."""
 
     def __init__(self, root: Path, readonly: bool):
         self.root = Path(root)
         self.readonly = readonly
+        self.records = Records(self)
+        self.derived = DerivedStore(self)
         try:
             with self._read() as con:
                 meta = read_meta(con)
@@ -149,9 +141,10 @@ class ExpertLibrary(AuxDataMixin):
         return cls(root, readonly=False)
 
     @classmethod
-    def open(cls, path, readonly: bool = False, base=None) -> "ExpertLibrary":
-        """Open an existing library; a read-only folder opens read-only. `base` (a BaseModel or fingerprint)
-        is checked with `check_base`."""
+    def open(cls, path, readonly: bool = True, base=None) -> "ExpertLibrary":
+        """Open an existing library, read-only unless `readonly=False` (builds, import, remove); a read-only
+        folder always opens read-only. Reading and routing never write into a read-only library: its derived
+        data goes to the user cache. `base` (a BaseModel or fingerprint) is checked with `check_base`."""
         root = Path(path)
         if not (root / INDEX).is_file():
             raise LibraryError(f"No library at {root} (no {INDEX}). Create one with ExpertLibrary.create "
@@ -169,7 +162,7 @@ class ExpertLibrary(AuxDataMixin):
     def open_or_create(cls, path, base) -> "ExpertLibrary":
         """Open `path` for `base` (checked), creating it when there is no library yet."""
         if (Path(path) / INDEX).is_file():
-            return cls.open(path, base=base)
+            return cls.open(path, readonly=False, base=base)
         return cls.create(path, base)
 
     def check_base(self, fingerprint: dict) -> None:
@@ -220,8 +213,9 @@ class ExpertLibrary(AuxDataMixin):
     def routable_names(self) -> list[str]:
         """The experts a library routes over. An MBC library also keeps its warm-up experts (one per task, a few
         steps each): they are the similarity map's data, not experts to route to, so they are left out when
-        other experts exist. The page, the CLI and the engine all ask this one place."""
-        infos = self.infos()
+        other experts exist. A `general` expert is only ever subtracted (docs/design.md, "Centring"), never
+        routed. The page, the CLI and the engine all ask this one place."""
+        infos = [i for i in self.infos() if i.kind != "general"]
         chosen = [i.name for i in infos if i.kind != "warmup"]
         return chosen or [i.name for i in infos]
 
@@ -244,7 +238,7 @@ class ExpertLibrary(AuxDataMixin):
         """Load one expert's weights (safetensors only); its checksum must match the index."""
         row = self._row(name)
         path = self.expert_dir(name) / WEIGHTS_FILE
-        problem = self._file_problem(path, row["checksum"], row["size"], full=True)
+        problem = file_problem(path, row["checksum"], row["size"], full=True)
         if problem:
             raise ExpertUnavailable(f"Expert {name!r} is unavailable: {problem}.")
         try:
@@ -264,24 +258,14 @@ class ExpertLibrary(AuxDataMixin):
         with self._read() as con:
             rows = list(con.execute("SELECT name, checksum, size FROM experts ORDER BY name"))
         return [r["name"] for r in rows
-                if self._file_problem(self.expert_dir(r["name"]) / WEIGHTS_FILE, r["checksum"], r["size"], False)
+                if file_problem(self.expert_dir(r["name"]) / WEIGHTS_FILE, r["checksum"], r["size"], False)
                 or not (self.expert_dir(r["name"]) / CONFIG_FILE).is_file()]
-
-    @staticmethod
-    def _file_problem(path: Path, checksum: str, size: int, full: bool) -> str | None:
-        if not path.is_file():
-            return f"{path} is missing"
-        actual = path.stat().st_size
-        if actual != size:
-            return f"{path} has {actual} bytes, the index says {size} (truncated or replaced)"
-        if full and sha256_file(path) != checksum:
-            return f"{path} does not match its checksum (changed on disk)"
-        return None
 
     # ------------------------------------------------------------ writing experts
 
     def add(self, expert: LoraExpert, replace: bool = False) -> ExpertInfo:
-        """Store an expert; refuses a bad name, a duplicate (unless `replace`), or weights that do not fit."""
+        """Store an expert; refuses a bad name, a duplicate (unless `replace`: DuplicateExpert), non-finite
+        weights, or weights that do not fit."""
         info = ExpertInfo.from_dict(expert.info.to_dict())
         _name(info.name, "expert name")
         if info.kind not in EXPERT_KINDS:
@@ -289,6 +273,7 @@ class ExpertLibrary(AuxDataMixin):
         if info.cluster is not None:
             _name(info.cluster, "cluster name")
         check_weight_keys(info.name, expert.weights)
+        check_finite(info.name, expert.weights)
         factors = LoraExpert(info, expert.weights).factors()
         check_fit(info.name, factors, self.fingerprint, self.module_shapes)
         info.rank = next(iter(factors.values()))[0].shape[0]
@@ -299,8 +284,8 @@ class ExpertLibrary(AuxDataMixin):
         with self._write() as w:
             exists = w.con.execute("SELECT 1 FROM experts WHERE name = ?", (info.name,)).fetchone()
             if exists and not replace:
-                raise LibraryError(f"An expert named {info.name!r} already exists in {self.root}; "
-                                   "pass replace=True (--replace) to overwrite it.")
+                raise DuplicateExpert(f"An expert named {info.name!r} already exists in {self.root}; "
+                                      "pass replace=True (--replace) to overwrite it.", info.name)
             tmp = w.temp_dir()
             path = write_adapter(tmp, weights, info, self.fingerprint.get("source", ""))
             fsync_tree(tmp)
@@ -320,10 +305,13 @@ class ExpertLibrary(AuxDataMixin):
                 raise KeyError(f"No expert {name!r} in the library at {self.root}.")
             w.swap(f"experts/{name}", None, op="remove", sql=[("DELETE FROM experts WHERE name = ?", (name,))])
 
-    def import_peft(self, folder, name: str, kind: str = "imported", replace: bool = False) -> ExpertInfo:
-        """Add an existing PEFT LoRA adapter directory (safetensors only) under `name`."""
+    def import_peft(self, folder, name: str, kind: str = "imported", replace: bool = False,
+                    tasks=()) -> ExpertInfo:
+        """Add an existing PEFT LoRA adapter directory (safetensors only) under `name`. For untrusted uploads
+        (zips, size caps, symlinks) use `store.upload.intake_adapter`."""
         _name(name, "expert name")
         info, weights = read_adapter(Path(folder), name, kind)
+        info.tasks = [_name(t, "task name") for t in tasks]
         return self.add(LoraExpert.from_state_dict(info, weights), replace=replace)
 
     def export(self, name: str, dest) -> Path:
@@ -341,44 +329,44 @@ class ExpertLibrary(AuxDataMixin):
         os.rename(tmp, dest)
         return dest
 
-    # ------------------------------------------------------------ verification
+    # ------------------------------------------------------------ verification, clusters, scores, derived data
 
     def verify(self) -> list[str]:
         """Every problem found, one line each naming the expert or derived entry; empty when all is well.
         Re-hashes every file and checks every expert's shapes against the base model."""
-        problems: list[str] = []
-        with self._read() as con:
-            rows = list(con.execute("SELECT * FROM experts ORDER BY name"))
-            derived = list(con.execute("SELECT * FROM derived ORDER BY kind, key"))
-            pending = con.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
-        if pending:
-            problems.append(f"{pending} interrupted write(s) not yet recovered (open the library writable to fix)")
-        for row in rows:
-            name, issues = row["name"], self._config_problems(row)
-            try:
-                check_fit(name, self[name].factors(), self.fingerprint, self.module_shapes)
-            except LibraryError as exc:
-                issues.append(str(exc))
-            if issues:
-                problems.append(f"expert {name!r}: {'; '.join(issues)}")
-        for row in derived:
-            problem = self._file_problem(self.root / row["file"], row["checksum"], row["size"], full=True)
-            if problem:
-                problems.append(f"derived {row['kind']}-{row['key']}: {problem}")
-        return problems
+        return verify_library(self)
 
-    def _config_problems(self, row) -> list[str]:
-        path = self.expert_dir(row["name"]) / CONFIG_FILE
-        try:
-            config = json.loads(path.read_text())
-        except FileNotFoundError:
-            return [f"{path} is missing"]
-        except (OSError, ValueError) as exc:
-            return [f"{path} is unreadable ({exc})"]
-        if (config.get("r"), float(config.get("lora_alpha", -1))) != (row["rank"], row["alpha"]):
-            return [f"{path} says r={config.get('r')}, lora_alpha={config.get('lora_alpha')}; the index says "
-                    f"rank {row['rank']}, alpha {row['alpha']}"]
-        return []
+    def content_key(self) -> str:
+        """A hash of the experts' checksums and the format version: what this library's content is, wherever
+        it lies (the user cache of a read-only library is keyed by it)."""
+        return config_key({"format_version": self.format_version, "experts": self.checksums()})
+
+    def set_clusters(self, clusters: dict[str, list[str]]) -> None:
+        self.records.set_clusters(clusters)
+
+    def clusters(self) -> dict[str, list[str]]:
+        return self.records.clusters()
+
+    def cluster_of(self) -> dict[str, str]:
+        return self.records.cluster_of()
+
+    def add_score(self, expert: str | None, task: str, metric: str, value: float, meta: dict | None = None) -> None:
+        self.records.add_score(expert, task, metric, value, meta)
+
+    def scores(self) -> list[dict]:
+        return self.records.scores()
+
+    def put_derived(self, kind: str, config: dict, tensors: dict, meta: dict | None = None) -> str:
+        return self.derived.put(kind, config, tensors, meta)
+
+    def get_derived(self, kind: str, config: dict) -> tuple[dict, dict] | None:
+        return self.derived.get(kind, config)
+
+    def list_derived(self) -> list[dict]:
+        return self.derived.list()
+
+    def remove_derived(self, kind: str, key: str | None = None) -> None:
+        self.derived.remove(kind, key)
 
     def __repr__(self) -> str:
         return f"ExpertLibrary({str(self.root)!r}, experts={len(self)}, base={self.fingerprint.get('source')!r})"

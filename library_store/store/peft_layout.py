@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from library_store.expert import PEFT_PREFIX, ExpertInfo, parse_site
-from library_store.store.io import LibraryError
+from library_store.store.errors import LibraryError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -76,7 +76,7 @@ def read_adapter(folder: Path, name: str, kind: str = "imported") -> tuple[Exper
         config = json.loads(config_path.read_text())
     except FileNotFoundError:
         raise LibraryError(f"{folder} has no {CONFIG_FILE}; it is not a PEFT adapter directory.") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise LibraryError(f"{config_path} is not valid JSON: {exc}") from None
     _check_config(config, config_path)
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
@@ -96,19 +96,45 @@ def read_adapter(folder: Path, name: str, kind: str = "imported") -> tuple[Exper
     return ExpertInfo(name=name, kind=kind, rank=rank, alpha=alpha), weights
 
 
+# LoRA variants whose forward pass is not plain `W x + s·B A x`, so the engine cannot route them; each is
+# refused by name rather than imported with the wrong maths. (rsLoRA is supported: it only changes the scaling.)
+REFUSED_VARIANTS = {
+    "use_dora": "DoRA adapters (a learned magnitude vector rescales W + ΔW)",
+    "fan_in_fan_out": "fan-in-fan-out (Conv1D) adapters",
+    "rank_pattern": "per-module rank patterns",
+    "alpha_pattern": "per-module alpha patterns",
+    "modules_to_save": "adapters that save whole modules",
+    "lora_bias": "LoRA adapters with a bias on lora_B",
+    "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts)",
+    "use_qalora": "QA-LoRA adapters (pooled inputs)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA: only active after invocation tokens)",
+    "layer_replication": "adapters with layer replication",
+    "trainable_token_indices": "adapters that train token embeddings",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "arrow_config": "PEFT Arrow router adapters (import the task adapters instead)",
+    "megatron_config": "Megatron-parallel LoRA layers",
+}
+
+
 def _check_config(config: dict, path: Path) -> None:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise LibraryError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters can be imported.")
+    if not isinstance(config, dict):
+        raise LibraryError(f"{path} is not a JSON object; it is not a PEFT adapter config.")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise LibraryError(f"{path}: peft_type is {peft_type!r}, not a LoRA adapter; only LORA adapters can be "
+                           "imported (IA3, prefix tuning, prompt tuning and other PEFT methods are refused).")
     for key in ("r", "lora_alpha"):
         if key not in config:
             raise LibraryError(f"{path} has no {key!r}; it is not a LoRA adapter config.")
-    refused = {
-        "use_dora": "DoRA adapters",
-        "fan_in_fan_out": "fan-in-fan-out (Conv1D) adapters",
-        "rank_pattern": "per-module rank patterns",
-        "alpha_pattern": "per-module alpha patterns",
-        "modules_to_save": "adapters that save whole modules",
-    }
-    for key, what in refused.items():
+    rank, alpha = config["r"], config["lora_alpha"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise LibraryError(f"{path}: r is {rank!r}; it must be a whole number.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise LibraryError(f"{path}: lora_alpha is {alpha!r}; it must be a positive number.")
+    for key, what in REFUSED_VARIANTS.items():
         if config.get(key):
-            raise LibraryError(f"{path}: {key} is set; {what} cannot be imported (one rank and alpha per expert).")
+            raise LibraryError(f"{path}: {key} is set; {what} cannot be imported: the router only runs plain "
+                               "LoRA (one rank and alpha per expert).")
+    if config.get("bias", "none") != "none":
+        raise LibraryError(f"{path}: bias is {config.get('bias')!r}; adapters that train biases cannot be "
+                           "imported (only bias='none').")

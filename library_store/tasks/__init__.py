@@ -8,32 +8,29 @@ Usage::
     resolve_tasks("bigbench:navigate,snarks")         # BIG-bench task.json files (downloads the sdist once)
     resolve_tasks("jsonl:/path/folder")               # a folder of <task>.jsonl files
     resolve_tasks("builtin+jsonl:/path/folder")       # several sources joined with '+'
+    resolve_tasks("builtin@original:add")             # a wording set (built-in sources only; default varied)
 
-Unknown task names are answered with the close matches; a task with fewer than 10 examples is refused.
+Unknown task names and wording sets are answered with the close matches; a task with fewer than 10 examples,
+or with wordings but fewer than 3 of them, is refused. Splits, wordings and suite hashes: docs/tasks.md.
 """
 from __future__ import annotations
 
-import difflib
-
 from library_store.expert import check_name
-from .builtin import builtin_by_name, builtin_names, builtin_tasks, heldout_variant_tasks
-from .core import MIN_EXAMPLES, Example, Task, TaskError, split_examples
+from .builtin import SUITE_VERSION, WORDING_SETS, builtin_by_name, builtin_names, builtin_tasks, heldout_variant_tasks
+from .core import (MIN_EXAMPLES, MIN_WORDINGS, SPLITS, Example, Task, TaskError, Wordings, check_wordings,
+                   split_examples, unknown_name_error)
+from .suite import suite_changes, suite_hash, suite_manifest
 
-__all__ = ["Example", "Task", "TaskError", "resolve_tasks", "builtin_tasks", "heldout_variant_tasks",
-           "check_task", "split_examples", "MIN_EXAMPLES", "unknown_name_error"]
+__all__ = ["Example", "Task", "TaskError", "Wordings", "resolve_tasks", "builtin_tasks", "heldout_variant_tasks",
+           "check_task", "check_wordings", "split_examples", "MIN_EXAMPLES", "MIN_WORDINGS", "SPLITS",
+           "SUITE_VERSION", "WORDING_SETS", "unknown_name_error", "suite_hash", "suite_manifest", "suite_changes"]
 
 SOURCES = ("builtin", "variants", "bigbench", "jsonl")
-
-
-def unknown_name_error(kind: str, name: str, known: list[str]) -> TaskError:
-    """'Unknown task ...; did you mean ...?' with difflib's close matches (or a sample of the known names)."""
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
-    hint = f"Did you mean: {', '.join(close)}?" if close else f"Known names include: {', '.join(sorted(known)[:12])}"
-    return TaskError(f"Unknown {kind} {name!r}. {hint}")
+WORDED_SOURCES = ("builtin", "variants")  # the sources whose tasks have instruction wordings
 
 
 def check_task(task: Task) -> Task:
-    """Refuse tasks that cannot train or score an expert."""
+    """Refuse tasks that cannot train or score an expert (or whose wordings cannot give a paraphrase split)."""
     try:
         check_name(task.name)
     except ValueError as exc:
@@ -44,6 +41,8 @@ def check_task(task: Task) -> Task:
                         "(to train an expert and keep some held out).")
     if not task.train or not task.heldout:
         raise TaskError(f"Task {task.name!r} needs both training and held-out examples.")
+    if task.wordings is not None:
+        check_wordings(task.name, task.wordings)
     return task
 
 
@@ -52,18 +51,24 @@ def _names(rest: str) -> list[str]:
 
 
 def _resolve_one(part: str, seed: int) -> list[Task]:
-    source, _, rest = part.partition(":")
-    source = source.strip().lower()
+    head, _, rest = part.partition(":")
+    source, at, wording_set = (s.strip().lower() for s in head.partition("@"))
+    if at and source not in WORDED_SOURCES:
+        raise TaskError(f"Wording sets ('@{wording_set}') apply to {' and '.join(WORDED_SOURCES)} tasks only; "
+                        f"{source!r} tasks carry their own instructions.")
+    if at and wording_set not in WORDING_SETS:
+        raise unknown_name_error("wording set", wording_set, list(WORDING_SETS))
+    wording_set = wording_set or "varied"
     if source == "builtin":
         if not rest:
-            return builtin_tasks(seed)
+            return builtin_tasks(seed, wordings=wording_set)
         known = builtin_names()
         for n in _names(rest):
             if n not in known:
                 raise unknown_name_error("built-in task", n, known)
-        return builtin_by_name(_names(rest), seed)
+        return builtin_by_name(_names(rest), seed, wordings=wording_set)
     if source == "variants":
-        tasks = heldout_variant_tasks(seed)
+        tasks = heldout_variant_tasks(seed, wordings=wording_set)
         if not rest:
             return tasks
         by = {t.name: t for t in tasks}

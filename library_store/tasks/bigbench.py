@@ -19,7 +19,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from .core import Example, Task, TaskError, split_examples
+from .core import Example, Task, TaskError, split_examples, unknown_name_error
 
 BIGBENCH_VERSION = "1.0.0"
 SDIST_SIZE = "358 MB"
@@ -184,8 +184,6 @@ def read_task(folder: Path, name: str, seed: int = 0) -> Task:
 
 def load_bigbench_tasks(names: list[str], seed: int = 0, sdist: Path | None = None,
                         cache: Path | None = None) -> list[Task]:
-    from . import unknown_name_error
-
     folder = task_folder(sdist, cache)
     known = available_tasks(folder)
     for n in names:

@@ -5,21 +5,29 @@ Usage::
     tasks = builtin_tasks()                     # 16 tasks, 4 families, what the demo libraries are built from
     tasks[0].name, tasks[0].family              # ('reverse_word', 'string')
     heldout_variant_tasks()                     # 8 unseen variants of the same skills (never in the demos)
+    builtin_tasks(wordings="original")          # the suite as it was before wordings varied (version 1)
+    tasks[0].paraphrase                         # held-out inputs asked in the 2 held-out wordings
 
-Every task has a distinct instruction (so one model can tell them apart) and shares its input format with the
-rest of its family (so MBC has something to rediscover). Train and held-out examples are disjoint and fixed by
-the seed: `builtin_tasks(seed=0)` is the same on every machine.
+Every task is asked in 8 training wordings (drawn per example, balanced, with the seed) and has 2 more held out
+for the `paraphrase` split (tasks/wordings.py; the table in docs/tasks.md). Its wordings tell it apart from the
+other tasks, and it shares its input format with the rest of its family (so MBC has something to rediscover).
+Train and held-out inputs are disjoint and fixed by the seed: `builtin_tasks(seed=0)` is the same on every
+machine. Targets depend on the input only; the wording never changes an answer.
 """
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from dataclasses import dataclass
 from typing import Callable
 
 from . import words as W
-from .core import Example, Task
+from .core import Example, Task, TaskError, Wordings, check_wordings, fill, unknown_name_error
+from .wordings import WORDINGS
 
+SUITE_VERSION = 2  # bump whenever generated examples change (2: varied wordings + paraphrase split)
+WORDING_SETS = ("varied", "original")  # varied: 8 training wordings; original: version 1's single one
 N_TRAIN, N_HELDOUT = 400, 100  # at most 400 train examples; always >= 200 (checked) and exactly 100 held out
 
 _ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
@@ -39,11 +47,10 @@ def number_words(n: int) -> str:
 
 @dataclass(frozen=True)
 class _Spec:
-    """One generated task: `draw(rng)` returns one (input, target) pair, the instruction prefixes the input."""
+    """One generated task: `draw(rng)` returns one (input, target) pair; wordings.py holds its instructions."""
 
     name: str
     family: str
-    instruction: str
     draw: Callable[[random.Random], tuple[str, str]]
 
 
@@ -51,8 +58,8 @@ def _word(rng):
     return rng.choice(W.COMMON_WORDS)
 
 
-def _string(name, instruction, fn):
-    return _Spec(name, "string", instruction, lambda rng: (lambda w: (w, fn(w)))(_word(rng)))
+def _string(name, fn):
+    return _Spec(name, "string", lambda rng: (lambda w: (w, fn(w)))(_word(rng)))
 
 
 def _pick_label(rng, groups: dict[str, list[str]]):
@@ -60,11 +67,11 @@ def _pick_label(rng, groups: dict[str, list[str]]):
     return label, rng.choice(groups[label])
 
 
-def _classify(name, instruction, groups, template, subjects):
+def _classify(name, groups, template, subjects):
     def draw(rng):
         label, item = _pick_label(rng, groups)
         return template.format(s=rng.choice(subjects), x=item), label
-    return _Spec(name, "classify", instruction, draw)
+    return _Spec(name, "classify", draw)
 
 
 def _two(lo, hi, ordered=False, distinct=False):
@@ -156,76 +163,114 @@ def _csv(sep):
 
 _SPECS: list[_Spec] = [
     # string edits: one word in, the word edited out
-    _string("reverse_word", "Reverse the letters of this word:", lambda w: w[::-1]),
-    _string("uppercase_word", "Write this word in capital letters:", str.upper),
-    _string("first_letter", "Give the first letter of this word:", lambda w: w[0]),
-    _string("drop_vowels", "Remove the vowels from this word:", lambda w: "".join(c for c in w if c not in _VOWELS)),
+    _string("reverse_word", lambda w: w[::-1]),
+    _string("uppercase_word", str.upper),
+    _string("first_letter", lambda w: w[0]),
+    _string("drop_vowels", lambda w: "".join(c for c in w if c not in _VOWELS)),
     # arithmetic: small numbers in, one number out
-    _Spec("add", "arithmetic", "Add these numbers:", _add),
-    _Spec("subtract", "arithmetic", "Subtract these numbers:", _sub),
-    _Spec("multiply_small", "arithmetic", "Multiply these numbers:", _mul),
-    _Spec("compare_numbers", "arithmetic", "Which number is larger:", _cmp),
+    _Spec("add", "arithmetic", _add),
+    _Spec("subtract", "arithmetic", _sub),
+    _Spec("multiply_small", "arithmetic", _mul),
+    _Spec("compare_numbers", "arithmetic", _cmp),
     # format conversion: a value in one notation in, the same value in another out
-    _Spec("date_iso_to_us", "format", "Convert this date to MM/DD/YYYY:", _iso_to_us),
-    _Spec("number_to_words", "format", "Write this number in words:", _num_words),
-    _Spec("list_to_csv", "format", "Join these words with commas:", _csv(",")),
-    _Spec("time_24_to_12", "format", "Convert this time to 12-hour format:", _time),
+    _Spec("date_iso_to_us", "format", _iso_to_us),
+    _Spec("number_to_words", "format", _num_words),
+    _Spec("list_to_csv", "format", _csv(",")),
+    _Spec("time_24_to_12", "format", _time),
     # classification by word lists: a short sentence in, a one-word label out
-    _classify("animal_or_plant", "Is this an animal or a plant?", _ANIMAL_PLANT, "a {s} {x}", W.ADJECTIVES),
-    _classify("sentiment_words", "Is this review positive or negative?", _SENTIMENT, "The {s} was {x}.",
-              W.REVIEW_SUBJECTS),
-    _classify("color_or_shape", "Is this a color or a shape?", _COLOR_SHAPE, "{s} picked: {x}", W.THINGS_PEOPLE),
-    _classify("fruit_or_vegetable", "Is this a fruit or a vegetable?", _FRUIT_VEG, "{s} bought: {x}",
-              W.THINGS_PEOPLE),
+    _classify("animal_or_plant", _ANIMAL_PLANT, "a {s} {x}", W.ADJECTIVES),
+    _classify("sentiment_words", _SENTIMENT, "The {s} was {x}.", W.REVIEW_SUBJECTS),
+    _classify("color_or_shape", _COLOR_SHAPE, "{s} picked: {x}", W.THINGS_PEOPLE),
+    _classify("fruit_or_vegetable", _FRUIT_VEG, "{s} bought: {x}", W.THINGS_PEOPLE),
 ]
 
 # New variants of the same skills, never in the demo libraries: "related unseen tasks" for evaluation.
 _HELDOUT_SPECS: list[_Spec] = [
-    _string("last_letter", "Give the last letter of this word:", lambda w: w[-1]),
-    _string("capitalize_word", "Capitalize the first letter of this word:", str.capitalize),
-    _Spec("add_three", "arithmetic", "Add these three numbers:", _add3),
-    _Spec("max_of_three", "arithmetic", "Which number is the largest:", _max3),
-    _Spec("date_us_to_iso", "format", "Convert this date to YYYY-MM-DD:", _us_to_iso),
-    _Spec("list_to_semicolons", "format", "Join these words with semicolons:", _csv(";")),
-    _classify("day_or_month", "Is this a day or a month?", {"day": W.DAYS, "month": W.MONTHS}, "{s} meets on: {x}",
-              W.THINGS_PEOPLE),
-    _classify("tool_or_food", "Is this a tool or a food?", {"tool": W.TOOLS, "food": W.FOODS}, "{s} used: {x}",
-              W.THINGS_PEOPLE),
+    _string("last_letter", lambda w: w[-1]),
+    _string("capitalize_word", str.capitalize),
+    _Spec("add_three", "arithmetic", _add3),
+    _Spec("max_of_three", "arithmetic", _max3),
+    _Spec("date_us_to_iso", "format", _us_to_iso),
+    _Spec("list_to_semicolons", "format", _csv(";")),
+    _classify("day_or_month", {"day": W.DAYS, "month": W.MONTHS}, "{s} meets on: {x}", W.THINGS_PEOPLE),
+    _classify("tool_or_food", {"tool": W.TOOLS, "food": W.FOODS}, "{s} used: {x}", W.THINGS_PEOPLE),
 ]
 
 
-def _generate(spec: _Spec, seed: int, n_train: int, n_heldout: int) -> Task:
+def wordings_for(name: str, wording_set: str = "varied") -> Wordings:
+    """A built-in task's wordings in one set (see WORDING_SETS), checked."""
+    if wording_set not in WORDING_SETS:
+        raise unknown_name_error("wording set", wording_set, list(WORDING_SETS))
+    if name not in WORDINGS:
+        raise TaskError(f"Built-in task {name!r} has no wordings (add them to library_store/tasks/wordings.py).")
+    train, heldout = WORDINGS[name]
+    if wording_set == "original":  # version 1 trained on the first wording only; same paraphrase split
+        train = train[:1]
+    return check_wordings(name, Wordings(tuple(train), tuple(heldout)))
+
+
+def _rng(seed: int, key: str) -> random.Random:
     # crc32, not hash(): Python salts str hashes per process, the suite must be the same everywhere
-    rng = random.Random(seed * 1_000_003 + zlib.crc32(spec.name.encode()))
+    return random.Random(seed * 1_000_003 + zlib.crc32(key.encode()))
+
+
+def _assign(n: int, wordings: tuple[str, ...], rng: random.Random) -> list[str]:
+    """n wordings in a seeded order, each used equally often (within one)."""
+    order = list(wordings)
+    rng.shuffle(order)  # which wordings get the one extra use is seeded too
+    pool = (order * math.ceil(n / len(order)))[:n]
+    rng.shuffle(pool)
+    return pool
+
+
+def _generate(spec: _Spec, seed: int, n_train: int, n_heldout: int, wording_set: str = "varied") -> Task:
+    wordings = wordings_for(spec.name, wording_set)
+    rng = _rng(seed, spec.name)  # the input draws are version 1's, so the same inputs get the same targets
     seen: dict[str, str] = {}
     for _ in range(50 * (n_train + n_heldout)):  # draw until enough distinct inputs (or the space runs out)
         if len(seen) >= n_train + n_heldout:
             break
         inp, target = spec.draw(rng)
         seen.setdefault(inp, target)
-    pairs = [Example(f"{spec.instruction} {inp}", target) for inp, target in seen.items()]
+    pairs = list(seen.items())
     rng.shuffle(pairs)
-    heldout, train = pairs[:n_heldout], pairs[n_heldout:n_heldout + n_train]
+    held, train = pairs[:n_heldout], pairs[n_heldout:n_heldout + n_train]
     if len(train) < min(200, n_train):
         raise AssertionError(f"built-in task {spec.name} has only {len(train)} distinct training examples")
-    return Task(spec.name, spec.family, train, heldout, metric="exact_match", source="builtin")
+    # own streams: the paraphrase split is the same whichever wording set trains
+    wrng, prng = _rng(seed, spec.name + "/wordings"), _rng(seed, spec.name + "/paraphrase")
+
+    def examples(rows, pool):
+        return [Example(fill(w, inp), target, wording=w) for (inp, target), w in zip(rows, pool)]
+
+    train_w = _assign(len(train), wordings.train, wrng)
+    held_w = _assign(len(held), wordings.train, wrng)  # the heldout split asks in training wordings too
+    para_w = _assign(len(held), wordings.heldout, prng)
+    return Task(spec.name, spec.family, examples(train, train_w), examples(held, held_w), metric="exact_match",
+                source="builtin", paraphrase=examples(held, para_w), wordings=wordings)
 
 
-def builtin_tasks(seed: int = 0, n_train: int = N_TRAIN, n_heldout: int = N_HELDOUT) -> list[Task]:
+def builtin_tasks(seed: int = 0, n_train: int = N_TRAIN, n_heldout: int = N_HELDOUT,
+                  wordings: str = "varied") -> list[Task]:
     """The demo suite: 16 tasks in 4 families (string, arithmetic, format, classify)."""
-    return [_generate(s, seed, n_train, n_heldout) for s in _SPECS]
+    return [_generate(s, seed, n_train, n_heldout, wordings) for s in _SPECS]
 
 
-def heldout_variant_tasks(seed: int = 0, n_train: int = N_TRAIN, n_heldout: int = N_HELDOUT) -> list[Task]:
+def heldout_variant_tasks(seed: int = 0, n_train: int = N_TRAIN, n_heldout: int = N_HELDOUT,
+                          wordings: str = "varied") -> list[Task]:
     """Unseen variants of the demo families (not in the demo libraries); each has >= 100 held-out examples."""
-    return [_generate(s, seed, n_train, n_heldout) for s in _HELDOUT_SPECS]
+    return [_generate(s, seed, n_train, n_heldout, wordings) for s in _HELDOUT_SPECS]
 
 
 def builtin_names(include_variants: bool = True) -> list[str]:
     return [s.name for s in _SPECS] + ([s.name for s in _HELDOUT_SPECS] if include_variants else [])
 
 
-def builtin_by_name(names: list[str], seed: int = 0) -> list[Task]:
+def builtin_family(name: str) -> str:
+    return next(s.family for s in _SPECS + _HELDOUT_SPECS if s.name == name)
+
+
+def builtin_by_name(names: list[str], seed: int = 0, wordings: str = "varied") -> list[Task]:
     """Tasks of the suite or its variants by name (resolve_tasks checks the names first)."""
     specs = {s.name: s for s in _SPECS + _HELDOUT_SPECS}
-    return [_generate(specs[n], seed, N_TRAIN, N_HELDOUT) for n in names]
+    return [_generate(specs[n], seed, N_TRAIN, N_HELDOUT, wordings) for n in names]

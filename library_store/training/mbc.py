@@ -10,18 +10,34 @@ Usage::
 As mttl's `MBCWithCosSimTransform` does it: flatten every A and B of an expert into one vector, zero the
 entries at or below that expert's own |w| quantile, TruncatedSVD (randomized, seeded) to at most 64
 components, L2-normalise, cosine matrix, then k-means (k-means++, n_init 10, seeded) on the *rows of the
-similarity matrix*. One change, measured on SmolLM2 (ALGORITHMS.md): with `delta=True` the shared random
+similarity matrix*. One change, measured on SmolLM2 (docs/design.md): with `delta=True` the shared random
 init is subtracted first, so the clustering sees what training changed rather than the init all warm-up
 experts share.
+
+What a build stores is one schema, `MBCData`, written and read only here::
+
+    MBCData(tasks, experts, labels, similarity, coords, method="pca").write(lib, key)
+    data = read_mbc(lib)    # the newest stored MBC data, or None
+    data.clusters           # {"cluster-0": [tasks...], ...}
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from library_store.expert import LoraExpert
+
+if TYPE_CHECKING:
+    from library_store.store.library import ExpertLibrary
+
+# Derived-data kinds an MBC build stores (all under one config key per clustering, except the init).
+INIT_KIND = "mbc-init"  # the shared LoRA init W_init of the warm-up experts
+SIMILARITY_KIND = "mbc-similarity"  # tensors: similarity (N, N), raw_similarity (N, N), labels (N,)
+MAP_KIND = "mbc-map"  # tensors: coords (N, 2)
+WARMUP_PREFIX, CLUSTER_PREFIX = "warmup-", "cluster-"
 
 DEFAULT_SPARSITY = 0.5  # the quantile mttl's MBC script passes (its library default is 0.8)
 MAX_COMPONENTS = 64
@@ -148,3 +164,101 @@ def adjusted_rand(labels, reference) -> float:
     from sklearn.metrics import adjusted_rand_score
 
     return float(adjusted_rand_score(list(reference), list(labels)))
+
+
+# ---------------------------------------------------------------- the stored schema
+
+
+def cluster_name(label: int) -> str:
+    """The name of cluster `label` everywhere (cluster table, cluster experts, the page): `cluster-<i>`."""
+    return f"{CLUSTER_PREFIX}{int(label)}"
+
+
+def warmup_name(task: str) -> str:
+    return f"{WARMUP_PREFIX}{task}"
+
+
+@dataclass
+class MBCData:
+    """What an MBC build stores about its clustering: row i describes warm-up expert `experts[i]` of task
+    `tasks[i]`. Written by `build mbc` (and the test fixtures), read by the Library tab and the evaluations."""
+
+    tasks: list[str]
+    experts: list[str]  # the warm-up experts, same order as tasks
+    labels: list[int]  # cluster index of each row
+    similarity: np.ndarray  # (N, N) cosine of the embedded warm-up weights
+    coords: np.ndarray  # (N, 2) 2-D map
+    method: str = ""  # how the map was made: "umap" or "pca"
+    raw_similarity: np.ndarray | None = None  # (N, N) cosine before sparsify + SVD
+    families: list[str] | None = None  # task family of each row, when known
+    ari_vs_families: float | None = None
+    settings: dict = field(default_factory=dict)  # {"mbc": MBCConfig dict, "warmup": TrainConfig dict}
+
+    def __post_init__(self) -> None:
+        n = len(self.tasks)
+        self.labels = [int(x) for x in self.labels]
+        self.similarity = np.asarray(self.similarity, dtype=np.float32)
+        self.coords = np.asarray(self.coords, dtype=np.float32)
+        shapes_ok = (len(self.experts) == n and len(self.labels) == n and self.similarity.shape == (n, n)
+                     and self.coords.shape == (n, 2) and (self.families is None or len(self.families) == n))
+        if not shapes_ok:
+            raise ValueError(f"MBC data is inconsistent: {n} tasks, {len(self.experts)} experts, "
+                             f"{len(self.labels)} labels, similarity {self.similarity.shape}, "
+                             f"coords {self.coords.shape}.")
+
+    @property
+    def clusters(self) -> dict[str, list[str]]:
+        """cluster name -> its tasks, clusters in label order."""
+        out: dict[str, list[str]] = {}
+        for label in sorted(set(self.labels)):
+            out[cluster_name(label)] = [t for t, lab in zip(self.tasks, self.labels) if lab == label]
+        return out
+
+    @property
+    def cluster_of(self) -> dict[str, str]:
+        """task -> cluster name."""
+        return {t: cluster_name(lab) for t, lab in zip(self.tasks, self.labels)}
+
+    def to_meta(self) -> dict:
+        """The JSON metadata stored with both derived entries (the tensors hold the matrices)."""
+        meta = {"tasks": list(self.tasks), "experts": list(self.experts), "labels": list(self.labels),
+                "clusters": self.clusters, "method": self.method, **self.settings}
+        if self.families is not None:
+            meta["families"] = list(self.families)
+        if self.ari_vs_families is not None:
+            meta["ari_vs_families"] = float(self.ari_vs_families)
+        return meta
+
+    @classmethod
+    def from_stored(cls, meta: dict, similarity: dict, coords: dict) -> "MBCData":
+        """From the stored metadata and the tensors of the similarity and map entries."""
+        raw = similarity.get("raw_similarity")
+        return cls(tasks=list(meta["tasks"]), experts=list(meta["experts"]), labels=list(meta["labels"]),
+                   similarity=similarity["similarity"].float().numpy(), coords=coords["coords"].float().numpy(),
+                   method=str(meta.get("method", "")), raw_similarity=None if raw is None else raw.float().numpy(),
+                   families=meta.get("families"), ari_vs_families=meta.get("ari_vs_families"),
+                   settings={k: meta[k] for k in ("mbc", "warmup") if k in meta})
+
+    def write(self, lib: "ExpertLibrary", key: dict) -> None:
+        """Store both entries under `key` (what the clustering was computed from: warm-up checksums, settings)."""
+        sim = {"similarity": torch.tensor(self.similarity, dtype=torch.float32),  # (N, N)
+               "labels": torch.tensor(self.labels, dtype=torch.int64)}  # (N,)
+        if self.raw_similarity is not None:
+            sim["raw_similarity"] = torch.tensor(self.raw_similarity, dtype=torch.float32)  # (N, N)
+        lib.put_derived(SIMILARITY_KIND, key, sim, meta=self.to_meta())
+        lib.put_derived(MAP_KIND, key, {"coords": torch.tensor(self.coords, dtype=torch.float32)},  # (N, 2)
+                        meta=self.to_meta())
+
+
+def read_mbc(lib: "ExpertLibrary", key: dict | None = None) -> MBCData | None:
+    """The MBC data stored under `key`, or the newest a build stored; None when the library has none (or
+    its files are damaged: `get_derived` warns). Raises ValueError if the stored data is inconsistent."""
+    if key is None:
+        entries = [d for d in lib.list_derived() if d["kind"] == MAP_KIND]
+        if not entries:
+            return None
+        key = max(entries, key=lambda d: d["created"] or "")["config"]
+    coords, sim = lib.get_derived(MAP_KIND, key), lib.get_derived(SIMILARITY_KIND, key)
+    if coords is None or sim is None:
+        return None
+    return MBCData.from_stored(coords[1], sim[0], coords[0])  # the map entry's meta also names the method

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from library_store.expert import ExpertInfo, LoraExpert, TrainRecord, check_name
 from library_store.tasks.core import Example, Task
+from library_store.training.prefix import SharedPrefix, common_prefix_length
 
 IGNORE = -100  # label value that cross_entropy skips: the prompt tokens
 MIN_SHARED_PREFIX = 4  # below this, running the prefix separately saves nothing
@@ -46,6 +47,7 @@ class TrainConfig:
     targets: list[str] | None = None  # LoRA target leaf names; None = the base model's defaults
     share_prefix: bool = True  # run the prompt prefix all examples share once per step (same loss, ~2x faster)
     progress: bool = True  # tqdm bar
+    device: str = "cpu"  # where the steps run; the base model must already be there (the build moves it)
 
 
 @dataclass
@@ -95,27 +97,15 @@ def target_loss(model, ids, mask, labels) -> torch.Tensor:
     return F.cross_entropy(logits.float(), shifted[keep])
 
 
-def common_prefix(encoded: list[list[Encoded]]) -> list[int]:
-    """The token prefix every example starts with (the chat template's system turn, for instance)."""
-    seqs = [e.ids for group in encoded for e in group]
-    if not seqs:
-        return []
-    n = min(len(s) for s in seqs) - 1  # leave at least one token per example
-    first = seqs[0]
-    for s in seqs[1:]:
-        while n and s[:n] != first[:n]:
-            n -= 1
-    # the prefix must be prompt only (no target token), or its loss would be skipped
-    while n and any(e.labels[n - 1] != IGNORE for group in encoded for e in group):
-        n -= 1
-    return first[:n]
-
-
-def _cache_kwarg(decoder) -> str:
-    """transformers 5 renamed `past_key_values` to `cache` in some models; use whichever this one takes."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+def prompt_prefix(encoded: list[list[Encoded]]) -> list[int]:
+    """The token prefix every example starts with (the chat template's system turn, for instance). It stops
+    before the token ahead of the first target: that token's prediction of the first target is a loss term
+    made inside the prefix, which `prefix_target_loss` does not compute."""
+    examples = [e for group in encoded for e in group]
+    first_target = min((next((i for i, lab in enumerate(e.labels) if lab != IGNORE), len(e.labels))
+                        for e in examples), default=0)
+    n = common_prefix_length([e.ids for e in examples], limit=max(first_target - 1, 0))
+    return examples[0].ids[:n] if n else []
 
 
 def prefix_target_loss(model, prefix: list[int], ids, mask, labels) -> torch.Tensor:
@@ -125,13 +115,12 @@ def prefix_target_loss(model, prefix: list[int], ids, mask, labels) -> torch.Ten
     inner = model.get_base_model()
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
     p = len(prefix)
-    cache = decoder(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values  # (1, p) run once
-    cache.batch_repeat_interleave(ids.shape[0])
+    shared = SharedPrefix(decoder, prefix)  # run once per step: the LoRA weights changed since the last one
     suffix, smask, slabels = ids[:, p:], mask[:, p:], labels[:, p:]  # (b, s)
     full_mask = torch.cat([torch.ones_like(mask[:, :p]), smask], dim=1)  # (b, p + s)
     hidden = decoder(input_ids=suffix, attention_mask=full_mask, use_cache=True,
-                     **{_cache_kwarg(decoder): cache}).last_hidden_state  # (b, s, d)
-    shifted = slabels[:, 1:]  # (b, s-1); the prefix predicts no target token (common_prefix ensures it)
+                     **shared.kwargs(ids.shape[0], copy=False)).last_hidden_state  # (b, s, d)
+    shifted = slabels[:, 1:]  # (b, s-1); the prefix predicts no target token (prompt_prefix ensures it)
     keep = shifted != IGNORE
     logits = head(hidden[:, :-1][keep])  # (n, V)
     return F.cross_entropy(logits.float(), shifted[keep])
@@ -210,7 +199,7 @@ def train_expert(base, tasks: list[Task], name: str, kind: str = "private", conf
         raise ValueError("steps and batch_size must be at least 1.")
     encoded = [[encode(base, ex, config) for ex in t.train] for t in tasks]
     mixture = _Mixture(encoded, config.seed)
-    prefix = common_prefix(encoded) if config.share_prefix else []
+    prefix = prompt_prefix(encoded) if config.share_prefix else []
     pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else base.tokenizer.eos_token_id
 
     flags = {n: p.requires_grad for n, p in base.model.named_parameters()}
@@ -226,19 +215,22 @@ def train_expert(base, tasks: list[Task], name: str, kind: str = "private", conf
         losses: list[float] = []
         start = time.perf_counter()
         bar = tqdm(range(config.steps), desc=f"train {name}", disable=not config.progress, leave=False)
-        for _ in bar:
-            ids, mask, labels = collate(mixture.batch(config.batch_size), pad_id)
-            if len(prefix) >= MIN_SHARED_PREFIX:
-                loss = prefix_target_loss(peft_model, prefix, ids, mask, labels)
-            else:
-                loss = target_loss(peft_model, ids, mask, labels)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        # new tensors (batches, the shared prefix) go to the device; on the CPU no mode at all (it costs per op)
+        on_device = contextlib.nullcontext() if config.device == "cpu" else torch.device(config.device)
+        with on_device:
+            for _ in bar:
+                ids, mask, labels = collate(mixture.batch(config.batch_size), pad_id)
+                if len(prefix) >= MIN_SHARED_PREFIX:
+                    loss = prefix_target_loss(peft_model, prefix, ids, mask, labels)
+                else:
+                    loss = target_loss(peft_model, ids, mask, labels)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
         seconds = time.perf_counter() - start
         state = get_peft_model_state_dict(peft_model)
         state = {k: v.detach().clone() for k, v in state.items()}

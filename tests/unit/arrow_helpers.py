@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from explorer.routing.inject import random_expert
-from library_store.models import load_base_model
 from library_store.expert import LoraExpert
+from library_store.models import load_base_model
+from library_store.testing import random_expert
 
 TWINS = ("tiny-random-llama", "tiny-random-phi")
 IDS = torch.tensor([[1, 523, 3784, 314, 260, 3600, 30, 2003, 42, 1177, 9, 88]])
@@ -27,8 +27,8 @@ def fresh(twin: str):
 
 def experts(base, n: int, rank: int | list[int] = 4, seed: int = 0, scale: float = 0.5) -> list[LoraExpert]:
     ranks = rank if isinstance(rank, list) else [rank] * n
-    return [random_expert(base.model, base.targets, f"e{i}", rank=ranks[i], alpha=2.0 * ranks[i] + i,
-                          seed=seed * 1000 + i, scale=scale) for i in range(n)]
+    return [random_expert(base, f"e{i}", rank=ranks[i], alpha=2.0 * ranks[i] + i, seed=seed * 1000 + i, scale=scale)
+            for i in range(n)]
 
 
 def save_peft_dir(expert: LoraExpert, folder: Path) -> str:
@@ -79,3 +79,14 @@ def reference_logits(base, exps: list[LoraExpert], top_k: int, temperature: floa
     finally:
         for h in handles:
             h.remove()
+
+
+def centred(exps: list[LoraExpert], general: list[LoraExpert] | None = None) -> list[LoraExpert]:
+    """Each expert minus the mean of the general experts' factors (default: all of `exps`), written plainly per
+    weight key (equal ranks): the reference for centring (docs/design.md, "Centring")."""
+    general = exps if general is None else general
+    out = []
+    for e in exps:
+        weights = {k: v - torch.stack([g.weights[k] for g in general]).mean(0) for k, v in e.weights.items()}
+        out.append(LoraExpert(copy.deepcopy(e.info), weights))
+    return out

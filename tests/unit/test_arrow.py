@@ -4,6 +4,7 @@ import torch
 from arrow_helpers import dense_prototype
 from torch import nn
 
+from explorer.routing.capture import dense_by_key
 from explorer.routing.layer import RoutedLinear, RouterState, SiteStack, compute_prototypes
 
 
@@ -84,7 +85,7 @@ def test_routed_linear_masked_experts_get_no_weight():
     layer.state.mask = torch.tensor([True, False, True, False, False])
     layer.state.capture = []
     layer(torch.randn(9, 16))
-    (_, w), = layer.state.capture
+    w = dense_by_key(layer.state.capture, 5)[(0, 0)]  # (t, E)
     assert (w[:, [0, 2]] == 0).all() and ((w > 0).sum(-1) == 3).all()
 
 

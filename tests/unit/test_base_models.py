@@ -128,6 +128,7 @@ def test_interrupted_conversion_is_rebuilt(monkeypatch, tmp_path):
     assert (tmp_path / "conversions.log").read_text().count("x") == 1
 
 
+@pytest.mark.slow
 def test_two_processes_starting_together_convert_once(tmp_path):
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_convert_in_process, args=(str(tmp_path),)) for _ in range(2)]
@@ -140,15 +141,15 @@ def test_two_processes_starting_together_convert_once(tmp_path):
     assert not list(tmp_path.glob(".smollm2-*"))  # no staging folder left behind
 
 
-def test_prompt_formatting_chat_and_raw():
-    tok = load_base_model("tiny-random-llama").tokenizer
+def test_prompt_formatting_chat_and_raw(tiny_llama):
+    tok = tiny_llama.tokenizer
     chat = bm.format_prompt(tok, "Reverse: abc")
     assert "<|im_start|>user\nReverse: abc<|im_end|>" in chat and chat.endswith("<|im_start|>assistant\n")
     assert bm.format_prompt(tok, "Reverse: abc", chat=False) == "Reverse: abc"
 
 
-def test_greedy_generation_is_deterministic_and_sampling_is_seeded():
-    base = load_base_model("tiny-random-llama")
+def test_greedy_generation_is_deterministic_and_sampling_is_seeded(tiny_llama):
+    base = tiny_llama
     assert base.generate("hello", max_new_tokens=4) == base.generate("hello", max_new_tokens=4)
     a = base.generate("hello", max_new_tokens=6, do_sample=True, seed=3)
     assert a == base.generate("hello", max_new_tokens=6, do_sample=True, seed=3)

@@ -5,29 +5,17 @@ import torch
 from library_store.training import build as build_mod
 from library_store.training.build import build_mbc, build_private
 from library_store.cli import main
-from library_store.training.mbc import MBCConfig
+from library_store.training.mbc import MAP_KIND, SIMILARITY_KIND, MBCConfig, read_mbc
 from library_store.store.library import ExpertLibrary
-from library_store.tasks import resolve_tasks
 from library_store.training.train import TrainConfig
 
 TASKS = "builtin:add,subtract,uppercase_word,first_letter"
 FAST = dict(steps=2, batch_size=2, progress=False)
 
 
-@pytest.fixture(scope="module")
-def base():
-    from library_store.models import load_base_model
-
-    return load_base_model("tiny-random-llama")
-
-
-@pytest.fixture(scope="module")
-def tasks():
-    return resolve_tasks(TASKS)
-
-
-def test_private_build(base, tasks, tmp_path):
-    lib = build_private(base, tasks, tmp_path / "lib", TrainConfig(**FAST))
+@pytest.mark.slow
+def test_private_build(tiny_llama, tasks, tmp_path):
+    lib = build_private(tiny_llama, tasks, tmp_path / "lib", TrainConfig(**FAST))
     assert sorted(lib.names()) == sorted(t.name for t in tasks)
     for info in lib.infos():
         assert info.kind == "private" and info.tasks == [info.name] and info.train.steps == 2
@@ -35,7 +23,8 @@ def test_private_build(base, tasks, tmp_path):
     assert all(w.dtype == torch.bfloat16 for w in expert.weights.values())  # bf16 on disk, half the size
 
 
-def test_private_build_resumes_after_interruption(base, tasks, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_private_build_resumes_after_interruption(tiny_llama, tasks, tmp_path, monkeypatch):
     real = build_mod.train_expert
     calls = []
 
@@ -47,16 +36,17 @@ def test_private_build_resumes_after_interruption(base, tasks, tmp_path, monkeyp
 
     monkeypatch.setattr(build_mod, "train_expert", flaky)
     with pytest.raises(KeyboardInterrupt):
-        build_private(base, tasks, tmp_path / "lib", TrainConfig(**FAST))
+        build_private(tiny_llama, tasks, tmp_path / "lib", TrainConfig(**FAST))
     assert len(ExpertLibrary.open(tmp_path / "lib")) == 2
     calls.clear()
-    lib = build_private(base, tasks, tmp_path / "lib", TrainConfig(**FAST))
+    lib = build_private(tiny_llama, tasks, tmp_path / "lib", TrainConfig(**FAST))
     assert calls == [t.name for t in tasks[2:]]  # only the missing experts were trained
     assert len(lib) == 4 and lib.verify() == []
 
 
-def test_mbc_build(base, tasks, tmp_path):
-    lib = build_mbc(base, tasks, tmp_path / "mbc", 2, warmup=TrainConfig(**FAST, init_seed=0),
+@pytest.mark.slow
+def test_mbc_build(tiny_llama, tasks, tmp_path):
+    lib = build_mbc(tiny_llama, tasks, tmp_path / "mbc", 2, warmup=TrainConfig(**FAST, init_seed=0),
                     train=TrainConfig(**FAST), mbc=MBCConfig(k=2, map_method="pca"))
     infos = {i.name: i for i in lib.infos()}
     warm = [i for i in infos.values() if i.kind == "warmup"]
@@ -70,29 +60,29 @@ def test_mbc_build(base, tasks, tmp_path):
         assert c.cluster == c.name and sorted(c.tasks) == sorted(clusters[c.name])
     for w in warm:
         assert w.tasks[0] in clusters[w.cluster]
-    derived = {d["kind"]: d for d in lib.list_derived()}
-    assert {"mbc-init", "mbc-similarity", "mbc-map"} <= set(derived)
-    meta = derived["mbc-similarity"]["meta"]
-    assert meta["tasks"] == [t.name for t in tasks] and meta["mbc"]["delta"] is True
-    assert meta["families"] == [t.family for t in tasks] and "ari_vs_families" in meta
-    sim, _ = lib.get_derived("mbc-similarity", derived["mbc-similarity"]["config"])
-    assert sim["similarity"].shape == (4, 4)
-    coords, map_meta = lib.get_derived("mbc-map", derived["mbc-map"]["config"])
-    assert coords["coords"].shape == (4, 2) and map_meta["tasks"] == meta["tasks"]
+    assert {"mbc-init", SIMILARITY_KIND, MAP_KIND} <= {d["kind"] for d in lib.list_derived()}
+    data = read_mbc(lib)
+    assert data.tasks == [t.name for t in tasks] and data.experts == [f"warmup-{t.name}" for t in tasks]
+    assert data.settings["mbc"]["delta"] is True and data.method == "pca"
+    assert data.families == [t.family for t in tasks] and data.ari_vs_families is not None
+    assert data.similarity.shape == (4, 4) and data.coords.shape == (4, 2) and data.raw_similarity.shape == (4, 4)
+    assert data.clusters == clusters  # the cluster table is the stored clustering
+    assert data.cluster_of == {w.tasks[0]: w.cluster for w in warm} == lib.cluster_of()
 
     before = {n: lib.info(n).checksum for n in lib.names()}
-    again = build_mbc(base, tasks, tmp_path / "mbc", 2, warmup=TrainConfig(**FAST, init_seed=0),
+    again = build_mbc(tiny_llama, tasks, tmp_path / "mbc", 2, warmup=TrainConfig(**FAST, init_seed=0),
                       train=TrainConfig(**FAST), mbc=MBCConfig(k=2, map_method="pca"))
     assert {n: again.info(n).checksum for n in again.names()} == before  # resumed: nothing retrained
 
 
 @pytest.mark.parametrize("k", [1, 5])
-def test_bad_k_refused(base, tasks, tmp_path, k):
+def test_bad_k_refused(tiny_llama, tasks, tmp_path, k):
     with pytest.raises(ValueError, match="clusters"):
-        build_mbc(base, tasks, tmp_path / "x", k, warmup=TrainConfig(**FAST), train=TrainConfig(**FAST))
+        build_mbc(tiny_llama, tasks, tmp_path / "x", k, warmup=TrainConfig(**FAST), train=TrainConfig(**FAST))
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_cli_builds(tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["build", "private", "--base-model", "tiny-random-llama", "--tasks", "builtin:add,subtract",

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from library_store.training.mbc import MBCConfig, adjusted_rand, flatten, map_coords, mbc_cluster, sparsify
+from library_store.training.mbc import (MBCConfig, MBCData, adjusted_rand, flatten, map_coords, mbc_cluster, read_mbc,
+                                        sparsify)
 from library_store.expert import ExpertInfo, LoraExpert
 
 KEYS = [f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
@@ -43,7 +44,7 @@ def test_recovers_groups_from_what_training_changed():
 
 
 def test_raw_weights_are_dominated_by_the_shared_init():
-    """ALGORITHMS.md's measured pitfall, reproduced: without subtracting W_init every pair looks alike."""
+    """The measured pitfall of docs/design.md, reproduced: without subtracting W_init every pair looks alike."""
     experts, init, groups = _experts()
     raw = mbc_cluster(experts, 3, config=MBCConfig(k=3, delta=False, map_method="pca"))
     delta = mbc_cluster(experts, 3, init=init, config=MBCConfig(k=3, map_method="pca"))
@@ -109,3 +110,40 @@ def test_umap_map_from_four_experts():
     """UMAP's numba JIT takes minutes on a busy CPU: integration tier."""
     coords, method = map_coords(np.random.RandomState(0).randn(5, 6))
     assert method == "umap" and coords.shape == (5, 2) and np.isfinite(coords).all()
+
+
+# ---------------------------------------------------------------- the stored schema (MBCData)
+
+
+def test_mbc_data_round_trips_through_a_library(tiny_mbc_library, tiny_library):
+    from library_store.store.library import ExpertLibrary
+    from library_store.testing import TASKS
+
+    lib = ExpertLibrary.open(tiny_mbc_library)
+    data = read_mbc(lib)
+    assert data.tasks == TASKS and data.experts == [f"warmup-{t}" for t in TASKS]
+    assert data.clusters == lib.clusters() == {"cluster-0": TASKS[0::2], "cluster-1": TASKS[1::2]}
+    assert data.cluster_of == lib.cluster_of() and data.method == "pca"
+    assert data.similarity.shape == (6, 6) and data.coords.shape == (6, 2)
+    np.testing.assert_allclose(np.diag(data.similarity), 1.0, atol=1e-5)
+    assert {i.cluster for i in lib.infos()} == {"cluster-0", "cluster-1"}  # one cluster name everywhere
+    plain = ExpertLibrary.open(tiny_library)
+    assert read_mbc(plain).clusters == plain.clusters() and set(plain.clusters()) == {"cluster-0", "cluster-1"}
+
+
+def test_mbc_data_refuses_inconsistent_rows_and_reads_none_without_data(tmp_path):
+    from library_store.store.library import ExpertLibrary
+    from store_helpers.experts import LLAMA_FP
+
+    with pytest.raises(ValueError, match="inconsistent"):
+        MBCData(["a", "b"], ["warmup-a"], [0, 1], np.eye(2), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="inconsistent"):
+        MBCData(["a", "b"], ["warmup-a", "warmup-b"], [0, 1], np.eye(3), np.zeros((2, 2)))
+    lib = ExpertLibrary.create(tmp_path / "lib", LLAMA_FP)
+    assert read_mbc(lib) is None
+    data = MBCData(["a", "b", "c"], ["w-a", "w-b", "w-c"], [1, 0, 1], np.eye(3), np.ones((3, 2)), method="umap",
+                   families=["x", "y", "x"], ari_vs_families=1.0, settings={"mbc": {"k": 2}})
+    data.write(lib, {"v": 1})
+    again = read_mbc(lib)
+    assert again.to_meta() == data.to_meta() and again.clusters == {"cluster-0": ["b"], "cluster-1": ["a", "c"]}
+    assert again.raw_similarity is None and again.settings == {"mbc": {"k": 2}}

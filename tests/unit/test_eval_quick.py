@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench import eval_common as C  # noqa: E402
-from bench import eval_heldout, eval_routing  # noqa: E402
+from bench import eval_heldout, eval_routing, eval_sweep  # noqa: E402
+from library_store.training.prefix import common_prefix_length  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,19 @@ def libs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def routed_twin():
-    from explorer.routing.inject import random_expert
-    from explorer.routing.model import RoutedModel, RouterConfig
+def routed():
+    from explorer.routing.config import RouterConfig
+    from explorer.routing.model import RoutedModel
+    from library_store.testing import random_expert
 
     base = copy.deepcopy(C.load_base("tiny-random-llama"))  # the quick runs share the original
-    exps = [random_expert(base.model, base.targets, f"e{i}", rank=4, alpha=8, seed=i, scale=0.5) for i in range(4)]
-    RoutedModel(base, exps, RouterConfig(top_k=2))  # wraps the copy in place
-    return base
+    exps = [random_expert(base, f"e{i}", rank=4, alpha=8, seed=i) for i in range(4)]
+    return RoutedModel(base, exps, RouterConfig(top_k=2))  # wraps the copy in place
+
+
+@pytest.fixture(scope="module")
+def routed_twin(routed):
+    return routed.base
 
 
 TEXTS = ["Reverse the letters of this word: apple", "Add these numbers: 2 + 3",
@@ -47,7 +52,7 @@ def test_batched_scores_equal_one_at_a_time(routed_twin):
     base = routed_twin
     tok = base.tokenizer
     ids = C.prompt_ids(base, TEXTS)
-    assert C.common_prefix(ids) > 10  # the chat template's system turn is shared
+    assert common_prefix_length(ids) > 10  # the chat template's system turn is shared
     choices = [[tok(c, add_special_tokens=False).input_ids for c in cs]
                for cs in [["yes", "no"], ["five apples", "6", "seven"], ["animal", "a plant"], ["03/04/2001", "x"]]]
     batched = C.choice_loglik(base.model, tok, ids, choices, max_tokens=200)  # several batches
@@ -64,6 +69,29 @@ def test_batched_generation_equals_plain_generate(routed_twin):
     batched = C.greedy_generate(base.model, base.tokenizer, ids, 6)
     plain = [generate(base.model, base.tokenizer, base.format_prompt(t), 6) for t in TEXTS]
     assert [b.strip() for b in batched] == [p.strip() for p in plain]
+
+
+def test_batched_routing_traces_equal_one_prompt_at_a_time(routed):
+    batched = eval_routing.route_prompts(routed, routed.base, TEXTS, max_tokens=120)  # several batches
+    for text, got in zip(TEXTS, batched):
+        alone = routed.trace(text)
+        assert got.token_ids == alone.token_ids and got.user_span == alone.user_span != (0, 0)
+        np.testing.assert_allclose(got.weights, alone.weights, atol=1e-5)
+        np.testing.assert_allclose(got.routes.contribution, alone.routes.contribution, rtol=1e-2, atol=1e-3)
+        assert got.winner("user") == alone.winner("user") and got.winner("prompt") == alone.winner("prompt")
+
+
+def test_generated_tokens_route_as_while_generating(routed):
+    """Batched greedy answers fed back after their prompts route exactly as `RoutedModel.trace` generating."""
+    base = routed.base
+    gen = C.greedy_generate_ids(base.model, base.tokenizer, C.prompt_ids(base, TEXTS), 5, max_tokens=150)
+    batched = eval_routing.route_prompts(routed, base, TEXTS, max_tokens=150, generated=gen)
+    for text, g, got in zip(TEXTS, gen, batched):
+        alone = routed.trace(text, max_new_tokens=5)
+        assert got.token_ids == alone.token_ids and got.is_generated == alone.is_generated and any(got.is_generated)
+        assert got.positions("generated") == alone.positions("generated") and got.text == alone.text
+        np.testing.assert_allclose(got.weights, alone.weights, atol=1e-5)
+        assert got.winner("generated") == alone.winner("generated")
 
 
 def test_statistics():
@@ -83,31 +111,161 @@ def _in_range(stat: dict):
     assert 0 <= lo <= stat["mean"] <= hi <= 1
 
 
+@pytest.mark.slow
 def test_routing_quick(libs, tmp_path):
+    from library_store.store.library import ExpertLibrary
+    from library_store.store.reports import read_default_router, read_report
+
     results = eval_routing.quick(tmp_path, tmp_path / "fig", libs)
     assert [r["level"] for r in results] == ["private", "cluster"]
     for r in results:
-        _in_range(r["overall"])
-        _in_range(r["overall_user_tokens"])
-        assert set(r["tasks"]) == {"reverse_word", "first_letter", "add", "subtract"}
-        for t in r["tasks"].values():
-            assert t["n"] == 6 and 0 <= t["accuracy"] <= 1 and t["own_experts"]
-        conf = np.array(r["confusion"]["mean_weight"])
+        assert set(r["accuracy"]) == {"user", "generated", "user+generated", "prompt", "all"}
+        for stat in r["accuracy"].values():
+            _in_range(stat)
+        assert set(r["per_task"]) == {"reverse_word", "first_letter", "add", "subtract"}
+        for t in r["per_task"].values():
+            assert t["n"] == 4 and 0 <= t["user"] <= 1 and t["own_experts"]
+        conf = np.array(r["confusion"])
         assert conf.shape == (4, len(r["experts"]))
         np.testing.assert_allclose(conf.sum(1), 1.0, atol=1e-4)  # top-k softmax weights sum to one per token
-        saved = json.loads((tmp_path / f"routing-{r['library']}.json").read_text())
-        assert saved["overall"]["mean"] == r["overall"]["mean"]
-        assert Path(r["figure"]).read_text().startswith("<svg")
-    assert results[1]["experts"] == ["cluster_0", "cluster_1"] and results[1]["not_routed"] == ["warmup-add"]
-    ari = results[1]["adjusted_rand"]
-    assert ari["ari"] == pytest.approx(1.0)  # the quick MBC library's clusters are the families
-    assert "adjusted_rand" not in results[0]
+        assert r["per_layer"]["layers"] == [0, 1] and all(0 <= a <= 1 for a in r["per_layer"]["accuracy"])
+        assert set(r["per_module"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+        assert 0 <= r["entropy"]["q05"] <= r["entropy"]["q50"] <= r["entropy"]["q95"] <= np.log(r["router"]["top_k"]) + 1e-6
+        assert 0 <= r["margin"]["q05"] <= r["margin"]["q95"] <= 1
+        # the sweep chose the headline router on training prompts, and it was recorded as the default
+        sweep = r["sweep"]
+        assert sweep["evidence"]["split"] == "train" and r["router_source"].startswith("sweep")
+        assert r["router"] == {**eval_sweep.router_of(sweep["winner"]).to_dict()}
+        valid = [row for row in sweep["rows"] if "refused" not in row]
+        assert sweep["winner"]["user"] == max(row["user"] for row in valid)  # within TIE; here the best itself
+        lib = ExpertLibrary.open(libs["private" if r["level"] == "private" else "mbc"])
+        assert read_default_router(lib).router == r["router"]
+        rep = read_report(lib)
+        assert rep.accuracy["user"] == r["accuracy"]["user"]["mean"] and rep.command == r["command"]
+        assert rep.centring == r["centring"] and rep.per_layer == r["per_layer"] and read_report(lib, "paraphrase") is None
+        assert set(r["s5"]["per_task"]) == set(r["per_task"])  # every task is exact match with an own expert
+        saved = json.loads((tmp_path / f"routing-{r['library']}-heldout.json").read_text())
+        assert saved["accuracy"] == r["accuracy"]
+        assert all(Path(f).read_text().startswith("<svg") for f in r["figures"].values())
+    private, mbc = results
+    assert [(c["centre"], c["scope"]) for c in private["centring"]] == [("none", None), ("mean", "prototypes"),
+                                                                          ("mean", "weights")]
+    assert all("user" in c for c in private["centring"])
+    assert all(c["refused"].startswith("Centring with 'mean' needs") for c in mbc["centring"][1:])  # 2 experts
+    assert mbc["experts"] == ["cluster-0", "cluster-1"] and mbc["not_routed"] == ["warmup-add"]
+    assert mbc["adjusted_rand"]["ari"] == pytest.approx(1.0)  # the quick MBC library's clusters are the families
+    assert "adjusted_rand" not in private
+    doc = (tmp_path / "routing-quick.md").read_text()
+    assert "## `quick-private`, split `heldout`" in doc and "Sweep on training prompts" in doc
 
 
+def test_paraphrase_split_without_sweep_uses_the_recorded_router(libs, tmp_path):
+    """After test_routing_quick recorded a default router: a paraphrase run starts from it, reads the split."""
+    _, args = eval_routing.parse(["--model", "tiny-random-llama", "--n", "3", "--split", "paraphrase", "--out",
+                                  str(tmp_path), "--figures", str(tmp_path), "--docs", ""])
+    from library_store.store.library import ExpertLibrary
+    from library_store.store.reports import default_router
+
+    recorded = default_router(ExpertLibrary.open(libs["private"]))
+    r = eval_routing.run(str(libs["private"]), args, label="quick-para")
+    assert r["split"] == "paraphrase" and r["sweep"] is None
+    if recorded is not None:
+        assert r["router"] == recorded and r["router_source"] == "recorded default"
+    else:  # this test run alone
+        assert r["router_source"].startswith("fallback")
+    from library_store.tasks import resolve_tasks
+
+    for task in resolve_tasks("builtin:add,subtract,reverse_word,first_letter"):
+        assert r["per_task"][task.name]["n"] == 3
+        assert r["per_task"][task.name]["example"] == task.paraphrase[0].input != task.heldout[0].input
+
+
+def test_s5_is_arrow_over_the_own_expert(monkeypatch):
+    """S5 per task and overall, from stubbed exact-match scores; the own expert runs alone, then the router
+    is restored."""
+    from explorer.routing.config import RouterConfig
+    from library_store.tasks import Example, Task
+
+    class Stub:
+        router = RouterConfig(top_k=2)
+        seen: list = []
+
+        def set_router(self, r):
+            self.seen.append(r.mode)
+            self.router = r
+
+    own_scores = {"expert:a": [1, 1, 0, 0], "expert:b": [1, 1, 1, 1]}
+    rm = Stub()
+    monkeypatch.setattr(eval_sweep, "exact_matches", lambda base, ex, mt=4096: own_scores[rm.router.mode])
+    ex = [Example("q", "a")] * 4
+    tasks = [Task("ta", "f", train=ex, heldout=ex), Task("tb", "f", train=ex, heldout=ex),
+             Task("tc", "f", train=ex, heldout=ex)]  # tc: no own expert, left out
+    got = eval_sweep.s5(rm, None, tasks, {"ta": ["a"], "tb": ["b"]}, "heldout", 4,
+                        {"ta": [1, 0, 0, 0], "tb": [1, 1, 1, 0], "tc": [1, 1, 1, 1]})
+    assert got["per_task"]["ta"]["ratio"] == pytest.approx(0.25 / 0.5)
+    assert got["per_task"]["tb"]["ratio"] == pytest.approx(0.75) and "tc" not in got["per_task"]
+    assert got["overall"] == pytest.approx(((0.25 + 0.75) / 2) / ((0.5 + 1.0) / 2))
+    assert rm.seen == ["expert:a", "expert:b", "arrow"] and rm.router.top_k == 2
+
+
+def test_sweep_sees_training_prompts_only(monkeypatch):
+    """The sweep routes and answers training examples only, every (centring, top-k, T) once; a refused centring
+    is one row; the router it started with is restored."""
+    from explorer.routing.config import RouterConfig
+    from library_store.tasks import Example, Task
+
+    class Stub:
+        experts = ["a", "b", "c"]
+        router = RouterConfig(top_k=3)
+
+        def set_router(self, r):
+            if r.centre == "mean" and r.centre_scope == "weights":
+                raise ValueError("Centring refused here.")
+            self.router = r
+
+    seen, answered = [], []
+    rm = Stub()
+
+    def fake_diagnose(traces, own):  # routing improves with top-k here, so the largest k wins
+        return {"accuracy": {"user": {"mean": 0.5 + 0.1 * rm.router.top_k}, "prompt": {"mean": 0.1}},
+                "margin": {"q50": 0.2}, "entropy": {"q50": 0.3}}
+
+    monkeypatch.setattr(eval_routing, "route_prompts", lambda rm_, base, texts, mt=4096: seen.extend(texts) or [])
+    monkeypatch.setattr(eval_routing, "diagnose", fake_diagnose)
+    monkeypatch.setattr(eval_sweep, "exact_matches", lambda base, ex, mt=4096: answered.extend(ex) or [1, 0])
+    tasks = [Task(n, "f", train=[Example(f"train {n} {i}", "a") for i in range(5)],
+                  heldout=[Example(f"held {n} {i}", "a") for i in range(5)]) for n in ("t1", "t2")]
+    options = [("none", "prototypes"), ("mean", "prototypes"), ("mean", "weights")]
+    out = eval_sweep.sweep(rm, None, tasks, {"t1": ["a"], "t2": ["b"]}, 3, 2, [1, 2, 4], [0.1, 1.0], options)
+    assert seen and all(t.startswith("train") for t in seen) and len(seen) == 2 * 3 * 2 * (1 + 2 * 2)  # tasks x n x
+    #  2 centrings x (top-1 at one temperature + top-2 and top-3 at both)
+    assert answered and all(e.input.startswith("train") for e in answered)
+    rows = out["rows"]
+    assert [(r["centre"], r["centre_scope"]) for r in rows if "refused" in r] == [("mean", "weights")]
+    assert {r["top_k"] for r in rows} == {1, 2, 3}  # 4 is clipped to the 3 experts
+    assert out["winner"]["top_k"] == 3 and out["evidence"]["train_prompts_per_task"] == 3
+    assert rm.router == RouterConfig(top_k=3)
+
+
+def test_sweep_winner_rule():
+    rows = [{"user": 0.90, "prompt": 0.5, "em": 0.2, "margin_median": 0.9, "top_k": 1},
+            {"user": 0.895, "prompt": 0.4, "em": 0.6, "margin_median": 0.1, "top_k": 2},  # within 1 point: best EM
+            {"user": 0.70, "prompt": 0.9, "em": 0.9, "margin_median": 0.9, "top_k": 4},  # routes worse: out
+            {"refused": "no", "top_k": 4}]
+    assert eval_sweep.choose(rows)["top_k"] == 2
+    assert eval_sweep.choose([dict(r, em=None) for r in rows[:3]])["top_k"] == 1  # then the margin
+    with pytest.raises(ValueError, match="refused"):
+        eval_sweep.choose(rows[3:])
+
+
+@pytest.mark.slow
 def test_heldout_quick(libs, tmp_path):
     a, b = eval_heldout.quick(tmp_path, tmp_path / "fig", argparse.Namespace(max_tokens=4096), libs)
-    assert a["methods"] == ["base", "uniform", "private_arrow", "mbc_arrow", "oracle"]
-    assert b["methods"] == ["base", "uniform", "private_arrow", "mbc_arrow"]  # no oracle for setting B
+    assert a["methods"] == ["base", "uniform", "private_arrow", "mbc_arrow", "uniform_centred", "oracle"]
+    assert b["methods"] == ["base", "uniform", "private_arrow", "mbc_arrow", "uniform_centred"]  # no oracle in B
+    for s in (a, b):  # each library's recorded default router (test_routing_quick records them), else Arrow
+        assert set(s["routers"]) == {"private", "mbc"} and s["split"] == "heldout"
+        assert all(r["source"] in ("recorded default", "fallback (no recorded default)") for r in s["routers"].values())
     for s in (a, b):
         for m in s["methods"]:
             _in_range(s["mean"][m])

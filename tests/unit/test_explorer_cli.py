@@ -1,6 +1,9 @@
 """`python -m explorer generate|trace` on a tiny twin and a tiny library written to tmp."""
+import hashlib
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +15,15 @@ from explorer.cli import main
 from library_store.store.library import ExpertLibrary
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def derived_cache(tmp_path_factory):
+    """Read-only libraries cache derived data in the user cache: a tmp one here (also for the subprocesses)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORA_EXPLORER_DERIVED_CACHE", str(tmp_path_factory.mktemp("derived-cache")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -30,21 +42,26 @@ def run(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_trace_json_via_subprocess(library):
     res = run("trace", "--base-model", "tiny-random-llama", "--library", library, "--prompt", "Reverse: apple",
               "--top-k", "2", "--temperature", "0.5", "--max-new-tokens", "3", "--json")
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
-    for key in ("tokens", "is_generated", "layers", "modules", "experts", "weights", "top_k", "temperature", "text"):
+    for key in ("tokens", "is_generated", "layers", "modules", "experts", "weights", "router", "text", "user_span",
+                "formatted_prompt", "library"):
         assert key in data
     n = len(data["tokens"])
     assert sum(data["is_generated"]) == 3 and data["experts"] == ["e0", "e1", "e2"]
-    assert (data["top_k"], data["temperature"]) == (2, 0.5) and data["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    router = data["router"]
+    assert (router["mode"], router["top_k"], router["temperature"], router["disabled"]) == ("arrow", 2, 0.5, [])
+    assert data["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"] and data["library"]["name"] == "lib"
     w = data["weights"]  # [layer][module][token][expert]
     assert (len(w), len(w[0]), len(w[0][0]), len(w[0][0][0])) == (2, 4, n, 3)
     assert all(sum(1 for x in row if x > 0) == 2 for row in w[1][3])
 
 
+@pytest.mark.slow
 def test_error_is_one_line_with_status_2_via_subprocess(library):
     res = run("trace", "--base-model", "tiny-random-llama", "--library", library, "--prompt", "x", "--top-k", "9")
     assert res.returncode == 2 and res.stdout == ""
@@ -67,6 +84,47 @@ def test_trace_summary_without_json(library, capsys):
     assert out.startswith("mode=expert:e1 top_k=1") and "e1" in out.splitlines()[-2]
 
 
+def tree_digest(root) -> dict[str, str]:
+    """path -> sha256 of every file of a library folder, but SQLite's side files (-shm, -wal: a reader's
+    shared memory, ignored by git; the committed index is library.sqlite alone)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file() and not p.name.endswith(("-shm", "-wal"))}
+
+
+@pytest.mark.parametrize("folder_writable", [False, True])
+def test_trace_leaves_the_library_byte_identical(library, tmp_path, capsys, monkeypatch, folder_writable):
+    """As `python -m explorer trace --library assets/libraries/demo-private ...` must: nothing written, not even
+    the prototype cache (it goes to the user cache), whether the folder is read-only (a copy without write
+    permission) or writable (the command opens it read-only). Root ignores permissions: the bytes are compared."""
+    monkeypatch.setenv("LORA_EXPLORER_DERIVED_CACHE", str(tmp_path / "cache"))  # empty: prototypes are computed
+    copy = Path(shutil.copytree(library, tmp_path / "lib"))
+    paths = [copy, *copy.rglob("*")]
+    if not folder_writable:
+        for path in paths:
+            path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    before = tree_digest(copy)
+    try:
+        for _ in range(2):  # the second run reads what the first cached
+            assert main(["trace", "--base-model", "tiny-random-llama", "--library", str(copy), "--prompt", "hi",
+                         "--top-k", "2", "--max-new-tokens", "2", "--json"]) == 0
+            assert json.loads(capsys.readouterr().out)["experts"] == ["e0", "e1", "e2"]
+        assert tree_digest(copy) == before and any((tmp_path / "cache").rglob("*.safetensors"))
+    finally:
+        for path in paths:
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
+
+
+def test_settings_are_checked_by_the_page_normaliser(library, capsys):
+    """Strict: the page would clamp an unknown disabled expert with a notice; the command line refuses it."""
+    argv = ["trace", "--base-model", "tiny-random-llama", "--library", library, "--prompt", "x", "--top-k", "1"]
+    assert main([*argv, "--disable", "e0,nope"]) == 2
+    assert "Cannot disable unknown experts ['nope']" in capsys.readouterr().err
+    assert main([*argv, "--max-new-tokens", "-1"]) == 2
+    assert "max_new_tokens must be between 0 and" in capsys.readouterr().err
+    assert main(["generate", "--base-model", "tiny-random-llama", "--prompt", "  "]) == 2
+    assert "The prompt is empty" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--temperature", "0"], r"temperature must be in \(0, inf\), got 0.0"),
     (["--mode", "expert:nope", "--top-k", "2"], r"Unknown expert 'nope'"),
@@ -81,3 +139,65 @@ def test_bad_input_is_one_line_exit_2(library, capsys, args, message):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     assert __import__("re").search(message, err), err
+
+
+# ---------------------------------------------------------------- centring and the library's default router
+
+
+def test_centre_flags_reach_the_trace(library, capsys):
+    argv = ["trace", "--base-model", "tiny-random-llama", "--library", library, "--prompt", "hi", "--top-k", "2",
+            "--json"]
+    assert main([*argv, "--centre", "mean", "--centre-scope", "weights"]) == 0
+    router = json.loads(capsys.readouterr().out)["router"]
+    assert (router["centre"], router["centre_scope"]) == ("mean", "weights")
+    assert main(argv) == 0  # no flag, no recorded default: no centring
+    assert json.loads(capsys.readouterr().out)["router"]["centre"] == "none"
+    assert main(["trace", "--base-model", "tiny-random-llama", "--library", library, "--prompt", "hi",
+                 "--top-k", "1", "--centre", "mean"]) == 0
+    assert "centre=mean scope=prototypes" in capsys.readouterr().out.splitlines()[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--centre", "general:nope"], r"No expert 'nope' to centre on .* the library has \['e0', 'e1', 'e2'\]"),
+    (["--centre", "sideways"], r"Unknown centre 'sideways': use one of none, mean, general:<expert>"),
+    (["--centre", "mean", "--disable", "e0"], None),  # disabling does not change what is routed: mean is fine
+])
+def test_bad_centring_is_one_line_exit_2(library, capsys, args, message):
+    code = main(["trace", "--base-model", "tiny-random-llama", "--library", library, "--prompt", "x", "--top-k",
+                 "1", *args])
+    err = capsys.readouterr().err
+    if message is None:
+        assert code == 0, err
+        return
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert __import__("re").search(message, err), err
+
+
+def test_mean_centring_of_a_two_expert_library_is_refused_with_the_engines_reason(tmp_path, capsys):
+    path = tmp_path / "two"
+    base = fresh("tiny-random-llama")
+    lib = ExpertLibrary.create(path, base)
+    for e in experts(base, 2):
+        lib.add(e)
+    assert main(["trace", "--base-model", "tiny-random-llama", "--library", str(path), "--prompt", "x",
+                 "--top-k", "1", "--centre", "mean"]) == 2
+    err = capsys.readouterr().err
+    assert "needs at least 3 routed experts; this library routes 2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_recorded_default_router_is_used_unless_flags_override(library, tmp_path, capsys):
+    from library_store.store.reports import write_default_router
+
+    copy = shutil.copytree(library, tmp_path / "lib")
+    write_default_router(ExpertLibrary.open(copy, readonly=False),
+                         {"mode": "arrow", "top_k": 1, "temperature": 0.5, "disabled": [], "centre": "mean",
+                          "centre_scope": "weights"}, evidence={"rule": "test"}, command="test")
+    argv = ["trace", "--base-model", "tiny-random-llama", "--library", str(copy), "--prompt", "hi", "--json"]
+    assert main(argv) == 0
+    router = json.loads(capsys.readouterr().out)["router"]
+    assert (router["top_k"], router["temperature"], router["centre"], router["centre_scope"]) == (1, 0.5, "mean",
+                                                                                                 "weights")
+    assert main([*argv, "--top-k", "3", "--centre", "none", "--temperature", "2"]) == 0
+    router = json.loads(capsys.readouterr().out)["router"]
+    assert (router["top_k"], router["temperature"], router["centre"], router["centre_scope"]) == (3, 2.0, "none",
+                                                                                                 "weights")

@@ -1,9 +1,12 @@
 """Plot builders: pure functions of synthetic traces and library analyses; assertions on `fig.data`."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from explorer.page import plots
 from explorer.page.library_view import LibraryAnalysis
+from explorer.routing.config import RouterConfig
 from explorer.routing.trace import RoutingTrace
 
 XSS = '<img src=x onerror="window.__xss=1">'
@@ -23,31 +26,38 @@ def make_trace(tokens=("Re", "verse", " apple", ":", " elp", "pa"), n_generated=
     return RoutingTrace(tokens=list(tokens), token_ids=list(range(T)),
                         is_generated=[False] * (T - n_generated) + [True] * n_generated,
                         layers=list(range(L)), modules=list(modules), experts=list(experts), weights=w,
-                        top_k=top_k, temperature=1.0, text="".join(tokens[T - n_generated:]), prompt="x")
+                        router=RouterConfig(top_k=top_k), text="".join(tokens[T - n_generated:]), prompt="x")
 
 
-def one_hot_trace(winner=1, conf=0.9):
+def one_hot_trace(winner=1, conf=0.9, edit=None):
+    """Every cell: `winner` gets conf, the next expert the rest; `edit(w)` changes the dense weights first."""
+    w = np.zeros_like(make_trace().weights)  # (L, M, T, E)
+    w[..., winner] = conf
+    w[..., (winner + 1) % 4] = 1 - conf
+    if edit is not None:
+        edit(w)
+    return replace(make_trace(), weights=w)
+
+
+def test_plots_hold_no_reductions_of_their_own():
+    """The numbers come from the trace's methods (one implementation): plots only lay them out."""
+    for name in ("module_weights", "routing_entropy", "expert_usage", "most_used_expert"):
+        assert not hasattr(plots, name), name
+
+
+def test_an_unknown_module_is_refused_by_every_routing_figure():
     t = make_trace()
-    t.weights[:] = 0
-    t.weights[..., winner] = conf
-    t.weights[..., (winner + 1) % 4] = 1 - conf
-    return t
-
-
-def test_module_weights_mean_sums_to_one_and_unknown_module_raises():
-    t = make_trace()
-    w = plots.module_weights(t, plots.MEAN)
-    assert w.shape == (3, 6, 4)
-    np.testing.assert_allclose(w.sum(-1), 1, atol=1e-5)
-    np.testing.assert_array_equal(plots.module_weights(t, "v_proj"), t.weights[:, 1])
-    with pytest.raises(ValueError, match="o_proj"):
-        plots.module_weights(t, "o_proj")
+    for builder in (plots.top1_heatmap, plots.entropy_heatmap, lambda tr, m: plots.expert_heatmap(tr, "beta", m)):
+        with pytest.raises(ValueError, match="o_proj"):
+            builder(t, "o_proj")
 
 
 def test_top1_heatmap_encodes_winner_and_confidence():
-    t = one_hot_trace(winner=2, conf=0.8)
-    t.weights[1, ..., 2], t.weights[1, ..., 3] = 0.65, 0.35  # layer 1 less sure
-    t.weights[2, ..., 2], t.weights[2, ..., 3] = 0.5, 0.5  # layer 2: an even top-2 split
+    def edit(w):
+        w[1, ..., 2], w[1, ..., 3] = 0.65, 0.35  # layer 1 less sure
+        w[2, ..., 2], w[2, ..., 3] = 0.5, 0.5  # layer 2: an even top-2 split
+
+    t = one_hot_trace(winner=2, conf=0.8, edit=edit)
     fig = plots.top1_heatmap(t)
     z = np.asarray(fig.data[0].z)
     assert z.shape == (3, 6)
@@ -99,6 +109,7 @@ def test_token_text_is_escaped_everywhere(builder):
         labels = list(fig.layout.xaxis.ticktext)
         assert labels[0] == "&lt;script&gt;alert(1)&lt;/script&gt;"
         assert labels[2] == "a&amp;b" and labels[3] == "↵" and labels[4] == "␣"
+        assert labels[1] == '&lt;img src=x onerror="window.__xss=1"&gt;'  # quotes as typed: no tag can start
 
 
 def test_expert_names_are_escaped_too():
@@ -115,7 +126,7 @@ def test_expert_heatmap_is_that_experts_weight():
 
 def test_entropy_zero_for_one_hot_and_log_k_for_even_split():
     t = one_hot_trace(conf=1.0)
-    np.testing.assert_allclose(plots.routing_entropy(t), 0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(plots.entropy_heatmap(t).data[0].z), 0, atol=1e-6)
     t = one_hot_trace(conf=0.5)
     np.testing.assert_allclose(np.asarray(plots.entropy_heatmap(t).data[0].z), np.log(2), atol=1e-6)
 
@@ -126,7 +137,7 @@ def test_usage_bar_is_mean_prompt_weight_sorted():
     expected = t.weights[:, :, :4].mean(axis=(0, 1, 2))
     np.testing.assert_allclose(sorted(expected, reverse=True), np.asarray(fig.data[0].y), atol=1e-6)
     assert list(fig.data[0].x)[0] == t.experts[int(expected.argmax())]
-    assert plots.most_used_expert(t) == t.experts[int(expected.argmax())]
+    assert t.most_used_expert() == t.experts[int(expected.argmax())]
     np.testing.assert_allclose(np.asarray(fig.data[0].y).sum(), 1, atol=1e-5)
 
 
@@ -207,3 +218,24 @@ def test_token_strip_labels_each_token_with_its_top_expert_or_cluster():
     assert set(colours) == set(t.experts)
     strip, colours = plots.token_strip(t, groups={"alpha": "x", "beta": "x", "gamma": "y", "delta": "y"})
     assert {lab for _, lab in strip} == {"y"} and set(colours) == {"x", "y"}
+
+
+def test_top1_heatmap_by_contribution_colours_the_expert_that_added_most():
+    """The second-weighted expert of every cell added the most: the contribution grid shows it, not the winner."""
+    from explorer.routing.topk import TopKRoutes
+
+    t = make_trace()
+    r = t.routes
+    c = np.zeros(r.weights.shape, dtype=np.float32)  # (L, M, T, k)
+    c[..., 1] = 5.0
+    c[..., 0] = np.linspace(0.5, 1.0, c[..., 0].size).reshape(c[..., 0].shape)
+    rich = replace(t, routes=TopKRoutes(r.n_experts, r.experts, r.weights, contribution=c))
+    fig = plots.top1_heatmap(rich, "q_proj", by="contribution", legend=False)
+    z = np.asarray(fig.data[0].z)
+    np.testing.assert_array_equal(np.floor(z), r.experts[:, 0, :, 1])  # (L, T): slot 1's expert everywhere
+    assert np.allclose(z - np.floor(z), 0.999)  # every winner gave the grid's largest contribution
+    assert "by contribution" in fig.layout.title.text and len(fig.data) == 1  # legend left to the page
+    by_weight = np.floor(np.asarray(plots.top1_heatmap(rich, "q_proj").data[0].z))
+    np.testing.assert_array_equal(by_weight, r.experts[:, 0, :, 0])
+    plain = plots.top1_heatmap(t, "q_proj", by="contribution")  # no contribution data: by weight
+    assert "by weight" in plain.layout.title.text

@@ -3,10 +3,11 @@ import pytest
 import torch
 from arrow_helpers import IDS, TWINS, experts, fresh, reference_logits, save_peft_dir
 
+from explorer.routing.config import RouterConfig
 from explorer.routing.layer import RoutedLinear
-from explorer.routing.inject import random_expert
-from explorer.routing.model import RoutedModel, RouterConfig
+from explorer.routing.model import RoutedModel
 from library_store.store.library import ExpertLibrary, LibraryMismatch
+from library_store.testing import random_expert
 
 
 @torch.no_grad()
@@ -121,6 +122,19 @@ def test_bad_router_config(kwargs, message):
         RouterConfig(**kwargs)
 
 
+def test_router_config_round_trip():
+    router = RouterConfig(mode="expert:e1", top_k=2, temperature=0.5, disabled=["e0"])
+    assert router.disabled == ("e0",) and router.kind == "expert"
+    data = router.to_dict()  # centring fields are the centring tests' (test_centring.py)
+    assert {k: data[k] for k in ("mode", "top_k", "temperature", "disabled")} == {
+        "mode": "expert:e1", "top_k": 2, "temperature": 0.5, "disabled": ["e0"]}
+    assert RouterConfig.from_dict(router.to_dict()) == router
+    with pytest.raises(ValueError, match=r"Unknown RouterConfig fields \['topk'\]"):
+        RouterConfig.from_dict({"topk": 2})
+    with pytest.raises(ValueError, match="disabled must be a list of expert names, got the string 'e0'"):
+        RouterConfig(disabled="e0")
+
+
 @pytest.mark.parametrize("router,message", [
     (RouterConfig(top_k=4), r"top_k must be between 1 and 3 \(the number of enabled experts\), got 4"),
     (RouterConfig(top_k=3, disabled=("e0",)), r"top_k must be between 1 and 2 .*got 3"),
@@ -228,7 +242,7 @@ def test_shared_qkv_matmul_changes_no_result(twin):
 def test_experts_on_mlp_layers_too():
     base = fresh("tiny-random-llama")
     targets = ["q_proj", "v_proj", "gate_proj", "down_proj"]
-    exps = [random_expert(base.model, targets, f"m{i}", rank=2, seed=i, scale=0.5) for i in range(3)]
+    exps = [random_expert(base, f"m{i}", rank=2, seed=i, targets=targets) for i in range(3)]
     want = reference_logits(fresh("tiny-random-llama"), exps, top_k=2)
     rm = RoutedModel(base, exps, RouterConfig(top_k=2))
     torch.testing.assert_close(rm.logits(IDS), want, atol=1e-4, rtol=0)
@@ -248,19 +262,71 @@ def test_bf16_base_model_routes_close_to_fp32():
     assert rm.trace("hi", max_new_tokens=2).weights.dtype.name == "float32"
 
 
-def test_base_weights_changed_after_attach_are_followed():
-    # Base weights live inside the fused matmul; in-place edits and replaced tensors must both be seen.
+def test_routed_layers_call_the_model_s_own_layers():
+    # Attach wraps each target nn.Linear and calls it as is: its weights are never copied into a routing
+    # buffer, so in-place edits and replaced parameters after attach are both followed, and detach gives the
+    # very same layer objects back.
     base, ref = fresh("tiny-random-llama"), fresh("tiny-random-llama")
+    sites = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    before = {s: base.model.get_submodule(s) for s in sites}
+    pointers = {s: m.weight.data_ptr() for s, m in before.items()}
     exps = experts(base, 3)
     rm = RoutedModel(base, exps, RouterConfig(top_k=2))
-    q = base.model.get_submodule("model.layers.0.self_attn.q_proj").base
-    v = base.model.get_submodule("model.layers.1.self_attn.v_proj").base
+    for s in sites:
+        wrapped = base.model.get_submodule(s)
+        assert isinstance(wrapped, RoutedLinear) and wrapped.base is before[s]
+        assert wrapped.base.weight.data_ptr() == pointers[s]
+    q, v = (before[s] for s in sites)
     with torch.no_grad():
-        q.weight.mul_(2.0)  # in place: the view writes into the fused matrix
-        v.weight = torch.nn.Parameter(v.weight.detach() * 0.5)  # replaced: noticed by its data pointer
-        ref.model.get_submodule("model.layers.0.self_attn.q_proj").weight.mul_(2.0)
-        ref.model.get_submodule("model.layers.1.self_attn.v_proj").weight.mul_(0.5)
+        q.weight.mul_(2.0)
+        v.weight = torch.nn.Parameter(v.weight.detach() * 0.5)
+        ref.model.get_submodule(sites[0]).weight.mul_(2.0)
+        ref.model.get_submodule(sites[1]).weight.mul_(0.5)
     want = RoutedModel(ref, exps, RouterConfig(top_k=2)).logits(IDS)
     torch.testing.assert_close(rm.logits(IDS), want, atol=1e-5, rtol=0)
     rm.detach()
-    assert q.weight.untyped_storage().nbytes() == q.weight.numel() * 4  # own storage again, not a view
+    assert all(base.model.get_submodule(s) is before[s] for s in sites)
+
+
+# ---------------------------------------------------------------- moving the model after attach
+
+
+def routed_tensors(model) -> dict[str, torch.Tensor]:
+    """Every buffer and parameter a routed layer reads (its base layer's, its own, its group's)."""
+    return {f"{n}.{k}": t for n, m in model.named_modules() if isinstance(m, RoutedLinear)
+            for k, t in [*m.named_buffers(), *m.named_parameters()]}
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_model_to_after_attach_casts_every_routed_tensor(twin):
+    base, ref = fresh(twin), fresh(twin)
+    exps = experts(base, 4)
+    rm = RoutedModel(base, exps, RouterConfig(top_k=2))
+    base.model.to(torch.float64)
+    tensors = routed_tensors(base.model)
+    assert any(k.endswith("group.proj") for k in tensors) and any(k.endswith(".up") for k in tensors)
+    wrong = [k for k, t in tensors.items() if t.is_floating_point() and t.dtype != torch.float64]
+    assert not wrong, wrong
+    for m in base.model.modules():
+        if isinstance(m, RoutedLinear):  # the decoding path's views follow the moved matrix
+            assert m.group.protos.dtype == m.group.a_rows.dtype == torch.float64
+    ref.model.to(torch.float64)
+    at64 = RoutedModel(ref, exps, RouterConfig(top_k=2))  # routing built at float64 from the start
+    got = rm.logits(IDS)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, at64.logits(IDS), atol=1e-12, rtol=0)
+    a, b = rm.trace("Count: one two", max_new_tokens=3), at64.trace("Count: one two", max_new_tokens=3)
+    assert a.token_ids == b.token_ids
+    assert abs(a.weights - b.weights).max() < 1e-6  # one-token (sparse) steps too
+
+
+def test_model_to_another_dtype_or_meta_moves_proj():
+    base = fresh("tiny-random-llama")
+    rm = RoutedModel(base, experts(base, 3), RouterConfig(top_k=2))
+    groups = {id(m.group): m.group for m in base.model.modules() if isinstance(m, RoutedLinear)}.values()
+    base.model.to(torch.bfloat16)
+    assert all(g.proj.dtype == torch.bfloat16 and g.offsets.dtype == torch.int64 for g in groups)
+    assert rm.logits(IDS).dtype == torch.bfloat16
+    base.model.to("meta")
+    assert all(g.proj.is_meta and g.offsets.is_meta and g.protos.is_meta for g in groups)
+    assert all(t.is_meta for t in routed_tensors(base.model).values())

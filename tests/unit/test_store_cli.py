@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from store_helpers.experts import LLAMA_FP, LLAMA_SHAPES, random_expert
+from store_helpers.experts import LLAMA, LLAMA_FP, LLAMA_SHAPES, random_expert
 
 from library_store.cli import main
 from library_store.store.library import ExpertLibrary
@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def lib(tmp_path):
     lib = ExpertLibrary.create(tmp_path / "lib", LLAMA_FP, module_shapes=LLAMA_SHAPES)
-    expert = random_expert("alpha", tasks=["reverse_word", "add_two"], cluster="c0")
+    expert = random_expert(LLAMA, "alpha", tasks=["reverse_word", "add_two"], cluster="c0")
     expert.info.train.steps, expert.info.train.lr = 50, 1e-3
     lib.add(expert)
-    lib.add(random_expert("beta", seed=1, tasks=["navigate"], cluster="c1", kind="warmup"))
+    lib.add(random_expert(LLAMA, "beta", seed=1, tasks=["navigate"], cluster="c1", kind="warmup"))
     lib.set_clusters({"c0": ["reverse_word", "add_two"], "c1": ["navigate"]})
     lib.put_derived("prototypes", {"v": 1}, {"x": torch.ones(2)})
     return lib
@@ -52,6 +52,20 @@ def test_info_json_has_the_documented_fields(lib, capsys):
     assert [(d["kind"], len(d["key"])) for d in info["derived"]] == [("prototypes", 16)]
 
 
+@pytest.mark.parametrize("verb", ["info", "list", "verify"])
+def test_read_verbs_open_the_library_read_only(lib, capsys, monkeypatch, verb):
+    opened = []
+    real = ExpertLibrary.open.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        opened.append(real(cls, path, *args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(ExpertLibrary, "open", classmethod(spy))
+    code, _, _ = run(capsys, verb, lib.root)
+    assert code == 0 and opened and all(o.readonly for o in opened)
+
+
 def test_info_and_list_show_an_unavailable_expert(lib, capsys):
     (lib.root / "experts" / "beta" / "adapter_model.safetensors").unlink()
     code, out, _ = run(capsys, "list", lib.root)
@@ -66,7 +80,7 @@ def test_info_and_list_show_an_unavailable_expert(lib, capsys):
 def test_verify_exits_non_zero_naming_each_broken_expert(lib, capsys):
     code, out, _ = run(capsys, "verify", lib.root)
     assert code == 0 and "ok: 2 experts" in out
-    lib.add(random_expert("gamma", seed=2))
+    lib.add(random_expert(LLAMA, "gamma", seed=2))
     for name in ("alpha", "gamma"):
         path = lib.root / "experts" / name / "adapter_model.safetensors"
         path.write_bytes(path.read_bytes()[:100])
@@ -106,6 +120,7 @@ def test_errors_are_one_line_with_exit_2(lib, tmp_path, capsys, argv, message):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_without_traceback(lib, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     ok = subprocess.run([sys.executable, "-m", "library_store", "info", str(lib.root), "--json"],

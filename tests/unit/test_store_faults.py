@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from store_helpers.experts import LLAMA_FP, LLAMA_SHAPES, random_expert
+from store_helpers.experts import LLAMA, LLAMA_FP, LLAMA_SHAPES, random_expert
 
 from library_store.store import io as store_io
 from library_store.store.library import ExpertLibrary
@@ -23,7 +23,7 @@ BIG_RANK = 128  # ~0.5 MB of weights: large enough that the write takes real fil
 
 def new_library(root: Path) -> ExpertLibrary:
     lib = ExpertLibrary.create(root, LLAMA_FP, module_shapes=LLAMA_SHAPES)
-    lib.add(random_expert("keep", seed=0))
+    lib.add(random_expert(LLAMA, "keep", seed=0))
     return lib
 
 
@@ -60,16 +60,16 @@ REPLACE_POINTS = ["after_temp_write", "after_journal", "after_old_aside", "after
 def test_kill_9_mid_add_leaves_the_previous_library(tmp_path, replace, point):
     lib = new_library(tmp_path / "lib")
     if replace:
-        lib.add(random_expert("big", seed=1, rank=BIG_RANK))
+        lib.add(random_expert(LLAMA, "big", seed=1, rank=BIG_RANK))
     before = lib.checksums()
-    new = random_expert("big", seed=2, rank=BIG_RANK)
-    killed_at(point, lambda: ExpertLibrary.open(lib.root).add(new, replace=replace))
+    new = random_expert(LLAMA, "big", seed=2, rank=BIG_RANK)
+    killed_at(point, lambda: ExpertLibrary.open(lib.root, readonly=False).add(new, replace=replace))
 
     committed = point == "after_commit"
     # Nothing half-written is visible, even to a reader that does not recover anything.
     peek = ExpertLibrary.open(lib.root, readonly=True)
     assert peek.names() == sorted({*before, *(["big"] if committed else [])})
-    again = ExpertLibrary.open(lib.root)  # a writable open undoes the dead writer's renames
+    again = ExpertLibrary.open(lib.root, readonly=False)  # a writable open undoes the dead writer's renames
     assert_consistent(again)
     if committed:
         assert all(torch.equal(again["big"].weights[k], v) for k, v in new.weights.items())
@@ -77,16 +77,16 @@ def test_kill_9_mid_add_leaves_the_previous_library(tmp_path, replace, point):
         assert again.checksums() == before
         if replace:
             assert all(torch.equal(again["big"].weights[k], v)
-                       for k, v in random_expert("big", seed=1, rank=BIG_RANK).weights.items())
-    again.add(random_expert("next", seed=5))  # the next write cleans every leftover
+                       for k, v in random_expert(LLAMA, "big", seed=1, rank=BIG_RANK).weights.items())
+    again.add(random_expert(LLAMA, "next", seed=5))  # the next write cleans every leftover
     assert leftovers(again.root) == [] and again.verify() == []
 
 
 @pytest.mark.parametrize("point", ["after_journal", "after_old_aside", "before_commit"])
 def test_kill_9_mid_remove_keeps_the_expert(tmp_path, point):
     lib = new_library(tmp_path / "lib")
-    killed_at(point, lambda: ExpertLibrary.open(lib.root).remove("keep"))
-    again = ExpertLibrary.open(lib.root)
+    killed_at(point, lambda: ExpertLibrary.open(lib.root, readonly=False).remove("keep"))
+    again = ExpertLibrary.open(lib.root, readonly=False)
     assert again.names() == ["keep"] and again["keep"].weights
     assert_consistent(again)
 
@@ -96,8 +96,8 @@ def test_kill_9_mid_derived_write_keeps_the_old_entry(tmp_path, point):
     lib = new_library(tmp_path / "lib")
     lib.put_derived("proto", {"v": 1}, {"x": torch.zeros(4)}, {"n": 1})
     new = {"x": torch.ones(8)}
-    killed_at(point, lambda: ExpertLibrary.open(lib.root).put_derived("proto", {"v": 1}, new, {"n": 2}))
-    again = ExpertLibrary.open(lib.root)
+    killed_at(point, lambda: ExpertLibrary.open(lib.root, readonly=False).put_derived("proto", {"v": 1}, new, {"n": 2}))
+    again = ExpertLibrary.open(lib.root, readonly=False)
     tensors, meta = again.get_derived("proto", {"v": 1})
     assert meta == {"n": 1} and torch.equal(tensors["x"], torch.zeros(4)) and again.verify() == []
 
@@ -108,9 +108,10 @@ def _helper(lib: Path, name: str, seed: int, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_kill_9_from_outside_a_fresh_interpreter(tmp_path):
     lib = new_library(tmp_path / "lib")
-    lib.add(random_expert("big", seed=1, rank=BIG_RANK))
+    lib.add(random_expert(LLAMA, "big", seed=1, rank=BIG_RANK))
     before = lib.checksums()
     marker = tmp_path / "reached"
     proc = _helper(lib.root, "big", 7, "--replace", "--pause-at", "after_rename", "--marker", str(marker))
@@ -121,7 +122,7 @@ def test_kill_9_from_outside_a_fresh_interpreter(tmp_path):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # the new expert is in place, the index not yet committed
     assert proc.wait() == -signal.SIGKILL
-    again = ExpertLibrary.open(lib.root)
+    again = ExpertLibrary.open(lib.root, readonly=False)
     assert again.checksums() == before
     assert_consistent(again)
 
@@ -131,11 +132,12 @@ def test_threads_sharing_one_handle_can_write_at_once(tmp_path):
 
     lib = new_library(tmp_path / "lib")  # one handle, as the page's worker threads would share it
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda i: lib.add(random_expert(f"t{i}", seed=i)), range(4)))
+        list(pool.map(lambda i: lib.add(random_expert(LLAMA, f"t{i}", seed=i)), range(4)))
     assert lib.names() == ["keep", "t0", "t1", "t2", "t3"]
     assert_consistent(lib)
 
 
+@pytest.mark.slow
 def test_four_processes_adding_at_once_all_land(tmp_path):
     lib = new_library(tmp_path / "lib")
     release_r, release_w = os.pipe()  # children block on it, then all start writing at the same moment
@@ -147,8 +149,8 @@ def test_four_processes_adding_at_once_all_land(tmp_path):
             try:
                 os.close(release_w)
                 os.read(release_r, 1)
-                lib_here = ExpertLibrary.open(lib.root)
-                lib_here.add(random_expert(f"proc{i}", seed=10 + i, rank=BIG_RANK))
+                lib_here = ExpertLibrary.open(lib.root, readonly=False)
+                lib_here.add(random_expert(LLAMA, f"proc{i}", seed=10 + i, rank=BIG_RANK))
                 lib_here.add_score(f"proc{i}", "t1", "exact_match", i / 4)
                 code = 0
             finally:
@@ -158,10 +160,10 @@ def test_four_processes_adding_at_once_all_land(tmp_path):
     os.close(release_w)  # EOF for every child: go
     codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
     assert codes == [0] * 4
-    again = ExpertLibrary.open(lib.root)
+    again = ExpertLibrary.open(lib.root, readonly=False)
     assert again.names() == ["keep", "proc0", "proc1", "proc2", "proc3"]
     for i in range(4):
-        expected = random_expert(f"proc{i}", seed=10 + i, rank=BIG_RANK)
+        expected = random_expert(LLAMA, f"proc{i}", seed=10 + i, rank=BIG_RANK)
         assert all(torch.equal(again[f"proc{i}"].weights[k], v) for k, v in expected.weights.items())
     assert sorted(s["expert"] for s in again.scores()) == ["proc0", "proc1", "proc2", "proc3"]
     assert_consistent(again)

@@ -1,15 +1,24 @@
-"""Task sources: the built-in suite, JSONL folders, BIG-bench from an sdist, and the spec resolver."""
+"""Task sources: the built-in suite and its wordings, JSONL folders, BIG-bench from an sdist, the spec resolver,
+suite hashes and the docs table."""
+import hashlib
 import io
 import json
+import re
 import tarfile
+from pathlib import Path
 
 import pytest
 
 from library_store.models import load_tokenizer
-from library_store.tasks import TaskError, builtin_tasks, heldout_variant_tasks, resolve_tasks
+from library_store.tasks import (SPLITS, Example, Task, TaskError, Wordings, builtin_tasks, check_task, check_wordings,
+                                 heldout_variant_tasks, resolve_tasks, suite_changes, suite_hash, suite_manifest)
 from library_store.tasks.bigbench import extract_task_files, load_bigbench_tasks
 from library_store.tasks.builtin import number_words
+from library_store.tasks.core import fill, raw_input, wording_shape
 from library_store.tasks.jsonl import load_jsonl_folder
+from library_store.tasks.table import main as table_main
+from library_store.tasks.table import render_table, table_block
+from library_store.tasks.wordings import WORDINGS
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +31,6 @@ def variants():
     return heldout_variant_tasks()
 
 
-def _instruction(example):
-    return example.input.split(":")[0].split("?")[0]
-
-
 def test_builtin_suite_has_16_tasks_in_4_families(suite):
     assert len(suite) >= 16
     families = {}
@@ -36,45 +41,200 @@ def test_builtin_suite_has_16_tasks_in_4_families(suite):
     assert len({t.name for t in suite}) == len(suite)
 
 
-def test_builtin_tasks_are_big_enough_disjoint_and_distinct(suite, variants):
+def test_builtin_tasks_are_big_enough_disjoint_and_paired(suite, variants):
     for t in suite + variants:
         assert len(t.train) >= 200 and len(t.heldout) >= 100, t.name
-        assert not {e.input for e in t.train} & {e.input for e in t.heldout}, t.name
+        assert not {raw_input(e) for e in t.train} & {raw_input(e) for e in t.heldout}, t.name
         assert all(e.target for e in t.train + t.heldout)
-        assert len({_instruction(x) for x in t.train}) == 1  # one instruction per task
-    instructions = [_instruction(t.train[0]) for t in suite + variants]
-    assert len(set(instructions)) == len(instructions)  # the model can tell the tasks apart
+        # the paraphrase split asks the held-out inputs again, pair for pair, in other words
+        assert [(raw_input(e), e.target) for e in t.paraphrase] == [(raw_input(e), e.target) for e in t.heldout]
+        assert all(p.input != h.input for p, h in zip(t.paraphrase, t.heldout)), t.name
 
 
 def test_builtin_inputs_are_short():
     tok = load_tokenizer()
     for t in builtin_tasks() + heldout_variant_tasks():
-        longest = max(len(tok(e.input).input_ids) for e in t.train[:50] + t.heldout[:50])
+        longest = max(len(tok(e.input).input_ids) for e in t.train[:50] + t.heldout[:50] + t.paraphrase[:50])
         assert longest <= 64, t.name
 
 
 def test_builtin_suite_is_deterministic_and_seeded(suite):
     again = builtin_tasks()
-    assert [t.train[:5] for t in again] == [t.train[:5] for t in suite]
+    for split in SPLITS:
+        assert [getattr(t, split) for t in again] == [getattr(t, split) for t in suite]
     other = builtin_tasks(seed=1)
     assert other[0].train[:5] != suite[0].train[:5]
+    assert [e.wording for e in other[0].paraphrase] != [e.wording for e in suite[0].paraphrase]
+    assert suite_hash(other) != suite_hash(suite)
 
 
 def test_builtin_targets_are_right(suite):
     by = {t.name: t for t in suite}
-    for e in by["add"].train[:20]:
-        a, b = e.input.split(":")[1].split("+")
-        assert int(e.target) == int(a) + int(b)
-    for e in by["reverse_word"].train[:20]:
-        assert e.target == e.input.split(": ")[1][::-1]
+    for e in by["add"].train[:20] + by["add"].paraphrase[:20]:
+        a, b = raw_input(e).split("+")
+        assert int(e.target) == int(a) + int(b) and e.input.count("+") == 1
+    for e in by["reverse_word"].train[:20] + by["reverse_word"].paraphrase[:20]:
+        assert e.target == raw_input(e)[::-1] and raw_input(e) in e.input
     assert number_words(347) == "three hundred forty-seven"
     assert number_words(90) == "ninety" and number_words(0) == "zero"
+
+
+# sha256 of version 1's suite (one wording per task), train and heldout inputs and targets, seed 0
+V1_DIGEST = "636b7da973954d96dd93a891a49035b84e05001d04e094db76f5e5f8c8c0d6ac"
+
+
+def _v1_digest(tasks):
+    rows = [[t.name, [[e.input, e.target] for e in t.train], [[e.input, e.target] for e in t.heldout]] for t in tasks]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def test_original_wording_set_is_version_1_and_targets_are_unchanged(suite, variants):
+    original = builtin_tasks(wordings="original") + heldout_variant_tasks(wordings="original")
+    assert _v1_digest(original) == V1_DIGEST  # the single-wording suite, example for example
+    for old, new in zip(original, suite + variants):
+        for split in ("train", "heldout"):  # same inputs, same targets: only the instruction differs
+            assert [(raw_input(e), e.target) for e in getattr(old, split)] == \
+                   [(raw_input(e), e.target) for e in getattr(new, split)]
+        assert old.paraphrase == new.paraphrase  # scored alike whichever set trained the expert
+        assert {e.wording for e in old.train} == {new.wordings.train[0]}
+
+
+def test_every_task_has_8_training_and_2_heldout_wordings_used_as_declared(suite, variants):
+    for t in suite + variants:
+        w = t.wordings
+        assert len(w.train) >= 8 and len(w.heldout) == 2 and len(set(w.all)) == len(w.all), t.name
+        train_used = {e.wording for e in t.train}
+        assert train_used == set(w.train), t.name  # every training wording is drawn
+        assert {e.wording for e in t.heldout} <= set(w.train), t.name
+        assert {e.wording for e in t.paraphrase} == set(w.heldout), t.name
+        texts = {e.input for e in t.train + t.heldout}
+        for held in w.heldout:  # never trained on: neither as a template nor as text
+            assert held not in train_used
+            assert not any(fill(held, raw_input(e)) in texts for e in t.train), (t.name, held)
+        counts = [sum(e.wording == x for e in t.train) for x in w.train]
+        assert max(counts) - min(counts) <= 1, t.name  # balanced
+
+
+def _words(wording):
+    return set(re.findall(r"[a-z0-9]+", wording.replace("{x}", "").lower()))
+
+
+def test_wordings_differ_in_structure_and_words(suite, variants):
+    for t in suite + variants:
+        shapes = [wording_shape(x) for x in t.wordings.train]
+        assert len(set(shapes)) >= 3, t.name
+        assert {"input first", "input last"} <= {s[0] for s in shapes}, t.name  # instruction after and before
+        assert {"question", "statement"} <= {s[1] for s in shapes}, t.name
+        assert {"one line", "two lines"} <= {s[2] for s in shapes}, t.name
+        for held in t.wordings.heldout:  # a real paraphrase, not a one-word edit of a training wording
+            assert min(len(_words(held) ^ _words(x)) for x in t.wordings.train) >= 3, (t.name, held)
+
+
+ANSWER_HINTS = {"date_iso_to_us": ["MM/DD/YYYY"], "date_us_to_iso": ["YYYY-MM-DD"], "list_to_csv": ["comma"],
+                "list_to_semicolons": ["semicolon"], "time_24_to_12": ["12-hour", "AM"],
+                "first_letter": ["first", "initial", "start", "begin", "opening"],
+                "last_letter": ["last", "final", "end", "closing"]}
+
+
+def test_every_wording_makes_the_answer_unambiguous(suite, variants):
+    for t in suite + variants:
+        labels = sorted({e.target for e in t.train}) if t.family == "classify" else []
+        for x in t.wordings.all:
+            assert all(label in x.lower() for label in labels), (t.name, x)  # both class labels are named
+            hints = ANSWER_HINTS.get(t.name, [])
+            assert not hints or any(h.lower() in x.lower() for h in hints), (t.name, x)
+    seen = {}  # one text, one answer: no wording of one task reads as another task's prompt
+    for t in suite + variants:
+        for e in t.train + t.heldout + t.paraphrase:
+            assert seen.setdefault(e.input, (t.name, e.target))[1] == e.target, (e.input, seen[e.input], t.name)
 
 
 def test_variants_are_new_tasks_of_the_same_families(suite, variants):
     assert len(variants) >= 6
     assert not {t.name for t in variants} & {t.name for t in suite}
     assert {t.family for t in variants} <= {t.family for t in suite}
+
+
+def test_splits_by_name(suite, tmp_path):
+    add = next(t for t in suite if t.name == "add")
+    assert add.examples("paraphrase") is add.paraphrase and add.examples("heldout") is add.heldout
+    with pytest.raises(TaskError, match="Unknown split 'test'"):
+        add.examples("test")
+    _write_jsonl(tmp_path / "greet.jsonl", [{"input": f"hi {i}", "target": f"hello {i}"} for i in range(20)])
+    greet = resolve_tasks(f"jsonl:{tmp_path}")[0]
+    assert greet.wordings is None and greet.wordings_hash is None
+    with pytest.raises(TaskError, match="'greet' .* has no paraphrase split"):
+        greet.examples("paraphrase")
+
+
+def test_wordings_hash_and_suite_hash_follow_the_wordings(monkeypatch):
+    tasks = builtin_tasks()
+    before = {t.name: t.wordings_hash for t in tasks}
+    manifest = suite_manifest(tasks)
+    assert suite_hash(builtin_tasks()) == suite_hash(tasks) and suite_changes(manifest, manifest) == []
+    train, held = WORDINGS["add"]
+    monkeypatch.setitem(WORDINGS, "add", (train[:-1] + ("Sum up {x}.",), held))  # one wording reworded
+    changed = builtin_tasks()
+    assert {t.name for t in changed if t.wordings_hash != before[t.name]} == {"add"}
+    assert suite_hash(changed) != suite_hash(tasks)
+    diff = suite_changes(manifest, suite_manifest(changed))
+    assert any(line.startswith("add: wordings changed") for line in diff)
+    assert not any(line.startswith("subtract") for line in diff)
+    monkeypatch.setitem(WORDINGS, "add", (train[:-1] + held[:1], train[-1:] + held[1:]))  # same ten, other split
+    swapped = builtin_tasks()
+    assert set(swapped[4].wordings.all) == set(tasks[4].wordings.all)
+    assert swapped[4].wordings_hash != before["add"] and suite_hash(swapped) != suite_hash(tasks)
+    assert "suite version 1 -> 2" in suite_changes({**manifest, "version": 1}, manifest)
+    assert "add: examples changed (inputs, targets or split)" in suite_changes(
+        manifest, suite_manifest(builtin_tasks(seed=3)))
+
+
+def test_unknown_wording_set_is_refused():
+    with pytest.raises(TaskError, match="Unknown wording set 'orignal'. Did you mean: original"):
+        resolve_tasks("builtin@orignal:add")
+    with pytest.raises(TaskError, match="wording set 'fancy'.*original"):
+        resolve_tasks("variants@fancy")
+    with pytest.raises(TaskError, match="wording set 'fancy'"):
+        builtin_tasks(wordings="fancy")
+    with pytest.raises(TaskError, match="apply to builtin and variants tasks only"):
+        resolve_tasks("jsonl@varied:/tmp")
+    picked = resolve_tasks("builtin@original:add+variants@varied:add_three")
+    assert len(picked[0].wordings.train) == 1 and len(picked[1].wordings.train) >= 8
+
+
+def test_too_few_wordings_are_refused_naming_task_and_count(monkeypatch):
+    ex = [Example(f"What is {i} + 1?", str(i + 1)) for i in range(12)]
+    task = Task("plus_one", "arithmetic", ex[:10], ex[10:], wordings=Wordings(("What is {x}?",), ("{x} = ?",)))
+    with pytest.raises(TaskError, match="Task 'plus_one' has 2 wordings; at least 3 are needed"):
+        check_task(task)
+    task.wordings = Wordings(("What is {x}?", "Add: {x}"), ("{x} = ?", "How much is {x}?"))
+    assert check_task(task) is task
+    for bad, message in [(Wordings(("What is it?", "b {x}"), ("{x} = ?", "d {x}")), "exactly once"),
+                         (Wordings(("a {x}", "a {x}"), ("{x} = ?", "d {x}")), "twice"),
+                         (Wordings(("a {x}", "b {x}", "c {x}"), ("d {x}",)), "holds out 1 wordings")]:
+        with pytest.raises(TaskError, match=message):
+            check_wordings("plus_one", bad)
+    monkeypatch.setitem(WORDINGS, "add", (WORDINGS["add"][0][:0], WORDINGS["add"][1]))
+    with pytest.raises(TaskError, match="Task 'add' has 2 wordings"):
+        resolve_tasks("builtin:add")
+    monkeypatch.delitem(WORDINGS, "subtract")
+    with pytest.raises(TaskError, match="'subtract' has no wordings"):
+        resolve_tasks("builtin:subtract")
+
+
+def test_docs_table_matches_the_code(tmp_path):
+    doc = Path(__file__).resolve().parents[2] / "docs" / "tasks.md"
+    table = render_table()
+    assert table_block(doc.read_text(encoding="utf-8"), str(doc)) == table, \
+        "docs/tasks.md is stale: python -m library_store.tasks.table --write docs/tasks.md"
+    for t in builtin_tasks() + heldout_variant_tasks():
+        assert f"| `{t.name}` | {t.family} |" in table and t.wordings_hash in table
+        assert all(x.replace("\n", " ⏎ ") in table for x in t.wordings.all)
+    stale = tmp_path / "tasks.md"
+    stale.write_text(doc.read_text(encoding="utf-8").replace("reverse_word", "reverse_wrd", 1), encoding="utf-8")
+    assert table_main(["--check", str(stale)]) == 1
+    assert table_main(["--write", str(stale)]) == 0 and table_main(["--check", str(stale)]) == 0
+    assert stale.read_text(encoding="utf-8") == doc.read_text(encoding="utf-8")
 
 
 def test_resolve_specs(suite):

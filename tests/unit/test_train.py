@@ -2,24 +2,20 @@
 import pytest
 import torch
 
-from library_store.models import load_base_model
 from library_store.expert import parse_site
-from library_store.tasks import resolve_tasks
-from library_store.training.train import (IGNORE, TrainConfig, attached, collate, common_prefix, encode, lora_init_state,
-                                 prefix_target_loss, target_loss, train_expert)
+from library_store.training.train import (IGNORE, TrainConfig, attached, collate, encode, lora_init_state,
+                                          prefix_target_loss, prompt_prefix, target_loss, train_expert)
 from library_store.training.train import _attach, _detach
+from library_store.training.prefix import common_prefix_length
+from library_store.tasks import resolve_tasks
 
+TASKS = "builtin:add,reverse_word"  # resolved once by conftest's `tasks`
 FAST = dict(steps=3, batch_size=2, progress=False)
 
 
-@pytest.fixture(scope="module")
-def base():
-    return load_base_model("tiny-random-llama")
-
-
-@pytest.fixture(scope="module")
-def tasks():
-    return resolve_tasks("builtin:add,reverse_word")
+@pytest.fixture
+def base(tiny_llama):
+    return tiny_llama  # the session's twin; conftest fails a test that leaves it changed
 
 
 def _logits(base):
@@ -28,8 +24,9 @@ def _logits(base):
         return base.model(input_ids=ids).logits
 
 
-def test_train_expert_returns_a_filled_record(base, tasks):
-    expert = train_expert(base, tasks[:1], "add", "private", TrainConfig(**FAST))
+@pytest.mark.slow
+def test_train_expert_returns_a_filled_record(base, tasks, trained):
+    expert = trained(base, tasks[:1], "add", TrainConfig(**FAST))
     info = expert.info
     assert info.name == "add" and info.kind == "private" and info.tasks == ["add"]
     assert info.rank == 4 and info.alpha == 16 and info.target_modules == sorted(base.targets)
@@ -43,6 +40,7 @@ def test_train_expert_returns_a_filled_record(base, tasks):
         assert b.abs().sum() > 0  # B starts at zero: training moved it
 
 
+@pytest.mark.slow
 def test_base_model_is_left_unchanged(base, tasks):
     before = _logits(base)
     flags = {n: p.requires_grad for n, p in base.model.named_parameters()}
@@ -54,9 +52,9 @@ def test_base_model_is_left_unchanged(base, tasks):
     assert not base.model.training
 
 
-def test_attached_expert_changes_logits_then_restores(base, tasks):
-    expert = train_expert(base, tasks[:1], "add", "private", TrainConfig(steps=3, batch_size=2, lr=1e-2,
-                                                                          progress=False))
+@pytest.mark.slow
+def test_attached_expert_changes_logits_then_restores(base, tasks, trained):
+    expert = trained(base, tasks[:1], "add", TrainConfig(steps=3, batch_size=2, lr=1e-2, progress=False))
     before = _logits(base)
     with attached(base, expert) as model:
         with torch.no_grad():
@@ -65,6 +63,7 @@ def test_attached_expert_changes_logits_then_restores(base, tasks):
     assert torch.equal(_logits(base), before)
 
 
+@pytest.mark.slow
 def test_loss_goes_down(base, tasks):
     expert = train_expert(base, tasks[:1], "add", "private", TrainConfig(steps=30, batch_size=4, lr=1e-2,
                                                                           dropout=0.0, progress=False))
@@ -73,14 +72,16 @@ def test_loss_goes_down(base, tasks):
     assert expert.info.train.final_loss < first.info.train.final_loss - 0.15
 
 
-def test_training_is_seeded(base, tasks):
-    a = train_expert(base, tasks[:1], "a", "private", TrainConfig(**FAST, seed=3))
+@pytest.mark.slow
+def test_training_is_seeded(base, tasks, trained):
+    a = trained(base, tasks[:1], "add", TrainConfig(**FAST, seed=3))
     b = train_expert(base, tasks[:1], "b", "private", TrainConfig(**FAST, seed=3))
     c = train_expert(base, tasks[:1], "c", "private", TrainConfig(**FAST, seed=4))
     assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
     assert not all(torch.equal(a.weights[k], c.weights[k]) for k in a.weights)
 
 
+@pytest.mark.slow
 def test_warmup_experts_share_their_init(base, tasks):
     cfg = TrainConfig(**FAST, init_seed=7)
     e1, init1 = train_expert(base, tasks[:1], "w1", "warmup", cfg, return_init=True)
@@ -115,10 +116,13 @@ def test_long_prompt_is_cut_from_the_left(base, tasks):
                                                        base.tokenizer.eos_token_id]
 
 
-def test_shared_prefix_loss_equals_full_loss(base, tasks):
+@pytest.mark.parametrize("same_prompt", [False, True])
+def test_shared_prefix_loss_equals_full_loss(base, tasks, same_prompt):
     cfg = TrainConfig(dropout=0.0)
     encoded = [[encode(base, ex, cfg) for ex in t.train[:6]] for t in tasks]
-    prefix = common_prefix(encoded)
+    if same_prompt:  # every example the same prompt: the prefix must still stop before the first target
+        encoded = [[encode(base, tasks[0].train[0], cfg)] * 3, [encode(base, tasks[0].train[0], cfg)] * 3]
+    prefix = prompt_prefix(encoded)
     assert len(prefix) > 10  # the chat template's system turn
     ids, mask, labels = collate(encoded[0][:3] + encoded[1][:3], base.tokenizer.pad_token_id)
     flags = {n: p.requires_grad for n, p in base.model.named_parameters()}
@@ -141,8 +145,16 @@ def test_shared_prefix_loss_equals_full_loss(base, tasks):
     torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-6)
 
 
-def test_phi_twin_trains_too():
-    phi = load_base_model("tiny-random-phi")
+def test_common_prefix_length_leaves_every_row_a_token_and_respects_the_limit():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical rows keep their last token
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 4, 5]], limit=1) == 1
+    assert common_prefix_length([[7], [7, 8]]) == 0 and common_prefix_length([]) == 0
+
+
+@pytest.mark.slow
+def test_phi_twin_trains_too(tiny_phi):
+    phi = tiny_phi
     task = resolve_tasks("builtin:first_letter")
     expert = train_expert(phi, task, "first", "private", TrainConfig(**FAST))
     assert expert.info.target_modules == sorted(phi.targets)

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/unit, for 
 
 from library_store.store import io as store_io  # noqa: E402
 from library_store.store.library import ExpertLibrary  # noqa: E402
-from store_helpers.experts import random_expert  # noqa: E402
+from store_helpers.experts import LLAMA, random_expert  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("lib")
@@ -34,5 +34,6 @@ def pause(point: str) -> None:
 
 
 store_io.crash_point = pause
-ExpertLibrary.open(args.lib).add(random_expert(args.name, rank=args.rank, seed=args.seed), replace=args.replace)
+lib = ExpertLibrary.open(args.lib, readonly=False)
+lib.add(random_expert(LLAMA, args.name, rank=args.rank, seed=args.seed), replace=args.replace)
 print("added", args.name)

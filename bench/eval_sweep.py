@@ -1,0 +1,143 @@
+"""The routing evaluation's scores that need many routers or generation: the top-k x temperature x centring
+sweep on *training* prompts (it chooses a library's default router) and S5.
+
+Usage::
+
+    from bench import eval_sweep as S
+    result = S.sweep(rm, base, tasks, own, n=30, n_em=10, ks=[1, 2, 4], temps=[0.1, 0.3, 1.0],
+                     options=S.centring_options(lib))           # {"rows", "winner", "evidence"}
+    rm.set_router(S.router_of(result["winner"]))
+    traces, em = S.answer_and_route(rm, base, task.examples("heldout")[:100])
+    s5 = S.s5(rm, base, tasks, own, "heldout", 100, {task.name: em})   # {"per_task", "overall", ...}
+
+Winner rule (`choose`): the highest own-text routing accuracy on training prompts; among settings within
+`TIE` (1 point) of it, the highest exact match on training prompts (when measured), then the largest median
+top-1 margin (decisive routing), then the highest accuracy over all prompt tokens. No held-out prompt is used.
+
+S5 = held-in Arrow exact match / the own expert's exact match (that expert alone, as trained: no routing, no
+centring), per task and overall (ratio of the means over tasks), on the same examples, greedy decoding.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from bench.eval_common import decode_new, exact_match, greedy_generate, greedy_generate_ids, prompt_ids, target_tokens
+
+TIE = 0.01
+RULE = ("highest own-text routing accuracy on training prompts; among settings within 1 point of the best, the "
+        "highest exact match on training prompts (when measured), then the largest median top-1 margin, then the "
+        "highest accuracy over all prompt tokens")
+
+
+def centring_options(lib) -> list[tuple[str, str]]:
+    """(centre, scope) pairs to compare: none, mean on prototypes, mean on weights, and each `general` expert of
+    the library both ways."""
+    opts = [("none", "prototypes"), ("mean", "prototypes"), ("mean", "weights")]
+    for info in lib.infos():
+        if info.kind == "general":
+            opts += [(f"general:{info.name}", "prototypes"), (f"general:{info.name}", "weights")]
+    return opts
+
+
+def router_of(row: dict):
+    from explorer.routing.config import RouterConfig
+
+    return RouterConfig(mode="arrow", top_k=row["top_k"], temperature=row["temperature"], centre=row["centre"],
+                        centre_scope=row["centre_scope"])
+
+
+def exact_matches(base, examples, max_tokens: int = 4096) -> list[int]:
+    """Per-example exact match of whatever is attached to `base.model` right now."""
+    tok = base.tokenizer
+    preds = greedy_generate(base.model, tok, prompt_ids(base, [e.input for e in examples]),
+                            target_tokens(tok, [e.target for e in examples]), max_tokens)
+    return [exact_match(p, e.target) for p, e in zip(preds, examples)]
+
+
+def answer_and_route(rm, base, examples, max_tokens: int = 4096) -> tuple[list, list[int]]:
+    """Greedy answers of the routed model, then the routing of prompt + answer tokens: (traces, exact match)."""
+    from bench.eval_routing import route_prompts
+
+    tok = base.tokenizer
+    texts = [e.input for e in examples]
+    gen = greedy_generate_ids(base.model, tok, prompt_ids(base, texts), target_tokens(tok, [e.target for e in examples]),
+                              max_tokens)
+    traces = route_prompts(rm, base, texts, max_tokens, generated=gen)
+    return traces, [exact_match(decode_new(tok, g), e.target) for g, e in zip(gen, examples)]
+
+
+def s5(rm, base, tasks, own: dict, split: str, n: int, arrow_em: dict[str, list[int]], max_tokens: int = 4096) -> dict:
+    """S5 per exact-match task with an own expert, and overall; `arrow_em` are the headline router's scores."""
+    from explorer.routing.config import RouterConfig
+
+    headline = rm.router
+    per_task = {}
+    try:
+        for task in tasks:
+            mine = own.get(task.name)
+            if not mine or task.metric != "exact_match" or task.name not in arrow_em:
+                continue
+            rm.set_router(RouterConfig(mode=f"expert:{mine[0]}"))
+            own_em = exact_matches(base, task.examples(split)[:n], max_tokens)
+            a, o = float(np.mean(arrow_em[task.name])), float(np.mean(own_em))
+            per_task[task.name] = {"arrow": a, "own": o, "ratio": a / o if o > 0 else None, "n": len(own_em),
+                                   "own_expert": mine[0]}
+    finally:
+        rm.set_router(headline)
+    a = float(np.mean([p["arrow"] for p in per_task.values()])) if per_task else None
+    o = float(np.mean([p["own"] for p in per_task.values()])) if per_task else None
+    return {"per_task": per_task, "arrow_mean": a, "own_mean": o, "overall": a / o if o else None, "split": split,
+            "router": headline.to_dict(),
+            "definition": "mean over tasks of Arrow exact match / mean over tasks of the own expert's"}
+
+
+def choose(rows: list[dict], tie: float = TIE) -> dict:
+    """The winning row (see RULE)."""
+    valid = [r for r in rows if "refused" not in r]
+    if not valid:
+        raise ValueError("Every router setting of the sweep was refused.")
+    best = max(r["user"] for r in valid)
+    close = [r for r in valid if r["user"] >= best - tie - 1e-12]
+    return max(close, key=lambda r: (r.get("em") if r.get("em") is not None else -1.0,
+                                     r.get("margin_median") or 0.0, r["prompt"]))
+
+
+def sweep(rm, base, tasks, own: dict, n: int, n_em: int, ks: list[int], temps: list[float],
+          options: list[tuple[str, str]], max_tokens: int = 4096) -> dict:
+    """Score every (centring, top-k, temperature) on the first `n` training prompts of each task (routing) and the
+    first `n_em` (exact match); {"rows", "winner", "evidence"}."""
+    from bench.eval_routing import diagnose, route_prompts
+    from explorer.routing.config import RouterConfig
+
+    E = len(rm.experts)
+    ks = sorted({min(k, E) for k in ks})
+    prompts = {t.name: [e.input for e in t.train[:n]] for t in tasks}
+    em_examples = {t.name: t.train[:n_em] for t in tasks if t.metric == "exact_match"} if n_em > 0 else {}
+    start, rows = rm.router, []
+    try:
+        for centre, scope in options:
+            for k in ks:
+                for temp in temps[:1] if k == 1 else temps:  # one expert per token: T changes nothing
+                    row = {"centre": centre, "centre_scope": scope, "top_k": k, "temperature": float(temp)}
+                    try:
+                        rm.set_router(RouterConfig(top_k=k, temperature=temp, centre=centre, centre_scope=scope))
+                    except ValueError as exc:  # this centring does not fit the library: one row says why
+                        rows.append({**row, "refused": str(exc)})
+                        break
+                    d = diagnose({t: route_prompts(rm, base, p, max_tokens) for t, p in prompts.items()}, own)
+                    row.update(user=d["accuracy"]["user"]["mean"], prompt=d["accuracy"]["prompt"]["mean"],
+                               margin_median=d["margin"].get("q50"), entropy_median=d["entropy"].get("q50"))
+                    if em_examples:
+                        row["em"] = float(np.mean([np.mean(exact_matches(base, ex, max_tokens))
+                                                   for ex in em_examples.values()]))
+                    rows.append(row)
+                if rows and "refused" in rows[-1]:
+                    break
+    finally:
+        rm.set_router(start)
+    winner = choose(rows)
+    evidence = {"rule": RULE, "split": "train", "train_prompts_per_task": n, "em_prompts_per_task": n_em,
+                "tasks": sorted(prompts), "grid": {"top_k": ks, "temperature": [float(t) for t in temps],
+                                                   "centring": [list(o) for o in options]},
+                "winner": winner, "rows": rows}
+    return {"rows": rows, "winner": winner, "evidence": evidence}

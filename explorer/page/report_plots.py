@@ -1,0 +1,143 @@
+"""The Library tab's report card and maps as pure functions: a stored `RoutingReport` in, plotly figures and
+Markdown out (no gradio, no model, nothing computed from experts: the evaluation computed it).
+
+Usage::
+
+    report = read_report(lib)                          # library_store.store.reports; None: never evaluated
+    confusion_heatmap(report)                          # task x expert mean own-text weight
+    layer_curve(report)                                # own-text routing accuracy per layer
+    report_card(report, read_default_router(lib), "demo-private", "assets/libraries/demo-private")  # Markdown
+    library_map(analysis); library_cosine(analysis)    # the map of `analysis.map_kind` ("mbc" or "delta")
+
+Every number shown comes with the command that produced it. See docs/design.md, "Routing report card".
+"""
+from __future__ import annotations
+
+import html
+from typing import TYPE_CHECKING
+
+import plotly.graph_objects as go
+
+from explorer.page.plots import LOOK, cosine_matrix, esc, note_figure, similarity_map
+
+if TYPE_CHECKING:
+    from explorer.page.library_view import LibraryAnalysis
+    from library_store.store.reports import DefaultRouter, RoutingReport
+
+EVAL_COMMAND = "python bench/eval_routing.py --library {path} --record"
+GOALS = {"private": 0.95, "cluster": 0.98}  # own-text routing accuracy the product aims for (issue 13)
+ACCURACIES = (("user", "the user's own text"), ("user+generated", "user text + generated tokens"),
+              ("generated", "generated tokens"), ("all", "all tokens (chat template included)"))
+
+
+def _code(text: str) -> str:
+    """Inline code that cannot break out of its backticks (a path may hold any character)."""
+    return "`" + html.escape(text).replace("`", "'") + "`"
+
+
+def confusion_heatmap(report: "RoutingReport | None") -> go.Figure:
+    """Task x expert mean routing weight over the user's own tokens: a routing that explains is diagonal."""
+    if report is None or not report.confusion:
+        return note_figure("Task x expert routing", "No routing report for this library yet.")
+    z = [[float(x) for x in row] for row in report.confusion]  # (tasks, experts)
+    experts, tasks = [esc(e) for e in report.experts], [esc(t) for t in report.tasks]
+    fig = go.Figure(go.Heatmap(z=z, x=experts, y=tasks, zmin=0, colorscale="Viridis", xgap=1, ygap=1,
+                               colorbar=dict(title="weight"),
+                               hovertemplate="task %{y} · expert %{x}<br>mean weight %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=dict(text=f"Mean routing weight over the user's own text ({esc(report.split)} prompts, "
+                                      f"{esc(report.level)} level)", x=0.01), **LOOK,
+                      height=max(360, 120 + 22 * len(tasks)), margin=dict(l=20, r=20, t=60, b=20),
+                      xaxis=dict(title="expert", tickangle=-45, automargin=True),
+                      yaxis=dict(title="task", autorange="reversed", automargin=True))
+    return fig
+
+
+def layer_curve(report: "RoutingReport | None") -> go.Figure:
+    """Own-text routing accuracy of each layer on its own: which layers know the task."""
+    layers = (report.per_layer or {}).get("layers") if report is not None else None
+    if not layers:
+        return note_figure("Routing accuracy per layer", "No per-layer accuracy recorded for this library.")
+    acc = [float(a) for a in report.per_layer["accuracy"]]
+    fig = go.Figure(go.Scatter(x=list(layers), y=acc, mode="lines+markers", name="per layer",
+                               hovertemplate="layer %{x}: %{y:.1%}<extra></extra>"))
+    overall = report.accuracy.get("user")
+    if overall is not None:
+        fig.add_hline(y=float(overall), line_dash="dot", annotation_text=f"all layers {float(overall):.0%}")
+    fig.update_layout(title=dict(text="Own-text routing accuracy per layer", x=0.01), **LOOK, height=340,
+                      xaxis=dict(title="layer", dtick=1), yaxis=dict(title="accuracy", range=[0, 1.02],
+                                                                     tickformat=".0%"),
+                      margin=dict(l=60, r=20, t=60, b=50))
+    return fig
+
+
+def _router_text(router: dict) -> str:
+    parts = [f"top-k {router.get('top_k')}", f"temperature {router.get('temperature')}"]
+    centre = router.get("centre") or "none"
+    parts.append("no centring" if centre == "none" else f"centre {centre} ({router.get('centre_scope')})")
+    return ", ".join(html.escape(str(p)) for p in parts)
+
+
+def report_card(report: "RoutingReport | None", default: "DefaultRouter | None", library: str,
+                path: str) -> str:
+    """Markdown: the verdict, the accuracies, the default router and its evidence, each with its command."""
+    name = html.escape(library)
+    if report is None and default is None:
+        return (f"### Does {name}'s routing explain?\nNot evaluated yet (or its experts changed since the last "
+                "evaluation). Run\n\n" + _code(EVAL_COMMAND.format(path=path)) + "\n\nto measure it; this tab "
+                "then shows the task x expert routing, the per-layer accuracy and the default router it chose.")
+    lines = [f"### Does {name}'s routing explain?"]
+    if report is not None:
+        user = report.accuracy.get("user")
+        goal = GOALS.get(report.level, GOALS["private"])
+        if user is not None:
+            verdict = "yes" if user >= goal else "partly" if user >= 0.5 else "no"
+            lines.append(f"**{verdict}**: on {html.escape(report.split)} prompts the task's own "
+                         f"{'cluster expert' if report.level == 'cluster' else 'expert'} gets the largest mean "
+                         f"weight over the user's own text for **{user:.0%}** of prompts (goal ≥ {goal:.0%}; "
+                         f"{report.n_per_task} prompts per task, {len(report.tasks)} tasks, router: "
+                         f"{_router_text(report.router)}).")
+        rows = [f"| {label} | {report.accuracy[key]:.1%} |" for key, label in ACCURACIES if key in report.accuracy]
+        if rows:
+            lines += ["", "| tokens | routing accuracy |", "|---|---|", *rows]
+        overall = (report.s5 or {}).get("overall")
+        if overall is not None:
+            lines.append(f"\nHeld-in Arrow exact match / own expert's (S5): **{float(overall):.2f}**.")
+        lines.append(f"\nProduced by {_code(report.command or '(command not recorded)')}"
+                     + (f" on {html.escape(report.date)}" if report.date else "") + ".")
+    else:
+        lines.append("No routing report for the experts this library holds now. Run " +
+                     _code(EVAL_COMMAND.format(path=path)) + ".")
+    lines.append("\n#### Default router")
+    if default is None:
+        lines.append("None recorded: the page starts with the built-in defaults (top-k 4, temperature 1, no "
+                     "centring).")
+    else:
+        lines.append(f"The page and the CLI start with: **{_router_text(default.router)}**.")
+        rule, winner = default.evidence.get("rule"), default.evidence.get("winner")
+        if rule:
+            lines.append(f"Why: {html.escape(str(rule))}")
+        if isinstance(winner, dict):
+            lines.append("Winner: " + ", ".join(f"{html.escape(str(k))} {html.escape(str(v))}"
+                                                for k, v in winner.items()))
+        sweep = default.evidence.get("sweep") or []
+        if sweep:
+            lines.append(f"({len(sweep)} settings swept on {html.escape(str(default.evidence.get('split', 'train')))} "
+                         "prompts only, never on held-out ones.)")
+        lines.append(f"Chosen by {_code(default.command or '(command not recorded)')}.")
+    return "\n".join(lines)
+
+
+def library_map(analysis: "LibraryAnalysis") -> go.Figure:
+    """The 2-D similarity map; a ΔW map (rows are experts) is titled as such."""
+    fig = similarity_map(analysis)
+    if analysis.map_kind == "delta" and analysis.coords is not None:
+        fig.update_layout(title=dict(text="Expert-similarity map of the weight updates ΔW: colour = cluster"),
+                          legend_title_text="cluster")
+    return fig
+
+
+def library_cosine(analysis: "LibraryAnalysis") -> go.Figure:
+    fig = cosine_matrix(analysis)
+    if analysis.map_kind == "delta" and analysis.similarity is not None:
+        fig.update_layout(title=dict(text="Cosine similarity of the experts' weight updates ΔW, by cluster"))
+    return fig

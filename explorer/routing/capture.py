@@ -1,0 +1,93 @@
+"""From what the routed layers recorded during one capture to a sparse trace (or to dense weights per layer).
+
+Usage::
+
+    with rm.capturing() as records:                 # see RouterState for the record format
+        rm.logits(ids)
+    routes = assemble(records, rm.layers, rm.modules, len(rm.experts), n_tokens)   # TopKRoutes
+    weights = dense_by_key(records, len(rm.experts))                           # {(layer, module): (t, E)}
+
+Contributions ‖w_e · s_e · B_e A_e h‖ are computed here, once per trace and batched over tokens, from the
+recorded weighted A-projections a = w_e A_e h and the group's Gram matrices (s_e B_e)ᵀ(s_e B_e):
+‖a up_e‖² = aᵀ (up_e up_eᵀ) a, an r × r product instead of an out-wide vector per token and expert.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from explorer.routing.topk import TopKRoutes
+
+
+def _by_group(records: list) -> tuple[dict, dict]:
+    """records -> {group: [(idx, w, s, a), ...]}, {key: [(t,) base norms, ...]}, each in call order."""
+    routes: dict = {}
+    norms: dict = {}
+    for rec in records:
+        if rec[0] == "route":  # a one-token step has no token axis: (G, k) -> (1, G, k)
+            routes.setdefault(rec[1], []).append(rec[2:] if rec[2].dim() == 3 else tuple(x[None] for x in rec[2:]))
+        else:
+            norms.setdefault(rec[1], []).append(rec[2])
+    return routes, norms
+
+
+@torch.no_grad()
+def dense_by_key(records: list, n_experts: int) -> dict[tuple[int, int], torch.Tensor]:
+    """{(layer, module index): (tokens, E) float32 weights, 0 outside the chosen experts} on the CPU."""
+    out = {}
+    for group, recs in _by_group(records)[0].items():
+        idx = torch.cat([r[0] for r in recs]).cpu()  # (t, G, k)
+        w = torch.cat([r[1] for r in recs]).float().cpu()  # (t, G, k)
+        dense = torch.zeros(*idx.shape[:2], n_experts).scatter_(-1, idx, w)  # (t, G, E)
+        for m, key in enumerate(group.keys):
+            out[key] = dense[:, m]
+    return out
+
+
+@torch.no_grad()
+def assemble(records: list, layers: list[int], modules: list[str], n_experts: int, n_tokens: int) -> TopKRoutes:
+    """Records of one capture -> TopKRoutes (L, M, T, k) with scores, runner-up, contributions, base norms."""
+    routes, norms = _by_group(records)
+    L, M, T, E = len(layers), len(modules), n_tokens, n_experts
+    k = max((recs[0][0].shape[-1] for recs in routes.values()), default=0)
+    ids = np.full((L, M, T, k), -1, dtype=np.int64)
+    weights = np.zeros((L, M, T, k), dtype=np.float32)
+    scores, contribution = np.full((L, M, T, k), np.nan, np.float32), np.full((L, M, T, k), np.nan, np.float32)
+    runner_up, base_norm = np.full((L, M, T), np.nan, np.float32), np.full((L, M, T), np.nan, np.float32)
+    li = {layer: i for i, layer in enumerate(layers)}
+
+    def check(key, n):
+        if n != T:
+            raise RuntimeError(f"trace of layer {key[0]} {modules[key[1]]}: {n} routed tokens for {T} tokens")
+
+    for group, recs in routes.items():
+        idx = torch.cat([r[0] for r in recs])  # (T, G, k)
+        check(group.keys[0], idx.shape[0])
+        a = torch.cat([r[3] for r in recs]).float().unsqueeze(-2)  # (T, G, k, 1, r)
+        g = group.gram.float()[idx + group.offsets.view(1, -1, 1)]  # (T, G, k, r, r)
+        c = ((a @ g) * a).sum((-2, -1)).clamp_min(0).sqrt()  # (T, G, k) ‖a up_e‖ = sqrt(aᵀ up_e up_eᵀ a)
+        s = torch.cat([r[2] for r in recs]).float()  # (T, G, k+1) or (T, G, k)
+        idx, w, s, c = (x.cpu().numpy() for x in (idx, torch.cat([r[1] for r in recs]).float(), s, c))
+        for m, key in enumerate(group.keys):
+            at = (li[key[0]], key[1])
+            ids[at], weights[at], scores[at], contribution[at] = idx[:, m], w[:, m], s[:, m, :k], c[:, m]
+            if s.shape[-1] > k:
+                runner_up[at] = s[:, m, k]
+    for key, parts in norms.items():
+        n = torch.cat(parts).float()  # (T,)
+        check(key, n.shape[0])
+        base_norm[li[key[0]], key[1]] = n.cpu().numpy()
+    runner_up[~np.isfinite(runner_up)] = np.nan  # -inf: every other expert was disabled
+    return TopKRoutes(E, ids, weights, scores, runner_up, contribution, base_norm)
+
+
+def next_step_kwargs(model, out) -> dict:
+    """The KV cache of a generate/forward output, as the keyword the model takes for the next step: `cache` in
+    recent transformers, `past_key_values` in earlier 5.x and 4.x."""
+    import inspect
+
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = out.past_key_values
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}

@@ -1,0 +1,82 @@
+"""`RouterConfig`: how tokens are sent to experts. Plain data, checked on construction; no torch here.
+
+Usage::
+
+    router = RouterConfig(top_k=2, temperature=0.8, disabled=("copy_word",))
+    RouterConfig.from_dict(router.to_dict()) == router
+    RouterConfig(mode="uniform"); RouterConfig(mode="expert:reverse_word"); RouterConfig(mode="base")
+    RouterConfig(centre="mean", centre_scope="weights")      # PEFT's GenKnowSub over the routed experts
+    RouterConfig(centre="general:general-knowledge")          # subtract one `general` expert of the library
+
+Whether a setting fits a given library (top_k at most the number of enabled experts, known names) is checked by
+`RoutedModel.set_router`; the maths of each mode is in docs/design.md, "Routing", and of centring in "Centring".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("arrow", "base", "uniform", "expert")
+CENTRES = ("none", "mean", "general:<expert>")
+CENTRE_SCOPES = ("prototypes", "weights")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How tokens are sent to experts.
+
+    mode: "arrow" (per-token top-k routing), "base" (no experts), "uniform" (average of all enabled experts'
+    updates, the paper's baseline) or "expert:<name>" (that expert alone).
+    centre: "none", "mean" (subtract the mean of the routed experts' factors, A_e - mean A, B_e - mean B) or
+    "general:<name>" (subtract that expert's factors; usually a library expert of kind `general`).
+    centre_scope: "prototypes" (route on centred prototypes, apply the experts as trained) or "weights"
+    (route on centred prototypes and apply the centred experts too: PEFT's GenKnowSub).
+    """
+
+    mode: str = "arrow"
+    top_k: int = 4  # mttl's example uses 4; PEFT's default is 3
+    temperature: float = 1.0  # softmax(score / T) over the top-k; the paper uses 1
+    disabled: tuple[str, ...] = ()  # experts left out of routing and of the uniform merge
+    centre: str = "none"  # see docs/design.md, "Centring"
+    centre_scope: str = "prototypes"
+
+    def __post_init__(self):
+        kind = self.mode.split(":", 1)[0] if isinstance(self.mode, str) else None
+        if kind not in MODES or (kind == "expert") != (":" in self.mode) or self.mode.endswith(":"):
+            raise ValueError(f"Unknown router mode {self.mode!r}: use arrow, base, uniform or expert:<name>.")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1 (at most the number of enabled experts), got {self.top_k!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not self.temperature > 0 or self.temperature == float("inf"):
+            raise ValueError(f"temperature must be in (0, inf), got {self.temperature!r}")
+        if isinstance(self.disabled, str):  # ("e1") is a string, not a tuple: a one-name typo, not 2 names
+            raise ValueError(f"disabled must be a list of expert names, got the string {self.disabled!r}")
+        object.__setattr__(self, "disabled", tuple(self.disabled))
+        centre = self.centre
+        if not isinstance(centre, str) or not (centre in ("none", "mean") or
+                                               (centre.startswith("general:") and centre != "general:")):
+            raise ValueError(f"Unknown centre {centre!r}: use one of {', '.join(CENTRES)}.")
+        if self.centre_scope not in CENTRE_SCOPES:
+            raise ValueError(f"Unknown centre_scope {self.centre_scope!r}: use one of {', '.join(CENTRE_SCOPES)}.")
+
+    @property
+    def kind(self) -> str:
+        """"arrow", "base", "uniform" or "expert" (the mode without an expert's name)."""
+        return self.mode.split(":", 1)[0]
+
+    @property
+    def general(self) -> str | None:
+        """The expert subtracted by `centre="general:<name>"`, else None."""
+        return self.centre.split(":", 1)[1] if self.centre.startswith("general:") else None
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "top_k": self.top_k, "temperature": float(self.temperature),
+                "disabled": list(self.disabled), "centre": self.centre, "centre_scope": self.centre_scope}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RouterConfig":
+        """The inverse of `to_dict`; unknown keys are refused (a typo must not silently become a default).
+        A dict written before centring existed has no centre fields: it reads as centre "none"."""
+        unknown = sorted(set(data) - {"mode", "top_k", "temperature", "disabled", "centre", "centre_scope"})
+        if unknown:
+            raise ValueError(f"Unknown RouterConfig fields {unknown}")
+        return cls(**{**data, "disabled": tuple(data.get("disabled", ()))})

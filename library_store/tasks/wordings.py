@@ -1,0 +1,328 @@
+"""Instruction wordings of the built-in tasks (plain data; `{x}` is where the task's input goes).
+
+Per task: (training wordings, held-out wordings). The first training wording is the task's only wording before
+the paraphrase suite (suite version 1, the `original` wording set). The held-out two never appear in training;
+they make the paraphrase split. Wordings vary the words (verbs, synonyms) and the structure: input last or
+first or inside the sentence, imperative or question, one line or two, with or without a label such as "Word:".
+Every wording names what the answer is (the label set, the target format), so the answer stays unambiguous.
+"""
+
+WORDINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # ---- string edits: a word in, the word edited out
+    "reverse_word": ((
+        "Reverse the letters of this word: {x}",
+        "What is \"{x}\" spelled backwards?",
+        "{x}\nWrite the word above backwards.",
+        "Word: {x}\nReversed:",
+        "Please reverse the word {x}.",
+        "Flip the order of the letters in the following word.\n{x}",
+        "{x} — what do you get when you read it from right to left?",
+        "Spell {x} from the last letter to the first. Reply with the reversed word only.",
+    ), (
+        "Write this word backwards: {x}",
+        "How is {x} written in reverse order?",
+    )),
+    "uppercase_word": ((
+        "Write this word in capital letters: {x}",
+        "How do you write \"{x}\" in all caps?",
+        "{x}\nRewrite the word above in uppercase.",
+        "Word: {x}\nIn capitals:",
+        "Please convert {x} to uppercase letters.",
+        "Make every letter of the following word a capital.\n{x}",
+        "{x} — what is this word in block capitals?",
+        "Type {x} with every letter in upper case. Reply with the word only.",
+    ), (
+        "Change this word to all capital letters: {x}",
+        "What does {x} look like in uppercase?",
+    )),
+    "first_letter": ((
+        "Give the first letter of this word: {x}",
+        "What is the first letter of \"{x}\"?",
+        "{x}\nWhich letter does the word above start with?",
+        "Word: {x}\nFirst letter:",
+        "Please tell me the initial letter of {x}.",
+        "Write only the first letter of the following word.\n{x}",
+        "{x} — what letter does it begin with?",
+        "Name the letter that starts the word {x}. Answer with one letter.",
+    ), (
+        "Tell me the opening letter of this word: {x}",
+        "Which letter comes first in {x}?",
+    )),
+    "drop_vowels": ((
+        "Remove the vowels from this word: {x}",
+        "What is \"{x}\" without its vowels?",
+        "{x}\nDelete every vowel (a, e, i, o, u) from the word above.",
+        "Word: {x}\nWithout vowels:",
+        "Please strip the vowels out of {x}.",
+        "Drop the letters a, e, i, o and u from the following word.\n{x}",
+        "{x} — what is left when you take out the vowels?",
+        "Write {x} with no vowels. Reply with the remaining letters only.",
+    ), (
+        "Take out all the vowels in this word: {x}",
+        "How is {x} spelled once the vowels are removed?",
+    )),
+    # ---- arithmetic: small numbers in, one number out
+    "add": ((
+        "Add these numbers: {x}",
+        "What is {x}?",
+        "{x} = ?",
+        "Numbers: {x}\nSum:",
+        "Please work out {x}.",
+        "Calculate the following sum and answer with the number only.\n{x}",
+        "{x}\nWhat is the total?",
+        "Find the total of {x}. Reply with just the number.",
+    ), (
+        "How much is {x}?",
+        "Compute this sum: {x}",
+    )),
+    "subtract": ((
+        "Subtract these numbers: {x}",
+        "What is {x}?",
+        "{x} = ?",
+        "Numbers: {x}\nDifference:",
+        "Please work out {x}.",
+        "Calculate the following difference and answer with the number only.\n{x}",
+        "{x}\nWhat is left after the subtraction?",
+        "Take the second number away from the first: {x}. Reply with just the number.",
+    ), (
+        "How much is {x}?",
+        "Compute this subtraction: {x}",
+    )),
+    "multiply_small": ((
+        "Multiply these numbers: {x}",
+        "What is {x}?",
+        "{x} = ?",
+        "Numbers: {x}\nProduct:",
+        "Please work out {x}.",
+        "Calculate the following product and answer with the number only.\n{x}",
+        "{x}\nWhat do you get when you multiply them?",
+        "Find {x}, where x means times. Reply with just the number.",
+    ), (
+        "How much is {x}?",
+        "Compute this product: {x}",
+    )),
+    "compare_numbers": ((
+        "Which number is larger: {x}",
+        "Which is greater, {x}",
+        "{x}\nReply with the larger number only.",
+        "Question: {x}\nLarger number:",
+        "Please pick the bigger number: {x}",
+        "Compare the two numbers and name the larger one.\n{x}",
+        "{x} Which of the two is higher?",
+        "Of these two numbers, {x} Answer with the bigger one.",
+    ), (
+        "Which value is higher, {x}",
+        "{x}\nSay which number is bigger.",
+    )),
+    # ---- format conversion: a value in one notation in, the same value in another out
+    "date_iso_to_us": ((
+        "Convert this date to MM/DD/YYYY: {x}",
+        "How is {x} written in MM/DD/YYYY format?",
+        "{x}\nRewrite the date above as MM/DD/YYYY.",
+        "Date: {x}\nIn MM/DD/YYYY:",
+        "Please reformat {x} as MM/DD/YYYY.",
+        "Write the following ISO date in US style (MM/DD/YYYY).\n{x}",
+        "{x} — what is that in MM/DD/YYYY form?",
+        "Change {x} to month/day/year (MM/DD/YYYY). Reply with the date only.",
+    ), (
+        "Express this date as MM/DD/YYYY: {x}",
+        "What is the US date MM/DD/YYYY for {x}?",
+    )),
+    "number_to_words": ((
+        "Write this number in words: {x}",
+        "How do you write {x} in words?",
+        "{x}\nSpell the number above out in English words.",
+        "Number: {x}\nIn words:",
+        "Please spell out {x} in words.",
+        "Write the following number as English words, not digits.\n{x}",
+        "{x} — how is that number said in words?",
+        "Turn {x} into words. Reply with the words only.",
+    ), (
+        "Express this number in English words: {x}",
+        "What is {x} written out in words?",
+    )),
+    "list_to_csv": ((
+        "Join these words with commas: {x}",
+        "How do you write \"{x}\" as a comma-separated list?",
+        "{x}\nSeparate the words above with commas, no spaces.",
+        "Words: {x}\nComma-separated:",
+        "Please put commas between the words {x}.",
+        "Turn the following words into one comma-separated line without spaces.\n{x}",
+        "{x} — what does this look like joined by commas?",
+        "List {x} separated by commas only. Reply with the list alone.",
+    ), (
+        "Combine these words into a comma-separated list: {x}",
+        "What is {x} with a comma between each word?",
+    )),
+    "time_24_to_12": ((
+        "Convert this time to 12-hour format: {x}",
+        "What is {x} in 12-hour time?",
+        "{x}\nWrite the time above in 12-hour format with AM or PM.",
+        "Time: {x}\n12-hour clock:",
+        "Please change {x} from 24-hour to 12-hour time.",
+        "Express the following 24-hour time on a 12-hour clock (AM/PM).\n{x}",
+        "{x} — how is that written with AM or PM?",
+        "Rewrite {x} as a 12-hour time. Reply with the time only.",
+    ), (
+        "Turn this 24-hour time into 12-hour AM/PM format: {x}",
+        "How would you write {x} on a 12-hour clock?",
+    )),
+    # ---- classification: a short sentence in, a one-word label out
+    "animal_or_plant": ((
+        "Is this an animal or a plant? {x}",
+        "{x}\nAnimal or plant?",
+        "Classify this as animal or plant: {x}",
+        "{x}\nIs the thing above an animal or a plant?",
+        "Text: {x}\nLabel (animal or plant):",
+        "Please say whether this is an animal or a plant.\n{x}",
+        "Answer with one word, animal or plant. {x}",
+        "Does \"{x}\" describe an animal or a plant?",
+    ), (
+        "Which category fits, plant or animal? {x}",
+        "{x} — would you call that an animal or a plant?",
+    )),
+    "sentiment_words": ((
+        "Is this review positive or negative? {x}",
+        "{x}\nPositive or negative?",
+        "Classify the sentiment of this review as positive or negative: {x}",
+        "{x}\nDoes the review above sound positive or negative?",
+        "Review: {x}\nSentiment (positive or negative):",
+        "Please say whether this review is positive or negative.\n{x}",
+        "Answer with one word, positive or negative. {x}",
+        "Is the tone of \"{x}\" positive or negative?",
+    ), (
+        "Label this review as negative or positive: {x}",
+        "{x} — is that a positive or a negative opinion?",
+    )),
+    "color_or_shape": ((
+        "Is this a color or a shape? {x}",
+        "{x}\nColor or shape?",
+        "Classify the picked item as a color or a shape: {x}",
+        "{x}\nIs the item above a color or a shape?",
+        "Sentence: {x}\nCategory (color or shape):",
+        "Please say whether this is a color or a shape.\n{x}",
+        "Answer with one word, color or shape. {x}",
+        "Does \"{x}\" name a color or a shape?",
+    ), (
+        "Which category fits, shape or color? {x}",
+        "{x} — would you call that a color or a shape?",
+    )),
+    "fruit_or_vegetable": ((
+        "Is this a fruit or a vegetable? {x}",
+        "{x}\nFruit or vegetable?",
+        "Classify the bought item as a fruit or a vegetable: {x}",
+        "{x}\nIs the food above a fruit or a vegetable?",
+        "Sentence: {x}\nCategory (fruit or vegetable):",
+        "Please say whether this is a fruit or a vegetable.\n{x}",
+        "Answer with one word, fruit or vegetable. {x}",
+        "Does \"{x}\" mention a fruit or a vegetable?",
+    ), (
+        "Which category fits, vegetable or fruit? {x}",
+        "{x} — would you call that a fruit or a vegetable?",
+    )),
+    # ---- held-out variants (never in the demo libraries), worded like their families
+    "last_letter": ((
+        "Give the last letter of this word: {x}",
+        "What is the last letter of \"{x}\"?",
+        "{x}\nWhich letter does the word above end with?",
+        "Word: {x}\nLast letter:",
+        "Please tell me the final letter of {x}.",
+        "Write only the last letter of the following word.\n{x}",
+        "{x} — what letter does it end with?",
+        "Name the letter that ends the word {x}. Answer with one letter.",
+    ), (
+        "Tell me the closing letter of this word: {x}",
+        "Which letter comes last in {x}?",
+    )),
+    "capitalize_word": ((
+        "Capitalize the first letter of this word: {x}",
+        "How is \"{x}\" written with a capital first letter?",
+        "{x}\nWrite the word above with only its first letter capitalized.",
+        "Word: {x}\nWith a capital first letter:",
+        "Please capitalize {x}, first letter only.",
+        "Make the first letter of the following word a capital and keep the rest lowercase.\n{x}",
+        "{x} — how does it look starting with a capital letter?",
+        "Write {x} like a name, with an initial capital. Reply with the word only.",
+    ), (
+        "Give this word with its first letter in upper case: {x}",
+        "What is {x} with an uppercase first letter?",
+    )),
+    "add_three": ((
+        "Add these three numbers: {x}",
+        "What is {x}?",
+        "{x} = ?",
+        "Numbers: {x}\nSum of all three:",
+        "Please work out {x}.",
+        "Calculate the following three-number sum and answer with the number only.\n{x}",
+        "{x}\nWhat is the total of all three?",
+        "Find the total of {x}. Reply with just the number.",
+    ), (
+        "How much is {x}?",
+        "Compute this sum of three numbers: {x}",
+    )),
+    "max_of_three": ((
+        "Which number is the largest: {x}",
+        "Which is greatest, {x}",
+        "{x}\nReply with the largest number only.",
+        "Question: {x}\nLargest number:",
+        "Please pick the biggest number: {x}",
+        "Compare the three numbers and name the largest one.\n{x}",
+        "{x} Which of the three is highest?",
+        "Of these three numbers, {x} Answer with the biggest one.",
+    ), (
+        "Which value is highest, {x}",
+        "{x}\nSay which number is biggest.",
+    )),
+    "date_us_to_iso": ((
+        "Convert this date to YYYY-MM-DD: {x}",
+        "How is {x} written in YYYY-MM-DD format?",
+        "{x}\nRewrite the date above as YYYY-MM-DD.",
+        "Date: {x}\nIn YYYY-MM-DD:",
+        "Please reformat {x} as YYYY-MM-DD.",
+        "Write the following US date in ISO style (YYYY-MM-DD).\n{x}",
+        "{x} — what is that in YYYY-MM-DD form?",
+        "Change {x} to year-month-day (YYYY-MM-DD). Reply with the date only.",
+    ), (
+        "Express this date as YYYY-MM-DD: {x}",
+        "What is the ISO date YYYY-MM-DD for {x}?",
+    )),
+    "list_to_semicolons": ((
+        "Join these words with semicolons: {x}",
+        "How do you write \"{x}\" as a semicolon-separated list?",
+        "{x}\nSeparate the words above with semicolons, no spaces.",
+        "Words: {x}\nSemicolon-separated:",
+        "Please put semicolons between the words {x}.",
+        "Turn the following words into one semicolon-separated line without spaces.\n{x}",
+        "{x} — what does this look like joined by semicolons?",
+        "List {x} separated by semicolons only. Reply with the list alone.",
+    ), (
+        "Combine these words into a semicolon-separated list: {x}",
+        "What is {x} with a semicolon between each word?",
+    )),
+    "day_or_month": ((
+        "Is this a day or a month? {x}",
+        "{x}\nDay or month?",
+        "Classify the word after the colon as a day or a month: {x}",
+        "{x}\nIs the word above a day of the week or a month?",
+        "Sentence: {x}\nCategory (day or month):",
+        "Please say whether this is a day or a month.\n{x}",
+        "Answer with one word, day or month. {x}",
+        "Does \"{x}\" name a day or a month?",
+    ), (
+        "Which category fits, month or day? {x}",
+        "{x} — would you call that a day or a month?",
+    )),
+    "tool_or_food": ((
+        "Is this a tool or a food? {x}",
+        "{x}\nTool or food?",
+        "Classify the used item as a tool or a food: {x}",
+        "{x}\nIs the item above a tool or a food?",
+        "Sentence: {x}\nCategory (tool or food):",
+        "Please say whether this is a tool or a food.\n{x}",
+        "Answer with one word, tool or food. {x}",
+        "Does \"{x}\" mention a tool or a food?",
+    ), (
+        "Which category fits, food or tool? {x}",
+        "{x} — would you call that a tool or a food?",
+    )),
+}

@@ -1,0 +1,260 @@
+"""The Library tab without a server (issues 13 and 16): the report card read from the store, defaults by
+evidence, the ΔW map, and adding / removing experts from the page, on a tiny twin and tiny libraries. Every
+hostile upload is a message and leaves the library unchanged; committed libraries are copied, never written."""
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from upload_fixtures import aligned_adapter, hostile_uploads, tree_digest, zip_folder
+
+from explorer.page import library_actions as act
+from explorer.page.registry import Registry
+from explorer.page.request import RawRequest, normalise
+from explorer.page.session import Session
+from library_store.store.library import ExpertLibrary
+from library_store.store.reports import RoutingReport, write_default_router, write_report
+from library_store.testing import TASKS, TINY, make_tiny_library, make_tiny_mbc_library
+
+PROMPT = "Shout: hello there, friend"
+EXPERTS = sorted(TASKS[:5])
+
+
+@pytest.fixture(autouse=True)
+def user_data(tmp_path, monkeypatch):
+    """User copies go to a tmp folder, never to the real ~/.local/share."""
+    monkeypatch.setenv("LORA_EXPLORER_DATA", str(tmp_path / "user-data"))
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, _twins):
+    return aligned_adapter(_twins(TINY), PROMPT, tmp_path_factory.mktemp("adapters") / "good")
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory, _twins):
+    return make_tiny_library(tmp_path_factory.mktemp("pristine") / "lib", n_experts=5, with_map=False,
+                             base=_twins(TINY))
+
+
+@pytest.fixture
+def session(pristine, tmp_path, fresh_tiny, monkeypatch):
+    """A page over a private writable copy of the tiny library (a fresh model each: attaching wraps it)."""
+    path = shutil.copytree(pristine, tmp_path / "lib")
+    monkeypatch.setattr("library_store.models.load_base_model", lambda *a, **k: fresh_tiny(TINY))
+    reg = Registry(TINY, [path])
+    assert reg.wait(timeout=300), reg.status()
+    yield Session(reg)
+    if reg._routed is not None:
+        reg._routed.detach()
+
+
+def routed_winner(session, library="lib", prompt=PROMPT) -> str:
+    trace = session.run(RawRequest(prompt, library=library, top_k=1, max_new_tokens=0)).trace
+    return trace.crop("user+generated").most_used_expert()
+
+
+def upload(session, files, name, tasks="shout", replace=False, library="lib"):
+    return act.upload(session, library, files, name, tasks, replace)
+
+
+def files_of(folder: Path) -> list[str]:
+    return [str(folder / "adapter_config.json"), str(folder / "adapter_model.safetensors")]
+
+
+# ---------------------------------------------------------------- report card and defaults by evidence
+
+
+def test_library_without_evaluation_says_so_and_shows_the_command(session):
+    out = act.show(session, "lib")
+    assert tuple(out) == act.SHOW_OUTPUTS
+    assert "Not evaluated yet" in out["report"]
+    assert f"python bench/eval_routing.py --library {session.registry.paths['lib']} --record" in out["report"]
+    assert "No routing report" in out["confusion"].layout.annotations[0].text
+    assert session.registry.default_router("lib") == {"top_k": 4, "temperature": 1.0, "centre": "none",
+                                                      "centre_scope": "prototypes", "recorded": False}
+
+
+def test_report_card_and_default_router_are_read_from_the_store(session):
+    path = session.registry.paths["lib"]
+    writer = ExpertLibrary.open(path, readonly=False)
+    report = RoutingReport(content_key=writer.content_key(), split="heldout", router={"mode": "arrow", "top_k": 2},
+                           experts=EXPERTS, tasks=EXPERTS, n_per_task=3,
+                           confusion=[[0.9 if i == j else 0.025 for j in range(5)] for i in range(5)],
+                           per_layer={"layers": [0, 1], "accuracy": [0.4, 0.8]},
+                           accuracy={"user": 0.96, "all": 0.31}, command="python bench/eval_routing.py --x 1")
+    write_report(writer, report)
+    write_default_router(writer, {"mode": "arrow", "top_k": 2, "temperature": 0.7, "disabled": [], "centre": "mean",
+                                  "centre_scope": "weights"}, evidence={"rule": "best training accuracy"},
+                         command="python bench/eval_routing.py --sweep")
+    out = act.show(session, "lib")
+    assert [list(r) for r in out["confusion"].data[0].z] == report.confusion
+    assert list(out["layers"].data[0].y) == [0.4, 0.8]
+    card = out["report"]
+    assert "**yes**" in card and "**96%**" in card and "31.0%" in card
+    assert "`python bench/eval_routing.py --x 1`" in card and "`python bench/eval_routing.py --sweep`" in card
+    assert "top-k 2, temperature 0.7, centre mean (weights)" in card and "best training accuracy" in card
+    controls = act.router_controls(session, "lib")
+    assert {k: v.props["value"] for k, v in controls.items()} == {"top_k": 2, "temperature": 0.7, "centre": "mean",
+                                                                  "centre_scope": "weights"}
+    done = normalise(RawRequest("hi"), EXPERTS, defaults=session.registry.default_router("lib"))
+    assert (done.request.router.top_k, done.request.router.centre) == (2, "mean")
+
+
+def test_normaliser_checks_centring_with_notices():
+    lib = ["a", "b", "c"]
+    cases = [(dict(centre="sideways"), "Unknown centring 'sideways'"), (dict(centre=3), "Unknown centring '3'"),
+             (dict(centre="general:zz"), "the library has ['a', 'b', 'c', 'gk']"),
+             (dict(centre="mean", centre_scope="all"), "Unknown centring scope 'all'")]
+    for settings, notice in cases:
+        done = normalise(RawRequest("hi", **settings), lib, names=lib + ["gk"])
+        assert done.error is None and any(notice in n for n in done.notices), (settings, done.notices)
+    two = normalise(RawRequest("hi", centre="mean"), ["a", "b"])
+    assert two.request.router.centre == "none" and "needs at least 3 routed experts" in two.notices[0]
+    ok = normalise(RawRequest("hi", centre="general:gk", centre_scope="weights"), lib, names=lib + ["gk"])
+    assert (ok.request.router.centre, ok.request.router.centre_scope, ok.notices) == ("general:gk", "weights", [])
+
+
+# ---------------------------------------------------------------- adding an expert
+
+
+def test_uploaded_adapter_routes_at_once_and_is_in_the_table_and_on_the_map(session, good):
+    reg = session.registry
+    before = act.show(session, "lib")
+    assert before["map_kind"].props["visible"] is False  # no MBC data: the ΔW map is the only one
+    assert routed_winner(session) != "shouter"
+    out = upload(session, files_of(good), "shouter")
+    assert tuple(out) == act.EDIT_OUTPUTS and "Added expert shouter to lib" in out["edit_msg"], out["edit_msg"]
+    assert "prototypes of the new expert computed" in out["edit_msg"]
+    assert "shouter" in list(out["table"]["name"]) and "shouter" in reg.expert_names("lib")
+    points = [t for d in out["similarity"].data for t in (d.text or [])]
+    assert sorted(points) == sorted(EXPERTS + ["shouter"])
+    assert out["lib_changed"].startswith("lib@") and "shouter" in out["remove_name"].props["choices"]
+    assert routed_winner(session) == "shouter"
+
+
+def test_only_the_new_experts_prototypes_are_computed(session, good, monkeypatch):
+    import explorer.routing.inject as inject
+
+    act.show(session, "lib")
+    computed = []
+    original = inject.compute_prototypes
+    monkeypatch.setattr(inject, "compute_prototypes", lambda A, B: computed.append(A.shape[0]) or original(A, B))
+    edit = session.registry.add_expert("lib", files_of(good), "shouter")
+    n_sites = len(session.registry._routed.sites)
+    assert edit.computed == 1 and sum(computed) == n_sites, computed  # one prototype per site: the new expert's
+    assert edit.seconds["attach"] < 30
+
+
+def test_zip_upload_into_an_mbc_library_keeps_the_warmup_map_with_a_switch(tmp_path, good, fresh_tiny, monkeypatch):
+    path = make_tiny_mbc_library(tmp_path / "mbc", n_tasks=6, k=2, base=fresh_tiny(TINY))
+    monkeypatch.setattr("library_store.models.load_base_model", lambda *a, **k: fresh_tiny(TINY))
+    session = Session(Registry(TINY, [path]))
+    out = upload(session, [str(zip_folder(good, tmp_path / "good.zip"))], "shouter", library="mbc")
+    assert "Added expert shouter" in out["edit_msg"], out["edit_msg"]
+    assert out["map_kind"].props == {"value": "mbc", "visible": True, "choices": act.MAP_KINDS}
+    mbc_points = [t for d in out["similarity"].data for t in (d.text or [])]
+    assert "shouter" not in mbc_points and len(mbc_points) == 6  # the warm-up map: one point per task
+    delta = act.switch_map(session, "mbc", "delta")
+    points = [t for d in delta["similarity"].data for t in (d.text or [])]
+    assert "shouter" in points and "ΔW" in delta["similarity"].layout.title.text
+    session.registry._routed.detach()
+
+
+@pytest.mark.parametrize("label", ["traversal", "absolute", "symlink", "bomb", "entries", "pickle", "ia3", "dora",
+                                   "shapes", "rank", "nan", "empty-name", "path-name", "long-name", "html-name"])
+def test_hostile_and_bad_uploads_are_messages_and_change_nothing(session, good, tmp_path, label):
+    files, name, message = hostile_uploads(good, tmp_path / "bad")[label]
+    root = session.registry.paths["lib"]
+    before, names = tree_digest(root), session.registry.expert_names("lib")
+    out = upload(session, files, name)
+    assert set(out) == {"edit_msg", "confirm_row"} and out["edit_msg"].startswith("⚠️"), out
+    assert re.search(message, out["edit_msg"]), out["edit_msg"]
+    assert "<b>" not in out["edit_msg"]  # escaped: a name or path never becomes markup
+    assert tree_digest(root) == before and session.registry.expert_names("lib") == names
+
+
+def test_duplicate_name_offers_replace(session, good, _twins, tmp_path):
+    out = upload(session, files_of(good), "add_two")
+    assert "already exists" in out["edit_msg"] and "Replace an expert of the same name" in out["edit_msg"]
+    out = upload(session, files_of(good), "add_two", replace=True)
+    assert "Added expert add_two" in out["edit_msg"], out["edit_msg"]
+    assert routed_winner(session) == "add_two"  # the replaced weights route now
+
+
+def test_committed_library_is_copied_never_written(tmp_path, pristine, good, fresh_tiny, monkeypatch):
+    assets = tmp_path / "assets"
+    committed = Path(shutil.copytree(pristine, assets / "libraries" / "demo"))
+    monkeypatch.setattr("library_store.store.user_copy.assets_dir", lambda: assets)
+    monkeypatch.setattr("library_store.models.load_base_model", lambda *a, **k: fresh_tiny(TINY))
+    before = tree_digest(committed)
+    session = Session(Registry(TINY, [committed]))
+    out = upload(session, files_of(good), "shouter", library="demo")
+    copy = tmp_path / "user-data" / "libraries" / "demo"
+    assert "committed demo library" in out["edit_msg"] and str(copy) in out["edit_msg"], out["edit_msg"]
+    assert tree_digest(committed) == before and "shouter" in ExpertLibrary.open(copy).names()
+    assert session.registry.paths["demo"] == copy and "Served from your copy" in out["lib_summary"]
+    assert routed_winner(session, "demo") == "shouter"
+    session.registry._routed.detach()
+    again = Registry(TINY, [committed])  # a restart serves the copy: what was added stays on the page
+    assert again.wait(timeout=300) and again.paths["demo"] == copy and "shouter" in again.expert_names("demo")
+    assert f"served from your copy at {copy}" in again.status()
+    again._routed.detach()
+
+
+# ---------------------------------------------------------------- removing, concurrency
+
+
+def test_remove_asks_first_then_removes(session, good):
+    upload(session, files_of(good), "shouter")
+    ask = act.ask_remove(session, "lib", "shouter")
+    assert ask["confirm_row"].props == {"visible": True} and "Remove expert shouter from lib?" in ask["edit_msg"]
+    assert "shouter" in session.registry.expert_names("lib")  # nothing removed yet
+    assert act.cancel_remove(session)["confirm_row"].props == {"visible": False}
+    out = act.remove(session, "lib", "shouter")
+    assert "Removed expert shouter" in out["edit_msg"] and "shouter" not in list(out["table"]["name"])
+    assert session.registry.expert_names("lib") == EXPERTS and routed_winner(session) != "shouter"
+    assert "No expert &#x27;nope&#x27;" in act.remove(session, "lib", "nope")["edit_msg"]
+
+
+def test_two_uploads_at_once(session, good):
+    outs = {}
+    threads = [threading.Thread(target=lambda n=n: outs.__setitem__(n, upload(session, files_of(good), n)))
+               for n in ("one", "two")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all("Added expert" in o["edit_msg"] for o in outs.values()), outs
+    assert {"one", "two"} <= set(session.registry.expert_names("lib"))
+    same = []
+    threads = [threading.Thread(target=lambda: same.append(upload(session, files_of(good), "three")["edit_msg"]))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sum("Added expert three" in m for m in same) == 1 and sum("already exists" in m for m in same) == 1
+
+
+def test_a_route_running_during_an_upload_finishes_on_its_library(session, good):
+    from explorer.routing.config import RouterConfig
+
+    reg = session.registry
+    done = {}
+    with reg.lock:  # a route has started: it holds the lock from attach to the end of generation
+        routed = reg.attach("lib")
+        routed.set_router(RouterConfig(top_k=1))
+        first = routed.trace(PROMPT, max_new_tokens=2)
+        worker = threading.Thread(target=lambda: done.setdefault("out", upload(session, files_of(good), "shouter")))
+        worker.start()
+        for _ in range(600):  # the upload is checked and stored meanwhile...
+            if "shouter" in ExpertLibrary.open(reg.paths["lib"]).names():
+                break
+            threading.Event().wait(0.05)
+        worker.join(1.0)
+        assert worker.is_alive() and reg._routed is routed  # ...but waits to swap the model
+        assert routed.trace(PROMPT, max_new_tokens=2) == first  # the route finishes on what it started with
+    worker.join(120)
+    assert "Added expert shouter" in done["out"]["edit_msg"] and routed_winner(session) == "shouter"
