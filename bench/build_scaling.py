@@ -67,6 +67,9 @@ def measure(n: int, steps: int, workers: int, work: Path) -> dict:
     """Wall times (s) of the same n-expert build: local, Ray cold / warm with 1 worker, Ray warm with W."""
     import ray
 
+    import torch
+
+    torch.set_num_threads(1)  # as each Ray worker (cpus_per_expert=1): equal thread counts give equal sums
     base = load_base_model("tiny-random-llama")
     tasks = resolve_tasks("builtin:" + ",".join(builtin_names(include_variants=False)[:n]))
     config = TrainConfig(steps=steps, batch_size=4, progress=False)

@@ -10,9 +10,9 @@ Usage::
         regenerate(routed, trace, cf, out)   # fills out.text_after: the answer with the intervention
 
 The distribution at token t is the model's prediction of token t + 1. For the scopes "cell" and "token" the
-intervention touches token t alone, so the tokens before it are run once (a KV cache) and token t twice, with
-and without the intervention: about one forward of the prefix in all. "everywhere" changes every token, so it
-runs the prefix twice. The regenerated answer keeps the tokens up to t (the run's own context) and decodes
+intervention touches token t alone, so tokens 0..t run once (keeping a KV cache) and token t once more, with
+the intervention, on that cache cut back to the tokens before it: one forward and one decoding step in all.
+"everywhere" changes every token, so it runs the prefix twice. The regenerated answer keeps the tokens up to t (the run's own context) and decodes
 greedily from there, with the intervention in force for token t (or for every token, "everywhere").
 """
 from __future__ import annotations
@@ -100,12 +100,14 @@ def next_token(routed, trace: RoutingTrace, cf: Counterfactual) -> Counterfactua
             out = model(input_ids=seq, use_cache=True)
         after = out.logits[0, -1]
     else:
+        # One forward of tokens 0..t gives "before"; its KV cache, cut back to the tokens before t (which the
+        # intervention leaves alone), serves the second run of token t alone: one forward plus one step.
+        first = model(input_ids=seq, use_cache=t > 0)
+        before = first.logits[0, -1]
         step = {}
-        if t > 0:  # the tokens before t are untouched by the intervention: once, into a KV cache
-            step = next_step_kwargs(model, model(input_ids=seq[:, :t], use_cache=True))
-        before = model(input_ids=seq[:, t:], use_cache=True, **step).logits[0, -1]
-        if step:
-            next(iter(step.values())).crop(-1)  # drop token t again: back to the prefix alone
+        if t > 0:
+            step = next_step_kwargs(model, first)
+            next(iter(step.values())).crop(-1)  # drop token t: back to the tokens before it
         with routed.overriding(cf.expert, force=force, layers=layers):
             out = model(input_ids=seq[:, t:], use_cache=True, **step)
         after = out.logits[0, -1]

@@ -50,3 +50,15 @@ def stop_app(proc: subprocess.Popen) -> None:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def new_tab(browser, url: str):
+    """A 1440 x 900 tab on the page, recording every request and dialog, once the prompt box is there.
+    Returns (page, requests, dialogs)."""
+    page = browser.new_page(viewport={"width": 1440, "height": 900})
+    requests, dialogs = [], []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(url)
+    page.wait_for_selector("#prompt textarea", timeout=60_000)
+    return page, requests, dialogs

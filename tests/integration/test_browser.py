@@ -6,7 +6,7 @@ drill-down, a map click lights grid cells, a counterfactual changes the shown di
 
 import pytest
 
-from app_server import ROOT, start_app, stop_app
+from app_server import ROOT, new_tab, start_app, stop_app
 from library_store.testing import TINY, make_tiny_library
 
 pytestmark = pytest.mark.slow
@@ -28,15 +28,8 @@ def app(tmp_path_factory):
     stop_app(proc)
 
 
-
-
 def open_page(browser, url):
-    page = browser.new_page(viewport={"width": 1440, "height": 900})
-    requests, dialogs = [], []
-    page.on("request", lambda r: requests.append(r.url))
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-    page.goto(url)
-    page.wait_for_selector("#prompt textarea", timeout=60_000)
+    page, requests, dialogs = new_tab(browser, url)
     page.wait_for_selector("#map .x-map[data-ready]", timeout=120_000)  # model loaded, map drawn
     return page, requests, dialogs
 

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared upload fixtures
 from upload_fixtures import aligned_adapter, hostile_uploads, tree_digest  # noqa: E402
 
-from app_server import start_app, stop_app  # noqa: E402
+from app_server import new_tab, start_app, stop_app  # noqa: E402
 from library_store.testing import TASKS, TINY, make_tiny_library  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -32,15 +32,8 @@ def setup(tmp_path_factory):
     stop_app(proc)
 
 
-
-
 def library_tab(browser, url):
-    page = browser.new_page(viewport={"width": 1440, "height": 900})
-    requests, dialogs = [], []
-    page.on("request", lambda r: requests.append(r.url))
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-    page.goto(url)
-    page.wait_for_selector("#prompt textarea", timeout=60_000)
+    page, requests, dialogs = new_tab(browser, url)
     page.get_by_role("tab", name="Library").click()
     page.wait_for_selector("#similarity-map .js-plotly-plot .point", timeout=120_000)
     return page, requests, dialogs
