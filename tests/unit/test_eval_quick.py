@@ -159,6 +159,7 @@ def test_routing_quick(libs, tmp_path):
     assert "## `quick-private`, split `heldout`" in doc and "Sweep on training prompts" in doc
 
 
+@pytest.mark.slow  # trains the quick libraries
 def test_paraphrase_split_without_sweep_uses_the_recorded_router(libs, tmp_path):
     """After test_routing_quick recorded a default router: a paraphrase run starts from it, reads the split."""
     _, args = eval_routing.parse(["--model", "tiny-random-llama", "--n", "3", "--split", "paraphrase", "--out",
