@@ -22,6 +22,16 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="module")
+def module_derived_cache(tmp_path_factory):
+    """An empty derived-data cache for one test module (so its libraries' prototypes are really computed);
+    use with `pytestmark = pytest.mark.usefixtures("module_derived_cache")`. Subprocesses inherit it."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORA_EXPLORER_DERIVED_CACHE", str(tmp_path_factory.mktemp("derived-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _derived_cache(tmp_path_factory):
     """Caches of read-only libraries go to a per-session folder, not the user's cache."""

@@ -165,16 +165,23 @@ def _top_k(raw, default, n_enabled: int, kind: str, library: str, clamp) -> int:
     value = _number(raw, "top-k", default, clamp)
     refusal = f"top_k must be between 1 and {limit} (the number of enabled experts), got {raw}" if limit else \
         f"top_k must be an integer >= 1, got {raw}"
-    top_k = int(round(value)) if math.isfinite(value) else (limit or int(default))
-    if top_k != value:
-        clamp(f"top-k {raw} is not a whole number: using {top_k}.", refusal)
-    if top_k < 1:
-        clamp(f"top-k {top_k} is less than 1: using 1.", refusal)
-        top_k = 1
-    if limit is not None and top_k > limit:
-        clamp(f"top-k {top_k} is more than the {limit} enabled experts of {library}: clamped to {limit}.", refusal)
-        top_k = limit
-    return top_k
+    fallback = limit or int(default)
+    return _whole(raw, value, "top-k", 1, limit, fallback, f"the {limit} enabled experts of {library}", clamp, refusal)
+
+
+def _whole(raw, value: float, what: str, low: int, limit: int | None, fallback: int, limit_name: str, clamp,
+           refusal: str) -> int:
+    """`value` as a whole number in [low, limit] (limit None: no upper bound), each correction a notice."""
+    n = int(round(value)) if math.isfinite(value) else fallback
+    if n != value:
+        clamp(f"{what} {raw} is not a whole number: using {n}.", refusal)
+    if n < low:
+        clamp(f"{what} {n} is less than {low}: using {low}.", refusal)
+        n = low
+    if limit is not None and n > limit:
+        clamp(f"{what} {n} is more than {limit_name}: clamped to {limit}.", refusal)
+        n = limit
+    return n
 
 
 def _temperature(raw, default, clamp) -> float:
@@ -221,16 +228,7 @@ def _max_new(raw, limit: int | None, clamp) -> int:
     value = _number(raw, "max new tokens", DEFAULTS["max_new_tokens"], clamp)
     refusal = f"max_new_tokens must be between 0 and {limit}, got {raw}" if limit is not None else \
         f"max_new_tokens must be >= 0, got {raw}"
-    new = int(round(value)) if math.isfinite(value) else (limit or 0)
-    if new != value:
-        clamp(f"max new tokens {raw} is not a whole number: using {new}.", refusal)
-    if new < 0:
-        clamp(f"max new tokens {new} is less than 0: using 0.", refusal)
-        new = 0
-    if limit is not None and new > limit:
-        clamp(f"max new tokens {new} is more than {limit}: clamped to {limit}.", refusal)
-        new = limit
-    return new
+    return _whole(raw, value, "max new tokens", 0, limit, limit or 0, str(limit), clamp, refusal)
 
 
 def _cut(prompt: str, max_new: int, tokenizer, context_length: int | None, limits: Limits,

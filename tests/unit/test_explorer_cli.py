@@ -17,13 +17,7 @@ from library_store.store.library import ExpertLibrary
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def derived_cache(tmp_path_factory):
-    """Read-only libraries cache derived data in the user cache: a tmp one here (also for the subprocesses)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LORA_EXPLORER_DERIVED_CACHE", str(tmp_path_factory.mktemp("derived-cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_derived_cache")  # an empty derived cache for this module
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ ROUTE_ARGS = dict(chat=True, top_k=2, temperature=1.0, centre="none", centre_sco
                   disabled=[], module="mean", colour_by="expert", grid_by="weight", show_template=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def derived_cache(tmp_path_factory):
-    """Read-only libraries cache derived data in the user cache: a tmp one here."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LORA_EXPLORER_DERIVED_CACHE", str(tmp_path_factory.mktemp("derived-cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_derived_cache")  # an empty derived cache for this module
 
 
 @pytest.fixture(scope="module")
