@@ -58,11 +58,16 @@ def ray_local():
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)  # ray.init turns token mode on and finds this token
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the local reference builds run like a worker (1 CPU each): equal sums, equal bits
     try:
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False,
                  log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
         yield ray
     finally:
+        torch.set_num_threads(threads)
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
         for k, v in saved.items():
