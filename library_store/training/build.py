@@ -35,6 +35,7 @@ from library_store.tasks import Task
 from library_store.training.executor import BuildFailed, ExpertJob, LocalExecutor, run_jobs
 from library_store.training.suite_guard import SuiteChanged, check_suite
 from library_store.training.train import TrainConfig, lora_init_state, train_expert
+from library_store.training.warmup_from import WarmupSourceError, reuse_warmups
 
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -110,7 +111,8 @@ def warmup_init(lib: ExpertLibrary, base, warmup: TrainConfig, dtype: torch.dtyp
     return init
 
 
-def _cluster(lib, tasks, names, init, mbc: MBCConfig, warmup: TrainConfig, key: dict) -> MBCData:
+def _cluster(lib, tasks, names, init, mbc: MBCConfig, warmup: TrainConfig, key: dict,
+             warmup_from: str | None = None) -> MBCData:
     """Run MBC on the stored warm-up experts; store the result (cosine matrix, map, labels) as MBCData."""
     threads = torch.get_num_threads()
     result = mbc_cluster([lib[n] for n in names], mbc.k, init=init, config=mbc)
@@ -123,7 +125,8 @@ def _cluster(lib, tasks, names, init, mbc: MBCConfig, warmup: TrainConfig, key: 
                    similarity=result.similarity, coords=result.coords, method=result.map_method,
                    raw_similarity=result.raw_similarity, families=families,
                    ari_vs_families=adjusted_rand(result.labels, families),
-                   settings={"mbc": mbc.to_dict(), "warmup": asdict(warmup)})
+                   settings={"mbc": mbc.to_dict(), "warmup": asdict(warmup),
+                             **({"warmup_from": str(warmup_from)} if warmup_from else {})})
     for c, members in data.clusters.items():
         _log(f"{c}: {', '.join(members)}")
     _log(f"adjusted Rand index of the clusters vs the task families: {data.ari_vs_families:.3f}")
@@ -133,8 +136,10 @@ def _cluster(lib, tasks, names, init, mbc: MBCConfig, warmup: TrainConfig, key: 
 
 def build_mbc(base, tasks: list[Task], out, k: int, warmup: TrainConfig | None = None,
               train: TrainConfig | None = None, mbc: MBCConfig | None = None,
-              save_dtype: str = "bf16", rebuild: bool = False, executor=None) -> ExpertLibrary:
+              save_dtype: str = "bf16", rebuild: bool = False, executor=None,
+              warmup_from=None) -> ExpertLibrary:
     """Warm-up expert per task -> MBC clusters -> one cluster expert per cluster (see the module docstring).
+    `warmup_from`: a private library whose experts are copied in as the warm-ups (training/warmup_from.py).
     Refuses to resume on a changed task suite; rebuild=True then retrains every expert (clusters depend on all).
     Warm-ups and cluster experts train on `executor` (as in build_private); the clustering runs here. A failed
     warm-up stops the build before the clustering (BuildFailed)."""
@@ -155,6 +160,9 @@ def build_mbc(base, tasks: list[Task], out, k: int, warmup: TrainConfig | None =
     start = time.perf_counter()
     init = warmup_init(lib, base, warmup, dtype)
 
+    if warmup_from is not None:
+        warmup = reuse_warmups(lib, warmup_from, base, tasks, warmup)
+        _log(f"warm-up experts copied from {warmup_from} (from {warmup.steps} steps x {warmup.batch_size})")
     names = [warmup_name(t.name) for t in tasks]
     jobs = []
     for i, (task, name) in enumerate(zip(tasks, names), 1):
@@ -171,7 +179,7 @@ def build_mbc(base, tasks: list[Task], out, k: int, warmup: TrainConfig | None =
     if data is not None:  # resumed after the clustering: same warm-up experts, same settings, same clusters
         _log(f"clusters of an earlier run reused (ARI vs families {data.ari_vs_families:.3f})")
     else:
-        data = _cluster(lib, tasks, names, init, mbc, warmup, key)
+        data = _cluster(lib, tasks, names, init, mbc, warmup, key, warmup_from)
     clusters = data.clusters
     lib.set_clusters(clusters)
     for name, label in zip(names, data.labels):  # each warm-up expert records its cluster
@@ -293,7 +301,7 @@ def _finish(build) -> int:
     """Exit status of a build: 2 for a refused suite change, 1 when experts failed (named), else 0."""
     try:
         build()
-    except SuiteChanged as exc:
+    except (SuiteChanged, WarmupSourceError) as exc:
         _log(str(exc))
         return 2
     except BuildFailed as exc:
@@ -312,7 +320,8 @@ def cmd_build_mbc(args) -> int:
         mbc = MBCConfig(k=args.clusters, sparsity=args.sparsity, delta=not args.no_delta, seed=args.seed,
                         map_method=args.map_method)
         return _finish(lambda: build_mbc(base, tasks, args.out, args.clusters, warm, _config(args), mbc,
-                                         save_dtype=args.save_dtype, rebuild=args.rebuild, executor=executor))
+                                         save_dtype=args.save_dtype, rebuild=args.rebuild, executor=executor,
+                                         warmup_from=args.warmup_from))
 
 
 def _executor_args(p) -> None:
@@ -346,6 +355,9 @@ def add_build_commands(subparsers) -> None:
     p.add_argument("--clusters", type=int, required=True, help="K, between 2 and the number of tasks")
     _train_args(p, "warmup-", steps=25, what="warm-up ")
     p.add_argument("--init-seed", type=int, default=0, help="the LoRA init every warm-up expert starts from")
+    p.add_argument("--warmup-from", default=None, metavar="LIBRARY",
+                   help="copy each task's private expert of LIBRARY in as its warm-up instead of training one "
+                        "(same base, task suite and LoRA init; the --warmup-* flags are then ignored)")
     p.add_argument("--sparsity", type=float, default=MBCConfig.sparsity, help="per-expert |w| quantile zeroed")
     p.add_argument("--no-delta", action="store_true", help="cluster raw weights, not W - W_init")
     p.add_argument("--map-method", choices=("auto", "umap", "pca"), default="auto",
