@@ -43,7 +43,7 @@ def _refused(row: dict) -> str:
 
 def _router(r: dict) -> str:
     c = r["centre"] + ("" if r["centre"] == "none" else f"/{r['centre_scope']}")
-    return f"top-k {r['top_k']}, T {r['temperature']:g}, centre {c}"
+    return f"top-k {r['top_k']}, T {r['temperature']:g}, centre {c}, input centre {r.get('input_centre', 'none')}"
 
 
 def task_table(r: dict) -> str:
@@ -80,19 +80,22 @@ def routing_section(r: dict, doc: Path) -> str:
     if "adjusted_rand" in r:
         lines += [f"Adjusted Rand index, clusters vs task families: {_f(r['adjusted_rand']['ari'], 3)}.", ""]
     lines += ["Centring options (same top-k and temperature, prompts of this split):", "",
-              md_table(["centre", "scope", "acc (user text)", "acc (prompt)", "entropy median", "margin median"],
-                       [[c["centre"], c["scope"] or "", _f(c.get("user")), _f(c.get("prompt")),
-                         _f(c.get("entropy_median")), _f(c.get("margin_median"))] if "refused" not in c else
-                        [c["centre"], c["scope"] or "", _refused(c), "", "", ""]
+              md_table(["centre", "scope", "input centre", "acc (user text)", "acc (prompt)", "entropy median",
+                        "margin median"],
+                       [[c["centre"], c["scope"] or "", c.get("input_centre", "none"), _f(c.get("user")),
+                         _f(c.get("prompt")), _f(c.get("entropy_median")), _f(c.get("margin_median"))]
+                        if "refused" not in c else
+                        [c["centre"], c["scope"] or "", c.get("input_centre", "none"), _refused(c), "", "", ""]
                         for c in r["centring"]]), ""]
     if r.get("sweep"):
         win = r["sweep"]["winner"]
         ev = r["sweep"]["evidence"]
         lines += [f"Sweep on training prompts ({ev['train_prompts_per_task']} routed, {ev['em_prompts_per_task']} "
                   f"answered per task); rule: {ev['rule']}. Winner: **{_router(win)}**.", "",
-                  md_table(["centre", "scope", "top-k", "T", "acc (user text)", "acc (prompt)", "train EM",
-                            "margin median"],
-                           [[s["centre"], s["centre_scope"], s["top_k"], f"{s['temperature']:g}",
+                  md_table(["centre", "scope", "input centre", "top-k", "T", "acc (user text)", "acc (prompt)",
+                            "train EM", "margin median"],
+                           [[s["centre"], s["centre_scope"], s.get("input_centre", "none"), s["top_k"],
+                             f"{s['temperature']:g}",
                              *([_refused(s), "", "", ""] if "refused" in s else
                                [_f(s["user"]), _f(s["prompt"]), _f(s.get("em")), _f(s.get("margin_median"))])]
                             for s in r["sweep"]["rows"]]), ""]

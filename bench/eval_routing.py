@@ -165,29 +165,6 @@ def diagnose(traces_by_task: dict[str, list], own: dict[str, list[str]]) -> dict
             "entropy": quantiles(np.concatenate(entropy)), "margin": quantiles(np.concatenate(margin))}
 
 
-def centring_rows(rm, base, prompts: dict[str, list[str]], own: dict, headline, options, done=None) -> list[dict]:
-    """Own-text and prompt accuracy, per-layer accuracy, entropy and margin for each (centre, scope), same
-    top-k and temperature as `headline`, prompts only. `done`: the headline's diagnosis (reused for its row)."""
-    rows = []
-    for centre, scope in options:
-        router = replace(headline, centre=centre, centre_scope=scope)
-        row = {"centre": centre, "scope": None if centre == "none" else scope, "router": router.to_dict()}
-        if done is not None and (router.centre, router.centre_scope) == (headline.centre, headline.centre_scope):
-            d = done
-        else:
-            try:
-                rm.set_router(router)
-            except ValueError as exc:  # e.g. 'mean' on a two-expert library
-                rows.append({**row, "refused": str(exc)})
-                continue
-            d = diagnose({t: route_prompts(rm, base, p) for t, p in prompts.items()}, own)
-        rows.append({**row, "user": d["accuracy"]["user"]["mean"], "prompt": d["accuracy"]["prompt"]["mean"],
-                     "per_layer": d["per_layer"]["accuracy"], "entropy_median": d["entropy"].get("q50"),
-                     "margin_median": d["margin"].get("q50")})
-    rm.set_router(headline)
-    return rows
-
-
 def adjusted_rand(lib, families: dict[str, str]) -> dict:
     """ARI between the library's clusters and the task families."""
     from sklearn.metrics import adjusted_rand_score
@@ -230,7 +207,7 @@ def evaluate_library(base, lib, tasks, split: str, n: int, router, args) -> dict
         rm.set_router(router)
         with clock("centring"):
             prompts = {t.name: [e.input for e in t.examples(split)[:n]] for t in tasks}
-            rows = centring_rows(rm, base, prompts, own, router, options, done=d)
+            rows = S.centring_rows(rm, base, prompts, own, router, options, done=d)
     finally:
         rm.detach()
     goal = (PARAPHRASE_GOALS if split == "paraphrase" else GOALS)[level]
@@ -269,7 +246,8 @@ def headline_router(lib, args):
 
     router, source = library_router(lib)
     given = {k: v for k, v in (("top_k", args.top_k), ("temperature", args.temperature), ("centre", args.centre),
-                               ("centre_scope", args.centre_scope)) if v is not None}
+                               ("centre_scope", args.centre_scope), ("input_centre", args.input_centre))
+             if v is not None}
     return (replace(router, mode="arrow", **given), "command line") if given else (router, source)
 
 
@@ -297,7 +275,8 @@ def run(library: str, args, label: str | None = None) -> dict:
     conf = write_figure(f"{name}-confusion.svg", svg_heatmap(
         np.array(result["confusion"]), result["tasks"], result["experts"],
         f"{label} ({args.split}): mean weight over the user's text, task x expert"), figures)
-    curves = {f"centre {c['centre']}" + (f"/{c['scope']}" if c["scope"] else ""): c["per_layer"]
+    curves = {f"centre {c['centre']}" + (f"/{c['scope']}" if c["scope"] else "")
+              + (" + input" if c.get("input_centre", "none") != "none" else ""): c["per_layer"]
               for c in result["centring"] if "per_layer" in c}
     layers = write_figure(f"{name}-layers.svg", svg_lines(
         result["per_layer"]["layers"], curves, f"{label} ({args.split}): own-text accuracy per layer",
@@ -362,6 +341,8 @@ def parse(argv=None):
     ap.add_argument("--temperature", type=float)
     ap.add_argument("--centre", help="none | mean | general:<expert>")
     ap.add_argument("--centre-scope", choices=["prototypes", "weights"])
+    ap.add_argument("--input-centre", choices=["none", "base"],
+                    help="subtract the base model's mean layer input before scoring (docs/design.md)")
     ap.add_argument("--sweep", action="store_true", help="choose the headline router on training prompts")
     ap.add_argument("--sweep-n", type=int, default=30, help="training prompts per task routed per sweep setting")
     ap.add_argument("--sweep-em", type=int, default=10, help="training prompts per task answered (0: no EM)")

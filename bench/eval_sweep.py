@@ -10,7 +10,7 @@ Usage::
     traces, em = S.answer_and_route(rm, base, task.examples("heldout")[:100])
     s5 = S.s5(rm, base, tasks, own, "heldout", 100, {task.name: em})   # {"per_task", "overall", ...}
 
-Winner rule (`choose`): the highest own-text routing accuracy on training prompts; among settings within
+Input centring (`input_centre="base"`) is swept like the factor centring. Winner rule (`choose`): the highest own-text routing accuracy on training prompts; among settings within
 `TIE` (1 point) of it, the highest exact match on training prompts (when measured), then the largest median
 top-1 margin (decisive routing), then the highest accuracy over all prompt tokens. No held-out prompt is used.
 
@@ -29,21 +29,21 @@ RULE = ("highest own-text routing accuracy on training prompts; among settings w
         "highest accuracy over all prompt tokens")
 
 
-def centring_options(lib) -> list[tuple[str, str]]:
-    """(centre, scope) pairs to compare: none, mean on prototypes, mean on weights, and each `general` expert of
-    the library both ways."""
+def centring_options(lib, input_centres=("none", "base")) -> list[tuple[str, str, str]]:
+    """(centre, scope, input_centre) to compare: none, mean on prototypes, mean on weights, and each `general`
+    expert of the library both ways; each without and with input centring."""
     opts = [("none", "prototypes"), ("mean", "prototypes"), ("mean", "weights")]
     for info in lib.infos():
         if info.kind == "general":
             opts += [(f"general:{info.name}", "prototypes"), (f"general:{info.name}", "weights")]
-    return opts
+    return [(c, s, i) for i in input_centres for c, s in opts]
 
 
 def router_of(row: dict):
     from explorer.routing.config import RouterConfig
 
     return RouterConfig(mode="arrow", top_k=row["top_k"], temperature=row["temperature"], centre=row["centre"],
-                        centre_scope=row["centre_scope"])
+                        centre_scope=row["centre_scope"], input_centre=row.get("input_centre", "none"))
 
 
 def exact_matches(base, examples, max_tokens: int = 4096) -> list[int]:
@@ -91,6 +91,36 @@ def s5(rm, base, tasks, own: dict, split: str, n: int, arrow_em: dict[str, list[
             "definition": "mean over tasks of Arrow exact match / mean over tasks of the own expert's"}
 
 
+def centring_rows(rm, base, prompts: dict[str, list[str]], own: dict, headline, options, done=None) -> list[dict]:
+    """Own-text and prompt accuracy, per-layer accuracy, entropy and margin for each (centre, scope,
+    input_centre), same top-k and temperature as `headline`, prompts only. `done`: the headline's diagnosis
+    (reused for its row)."""
+    from dataclasses import replace
+
+    from bench.eval_routing import diagnose, route_prompts
+
+    rows = []
+    for centre, scope, shift in options:
+        router = replace(headline, centre=centre, centre_scope=scope, input_centre=shift)
+        row = {"centre": centre, "scope": None if centre == "none" else scope, "input_centre": shift,
+               "router": router.to_dict()}
+        if done is not None and (router.centre, router.centre_scope, router.input_centre) == \
+                (headline.centre, headline.centre_scope, headline.input_centre):
+            d = done
+        else:
+            try:
+                rm.set_router(router)
+            except ValueError as exc:  # e.g. 'mean' on a two-expert library
+                rows.append({**row, "refused": str(exc)})
+                continue
+            d = diagnose({t: route_prompts(rm, base, p) for t, p in prompts.items()}, own)
+        rows.append({**row, "user": d["accuracy"]["user"]["mean"], "prompt": d["accuracy"]["prompt"]["mean"],
+                     "per_layer": d["per_layer"]["accuracy"], "entropy_median": d["entropy"].get("q50"),
+                     "margin_median": d["margin"].get("q50")})
+    rm.set_router(headline)
+    return rows
+
+
 def choose(rows: list[dict], tie: float = TIE) -> dict:
     """The winning row (see RULE)."""
     valid = [r for r in rows if "refused" not in r]
@@ -115,12 +145,14 @@ def sweep(rm, base, tasks, own: dict, n: int, n_em: int, ks: list[int], temps: l
     em_examples = {t.name: t.train[:n_em] for t in tasks if t.metric == "exact_match"} if n_em > 0 else {}
     start, rows = rm.router, []
     try:
-        for centre, scope in options:
+        for centre, scope, shift in options:
             for k in ks:
                 for temp in temps[:1] if k == 1 else temps:  # one expert per token: T changes nothing
-                    row = {"centre": centre, "centre_scope": scope, "top_k": k, "temperature": float(temp)}
+                    row = {"centre": centre, "centre_scope": scope, "input_centre": shift, "top_k": k,
+                           "temperature": float(temp)}
                     try:
-                        rm.set_router(RouterConfig(top_k=k, temperature=temp, centre=centre, centre_scope=scope))
+                        rm.set_router(RouterConfig(top_k=k, temperature=temp, centre=centre, centre_scope=scope,
+                                                   input_centre=shift))
                     except ValueError as exc:  # this centring does not fit the library: one row says why
                         rows.append({**row, "refused": str(exc)})
                         break

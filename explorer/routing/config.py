@@ -18,6 +18,7 @@ from dataclasses import dataclass
 MODES = ("arrow", "base", "uniform", "expert")
 CENTRES = ("none", "mean", "general:<expert>")
 CENTRE_SCOPES = ("prototypes", "weights")
+INPUT_CENTRES = ("none", "base")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class RouterConfig:
     "general:<name>" (subtract that expert's factors; usually a library expert of kind `general`).
     centre_scope: "prototypes" (route on centred prototypes, apply the experts as trained) or "weights"
     (route on centred prototypes and apply the centred experts too: PEFT's GenKnowSub).
+    input_centre: "none" (Arrow's score |h · p_e|) or "base" (score |(h - mu) · p_e|, mu the base model's mean
+    input at that layer over a fixed set of generic prompts: the hidden state's shared direction, which
+    otherwise picks the same experts for every token; see docs/design.md, "Input centring").
     """
 
     mode: str = "arrow"
@@ -38,6 +42,7 @@ class RouterConfig:
     disabled: tuple[str, ...] = ()  # experts left out of routing and of the uniform merge
     centre: str = "none"  # see docs/design.md, "Centring"
     centre_scope: str = "prototypes"
+    input_centre: str = "none"
 
     def __post_init__(self):
         kind = self.mode.split(":", 1)[0] if isinstance(self.mode, str) else None
@@ -57,6 +62,8 @@ class RouterConfig:
             raise ValueError(f"Unknown centre {centre!r}: use one of {', '.join(CENTRES)}.")
         if self.centre_scope not in CENTRE_SCOPES:
             raise ValueError(f"Unknown centre_scope {self.centre_scope!r}: use one of {', '.join(CENTRE_SCOPES)}.")
+        if self.input_centre not in INPUT_CENTRES:
+            raise ValueError(f"Unknown input_centre {self.input_centre!r}: use one of {', '.join(INPUT_CENTRES)}.")
 
     @property
     def kind(self) -> str:
@@ -70,13 +77,16 @@ class RouterConfig:
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "top_k": self.top_k, "temperature": float(self.temperature),
-                "disabled": list(self.disabled), "centre": self.centre, "centre_scope": self.centre_scope}
+                "disabled": list(self.disabled), "centre": self.centre, "centre_scope": self.centre_scope,
+                "input_centre": self.input_centre}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RouterConfig":
         """The inverse of `to_dict`; unknown keys are refused (a typo must not silently become a default).
-        A dict written before centring existed has no centre fields: it reads as centre "none"."""
-        unknown = sorted(set(data) - {"mode", "top_k", "temperature", "disabled", "centre", "centre_scope"})
+        A dict written before centring existed has no centre fields: it reads as centre "none" (and without
+        input_centre, as "none")."""
+        unknown = sorted(set(data) - {"mode", "top_k", "temperature", "disabled", "centre", "centre_scope",
+                                      "input_centre"})
         if unknown:
             raise ValueError(f"Unknown RouterConfig fields {unknown}")
         return cls(**{**data, "disabled": tuple(data.get("disabled", ()))})

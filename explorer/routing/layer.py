@@ -133,6 +133,8 @@ class RoutedGroup(nn.Module):
         self.register_buffer("up", up.view(G * E, -1).to(device, dtype), persistent=False)  # (G E, r out_max)
         self.register_buffer("offsets", (torch.arange(G, device=device) * E).view(G, 1), persistent=False)
         self.n_members, self.n_experts, self.rank, self.state = G, E, r, state
+        self.sites = [s.site for s in stacks]
+        self.register_buffer("shift", None, persistent=False)  # (G E,) mu · p_e, subtracted from the scores
         self.keys: list[tuple[int, int]] = []  # members' trace keys, filled in by the members
         self._cache: tuple | None = None  # (input tensor, router version, result)
         self._take_views()
@@ -144,6 +146,19 @@ class RoutedGroup(nn.Module):
         self._proj, self._up, self._offsets = self.proj, self.up, self.offsets
         self._protos = self.proj[:GE]  # (G E, d) prototypes alone
         self._a_rows = self.proj[GE:].view(GE, -1)  # (G E, r d) A rows grouped per (member, expert)
+        self._shift = self.shift  # (G E,) or None
+
+    def set_shift(self, means: list[torch.Tensor] | None) -> None:
+        """Input centring: score (h - mu_m) · p_e = h · p_e - mu_m · p_e, one mean input mu_m (d,) per member
+        (None: Arrow's plain score). Kept as a buffer, so `.to()` moves it."""
+        if means is None:
+            self.shift = None
+        else:
+            G, E = self.n_members, self.n_experts
+            mu = torch.stack([m.to(self._protos.device, torch.float32) for m in means])  # (G, d)
+            protos = self._protos.float().view(G, E, -1)  # (G, E, d)
+            self.shift = (protos @ mu.unsqueeze(-1)).view(G * E).to(self._proj.dtype)  # (G E,)
+        self._take_views()
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -185,7 +200,8 @@ class RoutedGroup(nn.Module):
                 h = h.to(proj.dtype)
             z = F.linear(h, proj)  # (t, G E + G E r)
             t = z.shape[0]
-            scores = z[:, : G * E].view(t, G, E)  # (t, G, E)
+            scores = z[:, : G * E] if self._shift is None else z[:, : G * E] - self._shift
+            scores = scores.view(t, G, E)  # (t, G, E)
             proj_a = z[:, G * E:].view(t, G, E, r)  # (t, G, E, r)
             if st.mode == "arrow":
                 w_top, idx, s = self.route_top(scores)  # (t, G, k) x 2, (t, G, E)
@@ -208,7 +224,8 @@ class RoutedGroup(nn.Module):
         possible (each costs microseconds of dispatch, which is what a decoding step spends routing).
         h (d,) -> [member m's update (1, out_m)]."""
         G, k, r = self.n_members, self.state.top_k, self.rank
-        w_top, idx, s = self.route_top(torch.mv(self._protos, h).view(G, -1))  # (G, k), (G, k), (G, E)
+        scores = torch.mv(self._protos, h) if self._shift is None else torch.mv(self._protos, h) - self._shift
+        w_top, idx, s = self.route_top(scores.view(G, -1))  # (G, k), (G, k), (G, E)
         flat = (idx + self._offsets).view(-1)  # (G k,) rows of (member, expert)
         z = torch.mv(self._a_rows.index_select(0, flat).view(G * k * r, -1), h)  # (G k r,) = A_e h
         a = z.view(G, k, r) * w_top.unsqueeze(-1)  # (G, k, r)

@@ -27,6 +27,7 @@ import torch
 
 from explorer.routing.centring import Centring, site_ranks
 from explorer.routing.capture import assemble, dense_by_key, next_step_kwargs
+from explorer.routing.calibration import input_means
 from explorer.routing.config import RouterConfig
 from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, join_prototypes, module_leaves, prototype_config,
                                      unwrap_model, wrap_model)
@@ -75,6 +76,9 @@ class RoutedModel:
         self._centring = Centring(self._stacks, site_ranks(experts, self.sites), prototype_config(experts),
                                   {g.name: g for g in general}, store)
         self._wrapped = ("none", None)  # the centring the wrapped layers hold (see set_router)
+        self._store = store
+        self._shifted: str | None = None  # the input centring the wrapped layers hold (None: unknown, set it)
+        self._means: dict[str, torch.Tensor] | None = None  # input means per site, measured once
         self.layers = sorted({k[0] for k in self._keys.values()})
         self.modules = module_leaves(self.sites)
         self.router = RouterConfig(mode="base")
@@ -163,12 +167,37 @@ class RoutedModel:
             stacks = self._centring.stacks(router.centre, router.centre_scope)
             if self.sites and isinstance(self.base.model.get_submodule(self.sites[0]), RoutedLinear):  # attached
                 self._keys = wrap_model(self.base.model, stacks, self._state, self._share_inputs)
+                self._shifted = None  # new groups: their shift is set below
             self._wrapped = centring
+        if router.input_centre != self._shifted:
+            self._set_shift(router.input_centre)
         st.mode, st.top_k, st.temperature = router.kind, router.top_k, float(router.temperature)
         st.mask = None if n_on == len(self.experts) else ~enabled
         st.fixed = fixed
         st.version += 1
         self.router = router
+
+    def _groups(self) -> list:
+        """The routed groups of the attached model, each once, in model order."""
+        seen: dict[int, object] = {}
+        for site in self.sites:
+            layer = self.base.model.get_submodule(site)
+            if isinstance(layer, RoutedLinear):
+                seen.setdefault(id(layer.group), layer.group)
+        return list(seen.values())
+
+    def _set_shift(self, input_centre: str) -> None:
+        """Input centring on or off in every routed group (means measured once, in mode "base", and cached)."""
+        groups = self._groups()
+        if input_centre == "base" and groups and self._means is None:
+            mode, self._state.mode = self._state.mode, "base"
+            try:
+                self._means = input_means(self.base, self.sites, self._store)
+            finally:
+                self._state.mode = mode
+        for group in groups:
+            group.set_shift([self._means[s] for s in group.sites] if input_centre == "base" else None)
+        self._shifted = input_centre
 
     # ------------------------------------------------------------ running
 

@@ -148,10 +148,11 @@ def test_routing_quick(libs, tmp_path):
         assert saved["accuracy"] == r["accuracy"]
         assert all(Path(f).read_text().startswith("<svg") for f in r["figures"].values())
     private, mbc = results
-    assert [(c["centre"], c["scope"]) for c in private["centring"]] == [("none", None), ("mean", "prototypes"),
-                                                                          ("mean", "weights")]
+    assert [(c["centre"], c["scope"], c["input_centre"]) for c in private["centring"]] == [
+        (c, s, i) for i in ("none", "base") for c, s in (("none", None), ("mean", "prototypes"), ("mean", "weights"))]
     assert all("user" in c for c in private["centring"])
-    assert all(c["refused"].startswith("Centring with 'mean' needs") for c in mbc["centring"][1:])  # 2 experts
+    assert all(c.get("refused", "").startswith("Centring with 'mean' needs") == (c["centre"] == "mean")
+               for c in mbc["centring"])  # 2 experts
     assert mbc["experts"] == ["cluster-0", "cluster-1"] and mbc["not_routed"] == ["warmup-add"]
     assert mbc["adjusted_rand"]["ari"] == pytest.approx(1.0)  # the quick MBC library's clusters are the families
     assert "adjusted_rand" not in private
@@ -236,7 +237,7 @@ def test_sweep_sees_training_prompts_only(monkeypatch):
     monkeypatch.setattr(eval_sweep, "exact_matches", lambda base, ex, mt=4096: answered.extend(ex) or [1, 0])
     tasks = [Task(n, "f", train=[Example(f"train {n} {i}", "a") for i in range(5)],
                   heldout=[Example(f"held {n} {i}", "a") for i in range(5)]) for n in ("t1", "t2")]
-    options = [("none", "prototypes"), ("mean", "prototypes"), ("mean", "weights")]
+    options = [("none", "prototypes", "none"), ("mean", "prototypes", "none"), ("mean", "weights", "none")]
     out = eval_sweep.sweep(rm, None, tasks, {"t1": ["a"], "t2": ["b"]}, 3, 2, [1, 2, 4], [0.1, 1.0], options)
     assert seen and all(t.startswith("train") for t in seen) and len(seen) == 2 * 3 * 2 * (1 + 2 * 2)  # tasks x n x
     #  2 centrings x (top-1 at one temperature + top-2 and top-3 at both)
