@@ -8,6 +8,8 @@ Usage::
         --top-k 4 --max-new-tokens 8 --json
     python -m explorer trace --library assets/libraries/demo-private --prompt "Add: 2 + 3" --centre mean \\
         --centre-scope weights
+    python -m explorer trace --library assets/libraries/demo-mbc --prompt "Reverse the word: apple" \\
+        --input-centre base
 
 Router settings not given on the command line come from the library's recorded default router (what its
 evaluation chose, `library_store.store.reports.default_router`), else the built-in defaults. Settings are checked
@@ -22,6 +24,7 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
+    from explorer.routing.config import INPUT_CENTRES
     from explorer.routing.device import add_device_arguments
     from library_store.models import DEFAULT_MODEL
 
@@ -42,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                              "(default: the library's default router)")
         sp.add_argument("--centre-scope", default=None, choices=["prototypes", "weights"],
                         help="centre the prototypes only, or the applied weights too (PEFT's GenKnowSub)")
+        sp.add_argument("--input-centre", default=None, choices=list(INPUT_CENTRES),
+                        help="subtract the base model's mean layer input before scoring (docs/design.md, "
+                             "\"Input centring\"; default: the library's default router)")
         sp.add_argument("--disable", default="", help="comma-separated experts to leave out")
         sp.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
         sp.add_argument("--bf16", action="store_true", help="load the base model in bfloat16 (= --dtype bfloat16)")
@@ -83,7 +89,7 @@ def _routed(args):
     raw = RawRequest(prompt=args.prompt, library=args.library or "", mode=args.mode if args.library else "base",
                      top_k=args.top_k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                      disabled=args.disable, chat=not args.no_chat, centre=args.centre,
-                     centre_scope=args.centre_scope)
+                     centre_scope=args.centre_scope, input_centre=args.input_centre)
     done = normalise(raw, rm.experts, tokenizer=base.tokenizer, context_length=base.context_length,
                      limits=CLI_LIMITS, strict=True, names=names, defaults=defaults)
     if done.error:
@@ -96,6 +102,7 @@ def _summary(trace) -> str:
     """One line per token: the expert with the largest weight averaged over layers and modules."""
     router = trace.router
     centre = f" centre={router.centre} scope={router.centre_scope}" if router.centre != "none" else ""
+    centre += f" input_centre={router.input_centre}" if router.input_centre != "none" else ""
     lines = [f"mode={trace.mode} top_k={trace.top_k} temperature={trace.temperature}{centre} "
              f"experts={len(trace.experts)}"]
     for i, tok in enumerate(trace.tokens):

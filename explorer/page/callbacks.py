@@ -7,7 +7,7 @@ Usage::
 
     session = Session(Registry("tiny-random-llama", ["/tmp/lib"]))
     *texts, out = route(session, "Reverse the word: apple", "lib", True, 2, 1.0, "none", "prototypes", 4, [],
-                        "mean", "expert", "weight", False)      # a generator: the answer so far, then everything
+                        "mean", "expert", "weight", False, "base")  # a generator: the answer so far, then all
     out["text"], out["trace_json"], out["grid"]                 # the answer, the trace as JSON, the grid's HTML
     compare(session, out["state"])                              # {"base_text": ..., "single_text": Update(...)}
 
@@ -37,6 +37,7 @@ GRID_OUTPUTS = ("grid",)
 FIGURE_OUTPUTS = ("expert_plot", "entropy", "usage", "diff")
 COMPARE_OUTPUTS = ("base_text", "uniform_text", "single_text", "arrow_text")
 LIBRARY_OUTPUTS = ("status", "disabled", "expert", "linked_map")
+ROUTER_OUTPUTS = ("top_k", "temperature", "centre", "centre_scope", "input_centre")
 
 
 def view_of(session: Session, state: RunResult, show_template) -> tuple:
@@ -81,12 +82,15 @@ def figures(session: Session, state: RunResult | None, module, expert, show_temp
 
 
 def route(session: Session, prompt, library, chat, top_k, temperature, centre, centre_scope, max_new, disabled,
-          module, colour_by, grid_by, show_template, progress=None):
-    """Run, streaming: the answer as it is generated ({"text": so far}), then every ROUTE_OUTPUTS key."""
+          module, colour_by, grid_by, show_template, input_centre=None, progress=None):
+    """Run, streaming: the answer as it is generated ({"text": so far}), then every ROUTE_OUTPUTS key.
+    `input_centre` ("none" | "base"; None: the library's default) comes last so that API clients written before
+    it existed keep their argument positions."""
     error = ensure_loaded(session, progress)
     if error is None:
         raw = RawRequest(prompt=prompt, library=library, chat=chat, top_k=top_k, temperature=temperature,
-                         max_new_tokens=max_new, disabled=disabled, centre=centre, centre_scope=centre_scope)
+                         max_new_tokens=max_new, disabled=disabled, centre=centre, centre_scope=centre_scope,
+                         input_centre=input_centre)
         steps = stream_run(session, raw)
     else:
         steps = iter([RunResult(trace=None, error=error)])
@@ -167,7 +171,7 @@ def library(session: Session, name, progress=None) -> dict:
 
 
 def router_controls(session: Session, name) -> dict:
-    """The router controls set to the library's default router (top_k, temperature, centre, centre_scope)."""
+    """The router controls (ROUTER_OUTPUTS) set to the library's default router."""
     if name not in session.registry.libs:
-        return {"top_k": update(), "temperature": update(), "centre": update(), "centre_scope": update()}
+        return {key: update() for key in ROUTER_OUTPUTS}
     return library_router_controls(session, name)

@@ -23,6 +23,7 @@ from explorer.page.events import Update, ensure_loaded, messages, update
 from explorer.page.plots import note_figure
 from explorer.page.report_plots import confusion_heatmap, layer_curve, library_cosine, library_map, report_card
 from explorer.page.session import Session
+from explorer.routing.config import INPUT_CENTRES
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,8 @@ def remove(session: Session, library, name) -> dict:
 
 def router_controls(session: Session, library) -> dict:
     """The Explore tab's router controls set to the library's default router (keys top_k, temperature, centre,
-    centre_scope); centre choices are none, mean and general:<name> for the library's `general` experts."""
+    centre_scope, input_centre); centre choices are none, mean and general:<name> for the library's `general`
+    experts; an input centring the page does not offer shows as "none"."""
     reg, library = session.registry, str(library or "")
     router = reg.default_router(library)
     n = max(1, len(reg.expert_names(library)))
@@ -191,7 +193,8 @@ def router_controls(session: Session, library) -> dict:
     centres = ["none", "mean", *general]
     centre = router["centre"] if router["centre"] in centres else "none"
     return {"top_k": update(value=min(int(router["top_k"]), n)), "temperature": update(value=router["temperature"]),
-            "centre": update(choices=centres, value=centre), "centre_scope": update(value=router["centre_scope"])}
+            "centre": update(choices=centres, value=centre), "centre_scope": update(value=router["centre_scope"]),
+            "input_centre": update(value=router["input_centre"] if router["input_centre"] in INPUT_CENTRES else "none")}
 
 
 __all__ = ["EDIT_OUTPUTS", "MAP_KINDS", "MAP_OUTPUTS", "SHOW_OUTPUTS", "Update", "ask_remove", "cancel_remove",

@@ -74,6 +74,8 @@ def _router_text(router: dict) -> str:
     parts = [f"top-k {router.get('top_k')}", f"temperature {router.get('temperature')}"]
     centre = router.get("centre") or "none"
     parts.append("no centring" if centre == "none" else f"centre {centre} ({router.get('centre_scope')})")
+    if (router.get("input_centre") or "none") != "none":
+        parts.append(f"input centring {router['input_centre']}")
     return ", ".join(html.escape(str(p)) for p in parts)
 
 

@@ -10,6 +10,7 @@ Usage::
     normalise(raw, experts=[...], strict=True).error   # the CLI: what the page would clamp is refused
     normalise(RawRequest("hi", centre="general:gk"), ["a", "b", "c"], names=["a", "b", "c", "gk"],
               defaults={"top_k": 2, "centre": "mean"})   # a library's recorded default router fills the gaps
+    normalise(RawRequest("hi", input_centre="base"), ["a", "b"]).request.router.input_centre   # "base"
 
 Raw values arrive as the front end sends them: strings, floats from sliders, None for "not given". The page
 clamps what is out of range and says so; with `strict=True` (the CLI) the first such problem is the error
@@ -18,6 +19,8 @@ instead. `RouterConfig.__post_init__` stays the last guard; nothing else re-chec
 Centring (docs/design.md, "Centring"): `centre` is "none", "mean" or "general:<expert>", `centre_scope`
 "prototypes" or "weights". A value the library cannot take (an unknown centring, `mean` over fewer than three
 routed experts, a general expert the library does not hold) falls back to no centring with a notice.
+Input centring (docs/design.md, "Input centring"): `input_centre` is "none" or "base" (subtract the base model's
+mean layer input before scoring); an unknown value falls back to "none" with a notice.
 """
 from __future__ import annotations
 
@@ -25,10 +28,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from explorer.routing.config import CENTRE_SCOPES, CENTRES, RouterConfig
+from explorer.routing.config import CENTRE_SCOPES, CENTRES, INPUT_CENTRES, RouterConfig
 
-DEFAULTS = {"top_k": 4, "temperature": 1.0, "max_new_tokens": 32, "centre": "none", "centre_scope": "prototypes"}
-ROUTER_FIELDS = ("top_k", "temperature", "centre", "centre_scope")  # what a library's default router may set
+DEFAULTS = {"top_k": 4, "temperature": 1.0, "max_new_tokens": 32, "centre": "none", "centre_scope": "prototypes",
+            "input_centre": "none"}
+# what a library's default router may set
+ROUTER_FIELDS = ("top_k", "temperature", "centre", "centre_scope", "input_centre")
 MEAN_MIN_EXPERTS = 3  # as `explorer.routing.centring.Centring.means`: below three, centred experts are alike
 
 
@@ -46,6 +51,7 @@ class RawRequest:
     chat: Any = True
     centre: Any = None  # "none" | "mean" | "general:<expert>"
     centre_scope: Any = None  # "prototypes" | "weights"
+    input_centre: Any = None  # "none" | "base"
 
 
 @dataclass(frozen=True)
@@ -123,9 +129,10 @@ def normalise(raw: RawRequest, experts: list[str], tokenizer=None, context_lengt
                 raise _Refused(f"Expert {name!r} is disabled; it cannot be used alone.")
         top_k = _top_k(raw.top_k, base["top_k"], len(enabled), kind, str(raw.library), clamp)
         centre, scope = _centring(raw, base, experts, list(names) if names is not None else experts, clamp)
+        input_centre = _input_centre(raw.input_centre, base["input_centre"], clamp)
         prompt = _cut(prompt, max_new, tokenizer, context_length, limits, notices)
         router = RouterConfig(mode=mode, top_k=top_k, temperature=temperature, disabled=tuple(disabled),
-                              centre=centre, centre_scope=scope)
+                              centre=centre, centre_scope=scope, input_centre=input_centre)
     except (_Refused, ValueError) as exc:  # ValueError: RouterConfig's last guard (e.g. an unknown mode)
         return Normalised(request=None, notices=notices, error=str(exc))
     request = RunRequest(prompt=prompt, library=str(raw.library or ""), router=router, chat=bool(raw.chat),
@@ -222,6 +229,18 @@ def _centring(raw: RawRequest, base: dict, experts: list[str], names: list[str],
                                     f"has {names}.")
         return "none", scope
     return (f"general:{general}" if general else centre), scope
+
+
+def _input_centre(raw, default: str, clamp) -> str:
+    """"none" or "base"; anything else (an unknown value given, or a recorded default this version does not
+    know) is "none" with a notice."""
+    value = _text(raw, default)
+    if value not in INPUT_CENTRES:
+        clamp(f"Unknown input centring {value!r}: using {DEFAULTS['input_centre']!r} "
+              f"(choose {' or '.join(INPUT_CENTRES)}).",
+              f"Unknown input centre {value!r}: use one of {', '.join(INPUT_CENTRES)}.")
+        return DEFAULTS["input_centre"]
+    return value
 
 
 def _max_new(raw, limit: int | None, clamp) -> int:

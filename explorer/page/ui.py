@@ -138,6 +138,10 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
                                          elem_id="centre")
                     centre_scope = gr.Radio(["prototypes", "weights"], value="prototypes", label="centre scope",
                                             min_width=190, elem_id="centre-scope")
+                    input_centre = gr.Radio(["none", "base"], value="none", label="input centring", min_width=150,
+                                            elem_id="input-centre",
+                                            info="subtract the base model's mean layer input before scoring "
+                                                 "(docs/design.md)")
                     max_new = gr.Slider(0, MAX_NEW_TOKENS, value=32, step=1, label="new tokens", min_width=110,
                                         elem_id="max-new")
                     disabled = gr.Dropdown(choices=[], multiselect=True, value=[], allow_custom_value=True,
@@ -208,12 +212,13 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
         wire(demo.load, cb.library, ["library"], cb.LIBRARY_OUTPUTS, "status")
         wire(library.change, cb.library, ["library"], cb.LIBRARY_OUTPUTS, "library")
         for trigger, name in ((demo.load, "router_defaults_load"), (library.change, "router_defaults")):
-            wire(trigger, cb.router_controls, ["library"], ["top_k", "temperature", "centre", "centre_scope"], name)
+            wire(trigger, cb.router_controls, ["library"], list(cb.ROUTER_OUTPUTS), name)
         if "lib_changed" in tab:  # an expert added or removed: the Explore view follows
             wire(tab["lib_changed"].change, cb.library, ["library"], cb.LIBRARY_OUTPUTS, "library_edited")
         wire(example.change, cb.example, ["example"], ["prompt"], "example")
+        # input_centre last: API clients written before it keep their argument positions (see cb.route)
         route_inputs = ["prompt", "library", "chat", "top_k", "temperature", "centre", "centre_scope", "max_new",
-                        "disabled", "module", "colour_by", "grid_by", "show_template"]
+                        "disabled", "module", "colour_by", "grid_by", "show_template", "input_centre"]
         for trigger, suffix in ((run.click, ""), (prompt.submit, "_submit")):
             routed = wire(trigger, cb.route, route_inputs, cb.ROUTE_OUTPUTS, "route" + suffix)
             wire(routed.then, cb.figures, ["state", "module", "expert", "show_template"], cb.FIGURE_OUTPUTS,

@@ -151,6 +151,22 @@ def test_centre_flags_reach_the_trace(library, capsys):
     assert "centre=mean scope=prototypes" in capsys.readouterr().out.splitlines()[0]
 
 
+def test_input_centre_flag_is_in_help_and_reaches_the_trace(library, capsys):
+    with pytest.raises(SystemExit):
+        main(["trace", "--help"])
+    assert "--input-centre {none,base}" in capsys.readouterr().out
+    argv = ["trace", "--base-model", "tiny-random-llama", "--library", library, "--prompt", "hi", "--top-k", "2"]
+    assert main([*argv, "--input-centre", "base", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["router"]["input_centre"] == "base"
+    assert main([*argv, "--json"]) == 0  # no flag, no recorded default: none
+    assert json.loads(capsys.readouterr().out)["router"]["input_centre"] == "none"
+    assert main([*argv, "--input-centre", "base"]) == 0
+    assert "input_centre=base" in capsys.readouterr().out.splitlines()[0]
+    with pytest.raises(SystemExit):
+        main([*argv, "--input-centre", "median"])
+    assert "invalid choice: 'median'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--centre", "general:nope"], r"No expert 'nope' to centre on .* the library has \['e0', 'e1', 'e2'\]"),
     (["--centre", "sideways"], r"Unknown centre 'sideways': use one of none, mean, general:<expert>"),
@@ -195,3 +211,18 @@ def test_recorded_default_router_is_used_unless_flags_override(library, tmp_path
     router = json.loads(capsys.readouterr().out)["router"]
     assert (router["top_k"], router["temperature"], router["centre"], router["centre_scope"]) == (3, 2.0, "none",
                                                                                                  "weights")
+
+
+def test_recorded_input_centring_is_used_unless_the_flag_overrides(library, tmp_path, capsys):
+    from library_store.store import reports
+
+    copy = shutil.copytree(library, tmp_path / "lib")
+    reports.write_default_router(ExpertLibrary.open(copy, readonly=False),
+                                 {"mode": "arrow", "top_k": 2, "temperature": 1.0, "disabled": [], "centre": "none",
+                                  "centre_scope": "prototypes", "input_centre": "base"},
+                                 evidence={"rule": "test"}, command="test")
+    argv = ["trace", "--base-model", "tiny-random-llama", "--library", str(copy), "--prompt", "hi", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["router"]["input_centre"] == "base"
+    assert main([*argv, "--input-centre", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["router"]["input_centre"] == "none"

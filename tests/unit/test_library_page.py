@@ -11,7 +11,7 @@ from upload_fixtures import aligned_adapter, hostile_uploads, tree_digest, zip_f
 
 from explorer.page import library_actions as act
 from explorer.page.registry import Registry
-from explorer.page.request import RawRequest, normalise
+from explorer.page.request import CLI_LIMITS, RawRequest, normalise
 from explorer.page.session import Session
 from library_store.store.library import ExpertLibrary
 from library_store.store.reports import RoutingReport, write_default_router, write_report
@@ -73,7 +73,8 @@ def test_library_without_evaluation_says_so_and_shows_the_command(session):
     assert f"python bench/eval_routing.py --library {session.registry.paths['lib']} --record" in out["report"]
     assert "No routing report" in out["confusion"].layout.annotations[0].text
     assert session.registry.default_router("lib") == {"top_k": 4, "temperature": 1.0, "centre": "none",
-                                                      "centre_scope": "prototypes", "recorded": False}
+                                                      "centre_scope": "prototypes", "input_centre": "none",
+                                                      "recorded": False}
 
 
 def test_report_card_and_default_router_are_read_from_the_store(session):
@@ -95,11 +96,29 @@ def test_report_card_and_default_router_are_read_from_the_store(session):
     assert "**yes**" in card and "**96%**" in card and "31.0%" in card
     assert "`python bench/eval_routing.py --x 1`" in card and "`python bench/eval_routing.py --sweep`" in card
     assert "top-k 2, temperature 0.7, centre mean (weights)" in card and "best training accuracy" in card
+    assert "input centring" not in card  # a record written before input centring existed: "none"
     controls = act.router_controls(session, "lib")
     assert {k: v.props["value"] for k, v in controls.items()} == {"top_k": 2, "temperature": 0.7, "centre": "mean",
-                                                                  "centre_scope": "weights"}
+                                                                  "centre_scope": "weights", "input_centre": "none"}
     done = normalise(RawRequest("hi"), EXPERTS, defaults=session.registry.default_router("lib"))
     assert (done.request.router.top_k, done.request.router.centre) == (2, "mean")
+    assert done.request.router.input_centre == "none"
+
+
+def test_recorded_input_centring_is_the_page_default(session):
+    writer = ExpertLibrary.open(session.registry.paths["lib"], readonly=False)
+    write_default_router(writer, {"mode": "arrow", "top_k": 2, "temperature": 1.0, "disabled": [], "centre": "none",
+                                  "centre_scope": "prototypes", "input_centre": "base"},
+                         evidence={"rule": "best held-out accuracy"}, command="python bench/eval_routing.py --sweep")
+    assert session.registry.default_router("lib")["input_centre"] == "base"
+    assert act.router_controls(session, "lib")["input_centre"].props["value"] == "base"
+    assert "top-k 2, temperature 1.0, no centring, input centring base" in act.show(session, "lib")["report"]
+    done = normalise(RawRequest("hi"), EXPERTS, defaults=session.registry.default_router("lib"))
+    assert done.request.router.input_centre == "base" and done.notices == []
+    off = normalise(RawRequest("hi", input_centre="none"), EXPERTS, defaults=session.registry.default_router("lib"))
+    assert off.request.router.input_centre == "none"  # the user's choice beats the library's
+    trace = session.run(RawRequest(PROMPT, library="lib", max_new_tokens=0)).trace
+    assert trace.router.input_centre == "base"
 
 
 def test_normaliser_checks_centring_with_notices():
@@ -114,6 +133,21 @@ def test_normaliser_checks_centring_with_notices():
     assert two.request.router.centre == "none" and "needs at least 3 routed experts" in two.notices[0]
     ok = normalise(RawRequest("hi", centre="general:gk", centre_scope="weights"), lib, names=lib + ["gk"])
     assert (ok.request.router.centre, ok.request.router.centre_scope, ok.notices) == ("general:gk", "weights", [])
+
+
+def test_normaliser_checks_input_centring_with_notices():
+    lib = ["a", "b", "c"]
+    assert normalise(RawRequest("hi"), lib).request.router.input_centre == "none"
+    base = normalise(RawRequest("hi", input_centre=" base "), lib)
+    assert (base.request.router.input_centre, base.notices) == ("base", [])
+    for value in ("median", 3):
+        done = normalise(RawRequest("hi", input_centre=value), lib)
+        assert done.error is None and done.request.router.input_centre == "none", done.notices
+        assert done.notices == [f"Unknown input centring '{value}': using 'none' (choose none or base)."]
+    bad_default = normalise(RawRequest("hi"), lib, defaults={"input_centre": "median"})
+    assert bad_default.request.router.input_centre == "none" and "Unknown input centring" in bad_default.notices[0]
+    strict = normalise(RawRequest("hi", input_centre="median"), lib, limits=CLI_LIMITS, strict=True)
+    assert strict.request is None and strict.error == "Unknown input centre 'median': use one of none, base."
 
 
 # ---------------------------------------------------------------- adding an expert

@@ -23,7 +23,8 @@ from library_store.testing import TASKS, TINY, make_tiny_library, make_tiny_mbc_
 
 EXPERTS = sorted(TASKS[:5])
 ROUTE_ARGS = dict(chat=True, top_k=2, temperature=1.0, centre="none", centre_scope="prototypes", max_new=4,
-                  disabled=[], module="mean", colour_by="expert", grid_by="weight", show_template=False)
+                  disabled=[], module="mean", colour_by="expert", grid_by="weight", show_template=False,
+                  input_centre="none")
 
 
 pytestmark = pytest.mark.usefixtures("module_derived_cache")  # an empty derived cache for this module
@@ -278,6 +279,17 @@ def test_route_callback_streams_then_fills_every_output(session):
     assert legend and set(legend) <= set(EXPERTS)
 
 
+def test_route_callback_carries_input_centring_into_the_trace(session):
+    out = route(session, input_centre="base", max_new=0)
+    assert out["notice"] == "" and json.loads(out["trace_json"])["router"]["input_centre"] == "base"
+    out = route(session, input_centre="median", max_new=0)
+    assert "Unknown input centring &#x27;median&#x27;" in out["notice"]  # escaped: a notice is HTML
+    assert json.loads(out["trace_json"])["router"]["input_centre"] == "none"
+    args = {**ROUTE_ARGS, "max_new": 0}  # an API client from before input centring: 13 values, the default
+    *_, out = cb.route(session, "hi", "lib", *[args[k] for k in ROUTE_ARGS][:-1])
+    assert json.loads(out["trace_json"])["router"]["input_centre"] == "none"
+
+
 def test_route_callback_turns_refusals_into_escaped_messages(session):
     out = route(session, "   ")
     assert "The prompt is empty" in out["notice"] and out["state"] is None and out["trace_json"] == ""
@@ -350,6 +362,11 @@ def test_build_demo_wires_every_event_with_an_api_name(session):
     route_dep = next(d for d in config["dependencies"] if d["api_name"] == "route")
     assert len(route_dep["outputs"]) == len(cb.ROUTE_OUTPUTS)
     assert [ids[i] for i in route_dep["outputs"][:3]] == ["notice", "generated", "grid"]
+    assert ids[route_dep["inputs"][-1]] == "input-centre"  # last: older API clients keep their positions
+    defaults_dep = next(d for d in config["dependencies"] if d["api_name"] == "router_defaults")
+    assert [ids[i] for i in defaults_dep["outputs"]][-3:] == ["centre", "centre-scope", "input-centre"]
+    radio = next(c["props"] for c in config["components"] if c.get("props", {}).get("elem_id") == "input-centre")
+    assert [ch[0] for ch in radio["choices"]] == ["none", "base"] and "docs/design.md" in radio["info"]
     documented = Path(__file__).resolve().parents[2] / "docs" / "page_api.md"
     assert all(f"`/{name}`" in documented.read_text() for name in names), "docs/page_api.md lists every api_name"
 
