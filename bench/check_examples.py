@@ -1,0 +1,94 @@
+"""Do the page's example prompts show what they claim? Each example of `assets/examples.json` that names a
+`task` and an `answer` is answered and routed by a library with its recorded default router (the page's
+start-up setting), and checked: the task's own expert (MBC: its cluster) has the largest mean weight over the
+user's text, by a clear margin over the next one, and the greedy answer is right. Free-text examples are only
+shown.
+
+Usage::
+
+    .venv/bin/python bench/check_examples.py --library assets/libraries/demo-mbc
+    .venv/bin/python bench/check_examples.py --library assets/libraries/demo-private --prompts "Please compute 25 + 19"
+
+Prints one line per example (winner, its mean weight share, the runner-up's, the answer) and exits 1 when a
+checked example fails. `--prompts` tries other texts (no checks), to pick candidates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EXAMPLES = ROOT / "assets" / "examples.json"
+MIN_LEAD = 0.05  # the winner's mean weight share must beat the runner-up's by this much: decisive routing
+
+
+def shares(trace, groups: dict[str, str] | None) -> dict[str, float]:
+    """Mean weight over the user's text per expert (or cluster), summing to about 1."""
+    w = trace.module_weights()[:, trace.positions("user")]  # (L, P, E)
+    names, w = trace._grouped(w, groups)
+    mean = w.mean(axis=(0, 1))  # (G,)
+    return {n: float(m) for n, m in zip(names, mean / max(mean.sum(), 1e-12))}
+
+
+def check(rm, example: dict, own: dict[str, str], groups, max_new: int) -> dict:
+    from bench.eval_common import exact_match
+
+    trace = rm.trace(example["prompt"], max_new_tokens=max_new)
+    ranked = sorted(shares(trace, groups).items(), key=lambda kv: -kv[1])
+    out = {"prompt": example["prompt"], "family": example.get("family"), "answer": trace.text.strip(),
+           "winner": ranked[0][0], "share": ranked[0][1], "runner_up": ranked[1] if len(ranked) > 1 else None}
+    task = example.get("task")
+    if task:
+        want = own.get(task)
+        out.update(expected=want, routed_ok=ranked[0][0] == want,
+                   decisive=len(ranked) < 2 or ranked[0][1] - ranked[1][1] >= MIN_LEAD,
+                   answer_ok=bool(exact_match(trace.text, example["answer"])))
+        out["ok"] = out["routed_ok"] and out["decisive"] and out["answer_ok"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--library", default=str(ROOT / "assets" / "libraries" / "demo-mbc"))
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--examples", default=str(EXAMPLES))
+    ap.add_argument("--prompts", nargs="*", help="try these texts instead (printed, not checked)")
+    ap.add_argument("--max-new", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from bench.eval_common import library_router, load_base
+    from explorer.routing.model import RoutedModel
+    from library_store.store.library import ExpertLibrary
+
+    base = load_base(args.model)
+    lib = ExpertLibrary.open(args.library, readonly=True, base=base)
+    router, source = library_router(lib)
+    rm = RoutedModel.from_library(base, lib, router)
+    own = {t: i.name for i in lib.infos() if i.name in rm.experts for t in i.tasks}  # task -> its routed expert
+    examples = [{"prompt": p} for p in args.prompts] if args.prompts else json.loads(Path(args.examples).read_text())
+    print(f"{Path(args.library).name}, router {router.to_dict()} ({source})")
+    failed = 0
+    for ex in examples:
+        r = check(rm, ex, own, None, args.max_new)
+        runner = f", next {r['runner_up'][0]} {r['runner_up'][1]:.0%}" if r["runner_up"] else ""
+        verdict = "" if "ok" not in r else (" OK" if r["ok"] else
+                                             f" FAIL (routed {r['routed_ok']}, decisive {r['decisive']}, "
+                                             f"answer {r['answer_ok']})")
+        failed += "ok" in r and not r["ok"]
+        print(f"- {r['prompt']!r} -> {r['winner']} {r['share']:.0%}{runner}; answer {r['answer']!r}{verdict}")
+    rm.detach()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
