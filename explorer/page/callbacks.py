@@ -171,7 +171,8 @@ def library(session: Session, name, progress=None) -> dict:
 
 
 def router_controls(session: Session, name) -> dict:
-    """The router controls (ROUTER_OUTPUTS) set to the library's default router."""
-    if name not in session.registry.libs:
+    """The router controls (ROUTER_OUTPUTS) set to the library's default router. Waits for the model like
+    `library`: on the page's load the libraries are registered only once the model is ready."""
+    if ensure_loaded(session) is not None or name not in session.registry.libs:
         return {key: update() for key in ROUTER_OUTPUTS}
     return library_router_controls(session, name)
