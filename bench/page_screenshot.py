@@ -6,6 +6,7 @@ Usage::
     python bench/page_screenshot.py                               # SmolLM2 + demo-mbc -> /tmp/instrument.png
     python bench/page_screenshot.py --out docs/screenshot.png --prompt "Add these numbers: 47 + 28"
     python bench/page_screenshot.py --base-model tiny-random-llama --library /tmp/lib
+    python bench/page_screenshot.py --out docs/screenshot.png --card-out docs/report_card.png   # + the Library tab
 
 Starts `app.py` on a free port, drives it with Playwright, stops it.
 """
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--library", default=str(ROOT / "assets" / "libraries" / "demo-mbc"))
     parser.add_argument("--prompt", default="Reverse the letters of this word: garden")
     parser.add_argument("--out", default="/tmp/instrument.png")
+    parser.add_argument("--card-out", default=None, help="also a screenshot of the Library tab's report card")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -59,10 +61,17 @@ def main() -> None:
             page.locator("#drill tr.x-exp").first.hover()  # its points grow on the map
             page.wait_for_timeout(500)
             page.screenshot(path=args.out, full_page=True)
+            if args.card_out:
+                page.get_by_role("tab", name="Library").click()
+                page.wait_for_function("document.querySelector('#report-card').innerText.includes('explain')",
+                                       timeout=120_000)
+                page.wait_for_selector("#report-layers .js-plotly-plot", timeout=60_000)
+                page.wait_for_timeout(1000)
+                page.screenshot(path=args.card_out, full_page=True)
             browser.close()
     finally:
         stop(proc)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" + (f" and {args.card_out}" if args.card_out else ""))
 
 
 if __name__ == "__main__":
