@@ -138,10 +138,9 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
                                          elem_id="centre")
                     centre_scope = gr.Radio(["prototypes", "weights"], value="prototypes", label="centre scope",
                                             min_width=190, elem_id="centre-scope")
-                    input_centre = gr.Radio(["none", "base"], value="none", label="input centring", min_width=150,
-                                            elem_id="input-centre",
-                                            info="subtract the base model's mean layer input before scoring "
-                                                 "(docs/design.md)")
+                    # no `info` line: the control row must stay short so grid and map fit 1440 x 900
+                    input_centre = gr.Radio(["none", "base"], value="none", label="input centring",
+                                            min_width=120, elem_id="input-centre")
                     max_new = gr.Slider(0, MAX_NEW_TOKENS, value=32, step=1, label="new tokens", min_width=110,
                                         elem_id="max-new")
                     disabled = gr.Dropdown(choices=[], multiselect=True, value=[], allow_custom_value=True,

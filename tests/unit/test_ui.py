@@ -366,7 +366,7 @@ def test_build_demo_wires_every_event_with_an_api_name(session):
     defaults_dep = next(d for d in config["dependencies"] if d["api_name"] == "router_defaults")
     assert [ids[i] for i in defaults_dep["outputs"]][-3:] == ["centre", "centre-scope", "input-centre"]
     radio = next(c["props"] for c in config["components"] if c.get("props", {}).get("elem_id") == "input-centre")
-    assert [ch[0] for ch in radio["choices"]] == ["none", "base"] and "docs/design.md" in radio["info"]
+    assert [ch[0] for ch in radio["choices"]] == ["none", "base"] and radio["label"] == "input centring"
     documented = Path(__file__).resolve().parents[2] / "docs" / "page_api.md"
     assert all(f"`/{name}`" in documented.read_text() for name in names), "docs/page_api.md lists every api_name"
 
