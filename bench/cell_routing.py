@@ -1,0 +1,78 @@
+"""How often does a task's own expert win a single (layer, token) cell, not just the mean over layers?
+
+The routing evaluation's headline asks whether the own expert has the largest *mean* weight over the user's
+text. This asks the stricter, per-cell question the grid on the page shows: in what share of (layer, token)
+cells is the own expert the top-1, and what weight does it carry there on average, over the user's text,
+the generated tokens and the whole prompt. The library's default router is used, with greedy answers.
+
+Usage::
+
+    .venv/bin/python bench/cell_routing.py --library assets/libraries/demo-private \\
+        --tasks date_iso_to_us,add,list_to_csv,sentiment_words --n 8
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def cell_shares(rm, task, expert: str, n: int, max_new: int) -> dict:
+    """{which: (share of cells where `expert` is top-1, its mean weight)} over n held-out prompts."""
+    e = rm.experts.index(expert)
+    top: dict[str, list[float]] = {"user": [], "generated": [], "prompt": []}
+    weight: dict[str, list[float]] = {k: [] for k in top}
+    for ex in task.examples("heldout")[:n]:
+        trace = rm.trace(ex.input, max_new_tokens=max_new)
+        w = trace.module_weights()  # (L, T, E)
+        for which in top:
+            pos = trace.positions(which)
+            if pos:
+                cells = w[:, pos]  # (L, P, E)
+                top[which].append(float((cells.argmax(-1) == e).mean()))
+                weight[which].append(float(cells[..., e].mean()))
+    return {k: (float(np.mean(top[k])), float(np.mean(weight[k]))) for k in top if top[k]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--library", default=str(ROOT / "assets" / "libraries" / "demo-private"))
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--tasks", default="date_iso_to_us,add,list_to_csv,sentiment_words")
+    ap.add_argument("--n", type=int, default=8, help="held-out prompts per task")
+    ap.add_argument("--max-new", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from bench.eval_common import library_router, load_base
+    from explorer.routing.model import RoutedModel
+    from library_store.store.library import ExpertLibrary
+    from library_store.tasks import resolve_tasks
+
+    base = load_base(args.model)
+    lib = ExpertLibrary.open(args.library, readonly=True, base=base)
+    router, source = library_router(lib)
+    rm = RoutedModel.from_library(base, lib, router)
+    own = {t: i.name for i in lib.infos() if i.name in rm.experts for t in i.tasks}
+    print(f"{Path(args.library).name}, router {router.to_dict()} ({source}); {len(rm.experts)} experts")
+    print("| task | own expert | top-1 share of cells: user · generated · prompt | own mean weight: user · generated |")
+    print("|---|---|---|---|")
+    for task in resolve_tasks("builtin:" + args.tasks):
+        r = cell_shares(rm, task, own[task.name], args.n, args.max_new)
+        tops = " · ".join(f"{r[k][0]:.2f}" for k in ("user", "generated", "prompt") if k in r)
+        weights = " · ".join(f"{r[k][1]:.2f}" for k in ("user", "generated") if k in r)
+        print(f"| {task.name} | {own[task.name]} | {tops} | {weights} |")
+    rm.detach()
+
+
+if __name__ == "__main__":
+    main()
