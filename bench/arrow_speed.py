@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from bench.eval_common import write_json  # noqa: E402
 
 from random_base import random_base, random_experts  # noqa: E402
 
@@ -256,9 +257,7 @@ def main(argv=None) -> int:
         print(f"E={r['E']}: forward {r['routed_forward_s'] * 1e3:.0f} / {r['base_forward_s'] * 1e3:.0f} ms, "
               f"generation {r['routed_tok_s']:.1f} / {r['base_tok_s']:.1f} tok/s (routed / base)")
     print(f"total {out['total_s']:.0f} s")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, out)}")
     return 0
 
 

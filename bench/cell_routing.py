@@ -53,17 +53,11 @@ def main(argv=None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from bench.eval_common import library_router, load_base
-    from explorer.routing.model import RoutedModel
-    from library_store.store.library import ExpertLibrary
+    from bench.eval_common import attach_with_default
     from library_store.tasks import resolve_tasks
 
-    base = load_base(args.model)
-    lib = ExpertLibrary.open(args.library, readonly=True, base=base)
-    router, source = library_router(lib)
-    rm = RoutedModel.from_library(base, lib, router)
-    own = {t: i.name for i in lib.infos() if i.name in rm.experts for t in i.tasks}
-    print(f"{Path(args.library).name}, router {router.to_dict()} ({source}); {len(rm.experts)} experts")
+    rm, source, own = attach_with_default(args.library, args.model)
+    print(f"{Path(args.library).name}, router {rm.router.to_dict()} ({source}); {len(rm.experts)} experts")
     print("| task | own expert | top-1 share of cells: user · generated · prompt | own mean weight: user · generated |")
     print("|---|---|---|---|")
     for task in resolve_tasks("builtin:" + args.tasks):

@@ -29,19 +29,18 @@ EXAMPLES = ROOT / "assets" / "examples.json"
 MIN_LEAD = 0.05  # the winner's mean weight share must beat the runner-up's by this much: decisive routing
 
 
-def shares(trace, groups: dict[str, str] | None) -> dict[str, float]:
-    """Mean weight over the user's text per expert (or cluster), summing to about 1."""
-    w = trace.module_weights()[:, trace.positions("user")]  # (L, P, E)
-    names, w = trace._grouped(w, groups)
-    mean = w.mean(axis=(0, 1))  # (G,)
-    return {n: float(m) for n, m in zip(names, mean / max(mean.sum(), 1e-12))}
+def shares(trace) -> dict[str, float]:
+    """Mean weight over the user's text per routed expert (an MBC library routes over its clusters), summing
+    to about 1."""
+    mean = trace.module_weights()[:, trace.positions("user")].mean(axis=(0, 1))  # (E,)
+    return {n: float(m) for n, m in zip(trace.experts, mean / max(mean.sum(), 1e-12))}
 
 
-def check(rm, example: dict, own: dict[str, str], groups, max_new: int) -> dict:
+def check(rm, example: dict, own: dict[str, str], max_new: int) -> dict:
     from bench.eval_common import exact_match
 
     trace = rm.trace(example["prompt"], max_new_tokens=max_new)
-    ranked = sorted(shares(trace, groups).items(), key=lambda kv: -kv[1])
+    ranked = sorted(shares(trace).items(), key=lambda kv: -kv[1])
     out = {"prompt": example["prompt"], "family": example.get("family"), "answer": trace.text.strip(),
            "winner": ranked[0][0], "share": ranked[0][1], "runner_up": ranked[1] if len(ranked) > 1 else None}
     task = example.get("task")
@@ -66,20 +65,14 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from bench.eval_common import library_router, load_base
-    from explorer.routing.model import RoutedModel
-    from library_store.store.library import ExpertLibrary
+    from bench.eval_common import attach_with_default
 
-    base = load_base(args.model)
-    lib = ExpertLibrary.open(args.library, readonly=True, base=base)
-    router, source = library_router(lib)
-    rm = RoutedModel.from_library(base, lib, router)
-    own = {t: i.name for i in lib.infos() if i.name in rm.experts for t in i.tasks}  # task -> its routed expert
+    rm, source, own = attach_with_default(args.library, args.model)
     examples = [{"prompt": p} for p in args.prompts] if args.prompts else json.loads(Path(args.examples).read_text())
-    print(f"{Path(args.library).name}, router {router.to_dict()} ({source})")
+    print(f"{Path(args.library).name}, router {rm.router.to_dict()} ({source})")
     failed = 0
     for ex in examples:
-        r = check(rm, ex, own, None, args.max_new)
+        r = check(rm, ex, own, args.max_new)
         runner = f", next {r['runner_up'][0]} {r['runner_up'][1]:.0%}" if r["runner_up"] else ""
         verdict = "" if "ok" not in r else (" OK" if r["ok"] else
                                              f" FAIL (routed {r['routed_ok']}, decisive {r['decisive']}, "

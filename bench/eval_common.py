@@ -102,6 +102,20 @@ def library_router(lib, fallback_top_k: int = 4):
     return arrow_router(lib, fallback_top_k), "fallback (no recorded default)"
 
 
+def attach_with_default(library: str, model: str):
+    """A library read-only, attached with its default router: (RoutedModel, source of the router, {task: the
+    routed expert trained on it}). The bench scripts that look at the page's start-up setting share this."""
+    from explorer.routing.model import RoutedModel
+    from library_store.store.library import ExpertLibrary
+
+    base = load_base(model)
+    lib = ExpertLibrary.open(library, readonly=True, base=base)
+    router, source = library_router(lib)
+    rm = RoutedModel.from_library(base, lib, router)
+    own = {t: i.name for i in lib.infos() if i.name in rm.experts for t in i.tasks}
+    return rm, source, own
+
+
 # ---------------------------------------------------------------- scoring
 
 

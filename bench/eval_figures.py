@@ -24,6 +24,13 @@ def _color(v: float) -> str:
     return f"rgb({r},{g},{b})"
 
 
+def _svg_open(width, height, title: str) -> list[str]:
+    """The opening of every figure: the svg element on a white background and its bold title."""
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+            f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+            f'<text x="5" y="16" font-size="13" font-weight="bold">{escape(title)}</text>']
+
+
 def svg_heatmap(matrix: np.ndarray, rows: list[str], cols: list[str], title: str, cell: int = 28) -> str:
     """A self-contained SVG heatmap (renders on GitHub without plotly or matplotlib). Values are scaled by
     the matrix maximum; each cell also prints its value."""
@@ -32,9 +39,7 @@ def svg_heatmap(matrix: np.ndarray, rows: list[str], cols: list[str], title: str
     left = max(len(r) for r in rows) * 7 + 10
     w, h = left + cell * len(cols) + 10, top + cell * len(rows) + 10
     vmax = m.max() if m.size and m.max() > 0 else 1.0
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-             f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
-             f'<text x="5" y="16" font-size="13" font-weight="bold">{escape(title)}</text>']
+    parts = _svg_open(w, h, title)
     for j, c in enumerate(cols):
         x = left + j * cell + cell / 2
         parts.append(f'<text transform="translate({x + 4},{top - 4}) rotate(-60)">{escape(c)}</text>')
@@ -58,9 +63,7 @@ def svg_intervals(labels: list[str], stats: list[tuple[float, float, float]], ti
     plot_w = width - left - 20
     h = top + row * len(labels) + 30
     x = lambda v: left + plot_w * min(max(v, 0.0), 1.0)  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" font-family="sans-serif" '
-             f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
-             f'<text x="5" y="16" font-size="13" font-weight="bold">{escape(title)}</text>']
+    parts = _svg_open(width, h, title)
     for t in np.linspace(0, 1, 6):
         parts.append(f'<line x1="{x(t)}" y1="{top - 8}" x2="{x(t)}" y2="{h - 25}" stroke="#eee"/>'
                      f'<text x="{x(t)}" y="{h - 10}" text-anchor="middle">{t:.1f}</text>')
@@ -89,9 +92,7 @@ def svg_lines(xs: list, series: dict[str, list[float]], title: str, xlabel: str,
     n = max(len(xs) - 1, 1)
     x = lambda i: left + pw * i / n  # noqa: E731
     y = lambda v: top + ph * (1 - min(max(v, 0.0), 1.0))  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
-             f'<text x="5" y="16" font-size="13" font-weight="bold">{escape(title)}</text>']
+    parts = _svg_open(width, height, title)
     for t in np.linspace(0, 1, 6):
         parts.append(f'<line x1="{left}" y1="{y(t)}" x2="{left + pw}" y2="{y(t)}" stroke="#eee"/>'
                      f'<text x="{left - 5}" y="{y(t) + 4}" text-anchor="end">{t:.1f}</text>')

@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench.eval_common import write_json  # noqa: E402
+
 from arrow_speed import Clock, interleaved, ratio  # noqa: E402
 from random_base import random_base, random_experts  # noqa: E402
 
@@ -134,9 +136,7 @@ def main(argv=None) -> int:
               f"| {r['trace_bytes_per_token']:.0f} ({r['dense_trace_bytes_per_token']}) | {r['peak_rss_gb']:.2f} | "
               f"{'-' if r['cuda_peak_gb'] is None else format(r['cuda_peak_gb'], '.2f')} |")
     print(f"total {out['total_s']:.0f} s")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, out)}")
     return 0
 
 

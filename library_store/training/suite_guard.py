@@ -27,6 +27,14 @@ def recorded_suite(lib) -> dict | None:
     return hit[1] if hit else None
 
 
+def shared_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two suite manifests on the tasks both name (the suite version included): a later
+    build may add tasks, never change one."""
+    shared = [n for n in new["tasks"] if n in old.get("tasks", {})]
+    return suite_changes({"version": old.get("version"), "tasks": {n: old["tasks"][n] for n in shared}},
+                         {"version": new["version"], "tasks": {n: new["tasks"][n] for n in shared}})
+
+
 def check_suite(lib, tasks: list[Task], rebuild: bool = False) -> list[str]:
     """Compare the tasks with the recorded suite; record the union. Returns the names of tasks that changed
     (only possible with rebuild=True; without it a change raises SuiteChanged)."""
@@ -39,8 +47,7 @@ def check_suite(lib, tasks: list[Task], rebuild: bool = False) -> list[str]:
     changed: list[str] = []
     if old is not None:
         shared = {n: old["tasks"][n] for n in new["tasks"] if n in old.get("tasks", {})}
-        diff = suite_changes({"version": old.get("version"), "tasks": shared},
-                             {"version": new["version"], "tasks": {n: new["tasks"][n] for n in shared}})
+        diff = shared_changes(old, new)
         if diff and not rebuild:
             raise SuiteChanged(f"The task suite differs from the one {lib.root} was built on:\n  "
                                + "\n  ".join(diff) + "\nPass --rebuild to retrain the changed experts.")

@@ -19,9 +19,9 @@ from dataclasses import replace
 
 from library_store.store.library import ExpertLibrary
 from library_store.tasks import Task
-from library_store.tasks.suite import suite_changes, suite_manifest
+from library_store.tasks.suite import suite_manifest
 from library_store.training.mbc import warmup_name
-from library_store.training.suite_guard import SuiteChanged, recorded_suite
+from library_store.training.suite_guard import SuiteChanged, recorded_suite, shared_changes
 from library_store.training.train import TrainConfig
 
 
@@ -41,10 +41,7 @@ def _check_suite(src: ExpertLibrary, tasks: list[Task]) -> None:
     if old is None:
         raise SuiteChanged(f"{src.root} has no record of the task suite its experts were trained on; "
                            "its experts cannot be reused as warm-ups.")
-    new = suite_manifest(tasks)
-    shared = {"version": old.get("version"), "tasks": {n: old["tasks"][n] for n in new["tasks"]
-                                                       if n in old.get("tasks", {})}}
-    diff = suite_changes(shared, new)
+    diff = shared_changes(old, suite_manifest(tasks))  # every task has an expert there: all are shared
     if diff:
         raise SuiteChanged(f"The task suite differs from the one {src.root} was trained on:\n  "
                            + "\n  ".join(diff))
