@@ -124,7 +124,6 @@ class RoutedGroup(nn.Module):
         rows = torch.cat([pad_rank(s.A, r).reshape(E * r, d) for s in stacks])  # (G E r, d)
         self.register_buffer("proj", torch.cat([protos, rows]).to(device, dtype).contiguous(), persistent=False)
         self.outs = [s.B.shape[1] for s in stacks]
-        self._full = [out == max(self.outs) for out in self.outs]  # no padding to slice off
         up = torch.zeros(G * E, r, max(self.outs))  # (G E, r, out_max)
         for m, s in enumerate(stacks):
             B = pad_rank(s.B.transpose(1, 2), r) * s.scaling.view(E, 1, 1)  # (E, r, out) = (s_e B_e)ᵀ
@@ -136,7 +135,7 @@ class RoutedGroup(nn.Module):
         self.sites = [s.site for s in stacks]
         self.register_buffer("shift", None, persistent=False)  # (G E,) mu · p_e, subtracted from the scores
         self.keys: list[tuple[int, int]] = []  # members' trace keys, filled in by the members
-        self._cache: tuple | None = None  # (input tensor, router version, result)
+        self._cache: tuple | None = None  # (input tensor, router version, result); set with object.__setattr__
         self._take_views()
 
     def _take_views(self) -> None:
@@ -185,7 +184,7 @@ class RoutedGroup(nn.Module):
 
     def compute(self, x: torch.Tensor) -> tuple:
         """x (..., d) -> ("dense", weighted A-projections (t, G, E·r)) or, for one token routed over few of
-        many experts, ("sparse", [member m's update (1, out_m) for each m])."""
+        many experts, ("sparse", every member's update (G, out_max); member m's is row m, columns :out_m)."""
         st = self.state
         cached = self._cache  # one attribute read: a consistent (input, version, result) even across threads
         if cached is not None and cached[0] is x and cached[1] == st.version:
@@ -216,15 +215,16 @@ class RoutedGroup(nn.Module):
                 chosen = a.gather(2, idx.unsqueeze(-1).expand(*idx.shape, r))  # (t, G, k, r)
                 self._record(idx, w_top, s, chosen, ranked)
             out = ("dense", a.view(t, G, E * r))
-        self._cache = (x, st.version, out)
+        object.__setattr__(self, "_cache", (x, st.version, out))  # a plain attribute: skip Module.__setattr__
         return out
 
     def _one_token(self, h: torch.Tensor) -> list[torch.Tensor]:
         """Decoding: read only the top-k experts' A and B rows, for all members at once, in as few ops as
         possible (each costs microseconds of dispatch, which is what a decoding step spends routing).
-        h (d,) -> [member m's update (1, out_m)]."""
+        h (d,) -> (G, out_max) every member's update, zero-padded to the widest member."""
         G, k, r = self.n_members, self.state.top_k, self.rank
-        scores = torch.mv(self._protos, h) if self._shift is None else torch.mv(self._protos, h) - self._shift
+        shift = self._shift
+        scores = torch.mv(self._protos, h) if shift is None else torch.addmv(shift, self._protos, h, beta=-1)
         w_top, idx, s = self.route_top(scores.view(G, -1))  # (G, k), (G, k), (G, E)
         flat = (idx + self._offsets).view(-1)  # (G k,) rows of (member, expert)
         z = torch.mv(self._a_rows.index_select(0, flat).view(G * k * r, -1), h)  # (G k r,) = A_e h
@@ -232,7 +232,7 @@ class RoutedGroup(nn.Module):
         if self.state.capture is not None:
             self._record(idx, w_top, s, a)  # (G, k) ...: one token, no token axis (added when assembled)
         d = torch.bmm(a.view(G, 1, k * r), self._up.index_select(0, flat).view(G, k * r, -1))  # (G, 1, out_max)
-        return [d[m] if full else d[m, :, :out] for m, (out, full) in enumerate(zip(self.outs, self._full))]
+        return d.view(G, -1)  # (G, out_max): member m's update is row m, its first out_m columns
 
     def route_top(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(..., E) raw scores h · p_e -> top-k softmax(|s| / T) weights (..., k), expert ids (..., k), and |s|
@@ -270,7 +270,7 @@ class RoutedGroup(nn.Module):
         self.state.capture.append(("route", self, idx, w_top, s, a))
 
     def clear(self) -> None:
-        self._cache = None
+        object.__setattr__(self, "_cache", None)
 
 
 class RoutedLinear(nn.Module):
@@ -303,6 +303,8 @@ class RoutedLinear(nn.Module):
         self.group.keys.append(key)
         self.member, self.n_experts, self.out = member, E, out
         self.last = member == self.group.n_members - 1
+        self._full = out == max(self.group.outs)  # no zero padding to slice off the group's one-token update
+        self._plain = type(base) is nn.Linear  # its forward is F.linear, so the update can ride in as a bias
         # plain aliases of the two children for the hot path (nn.Module.__getattr__ is slow when decoding)
         object.__setattr__(self, "_base", base)
         object.__setattr__(self, "_group", self.group)
@@ -312,19 +314,26 @@ class RoutedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.state
-        y = self._base(x)  # (..., out)
+        base = self._base
         if st.mode == "base":
-            return y
+            return base(x)
         group = self._group
         kind, a = group.compute(x)
         if self.last:  # the last reader (v): do not keep activations alive
             group.clear()
+        if kind == "sparse":  # one token: the group made every member's update, (G, out_max)
+            d = a[self.member] if self._full else a[self.member, : self.out]  # (out,)
+            if st.capture is None:
+                if self._plain:  # decoding's hot path: the update goes in as the bias, one op for W h + b + d
+                    return F.linear(x, base.weight, d if base.bias is None else d + base.bias)
+                return base(x) + d
+        y = base(x)  # (..., out)
         if st.capture is not None:
             wide = None if y.dtype == torch.float64 else torch.float32  # bf16 sums lose digits
             st.capture.append(("norm", self.key, torch.linalg.vector_norm(y.reshape(-1, self.out), dim=-1,
                                                                           dtype=wide)))  # (t,)
-        if kind == "sparse":  # one token: the group made every member's update, (1, out) onto (..., 1, out)
-            return y + a[self.member]
+        if kind == "sparse":
+            return y + d
         y2 = y.reshape(-1, self.out)  # (t, out)
         a_m, up = a[:, self.member], group.member_up(self.member)  # (t, E r), (E r, out)
         if a_m.dtype != y2.dtype:

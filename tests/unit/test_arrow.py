@@ -79,6 +79,33 @@ def test_routed_linear_matches_the_definition():
     torch.testing.assert_close(layer(x), layer.base(x) + delta.view(2, 7, 12), atol=1e-5, rtol=1e-5)
 
 
+class _Doubled(nn.Linear):
+    """A Linear subclass with its own forward: routing must call it, not F.linear."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["linear", "linear-no-bias", "subclass"])
+def test_one_token_decoding_matches_the_definition(kind):
+    """Decoding (one token, top_k <= E / 2, no trace) adds the update as the base layer's bias; a Linear
+    subclass keeps its own forward."""
+    E, r, d, out = 6, 3, 16, 12
+    A, B = factors(E, r, d, out, seed=1)
+    base = (_Doubled if kind == "subclass" else nn.Linear)(d, out, bias=kind != "linear-no-bias")
+    stack = SiteStack("model.layers.0.self_attn.q_proj", compute_prototypes(A, B), A, B, torch.arange(1.0, E + 1))
+    layer = RoutedLinear(base, stack, RouterState(top_k=2, temperature=0.7), key=(0, 0))
+    for seed in range(4):
+        x = torch.randn(1, 1, d, generator=torch.Generator().manual_seed(seed))
+        h = x.reshape(1, d)
+        s = (h @ compute_prototypes(A, B).T).abs() / 0.7  # (1, E)
+        top, idx = s.topk(2, dim=-1)
+        w = torch.zeros_like(s).scatter_(1, idx, top.softmax(-1))  # (1, E)
+        delta = torch.einsum("te,e,eor,erd,td->to", w, torch.arange(1.0, E + 1), B, A, h)  # (1, out)
+        torch.testing.assert_close(layer(x), base(x) + delta.view(1, 1, out), atol=1e-5, rtol=1e-5)
+
+
 @torch.no_grad()
 def test_routed_linear_masked_experts_get_no_weight():
     layer, _, _ = make_layer(top_k=3)
