@@ -1,0 +1,163 @@
+"""Would another routing score pick the own expert in more single (layer, token) cells than Arrow's?
+
+The own expert wins the user's text by the *mean* over layers, but is the top-1 of few single cells
+(bench/cell_routing.py), and that gap is what S5 measures. This probe asks whether the score is to blame. It
+records the input of every routed group once, under the library's default router, and scores the same
+hidden states several ways:
+
+- `arrow`: Arrow's |(h - mu) · p_e| (input-centred when the default router is), what the engine routes by;
+- `spectral`: ||ΔW_e (h - mu)|| / σ1(ΔW_e), the whole rank-r spectrum of the expert instead of its top
+  singular vector (as in SpectR, Fleshman & Van Durme 2024); the same as Arrow for a rank-1 expert;
+- `zscore`: Arrow's score divided by its root mean square over the calibration prompts' tokens, per expert
+  and site (an expert whose prototype lies along a high-variance direction no longer wins every token);
+- `ema0.5`: Arrow's scores smoothed over the tokens, causally (s_t <- 0.5 s_t-1 + 0.5 s_t).
+
+Each is turned into top-k weights the way the router does, then scored as the routing evaluation does: the
+share of prompts whose user text routes to the own expert by the mean weight, and the share of the user text's
+(layer, module, token) cells whose top-1 is the own expert.
+
+Usage::
+
+    .venv/bin/python bench/routing_scores.py --library assets/libraries/demo-private --split paraphrase --n 6
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = ("arrow", "spectral", "zscore", "ema0.5")
+
+
+class Sites:
+    """Every routed group's factors, and a hook that records its input (t, d) on each forward."""
+
+    def __init__(self, rm):
+        from explorer.routing.layer import RoutedLinear
+
+        self.groups = [m.group for _, m in rm.base.model.named_modules() if isinstance(m, RoutedLinear) and m.member == 0]
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.hooks = []
+        for i, g in enumerate(self.groups):
+            first = next(m for m in rm.base.model.modules() if isinstance(m, RoutedLinear) and m.group is g)
+            self.hooks.append(first.register_forward_pre_hook(self._record(i)))
+        E = len(rm.experts)
+        centred = rm.router.input_centre == "base"
+        self.factors = []
+        for g in self.groups:
+            G, r = g.n_members, g.rank
+            P = g.protos.float().view(G, E, -1)  # (G, E, d)
+            A = g.a_rows.float().view(G, E, r, -1)  # (G, E, r, d)
+            K = g.gram.float().view(G, E, r, r)  # (G, E, r, r) = (s B)ᵀ (s B)
+            s1 = torch.linalg.eigvals(A @ A.transpose(-1, -2) @ K).real.amax(-1).clamp_min(1e-30).sqrt()  # (G, E)
+            d = P.shape[-1]
+            mu = torch.stack([rm._means[s].float() for s in g.sites]) if centred else torch.zeros(G, d)  # (G, d)
+            self.factors.append((P, A, K, s1, mu))
+        self.rms: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _record(self, i):
+        def hook(_module, args):
+            self.inputs[i] = args[0].reshape(-1, args[0].shape[-1]).detach().float()  # (t, d)
+        return hook
+
+    def scores(self, kind: str, i: int) -> torch.Tensor:
+        """(t, G, E) scores of group i's recorded input."""
+        P, A, K, s1, mu = self.factors[i]
+        hc = self.inputs[i].unsqueeze(0) - mu.unsqueeze(1)  # (G, t, d)
+        if kind == "spectral":
+            a = torch.einsum("gerd,gtd->tger", A, hc)  # (t, G, E, r)
+            return torch.einsum("tger,gers,tges->tge", a, K, a).clamp_min(0).sqrt() / s1  # (t, G, E)
+        s = torch.einsum("ged,gtd->tge", P, hc).abs()  # (t, G, E)
+        if kind == "zscore":
+            return s / self.rms[("arrow", i)]
+        if kind.startswith("ema"):
+            alpha = float(kind[3:])
+            out = s.clone()
+            for t in range(1, s.shape[0]):
+                out[t] = alpha * out[t - 1] + (1 - alpha) * s[t]
+            return out
+        return s
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def calibrate(rm, sites: Sites) -> None:
+    """Root mean square of Arrow's score per (site, expert) over the calibration prompts, in mode base."""
+    from explorer.routing.calibration import CALIBRATION_PROMPTS
+    from explorer.routing.model import with_router
+
+    saved = rm.router
+    rm.set_router(with_router(rm, mode="base"))
+    squares: dict[int, list[torch.Tensor]] = {}
+    for prompt in CALIBRATION_PROMPTS:
+        rm.trace(prompt, max_new_tokens=0)
+        for i in range(len(sites.groups)):
+            squares.setdefault(i, []).append(sites.scores("arrow", i) ** 2)
+    rm.set_router(saved)
+    for i, parts in squares.items():
+        sites.rms[("arrow", i)] = torch.cat(parts).mean(0).sqrt().clamp_min(1e-12)  # (G, E)
+
+
+def top_weights(s: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """(..., E) scores -> the router's top-k softmax(s / T) weights, 0 elsewhere."""
+    top, idx = (s / temperature).topk(k, dim=-1)
+    return torch.zeros_like(s).scatter_(-1, idx, top.softmax(-1))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--library", default=str(ROOT / "assets" / "libraries" / "demo-private"))
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--split", default="paraphrase", choices=["heldout", "paraphrase"])
+    ap.add_argument("--n", type=int, default=6, help="prompts per task")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from bench.eval_common import attach_with_default
+    from library_store.tasks import resolve_tasks
+
+    start = time.time()
+    rm, source, own = attach_with_default(args.library, args.model)
+    sites = Sites(rm)
+    calibrate(rm, sites)
+    router = rm.router
+    settings = [(router.top_k, router.temperature), (min(4, len(rm.experts)), 1.0)]
+    hits = {(v, st): ([], []) for v in VARIANTS for st in settings}
+    tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
+    with torch.no_grad():
+        for task in tasks:
+            e = rm.experts.index(own[task.name])
+            for ex in task.examples(args.split)[: args.n]:
+                pos = rm.trace(ex.input, max_new_tokens=0).positions("user")
+                for v in VARIANTS:
+                    scores = [sites.scores(v, i)[pos] for i in range(len(sites.groups))]  # (P, G, E) each
+                    for st in settings:
+                        w = torch.cat([top_weights(s, *st) for s in scores], dim=1)  # (P, cells per token, E)
+                        hits[(v, st)][0].append(float(w.mean((0, 1)).argmax() == e))
+                        hits[(v, st)][1].append(float((w.argmax(-1) == e).float().mean()))
+    sites.remove()
+    print(f"{Path(args.library).name}, split {args.split}, {args.n} prompts x {len(tasks)} tasks, default router "
+          f"{router.to_dict()} ({source}), {time.time() - start:.0f} s")
+    print("| score | top-k, T | own text routed right (prompts) | own expert top-1 (user-text cells) |")
+    print("|---|---|---|---|")
+    for st in settings:
+        for v in VARIANTS:
+            prompts, cells = hits[(v, st)]
+            print(f"| {v} | {st[0]}, {st[1]:g} | {np.mean(prompts):.3f} | {np.mean(cells):.3f} |")
+    rm.detach()
+
+
+if __name__ == "__main__":
+    main()
