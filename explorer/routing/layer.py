@@ -327,7 +327,7 @@ class RoutedLinear(nn.Module):
                 if self._plain:  # decoding's hot path: the update goes in as the bias, one op for W h + b + d
                     return F.linear(x, base.weight, d if base.bias is None else d + base.bias)
                 return base(x) + d
-        y = base(x)  # (..., out)
+        y = F.linear(x, base.weight, base.bias) if self._plain else base(x)  # (..., out)
         if st.capture is not None:
             wide = None if y.dtype == torch.float64 else torch.float32  # bf16 sums lose digits
             st.capture.append(("norm", self.key, torch.linalg.vector_norm(y.reshape(-1, self.out), dim=-1,
