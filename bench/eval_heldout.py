@@ -108,9 +108,10 @@ def oracle_experts(base, rm, private_lib, tasks, n_train: int = 20) -> dict[str,
 
 def evaluate(base, tasks, private_path: str, mbc_path: str, n: int, max_tokens: int, with_oracle: bool,
              clock: Clock, mbc_ready=None, on_method=None, private_ready=None, split: str = "heldout",
-             routers: dict | None = None) -> tuple[dict, dict]:
+             routers: dict | None = None, router_changes: dict | None = None) -> tuple[dict, dict]:
     """{method: {task: score record}} for base, uniform (raw and centred), private_arrow, mbc_arrow (and oracle).
-    `routers` (if given) is filled with the router each library was routed with and where it came from.
+    `routers` (if given) is filled with the router each library was routed with and where it came from;
+    `router_changes` (e.g. {"input_centre": "base"}) are applied over each library's default router.
     `mbc_ready()`, if given, is polled before the MBC library is opened (it may still be building);
     `on_method(scores, oracle)` is called after each method, so a run stopped early leaves its partial results."""
     done = on_method or (lambda *_: None)
@@ -131,6 +132,9 @@ def evaluate(base, tasks, private_path: str, mbc_path: str, n: int, max_tokens: 
                 time.sleep(30)
         lib = ExpertLibrary.open(path, readonly=True)
         router, source = library_router(lib)
+        if router_changes:
+            router = RouterConfig.from_dict({**router.to_dict(), **router_changes})
+            source += f", then --router {router_changes}"
         routers[kind] = {"router": router.to_dict(), "source": source}
         return lib, router, RoutedModel.from_library(base, lib, router)  # an MBC library: cluster experts only
 
@@ -260,7 +264,7 @@ def build_library(kind: str, spec: str, dest: Path, model: str, steps: int, extr
 
 def run_setting(setting: str, args, out: Path, figures: Path, model: str, tasks_spec: str, private: str,
                 mbc: str, n: int, builds=None, tag: str = "", mbc_ready=None, private_ready=None,
-                split: str = "heldout") -> dict:
+                split: str = "heldout", router_changes: dict | None = None) -> dict:
     from library_store.tasks import resolve_tasks
 
     clock = Clock()
@@ -285,11 +289,35 @@ def run_setting(setting: str, args, out: Path, figures: Path, model: str, tasks_
         return summary
 
     scores, oracle = evaluate(base, tasks, private, mbc, n, args.max_tokens, setting == "A", clock, mbc_ready,
-                              on_method=save, private_ready=private_ready, split=split, routers=routers)
+                              on_method=save, private_ready=private_ready, split=split, routers=routers,
+                              router_changes=router_changes)
     summary = save(scores, oracle, final=True)
     print(report(summary))
     print(f"time: eval {clock.total():.0f} s, total {summary['total_seconds']:.0f} s")
     return summary
+
+
+def parse_router(spec: str) -> dict:
+    """"input_centre=base,top_k=2,temperature=0.1" -> {"input_centre": "base", "top_k": 2, "temperature": 0.1},
+    checked against RouterConfig (an unknown field or value is refused before anything runs)."""
+    from explorer.routing.config import RouterConfig
+
+    changes: dict = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"--router takes KEY=VALUE pairs, got {part!r}")
+        key, value = key.strip(), value.strip()
+        try:
+            changes[key] = int(value) if key == "top_k" else float(value) if key == "temperature" else value
+        except ValueError:
+            raise ValueError(f"--router: {key} takes a number, got {value!r}") from None
+    RouterConfig.from_dict({**RouterConfig().to_dict(), **changes})
+    return changes
+
+
+def router_tag(args) -> str:
+    return f"-{args.tag}" if args.router else ""
 
 
 def mbc_complete(path: str) -> bool:
@@ -331,7 +359,8 @@ def setting_b(args, out: Path, figures: Path) -> dict | None:
     ready = (lambda: "mbc" in recorded()) if args.wait_mbc else None
     private_ready = (lambda: "private" in recorded()) if args.wait_mbc else None
     return run_setting("B", args, out, figures, args.model, args.b_eval, str(private), str(mbc), args.n_b,
-                       builds=recorded, mbc_ready=ready, private_ready=private_ready, split=args.split)
+                       builds=recorded, mbc_ready=ready, private_ready=private_ready, split=args.split,
+                       tag=router_tag(args), router_changes=parse_router(args.router))
 
 
 def quick(out: Path, figures: Path, args, libs: dict | None = None) -> list[dict]:
@@ -343,7 +372,7 @@ def quick(out: Path, figures: Path, args, libs: dict | None = None) -> list[dict
         libs = libs or quick_libraries(Path(tmp))
         a = run_setting("A", args, out, figures, "tiny-random-llama", "variants:add_three,last_letter",
                         str(libs["private"]), str(libs["mbc"]), 6, tag="-quick",
-                        split=getattr(args, "split", "heldout"))
+                        split=getattr(args, "split", "heldout"), router_changes=parse_router(getattr(args, "router", "")))
         b = run_setting("B", args, out, figures, "tiny-random-llama", quick_mc_spec(Path(tmp)),
                         str(libs["private"]), str(libs["mbc"]), 6, tag="-quick")
         return [a, b]
@@ -377,8 +406,16 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--figures", default=str(FIGURES))
+    ap.add_argument("--router", default="",
+                    help="changes over each library's default router, e.g. input_centre=base,top_k=2 (results are "
+                         "written as heldout-<setting>-<tag>.json)")
+    ap.add_argument("--tag", default="router", help="with --router: the results' name tag")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    try:
+        parse_router(args.router)
+    except ValueError as exc:
+        ap.error(str(exc))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -389,7 +426,7 @@ def main(argv=None) -> None:
     if args.setting in ("A", "both"):
         ready = (lambda: mbc_complete(args.mbc)) if args.wait_mbc else None
         run_setting("A", args, out, figures, args.model, "variants", args.private, args.mbc, args.n, mbc_ready=ready,
-                    split=args.split)
+                    split=args.split, tag=router_tag(args), router_changes=parse_router(args.router))
     if args.setting in ("B", "both"):
         setting_b(args, out, figures)
 

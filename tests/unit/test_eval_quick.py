@@ -283,6 +283,26 @@ def test_heldout_quick(libs, tmp_path):
     assert all(t["metric"] == "multiple_choice" for t in b["tasks"].values())
 
 
+@pytest.mark.slow
+def test_heldout_router_changes(libs, tmp_path):
+    """--router: the changes go over each library's default router, and the results say so."""
+    a, _ = eval_heldout.quick(tmp_path, tmp_path / "fig",
+                              argparse.Namespace(max_tokens=4096, router="input_centre=base,top_k=1"), libs)
+    for r in a["routers"].values():
+        assert r["router"]["input_centre"] == "base" and r["router"]["top_k"] == 1
+        assert "--router" in r["source"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("top_k=x", "top_k takes a number, got 'x'"), ("foo=1", "Unknown RouterConfig fields"),
+    ("input_centre=bse", "Unknown input_centre 'bse'"), ("top_k", "KEY=VALUE pairs")])
+def test_heldout_router_bad_input(spec, message):
+    with pytest.raises(ValueError, match=message):
+        eval_heldout.parse_router(spec)
+    assert eval_heldout.parse_router(" input_centre=base, temperature=0.1") == {"input_centre": "base",
+                                                                                "temperature": 0.1}
+
+
 def test_routing_cli_needs_a_library():
     with pytest.raises(SystemExit):
         eval_routing.main([])
