@@ -8,6 +8,7 @@ Usage::
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -26,6 +27,7 @@ def check_name(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=65536)  # called per tensor when attaching: 64 experts are ~24,000 calls
 def parse_site(site: str) -> tuple[int, str]:
     """`model.layers.7.self_attn.q_proj` -> (7, "q_proj"). The one parser of routing-site names."""
     match = _SITE_RE.match(site)

@@ -45,18 +45,15 @@ def centred_config(config: dict, centre: str, general: LoraExpert | None = None)
     return out
 
 
-def join_prototypes(per_site: dict[str, torch.Tensor], names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """{site: (E, d)} as cached -> {expert name: {site: (d,)}} for `build_stacks`."""
-    return {n: {site: p[i] for site, p in per_site.items()} for i, n in enumerate(names)}
-
-
 @torch.no_grad()
 def build_stacks(experts: list[LoraExpert], prototypes: dict[str, dict[str, torch.Tensor]] | None = None,
-                 site_order: list[str] | None = None) -> dict[str, SiteStack]:
+                 site_order: list[str] | None = None,
+                 site_prototypes: dict[str, torch.Tensor] | None = None) -> dict[str, SiteStack]:
     """One SiteStack per site any expert covers; missing sites and smaller ranks are zero-padded.
 
     `prototypes` maps expert name -> {site: (d,)} for experts whose prototypes are already known (a cache);
-    the others are computed here, batched over all sites of one shape.
+    `site_prototypes` {site: (E, d)} holds every expert's at once (the cache entry of the whole set, used as
+    is); the others are computed here, batched over all sites of one shape.
     """
     names = [e.name for e in experts]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -79,10 +76,18 @@ def build_stacks(experts: list[LoraExpert], prototypes: dict[str, dict[str, torc
         out, d = shapes[site]
         facs = [fac.get(site) for fac in factors]
         r = max(f[0].shape[0] for f in facs if f is not None)
-        A = torch.stack([_padded(f[0] if f else None, (r, d)) for f in facs])  # (E, r_max, d)
-        B = torch.stack([_padded(f[1] if f else None, (out, r)) for f in facs])  # (E, out, r_max)
-        cached = [known.get(e.name, {}).get(site) for e in experts]
-        protos = torch.stack([p if p is not None else torch.zeros(d) for p in cached])  # (E, d)
+        if all(f is not None and f[0].shape[0] == r for f in facs):  # the usual case: one cast per stack
+            A = torch.stack([f[0] for f in facs]).float()  # (E, r, d)
+            B = torch.stack([f[1] for f in facs]).float()  # (E, out, r)
+        else:
+            A = torch.stack([_padded(f[0] if f else None, (r, d)) for f in facs])  # (E, r_max, d)
+            B = torch.stack([_padded(f[1] if f else None, (out, r)) for f in facs])  # (E, out, r_max)
+        whole = (site_prototypes or {}).get(site)
+        if whole is not None and tuple(whole.shape) == (len(experts), d):
+            cached, protos = [whole] * len(experts), whole.float()  # (E, d), nothing to compute
+        else:
+            cached = [known.get(e.name, {}).get(site) for e in experts]
+            protos = torch.stack([p if p is not None else torch.zeros(d) for p in cached])  # (E, d)
         stacks[site] = SiteStack(site, protos, A, B, scaling)
         todo = [i for i, p in enumerate(cached) if p is None]
         if todo:

@@ -120,9 +120,12 @@ class RoutedGroup(nn.Module):
         E, _, d = stacks[0].A.shape
         r = max(s.A.shape[1] for s in stacks)
         G = len(stacks)
-        protos = torch.cat([s.prototypes.reshape(E, d) for s in stacks])  # (G E, d)
-        rows = torch.cat([pad_rank(s.A, r).reshape(E * r, d) for s in stacks])  # (G E r, d)
-        self.register_buffer("proj", torch.cat([protos, rows]).to(device, dtype).contiguous(), persistent=False)
+        proj = torch.zeros(G * E + G * E * r, d, dtype=dtype, device=device)  # one copy of every factor
+        for m, s in enumerate(stacks):
+            proj[m * E:(m + 1) * E] = s.prototypes.reshape(E, d)  # (E, d) prototypes
+            rows = proj[G * E + m * E * r: G * E + (m + 1) * E * r].view(E, r, d)
+            rows[:, : s.A.shape[1]] = s.A  # (E, r_m, d) A rows; a smaller rank keeps zero rows
+        self.register_buffer("proj", proj, persistent=False)
         self.outs = [s.B.shape[1] for s in stacks]
         up = torch.zeros(G * E, r, max(self.outs))  # (G E, r, out_max)
         for m, s in enumerate(stacks):

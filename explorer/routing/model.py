@@ -29,7 +29,7 @@ from explorer.routing.centring import Centring, site_ranks
 from explorer.routing.capture import assemble, dense_by_key, next_step_kwargs
 from explorer.routing.calibration import input_means
 from explorer.routing.config import RouterConfig
-from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, join_prototypes, module_leaves, prototype_config,
+from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, module_leaves, prototype_config,
                                      unwrap_model, wrap_model)
 from explorer.routing.layer import PROTOTYPE_METHOD, RoutedLinear, RouterState
 from explorer.routing.topk import TopKRoutes
@@ -55,9 +55,10 @@ class RoutedModel:
 
     def __init__(self, base, experts: list[LoraExpert], router: RouterConfig = RouterConfig(),
                  prototypes: dict[str, dict[str, torch.Tensor]] | None = None, share_inputs: bool = True,
-                 general: list[LoraExpert] = (), store=None):
+                 general: list[LoraExpert] = (), store=None, site_prototypes: dict[str, torch.Tensor] | None = None):
         """`general`: experts a `centre="general:<name>"` router may subtract (not routed); `store`: the
-        library, which caches centred prototypes and supplies `general` experts by name (see from_library)."""
+        library, which caches centred prototypes and supplies `general` experts by name (see from_library);
+        `prototypes` {name: {site: (d,)}} or `site_prototypes` {site: (E, d)}: known prototypes (a cache)."""
         self.base = base
         self.experts: list[str] = [e.name for e in experts]
         self.unavailable: dict[str, str] = {}  # expert name -> why it was skipped (from_library)
@@ -69,7 +70,7 @@ class RoutedModel:
         extra = sorted(wanted - set(sites))
         if extra:
             raise LookupError(f"The experts target layers that {base.source} does not have: e.g. {extra[:3]}")
-        self._stacks = build_stacks(experts, prototypes, site_order=sites)
+        self._stacks = build_stacks(experts, prototypes, site_order=sites, site_prototypes=site_prototypes)
         self.sites = list(self._stacks)
         self._keys = wrap_model(base.model, self._stacks, self._state, share_inputs)  # site -> (layer, module index)
         self._share_inputs = share_inputs
@@ -99,7 +100,9 @@ class RoutedModel:
         for name in library.routable_names() if names is None else names:
             try:
                 expert = library[name]
-                bad = [k for k, t in expert.weights.items() if not torch.isfinite(t).all()]
+                # one fused norm over all tensors is finite unless some value is not (then find which)
+                finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(list(expert.weights.values()))))
+                bad = [] if finite else [k for k, t in expert.weights.items() if not torch.isfinite(t).all()]
                 if bad:
                     raise ValueError(f"non-finite weights (NaN or inf) in {len(bad)} tensors, e.g. {bad[0]}")
                 experts.append(expert)
@@ -109,10 +112,10 @@ class RoutedModel:
         while True:
             config = prototype_config(experts)
             hit = library.get_derived(PROTOTYPE_KIND, config) if experts else None
-            cached = join_prototypes(hit[0], [e.name for e in experts]) if hit else _expert_prototypes(library,
-                                                                                                      experts)
+            cached = {} if hit else _expert_prototypes(library, experts)  # the whole set's entry, or each one's
             try:
-                rm = cls(base, experts, router, prototypes=cached, store=library)
+                rm = cls(base, experts, router, prototypes=cached, store=library,
+                         site_prototypes=hit[0] if hit else None)
                 break
             except (torch.linalg.LinAlgError, RuntimeError) as exc:  # one bad expert must not take the rest down
                 culprits = _unroutable(experts, exc)

@@ -17,6 +17,7 @@ written: its derived data goes to the user cache (see `derived`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -238,11 +239,16 @@ class ExpertLibrary:
         """Load one expert's weights (safetensors only); its checksum must match the index."""
         row = self._row(name)
         path = self.expert_dir(name) / WEIGHTS_FILE
-        problem = file_problem(path, row["checksum"], row["size"], full=True)
+        problem = file_problem(path, row["checksum"], row["size"], full=False)  # missing or resized
+        data = None
+        if problem is None:  # read once: the bytes whose checksum is checked are the bytes loaded
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != row["checksum"]:
+                problem = f"{path} does not match its checksum (changed on disk)"
         if problem:
             raise ExpertUnavailable(f"Expert {name!r} is unavailable: {problem}.")
         try:
-            weights = load_weights(path)
+            weights = load_weights(path, data)
         except LibraryError as exc:
             raise ExpertUnavailable(f"Expert {name!r} is unavailable: {exc}") from None
         return LoraExpert(_row_info(row), weights)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from library_store.expert import PEFT_PREFIX, ExpertInfo, parse_site
 from library_store.store.errors import LibraryError
@@ -29,10 +29,11 @@ PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 _KEY_RE = re.compile(r"^(?P<site>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """safetensors only: a file that is missing, truncated or not safetensors raises LibraryError."""
+def load_weights(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """safetensors only: a file that is missing, truncated or not safetensors raises LibraryError. `data`: the
+    file's bytes, already read (and checked) by the caller, parsed instead of reading `path` again."""
     try:
-        return load_file(str(path))
+        return load_file(str(path)) if data is None else load(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise LibraryError(f"Cannot read {path}: {exc}") from exc
 
