@@ -341,6 +341,8 @@ class RoutedLinear(nn.Module):
         a_m, up = a[:, self.member], group.member_up(self.member)  # (t, E r), (E r, out)
         if a_m.dtype != y2.dtype:
             return (y2 + (a_m @ up).to(y2.dtype)).view(y.shape)
+        if self._plain:  # y is F.linear's fresh output: add the update in place (no copy of y)
+            return y2.addmm_(a_m, up).view(y.shape)
         return torch.addmm(y2, a_m, up).view(y.shape)
 
 
