@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.eval_common import RESULTS, fmt_ci, md_table  # noqa: E402
-from bench.eval_heldout import report as heldout_report  # noqa: E402
+from bench.heldout_report import report as heldout_report  # noqa: E402
 
 
 def _minutes(s: float) -> str:
