@@ -60,25 +60,42 @@ def assemble(records: list, layers: list[int], modules: list[str], n_experts: in
         if n != T:
             raise RuntimeError(f"trace of layer {key[0]} {modules[key[1]]}: {n} routed tokens for {T} tokens")
 
+    buckets: dict[tuple, list] = {}  # groups whose slots are processed together: same rank, k, score width
     for group, recs in routes.items():
-        idx = torch.cat([r[0] for r in recs])  # (T, G, k)
-        check(group.keys[0], idx.shape[0])
-        a = torch.cat([r[3] for r in recs]).float().unsqueeze(-2)  # (T, G, k, 1, r)
-        g = group.gram.float()[idx + group.offsets.view(1, -1, 1)]  # (T, G, k, r, r)
-        c = ((a @ g) * a).sum((-2, -1)).clamp_min(0).sqrt()  # (T, G, k) ‖a up_e‖ = sqrt(aᵀ up_e up_eᵀ a)
-        s = torch.cat([r[2] for r in recs]).float()  # (T, G, k+1) or (T, G, k)
-        idx, w, s, c = (x.cpu().numpy() for x in (idx, torch.cat([r[1] for r in recs]).float(), s, c))
-        for m, key in enumerate(group.keys):
-            at = (li[key[0]], key[1])
-            ids[at], weights[at], scores[at], contribution[at] = idx[:, m], w[:, m], s[:, m, :k], c[:, m]
-            if s.shape[-1] > k:
-                runner_up[at] = s[:, m, k]
+        idx, w, s, a = (recs[0][i] if len(recs) == 1 else torch.cat([r[i] for r in recs]) for i in range(4))
+        check(group.keys[0], idx.shape[0])  # idx, w (T, G, k); s (T, G, k+1) or (T, G, k); a (T, G, k, r)
+        buckets.setdefault((group.rank, idx.shape[-1], s.shape[-1], idx.device), []).append((group, idx, w, s, a))
+    for items in buckets.values():
+        groups = [g for g, *_ in items]
+        c = _contributions(groups, [it[1] for it in items], [it[4].float() for it in items])  # (T, Σ G, k)
+        idx, w, s = (torch.cat([it[i] for it in items], dim=1) for i in (1, 2, 3))  # (T, Σ G, ...)
+        idx, w, s, c = idx.cpu().numpy(), w.float().cpu().numpy(), s.float().cpu().numpy(), c.cpu().numpy()
+        col = 0
+        for group in groups:
+            for key in group.keys:  # member m of the group is column col of the batched arrays
+                at = (li[key[0]], key[1])
+                ids[at], weights[at], scores[at], contribution[at] = idx[:, col], w[:, col], s[:, col, :k], c[:, col]
+                if s.shape[-1] > k:
+                    runner_up[at] = s[:, col, k]
+                col += 1
     for key, parts in norms.items():
         n = torch.cat(parts).float()  # (T,)
         check(key, n.shape[0])
         base_norm[li[key[0]], key[1]] = n.cpu().numpy()
     runner_up[~np.isfinite(runner_up)] = np.nan  # -inf: every other expert was disabled
     return TopKRoutes(E, ids, weights, scores, runner_up, contribution, base_norm)
+
+
+def _contributions(groups: list, idx: list[torch.Tensor], a: list[torch.Tensor]) -> torch.Tensor:
+    """‖a up_e‖ = sqrt(aᵀ up_e up_eᵀ a) of every chosen slot, for groups of one rank and k at once (one gather
+    and one batched matmul for the whole model instead of one per group): idx (T, G, k) and a (T, G, k, r) per
+    group -> (T, Σ G, k)."""
+    grams = torch.cat([g.gram.float() for g in groups])  # (Σ G E, r, r)
+    starts = np.cumsum([0] + [g.n_members * g.n_experts for g in groups[:-1]])
+    rows = torch.cat([i + (g.offsets.view(1, -1, 1) + int(s0)) for g, i, s0 in zip(groups, idx, starts)],
+                     dim=1)  # (T, Σ G, k) rows of `grams`
+    a = torch.cat(a, dim=1).unsqueeze(-2)  # (T, Σ G, k, 1, r)
+    return ((a @ grams[rows]) * a).sum((-2, -1)).clamp_min(0).sqrt()
 
 
 def next_step_kwargs(model, out) -> dict:
