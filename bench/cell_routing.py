@@ -13,15 +13,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
 
 
 def cell_shares(rm, task, expert: str, n: int, max_new: int) -> dict:
@@ -43,20 +43,14 @@ def cell_shares(rm, task, expert: str, n: int, max_new: int) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--library", default=str(ROOT / "assets" / "libraries" / "demo-private"))
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    library_arguments(ap, str(ROOT / "assets" / "libraries" / "demo-private"))
     ap.add_argument("--tasks", default="date_iso_to_us,add,list_to_csv,sentiment_words")
     ap.add_argument("--n", type=int, default=8, help="held-out prompts per task")
     ap.add_argument("--max-new", type=int, default=12)
-    ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from bench.eval_common import attach_with_default
     from library_store.tasks import resolve_tasks
 
-    rm, source, own = attach_with_default(args.library, args.model)
+    rm, source, own = attach_from_args(args)
     print(f"{Path(args.library).name}, router {rm.router.to_dict()} ({source}); {len(rm.experts)} experts")
     print("| task | own expert | top-1 share of cells: user · generated · prompt | own mean weight: user · generated |")
     print("|---|---|---|---|")

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
 
 EXAMPLES = ROOT / "assets" / "examples.json"
 MIN_LEAD = 0.05  # the winner's mean weight share must beat the runner-up's by this much: decisive routing
@@ -55,19 +55,13 @@ def check(rm, example: dict, own: dict[str, str], max_new: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--library", default=str(ROOT / "assets" / "libraries" / "demo-mbc"))
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    library_arguments(ap, str(ROOT / "assets" / "libraries" / "demo-mbc"))
     ap.add_argument("--examples", default=str(EXAMPLES))
     ap.add_argument("--prompts", nargs="*", help="try these texts instead (printed, not checked)")
     ap.add_argument("--max-new", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from bench.eval_common import attach_with_default
 
-    rm, source, own = attach_with_default(args.library, args.model)
+    rm, source, own = attach_from_args(args)
     examples = [{"prompt": p} for p in args.prompts] if args.prompts else json.loads(Path(args.examples).read_text())
     print(f"{Path(args.library).name}, router {rm.router.to_dict()} ({source})")
     failed = 0

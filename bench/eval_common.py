@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -114,6 +115,22 @@ def attach_with_default(library: str, model: str):
     rm = RoutedModel.from_library(base, lib, router)
     own = {t: i.name for i in lib.infos() if i.name in rm.experts for t in i.tasks}
     return rm, source, own
+
+
+def library_arguments(ap, library: str) -> None:
+    """--library (default `library`), --model and --threads: the options of the scripts that look at one
+    library under its start-up router (`attach_from_args`)."""
+    ap.add_argument("--library", default=library)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+
+def attach_from_args(args):
+    """`attach_with_default(args.library, args.model)` offline, at `args.threads` torch threads (if set)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return attach_with_default(args.library, args.model)
 
 
 # ---------------------------------------------------------------- scoring

@@ -23,7 +23,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
+
 VARIANTS = ("arrow", "spectral", "zscore", "ema0.5")
 
 
@@ -43,12 +44,10 @@ class Sites:
     def __init__(self, rm):
         from explorer.routing.layer import RoutedLinear
 
-        self.groups = [m.group for _, m in rm.base.model.named_modules() if isinstance(m, RoutedLinear) and m.member == 0]
+        firsts = [m for m in rm.base.model.modules() if isinstance(m, RoutedLinear) and m.member == 0]
+        self.groups = [m.group for m in firsts]  # one per routed group; its first member sees the group's input
         self.inputs: dict[int, torch.Tensor] = {}
-        self.hooks = []
-        for i, g in enumerate(self.groups):
-            first = next(m for m in rm.base.model.modules() if isinstance(m, RoutedLinear) and m.group is g)
-            self.hooks.append(first.register_forward_pre_hook(self._record(i)))
+        self.hooks = [m.register_forward_pre_hook(self._record(i)) for i, m in enumerate(firsts)]
         E = len(rm.experts)
         centred = rm.router.input_centre == "base"
         self.factors = []
@@ -116,20 +115,14 @@ def top_weights(s: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--library", default=str(ROOT / "assets" / "libraries" / "demo-private"))
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    library_arguments(ap, str(ROOT / "assets" / "libraries" / "demo-private"))
     ap.add_argument("--split", default="paraphrase", choices=["heldout", "paraphrase"])
     ap.add_argument("--n", type=int, default=6, help="prompts per task")
-    ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from bench.eval_common import attach_with_default
     from library_store.tasks import resolve_tasks
 
     start = time.time()
-    rm, source, own = attach_with_default(args.library, args.model)
+    rm, source, own = attach_from_args(args)
     sites = Sites(rm)
     calibrate(rm, sites)
     router = rm.router
