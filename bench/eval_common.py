@@ -103,34 +103,28 @@ def library_router(lib, fallback_top_k: int = 4):
     return arrow_router(lib, fallback_top_k), "fallback (no recorded default)"
 
 
-def attach_with_default(library: str, model: str):
-    """A library read-only, attached with its default router: (RoutedModel, source of the router, {task: the
-    routed expert trained on it}). The bench scripts that look at the page's start-up setting share this."""
-    from explorer.routing.model import RoutedModel
-    from library_store.store.library import ExpertLibrary
-
-    base = load_base(model)
-    lib = ExpertLibrary.open(library, readonly=True, base=base)
-    router, source = library_router(lib)
-    rm = RoutedModel.from_library(base, lib, router)
-    own = {t: i.name for i in lib.infos() if i.name in rm.experts for t in i.tasks}
-    return rm, source, own
-
-
 def library_arguments(ap, library: str) -> None:
-    """--library (default `library`), --model and --threads: the options of the scripts that look at one
-    library under its start-up router (`attach_from_args`)."""
+    """--library, --model and --threads of the scripts that look at one library's start-up router."""
     ap.add_argument("--library", default=library)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 
 
 def attach_from_args(args):
-    """`attach_with_default(args.library, args.model)` offline, at `args.threads` torch threads (if set)."""
+    """`args.library` read-only, attached to `args.model` with its default router, offline, at `args.threads`
+    torch threads (if set): (RoutedModel, source of the router, {task: the routed expert trained on it})."""
+    from explorer.routing.model import RoutedModel
+    from library_store.store.library import ExpertLibrary
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    return attach_with_default(args.library, args.model)
+    base = load_base(args.model)
+    lib = ExpertLibrary.open(args.library, readonly=True, base=base)
+    router, source = library_router(lib)
+    rm = RoutedModel.from_library(base, lib, router)
+    own = {t: i.name for i in lib.infos() if i.name in rm.experts for t in i.tasks}
+    return rm, source, own
 
 
 # ---------------------------------------------------------------- scoring
