@@ -35,6 +35,7 @@ from explorer.routing.layer import PROTOTYPE_METHOD, RoutedLinear, RouterState
 from explorer.routing.topk import TopKRoutes
 from explorer.routing.trace import RoutingTrace, user_token_span
 from library_store.expert import LoraExpert
+from library_store.store.checks import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +101,7 @@ class RoutedModel:
         for name in library.routable_names() if names is None else names:
             try:
                 expert = library[name]
-                # one fused norm over all tensors is finite unless some value is not (then find which)
-                finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(list(expert.weights.values()))))
-                bad = [] if finite else [k for k, t in expert.weights.items() if not torch.isfinite(t).all()]
-                if bad:
-                    raise ValueError(f"non-finite weights (NaN or inf) in {len(bad)} tensors, e.g. {bad[0]}")
+                check_finite(name, expert.weights)  # a file changed behind the store's back
                 experts.append(expert)
             except Exception as exc:  # ExpertUnavailable, a file gone bad, NaN weights: skip it, say why
                 unavailable[name] = f"{type(exc).__name__}: {exc}"
