@@ -84,12 +84,12 @@ def build_stacks(experts: list[LoraExpert], prototypes: dict[str, dict[str, torc
             B = torch.stack([_padded(f[1] if f else None, (out, r)) for f in facs])  # (E, out, r_max)
         whole = (site_prototypes or {}).get(site)
         if whole is not None and tuple(whole.shape) == (len(experts), d):
-            cached, protos = [whole] * len(experts), whole.float()  # (E, d), nothing to compute
+            protos, todo = whole.float(), []  # (E, d), nothing to compute
         else:
             cached = [known.get(e.name, {}).get(site) for e in experts]
             protos = torch.stack([p if p is not None else torch.zeros(d) for p in cached])  # (E, d)
+            todo = [i for i, p in enumerate(cached) if p is None]
         stacks[site] = SiteStack(site, protos, A, B, scaling)
-        todo = [i for i, p in enumerate(cached) if p is None]
         if todo:
             jobs.setdefault((r, d, out), []).append((site, todo))
     # One batched QR/SVD per layer shape (q and o share one, k and v another): a handful of calls for the
