@@ -206,17 +206,16 @@ class RoutedGroup(nn.Module):
             scores = scores.view(t, G, E)  # (t, G, E)
             proj_a = z[:, G * E:].view(t, G, E, r)  # (t, G, E, r)
             if st.mode == "arrow":
-                w_top, idx, s = self.route_top(scores)  # (t, G, k) x 2, (t, G, E)
+                w_top, idx, s = self.route_top(scores)  # (t, G, k) x 2, (t, G, k or k+1)
                 w = torch.zeros_like(scores).scatter_(-1, idx, w_top)  # (t, G, E)
             else:  # uniform / expert: the same weights for every token
                 w = st.on("fixed", z.device).to(z.dtype).expand(t, G, E)  # (t, G, E)
             a = proj_a * w.unsqueeze(-1)  # (t, G, E, r)
             if st.capture is not None:
-                ranked = st.mode != "arrow"
-                if ranked:
+                if st.mode != "arrow":
                     w_top, idx, s = self._fixed_top(scores)
                 chosen = a.gather(2, idx.unsqueeze(-1).expand(*idx.shape, r))  # (t, G, k, r)
-                self._record(idx, w_top, s, chosen, ranked)
+                self._record(idx, w_top, s, chosen)
             out = ("dense", a.view(t, G, E * r))
         object.__setattr__(self, "_cache", (x, st.version, out))  # a plain attribute: skip Module.__setattr__
         return out
@@ -228,7 +227,7 @@ class RoutedGroup(nn.Module):
         G, k, r = self.n_members, self.state.top_k, self.rank
         shift = self._shift
         scores = torch.mv(self._protos, h) if shift is None else torch.addmv(shift, self._protos, h, beta=-1)
-        w_top, idx, s = self.route_top(scores.view(G, -1))  # (G, k), (G, k), (G, E)
+        w_top, idx, s = self.route_top(scores.view(G, -1))  # (G, k), (G, k), (G, k or k+1)
         flat = (idx + self._offsets).view(-1)  # (G k,) rows of (member, expert)
         z = torch.mv(self._a_rows.index_select(0, flat).view(G * k * r, -1), h)  # (G k r,) = A_e h
         a = z.view(G, k, r) * w_top.unsqueeze(-1)  # (G, k, r)
@@ -238,8 +237,9 @@ class RoutedGroup(nn.Module):
         return d.view(G, -1)  # (G, out_max): member m's update is row m, its first out_m columns
 
     def route_top(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(..., E) raw scores h · p_e -> top-k softmax(|s| / T) weights (..., k), expert ids (..., k), and |s|
-        with disabled experts at -inf (..., E)."""
+        """(..., E) raw scores h · p_e -> top-k softmax(|s| / T) weights (..., k), expert ids (..., k), and the
+        best |s| sorted like the slots (..., k), or (..., k+1) while capturing: the last is the best left out, for
+        the trace (one topk serves routing and trace; disabled experts are -inf)."""
         st = self.state
         s = scores.abs()  # (..., E)
         if st.mask is not None:
@@ -249,10 +249,18 @@ class RoutedGroup(nn.Module):
             s = s.clone()
             s[..., ov[0]] = float("inf") if ov[1] else float("-inf")  # forced to the first slot, or off
             if ov[1]:  # forced: that expert alone, weight 1
-                idx = s.topk(st.top_k, dim=-1).indices  # (..., k), the forced expert first
-                return F.one_hot(torch.zeros_like(idx[..., 0]), st.top_k).to(s.dtype), idx, s
-        top, idx = (s / st.temperature if st.temperature != 1.0 else s).topk(st.top_k, dim=-1)  # (..., k)
-        return top.softmax(dim=-1), idx, s
+                ranked, idx = self._ranked(s)  # the forced expert first
+                return F.one_hot(torch.zeros_like(idx[..., 0]), st.top_k).to(s.dtype), idx[..., : st.top_k], ranked
+        ranked, idx = self._ranked(s)  # (..., k or k+1): T > 0 keeps the order of |s| / T
+        top = ranked[..., : st.top_k]  # (..., k)
+        return (top / st.temperature if st.temperature != 1.0 else top).softmax(dim=-1), idx[..., : st.top_k], ranked
+
+    def _ranked(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """topk of |s|: k values and ids, or k+1 while capturing (the runner-up for the trace)."""
+        k = self.state.top_k
+        if self.state.capture is not None:
+            k = min(k + 1, self.n_experts)
+        return s.topk(k, dim=-1)
 
     def _fixed_top(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Uniform / expert modes, for the trace: the experts with a fixed weight, highest |score| first."""
@@ -265,11 +273,9 @@ class RoutedGroup(nn.Module):
         raw = torch.cat([s.gather(-1, idx), left], dim=-1)  # (t, G, K + 1)
         return fixed.to(scores.dtype)[idx], idx, raw
 
-    def _record(self, idx, w_top, s, a, ranked: bool = False) -> None:
-        """Append this call's routing to the trace buffer (see RouterState); s is (t, G, E) |scores| or, when
-        `ranked` (fixed modes), already the (t, G, K+1) raw scores of the slots and the best left out."""
-        if not ranked:  # arrow: the k+1 best raw scores, sorted like the slots; the last is the best left out
-            s = s.topk(min(idx.shape[-1] + 1, self.n_experts), dim=-1).values
+    def _record(self, idx, w_top, s, a) -> None:
+        """Append this call's routing to the trace buffer (see RouterState); s is (t, G, k+1) the raw scores of
+        the slots and the best left out (route_top, _fixed_top)."""
         self.state.capture.append(("route", self, idx, w_top, s, a))
 
     def clear(self) -> None:
