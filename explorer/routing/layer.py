@@ -241,6 +241,8 @@ class RoutedGroup(nn.Module):
         best |s| sorted like the slots (..., k), or (..., k+1) while capturing: the last is the best left out, for
         the trace (one topk serves routing and trace; disabled experts are -inf)."""
         st = self.state
+        k = st.top_k
+        n = k if st.capture is None else min(k + 1, self.n_experts)
         s = scores.abs()  # (..., E)
         if st.mask is not None:
             s = s.masked_fill(st.on("mask", s.device), float("-inf"))
@@ -249,18 +251,13 @@ class RoutedGroup(nn.Module):
             s = s.clone()
             s[..., ov[0]] = float("inf") if ov[1] else float("-inf")  # forced to the first slot, or off
             if ov[1]:  # forced: that expert alone, weight 1
-                ranked, idx = self._ranked(s)  # the forced expert first
-                return F.one_hot(torch.zeros_like(idx[..., 0]), st.top_k).to(s.dtype), idx[..., : st.top_k], ranked
-        ranked, idx = self._ranked(s)  # (..., k or k+1): T > 0 keeps the order of |s| / T
-        top = ranked[..., : st.top_k]  # (..., k)
-        return (top / st.temperature if st.temperature != 1.0 else top).softmax(dim=-1), idx[..., : st.top_k], ranked
-
-    def _ranked(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """topk of |s|: k values and ids, or k+1 while capturing (the runner-up for the trace)."""
-        k = self.state.top_k
-        if self.state.capture is not None:
-            k = min(k + 1, self.n_experts)
-        return s.topk(k, dim=-1)
+                ranked, idx = s.topk(n, dim=-1)  # the forced expert first
+                return F.one_hot(torch.zeros_like(idx[..., 0]), k).to(s.dtype), idx[..., :k], ranked
+        ranked, idx = s.topk(n, dim=-1)  # (..., n): T > 0 keeps the order of |s| / T
+        top = ranked
+        if n > k:  # capturing: the runner-up is for the trace only
+            top, idx = ranked[..., :k], idx[..., :k]  # (..., k)
+        return (top / st.temperature if st.temperature != 1.0 else top).softmax(dim=-1), idx, ranked
 
     def _fixed_top(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Uniform / expert modes, for the trace: the experts with a fixed weight, highest |score| first."""
