@@ -25,24 +25,26 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.check_examples import shares  # noqa: E402
 from bench.eval_common import RESULTS, attach_from_args, library_arguments, md_table, write_json  # noqa: E402
 from bench.eval_sweep import exact_matches  # noqa: E402
 
 
-def select_and_answer(rm, examples) -> tuple[list[str], list[int]]:
-    """Each example's prompt-level choice under the current router, and the exact match of that expert alone."""
+def select_and_answer(rm, examples) -> tuple[list, list[int]]:
+    """Each example's prompt-level choice under the current router (its trace's winner over the user's text, the
+    choice own-text accuracy scores) and the exact match of that expert alone. The prompts are routed in batches
+    as `bench/eval_routing.py` routes them, and answered in one batch per chosen expert."""
+    from bench.eval_routing import route_prompts
     from explorer.routing.config import RouterConfig
 
+    picks = [tr.winner("user") for tr in route_prompts(rm, rm.base, [ex.input for ex in examples])]
+    em = [0] * len(examples)  # a prompt routed nowhere (no winner) scores 0
     default = rm.router
-    picks, em = [], []
     try:
-        for ex in examples:
-            rm.set_router(default)
-            s = shares(rm.trace(ex.input, max_new_tokens=0))
-            picks.append(max(s, key=s.get))
-            rm.set_router(RouterConfig(mode=f"expert:{picks[-1]}"))
-            em += exact_matches(rm.base, [ex])
+        for expert in dict.fromkeys(p for p in picks if p is not None):
+            rows = [i for i, p in enumerate(picks) if p == expert]
+            rm.set_router(RouterConfig(mode=f"expert:{expert}"))
+            for i, hit in zip(rows, exact_matches(rm.base, [examples[i] for i in rows])):
+                em[i] = hit
     finally:
         rm.set_router(default)
     return picks, em
