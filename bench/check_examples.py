@@ -2,7 +2,8 @@
 `task` and an `answer` is answered and routed by a library with its recorded default router (the page's
 start-up setting), and checked: the task's own expert (MBC: its cluster) has the largest mean weight over the
 user's text, by a clear margin over the next one, and the greedy answer is right. Free-text examples are only
-shown.
+shown. With a per-prompt default router the shares are read from the trace's evidence (the per-token routing
+that made the pick), not from the applied routing (the pick alone, 100 %).
 
 Usage::
 
@@ -40,7 +41,8 @@ def check(rm, example: dict, own: dict[str, str], max_new: int) -> dict:
     from bench.eval_common import exact_match
 
     trace = rm.trace(example["prompt"], max_new_tokens=max_new)
-    ranked = sorted(shares(trace).items(), key=lambda kv: -kv[1])
+    evidence = trace.evidence if trace.evidence is not None else trace  # per prompt: the routing that picked
+    ranked = sorted(shares(evidence).items(), key=lambda kv: -kv[1])
     out = {"prompt": example["prompt"], "family": example.get("family"), "answer": trace.text.strip(),
            "winner": ranked[0][0], "share": ranked[0][1], "runner_up": ranked[1] if len(ranked) > 1 else None}
     task = example.get("task")

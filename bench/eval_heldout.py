@@ -56,27 +56,44 @@ SETTING_B_EVAL = "bigbench:" + ",".join([
 
 
 
-def score_task(base, task, n: int, max_tokens: int, split: str = "heldout") -> dict:
-    """Per-example 0/1 scores of the model as it is now routed, plus a few predictions to read."""
+def score_task(base, task, n: int, max_tokens: int, split: str = "heldout", rm=None) -> dict:
+    """Per-example 0/1 scores of the model as it is now routed, plus a few predictions to read. `rm`: the
+    RoutedModel attached to `base`, needed only when its router picks one expert per prompt (each prompt is
+    then answered by its pick alone; the picks are returned too)."""
     examples = task.examples(split)[:n]
     ids = prompt_ids(base, [e.input for e in examples])
     tok = base.tokenizer
-    if task.metric == "multiple_choice":
-        choices = [[tok(c, add_special_tokens=False).input_ids for c in e.choices] for e in examples]
-        pred = rank_classify(base.model, tok, ids, choices, max_tokens)
-        correct = [int(p == e.answer) for p, e in zip(pred, examples)]
-        shown = [e.choices[p] for p, e in zip(pred, examples)]
+
+    def answer(rows):
+        if task.metric == "multiple_choice":  # the index of the chosen choice
+            choices = [[tok(c, add_special_tokens=False).input_ids for c in examples[i].choices] for i in rows]
+            return rank_classify(base.model, tok, [ids[i] for i in rows], choices, max_tokens)
+        budget = target_tokens(tok, [examples[i].target for i in rows])
+        return greedy_generate(base.model, tok, [ids[i] for i in rows], budget, max_tokens)
+
+    picks = None
+    if rm is not None and rm.router.per_prompt:
+        from bench.eval_sweep import per_prompt
+
+        shown, chosen = per_prompt(rm, base, [e.input for e in examples], answer, max_tokens)
+        picks = [c.expert for c in chosen]
     else:
-        shown = greedy_generate(base.model, tok, ids, target_tokens(tok, [e.target for e in examples]), max_tokens)
+        shown = answer(list(range(len(examples))))
+    if task.metric == "multiple_choice":
+        correct = [int(p == e.answer) for p, e in zip(shown, examples)]
+        shown = [e.choices[p] for p, e in zip(shown, examples)]
+    else:
         correct = [exact_match(p, e.target) for p, e in zip(shown, examples)]
-    return {"correct": correct, "samples": [[e.input[-80:], e.target, p] for e, p in zip(examples[:3], shown[:3])]}
+    out = {"correct": correct, "samples": [[e.input[-80:], e.target, p] for e, p in zip(examples[:3], shown[:3])]}
+    return out if picks is None else {**out, "picks": picks}
 
 
-def score_all(base, tasks, n: int, max_tokens: int, clock: Clock, label: str, split: str = "heldout") -> dict:
+def score_all(base, tasks, n: int, max_tokens: int, clock: Clock, label: str, split: str = "heldout",
+              rm=None) -> dict:
     out = {}
     for t in tasks:
         with clock(label):
-            out[t.name] = score_task(base, t, n, max_tokens, split)
+            out[t.name] = score_task(base, t, n, max_tokens, split, rm)
         print(f"  {label:14s} {t.name:24s} {np.mean(out[t.name]['correct']):.3f}", flush=True)
     return out
 
@@ -117,8 +134,8 @@ def evaluate(base, tasks, private_path: str, mbc_path: str, n: int, max_tokens: 
     scores, oracle = {}, {}
     routers = {} if routers is None else routers
 
-    def score(label, ts=tasks):
-        return score_all(base, ts, n, max_tokens, clock, label, split)
+    def score(label, ts=tasks, rm=None):
+        return score_all(base, ts, n, max_tokens, clock, label, split, rm)
 
     def attach(kind: str, path: str, ready):
         """Wait for the library's build (if `ready` is given), open it, attach it with its default router."""
@@ -148,7 +165,7 @@ def evaluate(base, tasks, private_path: str, mbc_path: str, n: int, max_tokens: 
             scores["uniform_centred"] = score("uniform_centred")
             done(scores, oracle)
         rm.set_router(router)
-        scores["private_arrow"] = score("private_arrow")
+        scores["private_arrow"] = score("private_arrow", rm=rm)
         done(scores, oracle)
         if with_oracle:
             by_task = {}
@@ -161,7 +178,7 @@ def evaluate(base, tasks, private_path: str, mbc_path: str, n: int, max_tokens: 
         rm.detach()
     rm = attach("mbc", mbc_path, mbc_ready)[2]
     try:
-        scores["mbc_arrow"] = score("mbc_arrow")
+        scores["mbc_arrow"] = score("mbc_arrow", rm=rm)
         done(scores, oracle)
     finally:
         rm.detach()

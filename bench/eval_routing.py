@@ -22,7 +22,10 @@ read through `RoutingTrace` (`winner`, `positions`, `usage`, `entropy`, `module_
 `--sweep` first scores top-k x temperature x centring on *training* prompts only and its winner becomes the
 headline router (and, with `--record`, the library's default router with the sweep as evidence); without it the
 headline router is the library's recorded default (else Arrow top-k 4, T 1, no centring), or the one given by
-`--top-k/--temperature/--centre/--centre-scope`. Held-out prompts never choose anything.
+`--top-k/--temperature/--centre/--centre-scope/--granularity`. `--sweep-granularity` keeps the recorded default's
+centring, top-k and T and chooses only per token vs per prompt (exact match on training prompts), much cheaper
+than `--sweep`. Held-out prompts never choose anything. A per-prompt router's prompts are answered by their pick
+alone; their routing (accuracy, entropy, margin) is read from the per-token evidence over prompt and answer.
 
 Writes `bench/results/routing-<library>-<split>.json`, `docs/figures/routing-<library>-<split>-{confusion,layers}
 .svg`, regenerates `docs/routing.md` from every such result (`bench/eval_docs.py`), and with `--record` stores the
@@ -196,6 +199,17 @@ def evaluate_library(base, lib, tasks, split: str, n: int, router, args) -> dict
                                 options, args.max_tokens)
             router = S.router_of(sweep["winner"])
             rm.set_router(router)
+        elif args.sweep_granularity:
+            from library_store.store.reports import read_default_router
+
+            recorded = read_default_router(lib)
+            if recorded is None:
+                raise SystemExit("--sweep-granularity keeps a recorded default router's setting: this library has "
+                                 "none; run with --sweep first.")
+            with clock("sweep"):
+                sweep = S.regranulate(rm, base, tasks, recorded, args.sweep_em, args.max_tokens)
+            router = S.router_of(sweep["winner"])
+            rm.set_router(router)
         with clock("headline"):
             traces, em = {}, {}
             for task in tasks:
@@ -246,7 +260,8 @@ def headline_router(lib, args):
 
     router, source = library_router(lib)
     given = {k: v for k, v in (("top_k", args.top_k), ("temperature", args.temperature), ("centre", args.centre),
-                               ("centre_scope", args.centre_scope), ("input_centre", args.input_centre))
+                               ("centre_scope", args.centre_scope), ("input_centre", args.input_centre),
+                               ("granularity", args.granularity))
              if v is not None}
     return (replace(router, mode="arrow", **given), "command line") if given else (router, source)
 
@@ -270,7 +285,7 @@ def run(library: str, args, label: str | None = None) -> dict:
     content = lib.content_key()
     result = evaluate_library(base, lib, tasks, args.split, args.n, router, args)
     if result["sweep"] is not None:
-        source = "sweep winner (training prompts)"
+        source = "sweep winner (training prompts)" + (", granularity re-chosen" if args.sweep_granularity else "")
     name, figures = f"routing-{label}-{args.split}", Path(args.figures)
     conf = write_figure(f"{name}-confusion.svg", svg_heatmap(
         np.array(result["confusion"]), result["tasks"], result["experts"],
@@ -343,7 +358,12 @@ def parse(argv=None):
     ap.add_argument("--centre-scope", choices=["prototypes", "weights"])
     ap.add_argument("--input-centre", choices=["none", "base"],
                     help="subtract the base model's mean layer input before scoring (docs/design.md)")
+    ap.add_argument("--granularity", choices=["token", "prompt"],
+                    help="route per token (Arrow) or pick one expert per prompt (docs/design.md)")
     ap.add_argument("--sweep", action="store_true", help="choose the headline router on training prompts")
+    ap.add_argument("--sweep-granularity", action="store_true",
+                    help="keep the recorded default's centring, top-k and T; choose only per token vs per prompt, "
+                         "by exact match on --sweep-em training prompts per task (and --record it)")
     ap.add_argument("--sweep-n", type=int, default=30, help="training prompts per task routed per sweep setting")
     ap.add_argument("--sweep-em", type=int, default=10, help="training prompts per task answered (0: no EM)")
     ap.add_argument("--sweep-k", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])

@@ -12,7 +12,10 @@ Usage::
 
 Input centring (`input_centre="base"`) is swept like the factor centring. Winner rule (`choose`): the highest own-text routing accuracy on training prompts; among settings within
 `TIE` (1 point) of it, the highest exact match on training prompts (when measured), then the largest median
-top-1 margin (decisive routing), then the highest accuracy over all prompt tokens. No held-out prompt is used.
+top-1 margin (decisive routing), then the highest accuracy over all prompt tokens. Then the winner's granularity
+(`choose_granularity`): per token or per prompt, whichever answers more training prompts exactly (per token on
+a tie; the prompt-level pick is the per-token winner over the user's text, so routing accuracy cannot tell them
+apart). No held-out prompt is used.
 
 S5 = held-in Arrow exact match / the own expert's exact match (that expert alone, as trained: no routing, no
 centring), per task and overall (ratio of the means over tasks), on the same examples, greedy decoding.
@@ -43,7 +46,8 @@ def router_of(row: dict):
     from explorer.routing.config import RouterConfig
 
     return RouterConfig(mode="arrow", top_k=row["top_k"], temperature=row["temperature"], centre=row["centre"],
-                        centre_scope=row["centre_scope"], input_centre=row.get("input_centre", "none"))
+                        centre_scope=row["centre_scope"], input_centre=row.get("input_centre", "none"),
+                        granularity=row.get("granularity", "token"))
 
 
 def exact_matches(base, examples, max_tokens: int = 4096) -> list[int]:
@@ -54,14 +58,45 @@ def exact_matches(base, examples, max_tokens: int = 4096) -> list[int]:
     return [exact_match(p, e.target) for p, e in zip(preds, examples)]
 
 
+def per_prompt(rm, base, texts: list[str], answer, max_tokens: int = 4096) -> tuple[list, list]:
+    """A per-prompt router's answers: each prompt routed per token (`route_prompts`), its pick
+    (`prompt_level.pick`), then `answer(rows)` -> one result per row, called once per picked expert with that
+    expert alone applied. (results in prompt order, picks)."""
+    from bench.eval_routing import route_prompts
+    from explorer.routing.prompt_level import pick
+
+    chosen = [pick(tr) for tr in route_prompts(rm, base, texts, max_tokens)]
+    out = [None] * len(texts)
+    for expert in dict.fromkeys(c.expert for c in chosen):
+        rows = [i for i, c in enumerate(chosen) if c.expert == expert]
+        with rm.answering_with(expert):
+            for i, result in zip(rows, answer(rows)):
+                out[i] = result
+    return out, chosen
+
+
+def routed_exact_matches(rm, base, examples, max_tokens: int = 4096) -> list[int]:
+    """Per-example exact match under `rm.router`: `exact_matches` for a per-token router; for a per-prompt one,
+    each prompt answered by its pick alone (`per_prompt`)."""
+    if not rm.router.per_prompt:
+        return exact_matches(base, examples, max_tokens)
+    return per_prompt(rm, base, [e.input for e in examples],
+                      lambda rows: exact_matches(base, [examples[i] for i in rows], max_tokens), max_tokens)[0]
+
+
 def answer_and_route(rm, base, examples, max_tokens: int = 4096) -> tuple[list, list[int]]:
-    """Greedy answers of the routed model, then the routing of prompt + answer tokens: (traces, exact match)."""
+    """Greedy answers of the routed model (a per-prompt router: each prompt's pick alone), then the per-token
+    routing of prompt + answer tokens: (traces, exact match)."""
     from bench.eval_routing import route_prompts
 
     tok = base.tokenizer
     texts = [e.input for e in examples]
-    gen = greedy_generate_ids(base.model, tok, prompt_ids(base, texts), target_tokens(tok, [e.target for e in examples]),
-                              max_tokens)
+    ids, budget = prompt_ids(base, texts), target_tokens(tok, [e.target for e in examples])
+    if rm.router.per_prompt:  # each prompt answered by its pick alone; the traces route prompt + answer per token
+        gen = per_prompt(rm, base, texts, lambda rows: greedy_generate_ids(base.model, tok, [ids[i] for i in rows],
+                                                                           budget, max_tokens), max_tokens)[0]
+    else:
+        gen = greedy_generate_ids(base.model, tok, ids, budget, max_tokens)
     traces = route_prompts(rm, base, texts, max_tokens, generated=gen)
     return traces, [exact_match(decode_new(tok, g), e.target) for g, e in zip(gen, examples)]
 
@@ -168,8 +203,49 @@ def sweep(rm, base, tasks, own: dict, n: int, n_em: int, ks: list[int], temps: l
     finally:
         rm.set_router(start)
     winner = choose(rows)
-    evidence = {"rule": RULE, "split": "train", "train_prompts_per_task": n, "em_prompts_per_task": n_em,
+    granularity = choose_granularity(rm, base, winner, em_examples, max_tokens) if em_examples else None
+    if granularity is not None:
+        winner = {**winner, "granularity": granularity["winner"]}
+    evidence = {"rule": RULE, "granularity": granularity, "split": "train", "train_prompts_per_task": n, "em_prompts_per_task": n_em,
                 "tasks": sorted(prompts), "grid": {"top_k": ks, "temperature": [float(t) for t in temps],
                                                    "centring": [list(o) for o in options]},
                 "winner": winner, "rows": rows}
     return {"rows": rows, "winner": winner, "evidence": evidence}
+
+
+GRANULARITY_RULE = ("per token or per prompt at the winner's centring, top-k and temperature: the higher mean "
+                    "exact match over the tasks' training prompts; per token on a tie")
+
+
+def choose_granularity(rm, base, winner: dict, em_examples: dict, max_tokens: int = 4096) -> dict:
+    """Per-token vs per-prompt routing at the `winner` row's setting, scored by exact match on training prompts
+    `em_examples` {task: examples}: {"rule", "rows": [{"granularity", "em", "per_task"}], "winner", ...}."""
+    from dataclasses import replace
+
+    start, rows = rm.router, []
+    try:
+        for granularity in ("token", "prompt"):
+            rm.set_router(replace(router_of(winner), granularity=granularity))
+            per_task = {t: float(np.mean(routed_exact_matches(rm, base, ex, max_tokens)))
+                        for t, ex in em_examples.items()}
+            rows.append({"granularity": granularity, "em": float(np.mean(list(per_task.values()))),
+                         "per_task": per_task})
+    finally:
+        rm.set_router(start)
+    best = max(rows, key=lambda r: (r["em"], r["granularity"] == "token"))
+    return {"rule": GRANULARITY_RULE, "split": "train", "rows": rows, "winner": best["granularity"],
+            "em_prompts_per_task": max((len(ex) for ex in em_examples.values()), default=0)}
+
+
+def regranulate(rm, base, tasks, recorded, n_em: int, max_tokens: int = 4096) -> dict:
+    """The recorded default router's granularity chosen again on training prompts, its centring, top-k and
+    temperature kept (cheaper than a new sweep): {"rows", "winner", "evidence"} like `sweep`, the recorded
+    evidence kept and its "granularity" part replaced. `recorded`: library_store's DefaultRouter."""
+    winner = {**recorded.evidence.get("winner", {}), **{k: recorded.router[k] for k in
+              ("top_k", "temperature", "centre", "centre_scope", "input_centre")}}
+    em_examples = {t.name: t.train[:n_em] for t in tasks if t.metric == "exact_match"}
+    granularity = choose_granularity(rm, base, winner, em_examples, max_tokens)
+    winner = {**winner, "granularity": granularity["winner"]}
+    evidence = {**recorded.evidence, "granularity": granularity, "winner": winner,
+                "granularity_chosen_after": recorded.command}
+    return {"rows": recorded.evidence.get("rows", []), "winner": winner, "evidence": evidence}

@@ -10,6 +10,8 @@ Usage::
         --centre-scope weights
     python -m explorer trace --library assets/libraries/demo-mbc --prompt "Reverse the word: apple" \\
         --input-centre base
+    python -m explorer generate --library assets/libraries/demo-private --prompt "Please compute 25 + 19" \\
+        --granularity prompt
 
 Router settings not given on the command line come from the library's recorded default router (what its
 evaluation chose, `library_store.store.reports.default_router`), else the built-in defaults. Settings are checked
@@ -24,7 +26,7 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    from explorer.routing.config import INPUT_CENTRES
+    from explorer.routing.config import GRANULARITIES, INPUT_CENTRES
     from explorer.routing.device import add_device_arguments
     from library_store.models import DEFAULT_MODEL
 
@@ -48,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--input-centre", default=None, choices=list(INPUT_CENTRES),
                         help="subtract the base model's mean layer input before scoring (docs/design.md, "
                              "\"Input centring\"; default: the library's default router)")
+        sp.add_argument("--granularity", default=None, choices=list(GRANULARITIES),
+                        help="route every token (Arrow), or pick one expert per prompt from the routing of your "
+                             "text and answer with it alone (docs/design.md, \"Prompt-level routing\"; default: "
+                             "the library's default router)")
         sp.add_argument("--disable", default="", help="comma-separated experts to leave out")
         sp.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
         sp.add_argument("--bf16", action="store_true", help="load the base model in bfloat16 (= --dtype bfloat16)")
@@ -89,7 +95,8 @@ def _routed(args):
     raw = RawRequest(prompt=args.prompt, library=args.library or "", mode=args.mode if args.library else "base",
                      top_k=args.top_k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                      disabled=args.disable, chat=not args.no_chat, centre=args.centre,
-                     centre_scope=args.centre_scope, input_centre=args.input_centre)
+                     centre_scope=args.centre_scope, input_centre=args.input_centre,
+                     granularity=args.granularity)
     done = normalise(raw, rm.experts, tokenizer=base.tokenizer, context_length=base.context_length,
                      limits=CLI_LIMITS, strict=True, names=names, defaults=defaults)
     if done.error:
@@ -104,7 +111,11 @@ def _summary(trace) -> str:
     centre = f" centre={router.centre} scope={router.centre_scope}" if router.centre != "none" else ""
     centre += f" input_centre={router.input_centre}" if router.input_centre != "none" else ""
     lines = [f"mode={trace.mode} top_k={trace.top_k} temperature={trace.temperature}{centre} "
-             f"experts={len(trace.experts)}"]
+             f"granularity={router.granularity} experts={len(trace.experts)}"]
+    if trace.evidence is not None:  # per prompt: the pick and why; the lines below show it applied
+        from explorer.routing.prompt_level import pick
+
+        lines.append(pick(trace.evidence).describe())
     for i, tok in enumerate(trace.tokens):
         best = trace.crop([i]).winner("all") or "-"
         lines.append(f"{i:4d} {'gen' if trace.is_generated[i] else '   '} {tok!r:24} {best}")

@@ -25,6 +25,7 @@ from explorer.page.library_actions import router_controls as library_router_cont
 from explorer.page.request import RawRequest
 from explorer.page.session import RunResult, Session
 from explorer.page.stream import stream_run
+from explorer.routing.prompt_level import pick
 
 NO_TRACE = "Press Run to route a prompt."
 MODULE_MEAN = ("mean over modules", plots.MEAN)
@@ -37,12 +38,12 @@ GRID_OUTPUTS = ("grid",)
 FIGURE_OUTPUTS = ("expert_plot", "entropy", "usage", "diff")
 COMPARE_OUTPUTS = ("base_text", "uniform_text", "single_text", "arrow_text")
 LIBRARY_OUTPUTS = ("status", "disabled", "expert", "linked_map")
-ROUTER_OUTPUTS = ("top_k", "temperature", "centre", "centre_scope", "input_centre")
+ROUTER_OUTPUTS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "granularity")
 
 
 def view_of(session: Session, state: RunResult, show_template) -> tuple:
     """(view, positions): what the grid shows of the run, and each shown token's place in the full trace."""
-    trace = state.trace
+    trace = state.shown
     view = session.view(trace, bool(show_template))
     positions = list(range(len(trace.tokens))) if view is trace else trace.positions("user+generated")
     return view, positions
@@ -70,7 +71,7 @@ def figures(session: Session, state: RunResult | None, module, expert, show_temp
     if state is None or state.trace is None:
         empty = plots.note_figure("Routing", NO_TRACE)
         return dict.fromkeys(FIGURE_OUTPUTS, empty)
-    trace = session.view(state.trace, bool(show_template))
+    trace = session.view(state.shown, bool(show_template))
     module = module if module == plots.MEAN or module in trace.modules else plots.MEAN
     expert = expert if expert in trace.experts else trace.most_used_expert() or trace.experts[0]
     diff = (plots.diff_heatmap(session.view(state.reference, bool(show_template)), trace, module)
@@ -82,15 +83,15 @@ def figures(session: Session, state: RunResult | None, module, expert, show_temp
 
 
 def route(session: Session, prompt, library, chat, top_k, temperature, centre, centre_scope, max_new, disabled,
-          module, colour_by, grid_by, show_template, input_centre=None, progress=None):
+          module, colour_by, grid_by, show_template, input_centre=None, granularity=None, progress=None):
     """Run, streaming: the answer as it is generated ({"text": so far}), then every ROUTE_OUTPUTS key.
-    `input_centre` ("none" | "base"; None: the library's default) comes last so that API clients written before
-    it existed keep their argument positions."""
+    `input_centre` ("none" | "base") and `granularity` ("token" | "prompt"), None: the library's default, come
+    last so that API clients written before them keep their argument positions."""
     error = ensure_loaded(session, progress)
     if error is None:
         raw = RawRequest(prompt=prompt, library=library, chat=chat, top_k=top_k, temperature=temperature,
                          max_new_tokens=max_new, disabled=disabled, centre=centre, centre_scope=centre_scope,
-                         input_centre=input_centre)
+                         input_centre=input_centre, granularity=granularity)
         steps = stream_run(session, raw)
     else:
         steps = iter([RunResult(trace=None, error=error)])
@@ -109,6 +110,9 @@ def _finished(session: Session, result: RunResult, module, colour_by, grid_by, s
                 "cf_expert": update(), **cleared}
     trace, disabled = result.trace, result.request.router.disabled
     notes = result.notices + ([f"Intervention: experts {', '.join(disabled)} disabled."] if disabled else [])
+    if trace.evidence is not None:
+        notes = [pick(trace.evidence).describe() + " The grid shows the per-token routing of the prompt that "
+                 "chose it."] + notes
     top = trace.most_used_expert()
     return {"notice": messages(notes), "text": trace.text,
             **grid(session, result, module, colour_by, grid_by, show_template),
@@ -138,7 +142,7 @@ def export(session: Session, state: RunResult | None, module, colour_by, expert,
         files = [out / "trace.csv", out / "trace.json"]
         files[0].write_text(state.trace.to_csv())
         files[1].write_text(state.trace.to_json())
-        view = session.view(state.trace, bool(show_template))
+        view = session.view(state.shown, bool(show_template))
         groups = _groups(session, state, colour_by)
         pages = {"heatmap": plots.top1_heatmap(view, module, groups),
                  "contribution": plots.top1_heatmap(view, module, groups, by="contribution")}

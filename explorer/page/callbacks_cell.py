@@ -49,12 +49,12 @@ def drill(session: Session, state: RunResult | None, library, module, cell, even
         return {"drill": instrument.note_html(str(exc), "error"), "cell": update(), "cf_expert": update(),
                 "cf_panel": update()}
     return {"drill": instrument.drill_html(detail), "cell": f"{layer}, {token}",
-            "cf_expert": update(choices=state.trace.experts, value=detail.top_weight), "cf_panel": update(open=True)}
+            "cf_expert": update(choices=state.shown.experts, value=detail.top_weight), "cf_panel": update(open=True)}
 
 
 def _pick_experts(session: Session, state: RunResult, name: str) -> set[str]:
     """What a map pick names: an expert, a task (its expert) or a cluster (its experts)."""
-    trace = state.trace
+    trace = state.shown
     if name in trace.experts:
         return {name}
     reg = session.registry
@@ -73,14 +73,14 @@ def highlight(session: Session, state: RunResult | None, library, module, colour
     expert it is (HIGHLIGHT_OUTPUTS). The browser lights them at once; this says how many and lists them."""
     name = str(_event(event).get("name") or pick or "").strip()
     try:
-        check_cell(state, library, state.trace.layers[0] if state and state.trace else 0, 0)
+        check_cell(state, library, state.shown.layers[0] if state and state.trace else 0, 0)
     except CellError as exc:
         return {"selection": _note(str(exc)), "selection_json": {}}
     experts = _pick_experts(session, state, name)
     if not experts:
         return {"selection": _note(f"{name!r} is no expert, task or cluster of this run."), "selection_json": {}}
     view, positions = view_of(session, state, show_template)
-    hit = lit(state.trace, view, experts, _groups(session, state, colour_by), module or plots.MEAN,
+    hit = lit(state.shown, view, experts, _groups(session, state, colour_by), module or plots.MEAN,
               "contribution" if grid_by == "contribution" else "weight", positions)
     text = (f"**{_md(name)}** → {_md(hit.label)}: {len(hit.cells)} grid cells and {len(hit.tokens)} tokens "
             f"have it as their top {'cluster' if colour_by == 'cluster' else 'expert'}.")
@@ -105,7 +105,7 @@ def token(session: Session, state: RunResult | None, module, cell, event=None) -
         position = int(ev["token"]) if "token" in ev else parse_cell(cell)[1]
     except (CellError, TypeError, ValueError) as exc:
         return {"token_plot": plots.note_figure("One token's experts", str(exc))}
-    trace = state.trace
+    trace = state.shown
     return {"token_plot": plots.token_experts(trace, position, module if module in trace.modules else plots.MEAN)}
 
 
@@ -114,7 +114,8 @@ def counterfactual(session: Session, state: RunResult | None, library, cell, exp
     regenerated with the intervention."""
     try:
         layer, position = parse_cell(cell)
-        trace = check_cell(state, library, layer, position)
+        check_cell(state, library, layer, position)
+        trace = state.trace  # a per-prompt run's cells are its evidence, but the run is what changes
         cf = Counterfactual(layer, position, str(expert or ""), str(action or "off"), str(scope or "cell"))
     except (CellError, ValueError) as exc:
         yield {"cf_out": instrument.note_html(str(exc), "error")}

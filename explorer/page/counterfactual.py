@@ -69,6 +69,10 @@ def check(trace: RoutingTrace, cf: Counterfactual) -> None:
     """ValueError (a page notice) for a counterfactual this run cannot answer."""
     if trace.router.kind != "arrow":
         raise ValueError(f"Counterfactuals change Arrow's routing; this run used mode {trace.router.mode!r}.")
+    if trace.router.per_prompt:
+        raise ValueError("Counterfactuals change per-token routing; this run picked one expert for the whole prompt. "
+                         "Set granularity to 'token' to try one, or mode 'expert:<name>' to answer with another "
+                         "expert.")
     if cf.expert not in trace.experts:
         raise ValueError(f"Unknown expert {cf.expert!r}: this run routes over {trace.experts}.")
     if cf.expert in trace.router.disabled:

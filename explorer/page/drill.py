@@ -73,10 +73,10 @@ def parse_cell(cell) -> tuple[int, int]:
 
 
 def check_cell(result, library: str | None, layer: int, token: int, run_id: int | None = None) -> RoutingTrace:
-    """The run's trace when (layer, token) is a cell of it, else a CellError saying why."""
+    """The run's shown trace (`RunResult.shown`) when (layer, token) is a cell of it, else a CellError saying why."""
     if result is None or getattr(result, "trace", None) is None:
         raise CellError("Press Run first: there is no routing to drill into yet.")
-    trace = result.trace
+    trace = result.shown
     if library and result.request is not None and library != result.request.library:
         raise CellError(f"The library changed to {library!r} since this run (over "
                         f"{result.request.library!r}): press Run to route over it, then click a cell.")

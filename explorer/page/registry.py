@@ -9,7 +9,7 @@ Usage::
     with reg.lock:
         routed = reg.attach("lib")                           # a RoutedModel over lib's routable experts
     reg.expert_names("lib"); reg.groups("lib"); reg.analysis("lib")
-    reg.default_router("lib")      # {"top_k", "temperature", "centre", "centre_scope", "input_centre", "recorded"}
+    reg.default_router("lib")      # {"top_k", "temperature", "centre", ..., "granularity", "recorded"}
     reg.add_expert("lib", "upload.zip", "my-expert", tasks=["add"])   # -> Edit; routes at once
     reg.remove_expert("lib", "my-expert"); reg.library_map("lib", "delta"); reg.report("lib")
 
@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 
 def library_default_router(lib) -> dict:
     """The router a library starts with: its evaluation's recorded default (`reports.default_router`), else the
-    built-in defaults; {"top_k", "temperature", "centre", "centre_scope", "input_centre", "recorded": bool}. A
-    record written before input centring existed has no input_centre: it reads as "none"."""
+    built-in defaults; {"top_k", "temperature", "centre", "centre_scope", "input_centre", "granularity",
+    "recorded": bool}. A record written before input centring (granularity) existed reads as "none" ("token")."""
     from library_store.store.reports import default_router
 
     out = {k: DEFAULTS[k] for k in ROUTER_FIELDS}

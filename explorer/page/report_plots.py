@@ -76,6 +76,8 @@ def _router_text(router: dict) -> str:
     parts.append("no centring" if centre == "none" else f"centre {centre} ({router.get('centre_scope')})")
     if (router.get("input_centre") or "none") != "none":
         parts.append(f"input centring {router['input_centre']}")
+    if router.get("granularity") == "prompt":
+        parts.append("one expert per prompt")
     return ", ".join(html.escape(str(p)) for p in parts)
 
 

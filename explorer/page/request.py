@@ -11,6 +11,7 @@ Usage::
     normalise(RawRequest("hi", centre="general:gk"), ["a", "b", "c"], names=["a", "b", "c", "gk"],
               defaults={"top_k": 2, "centre": "mean"})   # a library's recorded default router fills the gaps
     normalise(RawRequest("hi", input_centre="base"), ["a", "b"]).request.router.input_centre   # "base"
+    normalise(RawRequest("hi", granularity="prompt"), ["a", "b"]).request.router.per_prompt    # True
 
 Raw values arrive as the front end sends them: strings, floats from sliders, None for "not given". The page
 clamps what is out of range and says so; with `strict=True` (the CLI) the first such problem is the error
@@ -21,6 +22,8 @@ Centring (docs/design.md, "Centring"): `centre` is "none", "mean" or "general:<e
 routed experts, a general expert the library does not hold) falls back to no centring with a notice.
 Input centring (docs/design.md, "Input centring"): `input_centre` is "none" or "base" (subtract the base model's
 mean layer input before scoring); an unknown value falls back to "none" with a notice.
+Granularity (docs/design.md, "Prompt-level routing"): `granularity` is "token" (Arrow) or "prompt" (one expert
+per prompt, picked from the per-token routing of the user's text); an unknown value falls back to "token".
 """
 from __future__ import annotations
 
@@ -28,12 +31,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from explorer.routing.config import CENTRE_SCOPES, CENTRES, INPUT_CENTRES, RouterConfig
+from explorer.routing.config import CENTRE_SCOPES, CENTRES, GRANULARITIES, INPUT_CENTRES, RouterConfig
 
 DEFAULTS = {"top_k": 4, "temperature": 1.0, "max_new_tokens": 32, "centre": "none", "centre_scope": "prototypes",
-            "input_centre": "none"}
+            "input_centre": "none", "granularity": "token"}
 # what a library's default router may set
-ROUTER_FIELDS = ("top_k", "temperature", "centre", "centre_scope", "input_centre")
+ROUTER_FIELDS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "granularity")
 MEAN_MIN_EXPERTS = 3  # as `explorer.routing.centring.Centring.means`: below three, centred experts are alike
 
 
@@ -52,6 +55,7 @@ class RawRequest:
     centre: Any = None  # "none" | "mean" | "general:<expert>"
     centre_scope: Any = None  # "prototypes" | "weights"
     input_centre: Any = None  # "none" | "base"
+    granularity: Any = None  # "token" | "prompt"
 
 
 @dataclass(frozen=True)
@@ -130,9 +134,11 @@ def normalise(raw: RawRequest, experts: list[str], tokenizer=None, context_lengt
         top_k = _top_k(raw.top_k, base["top_k"], len(enabled), kind, str(raw.library), clamp)
         centre, scope = _centring(raw, base, experts, list(names) if names is not None else experts, clamp)
         input_centre = _input_centre(raw.input_centre, base["input_centre"], clamp)
+        granularity = _choice(raw.granularity, base["granularity"], GRANULARITIES, "granularity", clamp)
         prompt = _cut(prompt, max_new, tokenizer, context_length, limits, notices)
         router = RouterConfig(mode=mode, top_k=top_k, temperature=temperature, disabled=tuple(disabled),
-                              centre=centre, centre_scope=scope, input_centre=input_centre)
+                              centre=centre, centre_scope=scope, input_centre=input_centre,
+                              granularity=granularity)
     except (_Refused, ValueError) as exc:  # ValueError: RouterConfig's last guard (e.g. an unknown mode)
         return Normalised(request=None, notices=notices, error=str(exc))
     request = RunRequest(prompt=prompt, library=str(raw.library or ""), router=router, chat=bool(raw.chat),
@@ -240,6 +246,17 @@ def _input_centre(raw, default: str, clamp) -> str:
               f"(choose {' or '.join(INPUT_CENTRES)}).",
               f"Unknown input centre {value!r}: use one of {', '.join(INPUT_CENTRES)}.")
         return DEFAULTS["input_centre"]
+    return value
+
+
+def _choice(raw, default: str, choices: tuple[str, ...], what: str, clamp) -> str:
+    """One of `choices`; anything else (given, or a recorded default this version does not know) is the
+    built-in default with a notice (the CLI: refused)."""
+    value = _text(raw, default)
+    if value not in choices:
+        clamp(f"Unknown {what} {value!r}: using {DEFAULTS[what]!r} (choose {' or '.join(choices)}).",
+              f"Unknown {what} {value!r}: use one of {', '.join(choices)}.")
+        return DEFAULTS[what]
     return value
 
 

@@ -42,6 +42,14 @@ class RunResult:
     request: RunRequest | None = None  # the request as run (after the normaliser)
     run_id: int = 0  # unique per run of this process: a click on a grid drawn for another run is stale
 
+    @property
+    def shown(self) -> RoutingTrace | None:
+        """What the Explore view draws and drills into: the trace; for a per-prompt run, its evidence (the prompt
+        routed per token, which chose the one expert that then answered alone)."""
+        if self.trace is None:
+            return None
+        return self.trace.evidence if self.trace.evidence is not None else self.trace
+
 
 _RUN_IDS = itertools.count(1)
 

@@ -141,6 +141,8 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
                     # no `info` line: the control row must stay short so grid and map fit 1440 x 900
                     input_centre = gr.Radio(["none", "base"], value="none", label="input centring",
                                             min_width=120, elem_id="input-centre")
+                    granularity = gr.Radio([("per token", "token"), ("per prompt", "prompt")], value="token",
+                                           label="routing", min_width=150, elem_id="granularity")
                     max_new = gr.Slider(0, MAX_NEW_TOKENS, value=32, step=1, label="new tokens", min_width=110,
                                         elem_id="max-new")
                     disabled = gr.Dropdown(choices=[], multiselect=True, value=[], allow_custom_value=True,
@@ -215,9 +217,9 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
         if "lib_changed" in tab:  # an expert added or removed: the Explore view follows
             wire(tab["lib_changed"].change, cb.library, ["library"], cb.LIBRARY_OUTPUTS, "library_edited")
         wire(example.change, cb.example, ["example"], ["prompt"], "example")
-        # input_centre last: API clients written before it keep their argument positions (see cb.route)
+        # input_centre, granularity last: API clients written before them keep their argument positions
         route_inputs = ["prompt", "library", "chat", "top_k", "temperature", "centre", "centre_scope", "max_new",
-                        "disabled", "module", "colour_by", "grid_by", "show_template", "input_centre"]
+                        "disabled", "module", "colour_by", "grid_by", "show_template", "input_centre", "granularity"]
         for trigger, suffix in ((run.click, ""), (prompt.submit, "_submit")):
             routed = wire(trigger, cb.route, route_inputs, cb.ROUTE_OUTPUTS, "route" + suffix)
             wire(routed.then, cb.figures, ["state", "module", "expert", "show_template"], cb.FIGURE_OUTPUTS,

@@ -7,6 +7,7 @@ Usage::
     RouterConfig(mode="uniform"); RouterConfig(mode="expert:reverse_word"); RouterConfig(mode="base")
     RouterConfig(centre="mean", centre_scope="weights")      # PEFT's GenKnowSub over the routed experts
     RouterConfig(centre="general:general-knowledge")          # subtract one `general` expert of the library
+    RouterConfig(top_k=2, granularity="prompt")               # route the prompt, then answer with its winner alone
 
 Whether a setting fits a given library (top_k at most the number of enabled experts, known names) is checked by
 `RoutedModel.set_router`; the maths of each mode is in docs/design.md, "Routing", and of centring in "Centring".
@@ -19,6 +20,7 @@ MODES = ("arrow", "base", "uniform", "expert")
 CENTRES = ("none", "mean", "general:<expert>")
 CENTRE_SCOPES = ("prototypes", "weights")
 INPUT_CENTRES = ("none", "base")
+GRANULARITIES = ("token", "prompt")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class RouterConfig:
     input_centre: "none" (Arrow's score |h · p_e|) or "base" (score |(h - mu) · p_e|, mu the base model's mean
     input at that layer over a fixed set of generic prompts: the hidden state's shared direction, which
     otherwise picks the same experts for every token; see docs/design.md, "Input centring").
+    granularity (arrow mode): "token" (every token at every layer routed on its own: Arrow) or "prompt" (the
+    prompt is routed per token as evidence, the expert with the largest mean weight over the user's text is
+    picked, and every token is then answered by that expert alone; see docs/design.md, "Prompt-level routing").
+    Other modes ignore it.
     """
 
     mode: str = "arrow"
@@ -43,6 +49,7 @@ class RouterConfig:
     centre: str = "none"  # see docs/design.md, "Centring"
     centre_scope: str = "prototypes"
     input_centre: str = "none"
+    granularity: str = "token"
 
     def __post_init__(self):
         kind = self.mode.split(":", 1)[0] if isinstance(self.mode, str) else None
@@ -64,11 +71,18 @@ class RouterConfig:
             raise ValueError(f"Unknown centre_scope {self.centre_scope!r}: use one of {', '.join(CENTRE_SCOPES)}.")
         if self.input_centre not in INPUT_CENTRES:
             raise ValueError(f"Unknown input_centre {self.input_centre!r}: use one of {', '.join(INPUT_CENTRES)}.")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"Unknown granularity {self.granularity!r}: use one of {', '.join(GRANULARITIES)}.")
 
     @property
     def kind(self) -> str:
         """"arrow", "base", "uniform" or "expert" (the mode without an expert's name)."""
         return self.mode.split(":", 1)[0]
+
+    @property
+    def per_prompt(self) -> bool:
+        """Arrow routing that picks one expert per prompt (granularity "prompt")."""
+        return self.kind == "arrow" and self.granularity == "prompt"
 
     @property
     def general(self) -> str | None:
@@ -78,15 +92,15 @@ class RouterConfig:
     def to_dict(self) -> dict:
         return {"mode": self.mode, "top_k": self.top_k, "temperature": float(self.temperature),
                 "disabled": list(self.disabled), "centre": self.centre, "centre_scope": self.centre_scope,
-                "input_centre": self.input_centre}
+                "input_centre": self.input_centre, "granularity": self.granularity}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RouterConfig":
         """The inverse of `to_dict`; unknown keys are refused (a typo must not silently become a default).
         A dict written before centring existed has no centre fields: it reads as centre "none" (and without
-        input_centre, as "none")."""
+        input_centre, as "none"; without granularity, as "token")."""
         unknown = sorted(set(data) - {"mode", "top_k", "temperature", "disabled", "centre", "centre_scope",
-                                      "input_centre"})
+                                      "input_centre", "granularity"})
         if unknown:
             raise ValueError(f"Unknown RouterConfig fields {unknown}")
         return cls(**{**data, "disabled": tuple(data.get("disabled", ()))})

@@ -15,13 +15,10 @@ The base model is modified in place (its target layers are wrapped); one RoutedM
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -31,7 +28,10 @@ from explorer.routing.calibration import input_means
 from explorer.routing.config import RouterConfig
 from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, module_leaves, prototype_config,
                                      unwrap_model, wrap_model)
-from explorer.routing.layer import PROTOTYPE_METHOD, RoutedLinear, RouterState
+from explorer.routing.layer import RoutedLinear, RouterState
+from explorer.routing.prompt_level import pick
+from explorer.routing.prototype_cache import (_cache_prototypes, _expert_prototypes, _unroutable,  # noqa: F401
+                                              library_identity)
 from explorer.routing.topk import TopKRoutes
 from explorer.routing.trace import RoutingTrace, user_token_span
 from library_store.expert import LoraExpert
@@ -247,18 +247,59 @@ class RoutedModel:
         ids, _ = self.encode(prompt, max_new_tokens, chat)
         if max_new_tokens == 0:
             return ""
-        out = self._generate(ids, max_new_tokens)
+        with self._answering(prompt, chat, max_new_tokens):
+            out = self._generate(ids, max_new_tokens)
         return self.base.tokenizer.decode(out.sequences[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+
+    @contextmanager
+    def _answering(self, prompt: str, chat: bool, max_new_tokens: int):
+        """Inside: the router as set; for a per-prompt router, the prompt's pick alone (yields the evidence
+        trace, or None for a per-token router)."""
+        if not self.router.per_prompt:
+            yield None
+            return
+        evidence = self._trace(prompt, max_new_tokens, chat, None, answer=False)  # the same (maybe cut) prompt
+        evidence.router = replace(self.router, granularity="token")
+        with self.answering_with(pick(evidence).expert):
+            yield evidence
+
+    @contextmanager
+    def answering_with(self, expert: str):
+        """Every token run meanwhile uses `expert` alone, weight 1 (as mode "expert:<name>"), the router's
+        centring kept: how a per-prompt router applies its pick (see explorer/routing/prompt_level.py)."""
+        if expert not in self.experts:
+            raise ValueError(f"Unknown expert {expert!r}; the library has {self.experts}")
+        st = self._state
+        with self._lock:
+            saved = st.mode, st.fixed
+            st.fixed = torch.zeros(len(self.experts))  # (E,)
+            st.fixed[self.experts.index(expert)] = 1.0
+            st.mode = "expert"
+            st.version += 1
+            try:
+                yield
+            finally:
+                st.mode, st.fixed = saved
+                st.version += 1
 
     @torch.no_grad()
     @_serialized
     def trace(self, prompt: str, max_new_tokens: int = 0, chat: bool = True, streamer=None) -> RoutingTrace:
         """Generate greedily while recording the routing weights of every prompt and generated token; the
         trace also records the formatted prompt, where the user's own tokens are, the router and the library.
-        `streamer` (a transformers streamer) gets the new tokens as they are generated (the page streams)."""
+        `streamer` (a transformers streamer) gets the new tokens as they are generated (the page streams).
+        A per-prompt router's trace holds the applied routing (its pick alone) and, as `.evidence`, the prompt
+        routed per token, which the pick was made from."""
+        with self._answering(prompt, chat, max_new_tokens) as evidence:
+            trace = self._trace(prompt, max_new_tokens, chat, streamer)
+        trace.evidence = evidence
+        return trace
+
+    def _trace(self, prompt: str, max_new_tokens: int, chat: bool, streamer, answer: bool = True) -> RoutingTrace:
+        """One routed run, recorded; `answer=False`: the prompt alone (cut as for `max_new_tokens`)."""
         formatted, ids, truncated = self._encode(prompt, max_new_tokens, chat)
         with self.capturing() as records:
-            if max_new_tokens > 0:
+            if max_new_tokens > 0 and answer:
                 out = self._generate(ids, max_new_tokens, streamer)
                 seq = out.sequences  # (1, t_prompt + n_new)
                 if seq.shape[1] > ids.shape[1]:  # the last new token was never fed back: route it too
@@ -344,54 +385,3 @@ class RoutedModel:
 def with_router(rm: RoutedModel, **changes) -> RouterConfig:
     """The current router with some fields changed, e.g. ``rm.set_router(with_router(rm, top_k=2))``."""
     return replace(rm.router, **changes)
-
-
-def library_identity(library, experts: list[LoraExpert]) -> dict:
-    """What a trace records about the library it was routed over: {"name": folder name, "path", "content":
-    sha256 over the sorted (name, checksum) pairs of the routed experts} (same experts, same content)."""
-    pairs = sorted([e.name, e.info.checksum] for e in experts)
-    content = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
-    root = Path(library.root)
-    return {"name": root.name, "path": str(root), "content": content}
-
-
-EXPERT_PROTOTYPE_KIND = "arrow-prototype"  # one expert's prototypes: an added expert is the only one computed
-
-
-def _expert_config(expert: LoraExpert) -> dict:
-    return {"method": PROTOTYPE_METHOD, "expert": [expert.name, expert.info.checksum]}
-
-
-def _expert_prototypes(library, experts: list[LoraExpert]) -> dict[str, dict[str, torch.Tensor]]:
-    """{name: {site: (d,)}} for the experts whose own prototypes are cached (e.g. all but a new upload)."""
-    out = {}
-    for e in experts:
-        hit = library.get_derived(EXPERT_PROTOTYPE_KIND, _expert_config(e))
-        if hit is not None:
-            out[e.name] = hit[0]
-    return out
-
-
-def _cache_prototypes(library, rm: "RoutedModel", experts: list[LoraExpert], config: dict, known: dict) -> None:
-    """One entry for the whole set (one read next time) and one per newly computed expert."""
-    try:
-        library.put_derived(PROTOTYPE_KIND, config, {s: st.prototypes for s, st in rm._stacks.items()},
-                            {"experts": rm.experts})
-        for i, e in enumerate(experts):
-            if e.name not in known:
-                own = {s: st.prototypes[i] for s, st in rm._stacks.items() if s in e.factors()}  # {site: (d,)}
-                library.put_derived(EXPERT_PROTOTYPE_KIND, _expert_config(e), own, {"expert": e.name})
-    except Exception as exc:  # a library that cannot cache still routes; it just recomputes next time
-        log.info("prototypes not cached: %s", exc)
-
-
-def _unroutable(experts: list[LoraExpert], exc: Exception) -> dict[str, str]:
-    """The experts whose prototypes cannot be computed on their own (after attaching all of them failed)."""
-    bad = {}
-    for e in experts:
-        try:
-            build_stacks([e])
-        except Exception as own:  # noqa: BLE001 - any failure of this one expert is its own
-            bad[e.name] = f"prototypes cannot be computed: {type(own).__name__}: {own}"
-    return bad
-

@@ -124,6 +124,9 @@ class RoutingTrace:
     truncated: bool = False  # the prompt was cut (from the left) to fit the context
     library: dict = field(default_factory=dict)  # {"name", "path", "content"}; empty for a bare model
     meta: dict = field(default_factory=dict)  # anything else: base model, chat, unavailable experts...
+    # per-prompt routing (router.granularity "prompt"): the prompt routed per token, the evidence for the
+    # pick (explorer/routing/prompt_level.py); `routes` then hold what was applied, the pick alone
+    evidence: "RoutingTrace | None" = None
 
     def __post_init__(self):
         if not isinstance(self.routes, TopKRoutes):  # dense weights (the constructor's `weights=`)
@@ -143,7 +146,7 @@ class RoutingTrace:
     def __eq__(self, other) -> bool:
         if not isinstance(other, RoutingTrace):
             return NotImplemented
-        return self.routes == other.routes and self._plain() == other._plain()
+        return self.routes == other.routes and self._plain() == other._plain() and self.evidence == other.evidence
 
     @property
     def weights(self) -> np.ndarray:
@@ -318,13 +321,14 @@ class RoutingTrace:
         what the CLI's --json documents) also "weights", the (L, M, T, E) nested lists."""
         data = self._plain()
         data["routes"] = self.routes.to_dict()
+        data["evidence"] = None if self.evidence is None else self.evidence.to_dict(dense)
         if dense:
             data["weights"] = self.weights.tolist()
         return data
 
     def _plain(self) -> dict:
-        """Every field but the routes, JSON-ready."""
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "routes"}
+        """Every field but the routes and the evidence, JSON-ready."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("routes", "evidence")}
         data.update(router=self.router.to_dict(), user_span=list(self.user_span),
                     tokens=list(self.tokens), token_ids=[int(i) for i in self.token_ids],
                     is_generated=[bool(g) for g in self.is_generated], layers=[int(x) for x in self.layers],
@@ -343,6 +347,8 @@ class RoutingTrace:
         dense = data.pop("weights", None)
         routes = data.pop("routes", None)
         data["routes"] = TopKRoutes.from_dict(routes) if routes is not None else np.asarray(dense, dtype=np.float32)
+        if isinstance(data.get("evidence"), dict):
+            data["evidence"] = cls.from_dict(data["evidence"])
         legacy = {k: data.pop(k) for k in ("mode", "top_k", "temperature") if k in data}
         if "router" not in data:
             disabled = tuple(data.get("meta", {}).get("disabled", ()))

@@ -31,7 +31,8 @@ from library_store.store.errors import LibraryError
 REPORT_KIND = "routing-report"
 ROUTER_KIND = "router-default"
 REPORT_SPLITS = ("heldout", "paraphrase", "train")
-ROUTER_FIELDS = ("mode", "top_k", "temperature", "disabled", "centre", "centre_scope", "input_centre")
+ROUTER_FIELDS = ("mode", "top_k", "temperature", "disabled", "centre", "centre_scope", "input_centre",
+                 "granularity")
 
 
 @dataclass

@@ -226,3 +226,38 @@ def test_recorded_input_centring_is_used_unless_the_flag_overrides(library, tmp_
     assert json.loads(capsys.readouterr().out)["router"]["input_centre"] == "base"
     assert main([*argv, "--input-centre", "none"]) == 0
     assert json.loads(capsys.readouterr().out)["router"]["input_centre"] == "none"
+
+
+def test_granularity_flag_picks_one_expert_per_prompt_and_follows_the_recorded_default(library, tmp_path, capsys):
+    from library_store.store import reports
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "--granularity {token,prompt}" in capsys.readouterr().out
+    argv = ["trace", "--base-model", "tiny-random-llama", "--library", library, "--prompt", "Count: one two",
+            "--top-k", "2", "--max-new-tokens", "3"]
+    assert main([*argv, "--granularity", "prompt", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["router"]["granularity"] == "prompt" and data["evidence"]["router"]["granularity"] == "token"
+    assert main([*argv, "--granularity", "prompt"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "granularity=prompt" in out[0] and out[1].startswith("Routed per prompt:")
+    picked = out[1].split("so every token used ")[1].rstrip(".").replace(" alone", "")
+    assert main(["generate", *argv[1:], "--granularity", "prompt"]) == 0  # same router: same pick
+    by_prompt = capsys.readouterr().out
+    assert main(["generate", *argv[1:], "--mode", f"expert:{picked}"]) == 0
+    assert by_prompt == capsys.readouterr().out  # the pick answers alone
+    with pytest.raises(SystemExit):
+        main([*argv, "--granularity", "sentence"])
+    assert "invalid choice: 'sentence'" in capsys.readouterr().err
+    copy = shutil.copytree(library, tmp_path / "lib")
+    reports.write_default_router(ExpertLibrary.open(copy, readonly=False),
+                                 {"mode": "arrow", "top_k": 2, "temperature": 1.0, "disabled": [], "centre": "none",
+                                  "centre_scope": "prototypes", "input_centre": "none", "granularity": "prompt"},
+                                 evidence={"rule": "test"}, command="test")
+    argv = ["trace", "--base-model", "tiny-random-llama", "--library", str(copy), "--prompt", "hi", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["router"]["granularity"] == "prompt"
+    assert main([*argv, "--granularity", "token"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["router"]["granularity"] == "token" and data["evidence"] is None

@@ -74,7 +74,7 @@ def test_library_without_evaluation_says_so_and_shows_the_command(session):
     assert "No routing report" in out["confusion"].layout.annotations[0].text
     assert session.registry.default_router("lib") == {"top_k": 4, "temperature": 1.0, "centre": "none",
                                                       "centre_scope": "prototypes", "input_centre": "none",
-                                                      "recorded": False}
+                                                      "granularity": "token", "recorded": False}
 
 
 def test_report_card_and_default_router_are_read_from_the_store(session):
@@ -99,7 +99,8 @@ def test_report_card_and_default_router_are_read_from_the_store(session):
     assert "input centring" not in card  # a record written before input centring existed: "none"
     controls = act.router_controls(session, "lib")
     assert {k: v.props["value"] for k, v in controls.items()} == {"top_k": 2, "temperature": 0.7, "centre": "mean",
-                                                                  "centre_scope": "weights", "input_centre": "none"}
+                                                                  "centre_scope": "weights", "input_centre": "none",
+                                                                  "granularity": "token"}
     done = normalise(RawRequest("hi"), EXPERTS, defaults=session.registry.default_router("lib"))
     assert (done.request.router.top_k, done.request.router.centre) == (2, "mean")
     assert done.request.router.input_centre == "none"
@@ -119,6 +120,23 @@ def test_recorded_input_centring_is_the_page_default(session):
     assert off.request.router.input_centre == "none"  # the user's choice beats the library's
     trace = session.run(RawRequest(PROMPT, library="lib", max_new_tokens=0)).trace
     assert trace.router.input_centre == "base"
+
+
+def test_recorded_per_prompt_routing_is_the_page_default_and_the_user_can_leave_it(session):
+    writer = ExpertLibrary.open(session.registry.paths["lib"], readonly=False)
+    write_default_router(writer, {"mode": "arrow", "top_k": 2, "temperature": 0.3, "disabled": [], "centre": "none",
+                                  "centre_scope": "prototypes", "input_centre": "none", "granularity": "prompt"},
+                         evidence={"rule": "best training exact match"}, command="python bench/eval_routing.py --x")
+    assert act.router_controls(session, "lib")["granularity"].props["value"] == "prompt"
+    assert "top-k 2, temperature 0.3, no centring, one expert per prompt" in act.show(session, "lib")["report"]
+    trace = session.run(RawRequest(PROMPT, library="lib", max_new_tokens=2)).trace
+    assert trace.router.per_prompt and trace.evidence is not None
+    trace = session.run(RawRequest(PROMPT, library="lib", max_new_tokens=2, granularity="token")).trace
+    assert not trace.router.per_prompt and trace.evidence is None
+    bad = normalise(RawRequest("hi", granularity="sentence"), EXPERTS, defaults=session.registry.default_router("lib"))
+    assert bad.request.router.granularity == "token" and "Unknown granularity 'sentence'" in bad.notices[0]
+    strict = normalise(RawRequest("hi", granularity="sentence"), EXPERTS, strict=True)
+    assert strict.error == "Unknown granularity 'sentence': use one of token, prompt."
 
 
 def test_normaliser_checks_centring_with_notices():

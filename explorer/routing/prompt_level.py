@@ -1,0 +1,60 @@
+"""Prompt-level routing (`RouterConfig(granularity="prompt")`): route the prompt per token as evidence, pick one
+expert, answer with it alone. No model here: the decision is a pure function of the evidence trace.
+
+Usage::
+
+    rm.set_router(RouterConfig(top_k=2, temperature=0.1, input_centre="base", granularity="prompt"))
+    trace = rm.trace("Please compute 25 + 19", max_new_tokens=8)
+    trace.evidence                 # RoutingTrace of the prompt alone, routed per token (granularity "token")
+    choice = pick(trace.evidence)  # PromptPick: the expert, its mean weight, the runner-up and theirs
+    trace.routes                   # what was applied: `choice.expert` alone, weight 1, at every token and layer
+
+Why: per-token Arrow mixes several experts in every cell, and on held-in tasks that mixing loses most of what the
+own expert alone gets right (S5), while the expert with the largest mean weight over the user's text, the very
+choice own-text routing accuracy scores, answers like the own expert whenever it is right (docs/evaluation.md,
+"Choosing one expert per prompt"). The evidence is kept in the trace, so the page can show why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from explorer.routing.trace import RoutingTrace
+
+
+@dataclass(frozen=True)
+class PromptPick:
+    """One prompt's decision: the expert that answers and the evidence margin behind it."""
+
+    expert: str
+    weight: float  # its mean routing weight over the evidence tokens (every layer, mean over modules)
+    runner_up: str | None  # the expert with the next largest mean weight (None: one expert)
+    runner_weight: float
+    over: str  # "user" (the user's own text) or "prompt" (no user text located: every prompt token)
+
+    @property
+    def margin(self) -> float:
+        return self.weight - self.runner_weight
+
+    def describe(self) -> str:
+        where = "your text" if self.over == "user" else "the prompt"
+        second = f"; runner-up {self.runner_up} {self.runner_weight:.2f}" if self.runner_up else ""
+        return (f"Routed per prompt: {where} gave {self.expert} the largest mean weight ({self.weight:.2f}"
+                f"{second}), so every token used {self.expert} alone.")
+
+
+def pick(evidence: RoutingTrace) -> PromptPick:
+    """The expert with the largest mean weight over the user's own tokens (every prompt token when the user's
+    text was not located), as `RoutingTrace.winner("user")` chooses; ties go to the first expert in library
+    order. ValueError when the evidence routed nothing (no tokens, or every weight 0)."""
+    over = "user" if evidence.user_span[1] > evidence.user_span[0] else "prompt"
+    mean = evidence.usage(over)  # (E,)
+    if mean.size == 0 or not mean.max() > 0:
+        raise ValueError("Per-prompt routing found no routing weight on the prompt: nothing to pick.")
+    order = np.argsort(-mean, kind="stable")  # largest first, library order among equals
+    first = int(order[0])
+    second = int(order[1]) if mean.size > 1 else None
+    return PromptPick(expert=evidence.experts[first], weight=float(mean[first]),
+                      runner_up=None if second is None else evidence.experts[second],
+                      runner_weight=0.0 if second is None else float(mean[second]), over=over)

@@ -1,0 +1,69 @@
+"""The library's cache of Arrow prototypes and what a trace records about the library: helpers of
+`RoutedModel.from_library` (explorer/routing/model.py). A whole set's prototypes are one derived entry; each
+expert's own are another, so an added expert is the only one computed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from explorer.routing.inject import PROTOTYPE_KIND, build_stacks
+from explorer.routing.layer import PROTOTYPE_METHOD
+from library_store.expert import LoraExpert
+
+log = logging.getLogger(__name__)
+
+
+def library_identity(library, experts: list[LoraExpert]) -> dict:
+    """What a trace records about the library it was routed over: {"name": folder name, "path", "content":
+    sha256 over the sorted (name, checksum) pairs of the routed experts} (same experts, same content)."""
+    pairs = sorted([e.name, e.info.checksum] for e in experts)
+    content = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+    root = Path(library.root)
+    return {"name": root.name, "path": str(root), "content": content}
+
+
+EXPERT_PROTOTYPE_KIND = "arrow-prototype"  # one expert's prototypes: an added expert is the only one computed
+
+
+def _expert_config(expert: LoraExpert) -> dict:
+    return {"method": PROTOTYPE_METHOD, "expert": [expert.name, expert.info.checksum]}
+
+
+def _expert_prototypes(library, experts: list[LoraExpert]) -> dict[str, dict[str, torch.Tensor]]:
+    """{name: {site: (d,)}} for the experts whose own prototypes are cached (e.g. all but a new upload)."""
+    out = {}
+    for e in experts:
+        hit = library.get_derived(EXPERT_PROTOTYPE_KIND, _expert_config(e))
+        if hit is not None:
+            out[e.name] = hit[0]
+    return out
+
+
+def _cache_prototypes(library, rm, experts: list[LoraExpert], config: dict, known: dict) -> None:
+    """One entry for the whole set (one read next time) and one per newly computed expert."""
+    try:
+        library.put_derived(PROTOTYPE_KIND, config, {s: st.prototypes for s, st in rm._stacks.items()},
+                            {"experts": rm.experts})
+        for i, e in enumerate(experts):
+            if e.name not in known:
+                own = {s: st.prototypes[i] for s, st in rm._stacks.items() if s in e.factors()}  # {site: (d,)}
+                library.put_derived(EXPERT_PROTOTYPE_KIND, _expert_config(e), own, {"expert": e.name})
+    except Exception as exc:  # a library that cannot cache still routes; it just recomputes next time
+        log.info("prototypes not cached: %s", exc)
+
+
+def _unroutable(experts: list[LoraExpert], exc: Exception) -> dict[str, str]:
+    """The experts whose prototypes cannot be computed on their own (after attaching all of them failed)."""
+    bad = {}
+    for e in experts:
+        try:
+            build_stacks([e])
+        except Exception as own:  # noqa: BLE001 - any failure of this one expert is its own
+            bad[e.name] = f"prototypes cannot be computed: {type(own).__name__}: {own}"
+    return bad
+

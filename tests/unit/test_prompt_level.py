@@ -1,0 +1,107 @@
+"""Per-prompt routing (RouterConfig granularity "prompt"): the pick is the per-token routing's winner over the
+user's text, every token then runs with that expert alone, and the trace keeps the evidence."""
+import numpy as np
+import pytest
+import torch
+from arrow_helpers import TWINS, experts, fresh
+
+from explorer.routing.config import RouterConfig
+from explorer.routing.model import RoutedModel
+from explorer.routing.prompt_level import PromptPick, pick
+from explorer.routing.trace import RoutingTrace
+
+PROMPT = "Count the words: one two three four"
+
+
+def routed(twin, **router):
+    base = fresh(twin)
+    return RoutedModel(base, experts(base, 4), RouterConfig(top_k=2, temperature=0.5, **router))
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_prompt_level_answers_with_the_per_token_winner_alone(twin):
+    rm = routed(twin, granularity="prompt")
+    trace = rm.trace(PROMPT, max_new_tokens=4)
+    rm.set_router(RouterConfig(top_k=2, temperature=0.5))
+    per_token = rm.trace(PROMPT, max_new_tokens=4)
+    winner = per_token.winner("user")
+    assert trace.evidence is not None and trace.evidence.router.granularity == "token"
+    assert trace.evidence.tokens == per_token.tokens[: per_token.n_prompt]  # the prompt alone
+    np.testing.assert_allclose(trace.evidence.weights, per_token.weights[:, :, : per_token.n_prompt], atol=1e-6)
+    assert pick(trace.evidence).expert == winner
+    rm.set_router(RouterConfig(mode=f"expert:{winner}"))
+    alone = rm.trace(PROMPT, max_new_tokens=4)
+    assert trace.token_ids == alone.token_ids and trace.text == alone.text
+    w = trace.weights  # (L, M, T, E): the pick alone, weight 1, at every token and layer
+    assert (w[..., trace.experts.index(winner)] == 1).all() and w.sum() == w[..., trace.experts.index(winner)].sum()
+    assert rm.generate(PROMPT, max_new_tokens=4) == alone.text
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_generate_follows_the_pick_and_the_router_is_restored(twin):
+    rm = routed(twin, granularity="prompt")
+    text = rm.generate(PROMPT, max_new_tokens=5)
+    expert = pick(rm.trace(PROMPT).evidence).expert
+    assert rm.router.granularity == "prompt" and rm._state.mode == "arrow" and rm._state.fixed is None
+    rm.set_router(RouterConfig(mode=f"expert:{expert}"))
+    assert text == rm.generate(PROMPT, max_new_tokens=5)
+
+
+def test_prompt_level_differs_from_per_token_routing():
+    """Guard against a prompt-level run that silently routes per token (the feature off)."""
+    rm = routed("tiny-random-llama", granularity="prompt")
+    ids = rm.encode(PROMPT)[0]
+    with rm.answering_with(pick(rm.trace(PROMPT).evidence).expert):
+        applied = rm.logits(ids)
+    rm.set_router(RouterConfig(top_k=2, temperature=0.5))
+    assert (applied - rm.logits(ids)).abs().max() > 1e-3
+
+
+def test_pick_reads_the_user_text_and_reports_the_runner_up():
+    T, E = 5, 3
+    w = np.zeros((2, 1, T, E), dtype=np.float32)
+    w[:, :, :2, 0] = 1.0  # template tokens: all e0
+    w[:, :, 2:, 1], w[:, :, 2:, 2] = 0.7, 0.3  # user tokens: e1 ahead of e2
+    trace = RoutingTrace(tokens=list("abcde"), token_ids=list(range(T)), is_generated=[False] * T, layers=[0, 1],
+                         modules=["q"], experts=["e0", "e1", "e2"], weights=w, user_span=(2, 5))
+    got = pick(trace)
+    assert (got.expert, got.runner_up, got.over) == ("e1", "e2", "user")
+    assert got.weight == pytest.approx(0.7) and got.margin == pytest.approx(0.4)
+    assert "e1" in got.describe() and "runner-up e2" in got.describe()
+    no_user = RoutingTrace(tokens=list("abcde"), token_ids=list(range(T)), is_generated=[False] * T, layers=[0, 1],
+                           modules=["q"], experts=["e0", "e1", "e2"], weights=w)
+    assert pick(no_user).over == "prompt" and pick(no_user).expert == "e1"  # 2 x 1.0 vs 3 x 0.7 over 5 tokens
+    with pytest.raises(ValueError, match="nothing to pick"):
+        pick(RoutingTrace(tokens=list("ab"), token_ids=[0, 1], is_generated=[False] * 2, layers=[0], modules=["q"],
+                          experts=["e0"], weights=np.zeros((1, 1, 2, 1), np.float32)))
+    assert isinstance(got, PromptPick)
+
+
+def test_prompt_level_trace_round_trips_with_its_evidence():
+    rm = routed("tiny-random-llama", granularity="prompt")
+    trace = rm.trace(PROMPT, max_new_tokens=3)
+    back = RoutingTrace.from_json(trace.to_json())
+    assert back == trace and back.evidence == trace.evidence and back.router.granularity == "prompt"
+    changed = RoutingTrace.from_json(trace.to_json())
+    changed.evidence.routes.weights[0, 0, 0, 0] += 0.5
+    assert changed != trace
+
+
+def test_granularity_config_and_bad_values():
+    assert RouterConfig().granularity == "token" and not RouterConfig().per_prompt
+    assert RouterConfig(granularity="prompt").per_prompt
+    assert not RouterConfig(mode="uniform", granularity="prompt").per_prompt  # other modes ignore it
+    assert RouterConfig.from_dict({"mode": "arrow", "top_k": 2}).granularity == "token"  # older records
+    assert RouterConfig.from_dict(RouterConfig(granularity="prompt").to_dict()).granularity == "prompt"
+    with pytest.raises(ValueError, match="Unknown granularity 'sentence'"):
+        RouterConfig(granularity="sentence")
+
+
+def test_answering_with_an_unknown_expert_is_refused_and_changes_nothing():
+    rm = routed("tiny-random-llama")
+    ids = rm.encode(PROMPT)[0]
+    before = rm.logits(ids)
+    with pytest.raises(ValueError, match="Unknown expert 'nope'"):
+        with rm.answering_with("nope"):
+            pass
+    torch.testing.assert_close(rm.logits(ids), before, atol=0, rtol=0)
