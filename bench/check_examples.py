@@ -3,7 +3,8 @@
 start-up setting), and checked: the task's own expert (MBC: its cluster) has the largest mean weight over the
 user's text, by a clear margin over the next one, and the greedy answer is right. Free-text examples are only
 shown. With a per-prompt default router the shares are read from the trace's evidence (the per-token routing
-that made the pick), not from the applied routing (the pick alone, 100 %).
+that made the pick), not from the applied routing (the pick alone, 100 %); with a readout pick, the lead is
+the readout's probability over its runner-up.
 
 Usage::
 
@@ -42,9 +43,15 @@ def check(rm, example: dict, own: dict[str, str], max_new: int) -> dict:
 
     trace = rm.trace(example["prompt"], max_new_tokens=max_new)
     evidence = trace.evidence if trace.evidence is not None else trace  # per prompt: the routing that picked
-    ranked = sorted(shares(evidence).items(), key=lambda kv: -kv[1])
+    chosen = trace.meta.get("pick") or {}
+    if chosen.get("rule") == "readout":  # the readout's probabilities are what decided
+        ranked = [(chosen["expert"], chosen["confidence"])] + \
+            ([(chosen["runner_up"], chosen["runner_confidence"])] if chosen.get("runner_up") else [])
+    else:
+        ranked = sorted(shares(evidence).items(), key=lambda kv: -kv[1])
     out = {"prompt": example["prompt"], "family": example.get("family"), "answer": trace.text.strip(),
-           "winner": ranked[0][0], "share": ranked[0][1], "runner_up": ranked[1] if len(ranked) > 1 else None}
+           "winner": ranked[0][0], "share": ranked[0][1], "runner_up": ranked[1] if len(ranked) > 1 else None,
+           "basis": "readout probability" if chosen.get("rule") == "readout" else "mean weight share"}
     task = example.get("task")
     if task:
         want = own.get(task)
@@ -74,7 +81,8 @@ def main(argv=None) -> int:
                                              f" FAIL (routed {r['routed_ok']}, decisive {r['decisive']}, "
                                              f"answer {r['answer_ok']})")
         failed += "ok" in r and not r["ok"]
-        print(f"- {r['prompt']!r} -> {r['winner']} {r['share']:.0%}{runner}; answer {r['answer']!r}{verdict}")
+        print(f"- {r['prompt']!r} -> {r['winner']} {r['share']:.0%}{runner} ({r['basis']}); answer "
+              f"{r['answer']!r}{verdict}")
     rm.detach()
     return 1 if failed else 0
 

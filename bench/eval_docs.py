@@ -43,7 +43,8 @@ def _refused(row: dict) -> str:
 
 def _router(r: dict) -> str:
     c = r["centre"] + ("" if r["centre"] == "none" else f"/{r['centre_scope']}")
-    return f"top-k {r['top_k']}, T {r['temperature']:g}, centre {c}, input centre {r.get('input_centre', 'none')}"
+    per = f", one expert per prompt by {r.get('pick', 'mean')}" if r.get("granularity") == "prompt" else ""
+    return f"top-k {r['top_k']}, T {r['temperature']:g}, centre {c}, input centre {r.get('input_centre', 'none')}{per}"
 
 
 def task_table(r: dict) -> str:
@@ -99,6 +100,16 @@ def routing_section(r: dict, doc: Path) -> str:
                              *([_refused(s), "", "", ""] if "refused" in s else
                                [_f(s["user"]), _f(s["prompt"]), _f(s.get("em")), _f(s.get("margin_median"))])]
                             for s in r["sweep"]["rows"]]), ""]
+        gran = ev.get("granularity")
+        if gran:
+            fit = gran.get("readout") or {}
+            lines += [f"Granularity and pick on training prompts ({gran['em_prompts_per_task']} answered per task"
+                      + (f", after a readout fitted on the {fit['prompts_per_task']} before them, training "
+                         f"accuracy {_f(fit.get('train_accuracy'))}" if fit.get("prompts_per_task") else "")
+                      + f"); rule: {gran['rule']}.", "",
+                      md_table(["granularity", "pick", "train EM"],
+                               [[g["granularity"], g.get("pick", "mean") if g["granularity"] == "prompt" else "",
+                                 _f(g["em"])] for g in gran["rows"]]), ""]
     ent, mar = r["entropy"], r["margin"]
     q = ["mean", "q05", "q25", "q50", "q75", "q95"]
     lines += ["Per module (user text): " + ", ".join(f"{m} {v:.2f}" for m, v in r["per_module"].items()) + ".", "",

@@ -13,7 +13,9 @@ routed right over some tokens when the expert with the largest mean weight there
 one trained on its task: the task's own expert, or its cluster's expert in an MBC library. Every number is
 read through `RoutingTrace` (`winner`, `positions`, `usage`, `entropy`, `module_weights`), as the page does:
 
-- accuracy over the user's own text (the headline), the generated tokens, both, the prompt and all tokens;
+- accuracy over the user's own text (the headline), the generated tokens, both, the prompt and all tokens; for a
+  per-prompt router also "pick": the share of prompts answered by their own expert (with `pick="mean"` the same
+  choice as the headline; with a readout, the readout's);
 - per layer and per module (own text): which layers know the task;
 - routing entropy and top-1 margin (top-1 minus top-2 weight) per (layer, own-text token), as quantiles;
 - every centring option side by side (same top-k and temperature; `set_router` switches without re-attaching);
@@ -162,6 +164,13 @@ def diagnose(traces_by_task: dict[str, list], own: dict[str, list[str]]) -> dict
     for w in which:
         mean, lo, hi = bootstrap_ci(np.array(hits[w], dtype=float))
         overall[w] = {"mean": mean, "ci95": [lo, hi]}
+    picked = {t: [tr.meta["pick"] in own.get(t, []) for tr in ts] for t, ts in traces_by_task.items()
+              if all("pick" in tr.meta for tr in ts)}  # a per-prompt router: the expert that answered
+    if picked and len(picked) == len(traces_by_task):
+        mean, lo, hi = bootstrap_ci(np.array([h for hs in picked.values() for h in hs], dtype=float))
+        overall["pick"] = {"mean": mean, "ci95": [lo, hi]}
+        for t, hs in picked.items():
+            per_task[t]["pick"] = float(np.mean(hs))
     return {"accuracy": overall, "per_task": per_task, "experts": list(experts), "tasks": list(traces_by_task),
             "per_layer": {"layers": list(layers), "accuracy": np.mean(per_layer, axis=0).tolist()},
             "per_module": {m: float(np.mean(v)) for m, v in per_module.items()}, "confusion": confusion,
@@ -196,7 +205,7 @@ def evaluate_library(base, lib, tasks, split: str, n: int, router, args) -> dict
         if args.sweep:
             with clock("sweep"):
                 sweep = S.sweep(rm, base, tasks, own, args.sweep_n, args.sweep_em, args.sweep_k, args.sweep_t,
-                                options, args.max_tokens)
+                                options, args.max_tokens, args.readout_n)
             router = S.router_of(sweep["winner"])
             rm.set_router(router)
         elif args.sweep_granularity:
@@ -207,7 +216,7 @@ def evaluate_library(base, lib, tasks, split: str, n: int, router, args) -> dict
                 raise SystemExit("--sweep-granularity keeps a recorded default router's setting: this library has "
                                  "none; run with --sweep first.")
             with clock("sweep"):
-                sweep = S.regranulate(rm, base, tasks, recorded, args.sweep_em, args.max_tokens)
+                sweep = S.regranulate(rm, base, tasks, own, recorded, args.sweep_em, args.readout_n, args.max_tokens)
             router = S.router_of(sweep["winner"])
             rm.set_router(router)
         with clock("headline"):
@@ -267,6 +276,7 @@ def headline_router(lib, args):
 
 
 def run(library: str, args, label: str | None = None) -> dict:
+    from bench.eval_record import record
     from bench.eval_docs import write_routing_doc
     from bench.eval_figures import svg_heatmap, svg_lines, write_figure
     from library_store.store.library import ExpertLibrary
@@ -284,6 +294,7 @@ def run(library: str, args, label: str | None = None) -> dict:
     router, source = headline_router(lib, args)
     content = lib.content_key()
     result = evaluate_library(base, lib, tasks, args.split, args.n, router, args)
+    readout = result["sweep"].pop("readout", None) if result["sweep"] else None  # recorded beside the router
     if result["sweep"] is not None:
         source = "sweep winner (training prompts)" + (", granularity re-chosen" if args.sweep_granularity else "")
     name, figures = f"routing-{label}-{args.split}", Path(args.figures)
@@ -305,26 +316,10 @@ def run(library: str, args, label: str | None = None) -> dict:
     if args.docs:
         write_routing_doc(Path(args.out), Path(args.docs), quick=label.startswith("quick-"))
     if writer is not None:
-        record(writer, result)
+        record(writer, result, readout)  # bench/eval_record.py
     print(report(result))
     print(f"time: {clock.total():.1f} s")
     return result
-
-
-def record(lib, r: dict) -> None:
-    """Store the RoutingReport (and, after a sweep, the default router with its evidence) in the library."""
-    from library_store.store.reports import RoutingReport, write_default_router, write_report
-
-    if r["sweep"] is not None:
-        write_default_router(lib, r["router"], r["sweep"]["evidence"], r["command"], r["date"])
-    write_report(lib, RoutingReport(
-        content_key=r["content_key"], split=r["split"], router=r["router"], level=r["level"], experts=r["experts"],
-        tasks=r["tasks"], n_per_task=r["n_per_task"], accuracy={w: a["mean"] for w, a in r["accuracy"].items()},
-        per_layer=r["per_layer"], per_module=r["per_module"], per_task=r["per_task"], confusion=r["confusion"],
-        entropy=r["entropy"], margin=r["margin"], centring=r["centring"],
-        sweep=r["sweep"]["rows"] if r["sweep"] else [], s5=r["s5"], command=r["command"], date=r["date"],
-        model=r["model"], extra={"router_source": r["router_source"], "goals_met": r["goals_met"],
-                                 "figures": r["figures"]}))
 
 
 def _rel(path: Path) -> str:
@@ -362,8 +357,10 @@ def parse(argv=None):
                     help="route per token (Arrow) or pick one expert per prompt (docs/design.md)")
     ap.add_argument("--sweep", action="store_true", help="choose the headline router on training prompts")
     ap.add_argument("--sweep-granularity", action="store_true",
-                    help="keep the recorded default's centring, top-k and T; choose only per token vs per prompt, "
-                         "by exact match on --sweep-em training prompts per task (and --record it)")
+                    help="keep the recorded default's centring, top-k and T; choose only per token, per prompt "
+                         "by mean weight or per prompt by a readout fitted on --readout-n training prompts per "
+                         "task, by exact match on the next --sweep-em (and --record it with the readout)")
+    ap.add_argument("--readout-n", type=int, default=20, help="training prompts per task the pick readout is fitted on")
     ap.add_argument("--sweep-n", type=int, default=30, help="training prompts per task routed per sweep setting")
     ap.add_argument("--sweep-em", type=int, default=10, help="training prompts per task answered (0: no EM)")
     ap.add_argument("--sweep-k", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])

@@ -47,7 +47,7 @@ def router_of(row: dict):
 
     return RouterConfig(mode="arrow", top_k=row["top_k"], temperature=row["temperature"], centre=row["centre"],
                         centre_scope=row["centre_scope"], input_centre=row.get("input_centre", "none"),
-                        granularity=row.get("granularity", "token"))
+                        granularity=row.get("granularity", "token"), pick=row.get("pick", "mean"))
 
 
 def exact_matches(base, examples, max_tokens: int = 4096) -> list[int]:
@@ -59,13 +59,12 @@ def exact_matches(base, examples, max_tokens: int = 4096) -> list[int]:
 
 
 def per_prompt(rm, base, texts: list[str], answer, max_tokens: int = 4096) -> tuple[list, list]:
-    """A per-prompt router's answers: each prompt routed per token (`route_prompts`), its pick
-    (`prompt_level.pick`), then `answer(rows)` -> one result per row, called once per picked expert with that
+    """A per-prompt router's answers: each prompt routed per token (`route_prompts`), its pick (`rm.choose`: by
+    mean weight or by the router's readout), then `answer(rows)` -> one result per row, called once per picked expert with that
     expert alone applied. (results in prompt order, picks)."""
     from bench.eval_routing import route_prompts
-    from explorer.routing.prompt_level import pick
 
-    chosen = [pick(tr) for tr in route_prompts(rm, base, texts, max_tokens)]
+    chosen = [rm.choose(tr) for tr in route_prompts(rm, base, texts, max_tokens)]
     out = [None] * len(texts)
     for expert in dict.fromkeys(c.expert for c in chosen):
         rows = [i for i, c in enumerate(chosen) if c.expert == expert]
@@ -85,19 +84,22 @@ def routed_exact_matches(rm, base, examples, max_tokens: int = 4096) -> list[int
 
 
 def answer_and_route(rm, base, examples, max_tokens: int = 4096) -> tuple[list, list[int]]:
-    """Greedy answers of the routed model (a per-prompt router: each prompt's pick alone), then the per-token
-    routing of prompt + answer tokens: (traces, exact match)."""
+    """Greedy answers of the routed model (a per-prompt router: each prompt's pick alone, named in each trace's
+    meta["pick"]), then the per-token routing of prompt + answer tokens: (traces, exact match)."""
     from bench.eval_routing import route_prompts
 
     tok = base.tokenizer
     texts = [e.input for e in examples]
     ids, budget = prompt_ids(base, texts), target_tokens(tok, [e.target for e in examples])
+    chosen = None
     if rm.router.per_prompt:  # each prompt answered by its pick alone; the traces route prompt + answer per token
-        gen = per_prompt(rm, base, texts, lambda rows: greedy_generate_ids(base.model, tok, [ids[i] for i in rows],
-                                                                           budget, max_tokens), max_tokens)[0]
+        gen, chosen = per_prompt(rm, base, texts, lambda rows: greedy_generate_ids(
+            base.model, tok, [ids[i] for i in rows], budget, max_tokens), max_tokens)
     else:
         gen = greedy_generate_ids(base.model, tok, ids, budget, max_tokens)
     traces = route_prompts(rm, base, texts, max_tokens, generated=gen)
+    for tr, c in zip(traces, chosen or ()):
+        tr.meta["pick"] = c.expert  # the expert that answered (eval_routing's "pick" accuracy)
     return traces, [exact_match(decode_new(tok, g), e.target) for g, e in zip(gen, examples)]
 
 
@@ -168,9 +170,10 @@ def choose(rows: list[dict], tie: float = TIE) -> dict:
 
 
 def sweep(rm, base, tasks, own: dict, n: int, n_em: int, ks: list[int], temps: list[float],
-          options: list[tuple[str, str]], max_tokens: int = 4096) -> dict:
+          options: list[tuple[str, str]], max_tokens: int = 4096, n_fit: int = 20) -> dict:
     """Score every (centring, top-k, temperature) on the first `n` training prompts of each task (routing) and the
-    first `n_em` (exact match); {"rows", "winner", "evidence"}."""
+    first `n_em` (exact match); then the winner's granularity and pick (`choose_granularity`, a readout fitted on
+    the first `n_fit`, scored on the next `n_em`). {"rows", "winner", "evidence", "readout"}."""
     from bench.eval_routing import diagnose, route_prompts
     from explorer.routing.config import RouterConfig
 
@@ -203,49 +206,89 @@ def sweep(rm, base, tasks, own: dict, n: int, n_em: int, ks: list[int], temps: l
     finally:
         rm.set_router(start)
     winner = choose(rows)
-    granularity = choose_granularity(rm, base, winner, em_examples, max_tokens) if em_examples else None
-    if granularity is not None:
-        winner = {**winner, "granularity": granularity["winner"]}
+    granularity = readout = None
+    if em_examples:  # the readout is fitted on the first n_fit training prompts, the candidates scored on the next
+        readout = fit_pick_readout(rm, base, tasks, own, winner, n_fit, max_tokens)
+        held = {t.name: t.train[n_fit:n_fit + n_em] for t in tasks if t.metric == "exact_match"}
+        granularity = choose_granularity(rm, base, winner, held, max_tokens, CANDIDATES)
+        granularity["readout"] = readout.meta
+        winner = {**winner, **granularity["winner"]}
     evidence = {"rule": RULE, "granularity": granularity, "split": "train", "train_prompts_per_task": n, "em_prompts_per_task": n_em,
                 "tasks": sorted(prompts), "grid": {"top_k": ks, "temperature": [float(t) for t in temps],
                                                    "centring": [list(o) for o in options]},
                 "winner": winner, "rows": rows}
-    return {"rows": rows, "winner": winner, "evidence": evidence}
+    return {"rows": rows, "winner": winner, "evidence": evidence, "readout": readout}
 
 
-GRANULARITY_RULE = ("per token or per prompt at the winner's centring, top-k and temperature: the higher mean "
-                    "exact match over the tasks' training prompts; per token on a tie")
+GRANULARITY_RULE = ("per token, per prompt by mean weight, or per prompt by a readout of the per-layer weights "
+                    "(fitted on the first training prompts of each task), at the winner's centring, top-k and "
+                    "temperature: the highest mean exact match over the tasks' next training prompts (never those "
+                    "the readout was fitted on); on a tie the simpler, in that order")
+CANDIDATES = (("token", "mean"), ("prompt", "mean"), ("prompt", "readout"))
 
 
-def choose_granularity(rm, base, winner: dict, em_examples: dict, max_tokens: int = 4096) -> dict:
-    """Per-token vs per-prompt routing at the `winner` row's setting, scored by exact match on training prompts
-    `em_examples` {task: examples}: {"rule", "rows": [{"granularity", "em", "per_task"}], "winner", ...}."""
+def fit_pick_readout(rm, base, tasks, own: dict, winner: dict, n_fit: int, max_tokens: int = 4096):
+    """A pick readout (explorer/routing/readout.py) for the `winner` row's router, fitted on the first `n_fit`
+    training prompts of each task with an own expert, and registered in `rm.readouts`; returns it."""
+    from dataclasses import replace
+
+    from bench.eval_routing import route_prompts
+    from explorer.routing.readout import fit_readout, readout_key
+
+    router = replace(router_of(winner), granularity="token")
+    texts, labels = [], []
+    for task in tasks:
+        mine = own.get(task.name)
+        if mine:
+            texts += [e.input for e in task.train[:n_fit]]
+            labels += [mine[0] if isinstance(mine, list) else mine] * len(task.train[:n_fit])
+    start = rm.router
+    try:
+        rm.set_router(router)
+        readout = fit_readout(route_prompts(rm, base, texts, max_tokens), labels)
+    finally:
+        rm.set_router(start)
+    readout.meta.update(split="train", prompts_per_task=n_fit, tasks=sorted({t.name for t in tasks if own.get(t.name)}))
+    rm.readouts[readout_key(router)] = readout
+    return readout
+
+
+def choose_granularity(rm, base, winner: dict, em_examples: dict, max_tokens: int = 4096,
+                       candidates=CANDIDATES[:2]) -> dict:
+    """Each (granularity, pick) candidate at the `winner` row's setting, scored by exact match on training
+    prompts `em_examples` {task: examples}: {"rule", "rows": [{"granularity", "pick", "em", "per_task"}],
+    "winner": (granularity, pick) as a dict, ...}. A "readout" candidate needs its readout in `rm.readouts`."""
     from dataclasses import replace
 
     start, rows = rm.router, []
     try:
-        for granularity in ("token", "prompt"):
-            rm.set_router(replace(router_of(winner), granularity=granularity))
+        for granularity, chosen in candidates:
+            rm.set_router(replace(router_of(winner), granularity=granularity, pick=chosen))
             per_task = {t: float(np.mean(routed_exact_matches(rm, base, ex, max_tokens)))
                         for t, ex in em_examples.items()}
-            rows.append({"granularity": granularity, "em": float(np.mean(list(per_task.values()))),
+            rows.append({"granularity": granularity, "pick": chosen, "em": float(np.mean(list(per_task.values()))),
                          "per_task": per_task})
     finally:
         rm.set_router(start)
-    best = max(rows, key=lambda r: (r["em"], r["granularity"] == "token"))
-    return {"rule": GRANULARITY_RULE, "split": "train", "rows": rows, "winner": best["granularity"],
+    best = max(rows, key=lambda r: (r["em"], -rows.index(r)))  # ties: the earlier (simpler) candidate
+    return {"rule": GRANULARITY_RULE, "split": "train", "rows": rows,
+            "winner": {"granularity": best["granularity"], "pick": best["pick"]},
             "em_prompts_per_task": max((len(ex) for ex in em_examples.values()), default=0)}
 
 
-def regranulate(rm, base, tasks, recorded, n_em: int, max_tokens: int = 4096) -> dict:
-    """The recorded default router's granularity chosen again on training prompts, its centring, top-k and
-    temperature kept (cheaper than a new sweep): {"rows", "winner", "evidence"} like `sweep`, the recorded
-    evidence kept and its "granularity" part replaced. `recorded`: library_store's DefaultRouter."""
+def regranulate(rm, base, tasks, own: dict, recorded, n_em: int, n_fit: int = 20, max_tokens: int = 4096) -> dict:
+    """The recorded default router's granularity and pick chosen again on training prompts, its centring, top-k
+    and temperature kept (cheaper than a new sweep): a pick readout is fitted on the first `n_fit` training
+    prompts per task, and the candidates are scored on the next `n_em`. {"rows", "winner", "evidence",
+    "readout"} like `sweep`, the recorded evidence kept and its "granularity" part replaced. `recorded`:
+    library_store's DefaultRouter."""
     winner = {**recorded.evidence.get("winner", {}), **{k: recorded.router[k] for k in
               ("top_k", "temperature", "centre", "centre_scope", "input_centre")}}
-    em_examples = {t.name: t.train[:n_em] for t in tasks if t.metric == "exact_match"}
-    granularity = choose_granularity(rm, base, winner, em_examples, max_tokens)
-    winner = {**winner, "granularity": granularity["winner"]}
+    readout = fit_pick_readout(rm, base, tasks, own, winner, n_fit, max_tokens)
+    em_examples = {t.name: t.train[n_fit:n_fit + n_em] for t in tasks if t.metric == "exact_match"}
+    granularity = choose_granularity(rm, base, winner, em_examples, max_tokens, CANDIDATES)
+    granularity["readout"] = readout.meta
+    winner = {**winner, **granularity["winner"]}
     evidence = {**recorded.evidence, "granularity": granularity, "winner": winner,
                 "granularity_chosen_after": recorded.command}
-    return {"rows": recorded.evidence.get("rows", []), "winner": winner, "evidence": evidence}
+    return {"rows": recorded.evidence.get("rows", []), "winner": winner, "evidence": evidence, "readout": readout}

@@ -1,5 +1,5 @@
 """A screenshot of the instrument in use at 1440 x 900 (the whole page, the first 900 px being the screen): a routed prompt, a clicked cell's drill-down, a map pick
-lighting the grid, and a counterfactual, through Debian's Chromium.
+lighting the grid, and a counterfactual (or, for a per-prompt run, its refusal), through Debian's Chromium.
 
 Usage::
 
@@ -56,7 +56,8 @@ def main() -> None:
             page.locator("#map .scatterlayer .point").first.click(force=True)
             page.wait_for_selector("#grid .x-grid[data-highlighted]", timeout=30_000)
             page.click("#cf-run")
-            page.wait_for_selector("#cf-out .x-cfout", timeout=120_000)
+            page.wait_for_selector("#cf-out .x-cfout, #cf-out .x-error", timeout=120_000)  # a per-prompt run
+            #                                                      refuses counterfactuals, with a notice
             page.evaluate("window.scrollTo(0, 0)")
             page.locator("#drill tr.x-exp").first.hover()  # its points grow on the map
             page.wait_for_timeout(500)

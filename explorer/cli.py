@@ -26,7 +26,7 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    from explorer.routing.config import GRANULARITIES, INPUT_CENTRES
+    from explorer.routing.config import GRANULARITIES, INPUT_CENTRES, PICKS
     from explorer.routing.device import add_device_arguments
     from library_store.models import DEFAULT_MODEL
 
@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="route every token (Arrow), or pick one expert per prompt from the routing of your "
                              "text and answer with it alone (docs/design.md, \"Prompt-level routing\"; default: "
                              "the library's default router)")
+        sp.add_argument("--pick", default=None, choices=list(PICKS),
+                        help="per prompt: the expert with the largest mean weight, or the library's fitted readout "
+                             "of the per-layer routing (default: the library's default router)")
         sp.add_argument("--disable", default="", help="comma-separated experts to leave out")
         sp.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
         sp.add_argument("--bf16", action="store_true", help="load the base model in bfloat16 (= --dtype bfloat16)")
@@ -96,7 +99,7 @@ def _routed(args):
                      top_k=args.top_k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                      disabled=args.disable, chat=not args.no_chat, centre=args.centre,
                      centre_scope=args.centre_scope, input_centre=args.input_centre,
-                     granularity=args.granularity)
+                     granularity=args.granularity, pick=args.pick)
     done = normalise(raw, rm.experts, tokenizer=base.tokenizer, context_length=base.context_length,
                      limits=CLI_LIMITS, strict=True, names=names, defaults=defaults)
     if done.error:
@@ -111,11 +114,10 @@ def _summary(trace) -> str:
     centre = f" centre={router.centre} scope={router.centre_scope}" if router.centre != "none" else ""
     centre += f" input_centre={router.input_centre}" if router.input_centre != "none" else ""
     lines = [f"mode={trace.mode} top_k={trace.top_k} temperature={trace.temperature}{centre} "
-             f"granularity={router.granularity} experts={len(trace.experts)}"]
+             f"granularity={router.granularity}{' pick=' + router.pick if router.per_prompt else ''} "
+             f"experts={len(trace.experts)}"]
     if trace.evidence is not None:  # per prompt: the pick and why; the lines below show it applied
-        from explorer.routing.prompt_level import pick
-
-        lines.append(pick(trace.evidence).describe())
+        lines.append(trace.meta["pick"]["text"])
     for i, tok in enumerate(trace.tokens):
         best = trace.crop([i]).winner("all") or "-"
         lines.append(f"{i:4d} {'gen' if trace.is_generated[i] else '   '} {tok!r:24} {best}")

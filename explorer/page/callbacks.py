@@ -25,7 +25,6 @@ from explorer.page.library_actions import router_controls as library_router_cont
 from explorer.page.request import RawRequest
 from explorer.page.session import RunResult, Session
 from explorer.page.stream import stream_run
-from explorer.routing.prompt_level import pick
 
 NO_TRACE = "Press Run to route a prompt."
 MODULE_MEAN = ("mean over modules", plots.MEAN)
@@ -38,7 +37,7 @@ GRID_OUTPUTS = ("grid",)
 FIGURE_OUTPUTS = ("expert_plot", "entropy", "usage", "diff")
 COMPARE_OUTPUTS = ("base_text", "uniform_text", "single_text", "arrow_text")
 LIBRARY_OUTPUTS = ("status", "disabled", "expert", "linked_map")
-ROUTER_OUTPUTS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "granularity")
+ROUTER_OUTPUTS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "granularity", "pick_by")
 
 
 def view_of(session: Session, state: RunResult, show_template) -> tuple:
@@ -83,15 +82,16 @@ def figures(session: Session, state: RunResult | None, module, expert, show_temp
 
 
 def route(session: Session, prompt, library, chat, top_k, temperature, centre, centre_scope, max_new, disabled,
-          module, colour_by, grid_by, show_template, input_centre=None, granularity=None, progress=None):
+          module, colour_by, grid_by, show_template, input_centre=None, granularity=None, pick_by=None,
+          progress=None):
     """Run, streaming: the answer as it is generated ({"text": so far}), then every ROUTE_OUTPUTS key.
-    `input_centre` ("none" | "base") and `granularity` ("token" | "prompt"), None: the library's default, come
-    last so that API clients written before them keep their argument positions."""
+    `input_centre` ("none" | "base"), `granularity` ("token" | "prompt") and `pick_by` ("mean" | "readout"), None:
+    the library's default, come last so that API clients written before them keep their argument positions."""
     error = ensure_loaded(session, progress)
     if error is None:
         raw = RawRequest(prompt=prompt, library=library, chat=chat, top_k=top_k, temperature=temperature,
                          max_new_tokens=max_new, disabled=disabled, centre=centre, centre_scope=centre_scope,
-                         input_centre=input_centre, granularity=granularity)
+                         input_centre=input_centre, granularity=granularity, pick=pick_by)
         steps = stream_run(session, raw)
     else:
         steps = iter([RunResult(trace=None, error=error)])
@@ -111,8 +111,7 @@ def _finished(session: Session, result: RunResult, module, colour_by, grid_by, s
     trace, disabled = result.trace, result.request.router.disabled
     notes = result.notices + ([f"Intervention: experts {', '.join(disabled)} disabled."] if disabled else [])
     if trace.evidence is not None:
-        notes = [pick(trace.evidence).describe() + " The grid shows the per-token routing of the prompt that "
-                 "chose it."] + notes
+        notes = [trace.meta["pick"]["text"] + " The grid: the prompt's per-token routing."] + notes
     top = trace.most_used_expert()
     return {"notice": messages(notes), "text": trace.text,
             **grid(session, result, module, colour_by, grid_by, show_template),

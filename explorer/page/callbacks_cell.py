@@ -49,7 +49,8 @@ def drill(session: Session, state: RunResult | None, library, module, cell, even
         return {"drill": instrument.note_html(str(exc), "error"), "cell": update(), "cf_expert": update(),
                 "cf_panel": update()}
     return {"drill": instrument.drill_html(detail), "cell": f"{layer}, {token}",
-            "cf_expert": update(choices=state.shown.experts, value=detail.top_weight), "cf_panel": update(open=True)}
+            "cf_expert": update(choices=state.shown.experts, value=(state.trace.meta.get("pick") or {}).get(
+                "expert", detail.top_weight)), "cf_panel": update(open=True)}  # per prompt: the pick answered
 
 
 def _pick_experts(session: Session, state: RunResult, name: str) -> set[str]:
@@ -115,7 +116,7 @@ def counterfactual(session: Session, state: RunResult | None, library, cell, exp
     try:
         layer, position = parse_cell(cell)
         check_cell(state, library, layer, position)
-        trace = state.trace  # a per-prompt run's cells are its evidence, but the run is what changes
+        trace = state.trace  # a per-prompt run's cells are its evidence, but the run (its pick) is what changes
         cf = Counterfactual(layer, position, str(expert or ""), str(action or "off"), str(scope or "cell"))
     except (CellError, ValueError) as exc:
         yield {"cf_out": instrument.note_html(str(exc), "error")}

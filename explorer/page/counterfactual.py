@@ -9,6 +9,9 @@ Usage::
         out = next_token(routed, trace, cf)  # CounterfactualResult: top-5 before/after, KL, seconds
         regenerate(routed, trace, cf, out)   # fills out.text_after: the answer with the intervention
 
+A per-prompt run (one expert answered every token, `trace.meta["pick"]`) is intervened on as it ran: the pick
+alone, with the expert switched off (weight 0: the base layer there) or forced instead of it at the chosen cells.
+
 The distribution at token t is the model's prediction of token t + 1. For the scopes "cell" and "token" the
 intervention touches token t alone, so tokens 0..t run once (keeping a KV cache) and token t once more, with
 the intervention, on that cache cut back to the tokens before it: one forward and one decoding step in all.
@@ -18,6 +21,7 @@ greedily from there, with the intervention in force for token t (or for every to
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -69,10 +73,8 @@ def check(trace: RoutingTrace, cf: Counterfactual) -> None:
     """ValueError (a page notice) for a counterfactual this run cannot answer."""
     if trace.router.kind != "arrow":
         raise ValueError(f"Counterfactuals change Arrow's routing; this run used mode {trace.router.mode!r}.")
-    if trace.router.per_prompt:
-        raise ValueError("Counterfactuals change per-token routing; this run picked one expert for the whole prompt. "
-                         "Set granularity to 'token' to try one, or mode 'expert:<name>' to answer with another "
-                         "expert.")
+    if trace.router.per_prompt and "pick" not in trace.meta:
+        raise ValueError("This per-prompt run does not record its pick: run it again to try a counterfactual.")
     if cf.expert not in trace.experts:
         raise ValueError(f"Unknown expert {cf.expert!r}: this run routes over {trace.experts}.")
     if cf.expert in trace.router.disabled:
@@ -88,11 +90,28 @@ def _top(logp: torch.Tensor, shown) -> list[tuple[str, float]]:
     return list(zip(shown(ids.tolist()), [float(x) for x in p]))
 
 
-@torch.no_grad()
+def _as_run(routed, trace: RoutingTrace):
+    """The routing the run answered with: a per-prompt run's pick alone, else the router as set."""
+    return routed.answering_with(trace.meta["pick"]["expert"]) if trace.router.per_prompt else nullcontext()
+
+
 def next_token(routed, trace: RoutingTrace, cf: Counterfactual) -> CounterfactualResult:
     """Before/after next-token distributions at token `cf.token` (see module docstring). Call with the
     registry's lock held and `routed`'s router set to the run's (`trace.router`)."""
     check(trace, cf)
+    with _as_run(routed, trace):
+        return _next_token(routed, trace, cf)
+
+
+def regenerate(routed, trace: RoutingTrace, result: CounterfactualResult) -> CounterfactualResult:
+    """The answer regenerated greedily from token t + 1 (the intervention kept in force "everywhere"), as
+    long as the run's answer (or its token budget). Call right after `next_token`, lock still held."""
+    with _as_run(routed, trace):
+        return _regenerate(routed, trace, result)
+
+
+@torch.no_grad()
+def _next_token(routed, trace: RoutingTrace, cf: Counterfactual) -> CounterfactualResult:
     t0 = time.perf_counter()
     model, t = routed.base.model, cf.token
     seq = torch.tensor([trace.token_ids[: t + 1]], device=routed.device)  # (1, t + 1)
@@ -124,9 +143,7 @@ def next_token(routed, trace: RoutingTrace, cf: Counterfactual) -> Counterfactua
 
 
 @torch.no_grad()
-def regenerate(routed, trace: RoutingTrace, result: CounterfactualResult) -> CounterfactualResult:
-    """The answer regenerated greedily from token t + 1 (the intervention kept in force "everywhere"), as
-    long as the run's answer (or its token budget). Call right after `next_token`, lock still held."""
+def _regenerate(routed, trace: RoutingTrace, result: CounterfactualResult) -> CounterfactualResult:
     cf, model = result.cf, routed.base.model
     out, nxt = result._cache
     n_prompt, total = trace.n_prompt, len(trace.token_ids)

@@ -77,7 +77,8 @@ def _router_text(router: dict) -> str:
     if (router.get("input_centre") or "none") != "none":
         parts.append(f"input centring {router['input_centre']}")
     if router.get("granularity") == "prompt":
-        parts.append("one expert per prompt")
+        parts.append("one expert per prompt" + (", picked by the fitted readout" if router.get("pick") == "readout"
+                                                else ", picked by mean weight"))
     return ", ".join(html.escape(str(p)) for p in parts)
 
 
@@ -103,9 +104,12 @@ def report_card(report: "RoutingReport | None", default: "DefaultRouter | None",
         rows = [f"| {label} | {report.accuracy[key]:.1%} |" for key, label in ACCURACIES if key in report.accuracy]
         if rows:
             lines += ["", "| tokens | routing accuracy |", "|---|---|", *rows]
+        if report.accuracy.get("pick") is not None:
+            lines.append(f"\nOne expert per prompt: the expert that answered was the task's own for "
+                         f"**{report.accuracy['pick']:.0%}** of prompts.")
         overall = (report.s5 or {}).get("overall")
         if overall is not None:
-            lines.append(f"\nHeld-in Arrow exact match / own expert's (S5): **{float(overall):.2f}**.")
+            lines.append(f"\nHeld-in exact match with this router / own expert's (S5): **{float(overall):.2f}**.")
         lines.append(f"\nProduced by {_code(report.command or '(command not recorded)')}"
                      + (f" on {html.escape(report.date)}" if report.date else "") + ".")
     else:
@@ -123,6 +127,11 @@ def report_card(report: "RoutingReport | None", default: "DefaultRouter | None",
         if isinstance(winner, dict):
             lines.append("Winner: " + ", ".join(f"{html.escape(str(k))} {html.escape(str(v))}"
                                                 for k, v in winner.items()))
+        gran = default.evidence.get("granularity")
+        if isinstance(gran, dict) and gran.get("rows"):
+            lines.append("Per token or per prompt, by training exact match: " + ", ".join(
+                f"{'per token' if g['granularity'] == 'token' else 'per prompt by ' + str(g.get('pick', 'mean'))} "
+                f"{float(g['em']):.2f}" for g in gran["rows"]) + ".")
         sweep = default.evidence.get("sweep") or []
         if sweep:
             lines.append(f"({len(sweep)} settings swept on {html.escape(str(default.evidence.get('split', 'train')))} "

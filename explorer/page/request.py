@@ -24,6 +24,7 @@ Input centring (docs/design.md, "Input centring"): `input_centre` is "none" or "
 mean layer input before scoring); an unknown value falls back to "none" with a notice.
 Granularity (docs/design.md, "Prompt-level routing"): `granularity` is "token" (Arrow) or "prompt" (one expert
 per prompt, picked from the per-token routing of the user's text); an unknown value falls back to "token".
+`pick` is "mean" or "readout" (the library's fitted readout; `RoutedModel.set_router` refuses it where none is).
 """
 from __future__ import annotations
 
@@ -31,12 +32,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from explorer.routing.config import CENTRE_SCOPES, CENTRES, GRANULARITIES, INPUT_CENTRES, RouterConfig
+from explorer.routing.config import CENTRE_SCOPES, CENTRES, GRANULARITIES, INPUT_CENTRES, PICKS, RouterConfig
 
 DEFAULTS = {"top_k": 4, "temperature": 1.0, "max_new_tokens": 32, "centre": "none", "centre_scope": "prototypes",
-            "input_centre": "none", "granularity": "token"}
+            "input_centre": "none", "granularity": "token", "pick": "mean"}
 # what a library's default router may set
-ROUTER_FIELDS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "granularity")
+ROUTER_FIELDS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "granularity", "pick")
 MEAN_MIN_EXPERTS = 3  # as `explorer.routing.centring.Centring.means`: below three, centred experts are alike
 
 
@@ -56,6 +57,7 @@ class RawRequest:
     centre_scope: Any = None  # "prototypes" | "weights"
     input_centre: Any = None  # "none" | "base"
     granularity: Any = None  # "token" | "prompt"
+    pick: Any = None  # "mean" | "readout" (per prompt)
 
 
 @dataclass(frozen=True)
@@ -135,10 +137,11 @@ def normalise(raw: RawRequest, experts: list[str], tokenizer=None, context_lengt
         centre, scope = _centring(raw, base, experts, list(names) if names is not None else experts, clamp)
         input_centre = _input_centre(raw.input_centre, base["input_centre"], clamp)
         granularity = _choice(raw.granularity, base["granularity"], GRANULARITIES, "granularity", clamp)
+        chosen = _choice(raw.pick, base["pick"], PICKS, "pick", clamp)
         prompt = _cut(prompt, max_new, tokenizer, context_length, limits, notices)
         router = RouterConfig(mode=mode, top_k=top_k, temperature=temperature, disabled=tuple(disabled),
                               centre=centre, centre_scope=scope, input_centre=input_centre,
-                              granularity=granularity)
+                              granularity=granularity, pick=chosen)
     except (_Refused, ValueError) as exc:  # ValueError: RouterConfig's last guard (e.g. an unknown mode)
         return Normalised(request=None, notices=notices, error=str(exc))
     request = RunRequest(prompt=prompt, library=str(raw.library or ""), router=router, chat=bool(raw.chat),

@@ -141,8 +141,6 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
                     # no `info` line: the control row must stay short so grid and map fit 1440 x 900
                     input_centre = gr.Radio(["none", "base"], value="none", label="input centring",
                                             min_width=120, elem_id="input-centre")
-                    granularity = gr.Radio([("per token", "token"), ("per prompt", "prompt")], value="token",
-                                           label="routing", min_width=150, elem_id="granularity")
                     max_new = gr.Slider(0, MAX_NEW_TOKENS, value=32, step=1, label="new tokens", min_width=110,
                                         elem_id="max-new")
                     disabled = gr.Dropdown(choices=[], multiselect=True, value=[], allow_custom_value=True,
@@ -153,6 +151,11 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
                     grid_by = gr.Radio(cb.GRID_BY, value="weight", label="grid: top expert by", min_width=170,
                                        elem_id="grid-by")
                     show_template = gr.Checkbox(value=False, label="show chat template", min_width=90)
+                    # last: the first row keeps its controls, these two share the second's room
+                    granularity = gr.Radio([("per token", "token"), ("per prompt", "prompt")], value="token",
+                                           label="routing", min_width=150, elem_id="granularity")
+                    pick_by = gr.Radio([("mean weight", "mean"), ("readout", "readout")], value="mean",
+                                       label="pick by (per prompt)", min_width=150, elem_id="pick-by")
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=6, min_width=420):
                         grid = gr.HTML(instrument.note_html(cb.NO_TRACE), elem_id="grid", head=head,
@@ -217,9 +220,10 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
         if "lib_changed" in tab:  # an expert added or removed: the Explore view follows
             wire(tab["lib_changed"].change, cb.library, ["library"], cb.LIBRARY_OUTPUTS, "library_edited")
         wire(example.change, cb.example, ["example"], ["prompt"], "example")
-        # input_centre, granularity last: API clients written before them keep their argument positions
+        # input_centre, granularity, pick last: API clients written before them keep their argument positions
         route_inputs = ["prompt", "library", "chat", "top_k", "temperature", "centre", "centre_scope", "max_new",
-                        "disabled", "module", "colour_by", "grid_by", "show_template", "input_centre", "granularity"]
+                        "disabled", "module", "colour_by", "grid_by", "show_template", "input_centre", "granularity",
+                        "pick_by"]
         for trigger, suffix in ((run.click, ""), (prompt.submit, "_submit")):
             routed = wire(trigger, cb.route, route_inputs, cb.ROUTE_OUTPUTS, "route" + suffix)
             wire(routed.then, cb.figures, ["state", "module", "expert", "show_template"], cb.FIGURE_OUTPUTS,

@@ -21,6 +21,7 @@ CENTRES = ("none", "mean", "general:<expert>")
 CENTRE_SCOPES = ("prototypes", "weights")
 INPUT_CENTRES = ("none", "base")
 GRANULARITIES = ("token", "prompt")
+PICKS = ("mean", "readout")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class RouterConfig:
     prompt is routed per token as evidence, the expert with the largest mean weight over the user's text is
     picked, and every token is then answered by that expert alone; see docs/design.md, "Prompt-level routing").
     Other modes ignore it.
+    pick (per prompt): "mean" (the largest mean weight over the user's text) or "readout" (the library's fitted
+    readout of the per-layer weights, explorer/routing/readout.py; refused by `set_router` where none is fitted).
     """
 
     mode: str = "arrow"
@@ -50,6 +53,7 @@ class RouterConfig:
     centre_scope: str = "prototypes"
     input_centre: str = "none"
     granularity: str = "token"
+    pick: str = "mean"
 
     def __post_init__(self):
         kind = self.mode.split(":", 1)[0] if isinstance(self.mode, str) else None
@@ -73,6 +77,8 @@ class RouterConfig:
             raise ValueError(f"Unknown input_centre {self.input_centre!r}: use one of {', '.join(INPUT_CENTRES)}.")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"Unknown granularity {self.granularity!r}: use one of {', '.join(GRANULARITIES)}.")
+        if self.pick not in PICKS:
+            raise ValueError(f"Unknown pick {self.pick!r}: use one of {', '.join(PICKS)}.")
 
     @property
     def kind(self) -> str:
@@ -92,15 +98,15 @@ class RouterConfig:
     def to_dict(self) -> dict:
         return {"mode": self.mode, "top_k": self.top_k, "temperature": float(self.temperature),
                 "disabled": list(self.disabled), "centre": self.centre, "centre_scope": self.centre_scope,
-                "input_centre": self.input_centre, "granularity": self.granularity}
+                "input_centre": self.input_centre, "granularity": self.granularity, "pick": self.pick}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RouterConfig":
         """The inverse of `to_dict`; unknown keys are refused (a typo must not silently become a default).
         A dict written before centring existed has no centre fields: it reads as centre "none" (and without
-        input_centre, as "none"; without granularity, as "token")."""
+        input_centre, as "none"; without granularity, as "token"; without pick, as "mean")."""
         unknown = sorted(set(data) - {"mode", "top_k", "temperature", "disabled", "centre", "centre_scope",
-                                      "input_centre", "granularity"})
+                                      "input_centre", "granularity", "pick"})
         if unknown:
             raise ValueError(f"Unknown RouterConfig fields {unknown}")
         return cls(**{**data, "disabled": tuple(data.get("disabled", ()))})

@@ -210,6 +210,10 @@ class RoutedGroup(nn.Module):
                 w = torch.zeros_like(scores).scatter_(-1, idx, w_top)  # (t, G, E)
             else:  # uniform / expert: the same weights for every token
                 w = st.on("fixed", z.device).to(z.dtype).expand(t, G, E)  # (t, G, E)
+                ov = st.override
+                if ov is not None and (ov[2] is None or self.keys[0][0] in ov[2]):  # a counterfactual here
+                    w = torch.zeros_like(w) if ov[1] else w.clone()
+                    w[..., ov[0]] = 1.0 if ov[1] else 0.0  # forced alone, or switched off
             a = proj_a * w.unsqueeze(-1)  # (t, G, E, r)
             if st.capture is not None:
                 if st.mode != "arrow":

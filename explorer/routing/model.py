@@ -18,7 +18,7 @@ import functools
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -30,6 +30,7 @@ from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, module_leaves
                                      unwrap_model, wrap_model)
 from explorer.routing.layer import RoutedLinear, RouterState
 from explorer.routing.prompt_level import pick
+from explorer.routing.readout import find_readout
 from explorer.routing.prototype_cache import (_cache_prototypes, _expert_prototypes, _unroutable,  # noqa: F401
                                               library_identity)
 from explorer.routing.topk import TopKRoutes
@@ -83,6 +84,8 @@ class RoutedModel:
         self._means: dict[str, torch.Tensor] | None = None  # input means per site, measured once
         self.layers = sorted({k[0] for k in self._keys.values()})
         self.modules = module_leaves(self.sites)
+        self.readouts: dict = {}  # readout_key(router) -> Readout (per-prompt pick "readout"; see readout.py)
+        self._readout = None  # the readout of the router as set (or None)
         self.router = RouterConfig(mode="base")
         self.set_router(router)
 
@@ -151,6 +154,8 @@ class RoutedModel:
         if router.kind == "arrow" and router.top_k > n_on:
             raise ValueError(f"top_k must be between 1 and {n_on} (the number of enabled experts), "
                              f"got {router.top_k}")
+        readout = find_readout(self.readouts, self._store, router) if router.per_prompt and \
+            router.pick == "readout" else None  # may refuse (ValueError): nothing has changed yet
         fixed = None
         if router.kind == "uniform":
             fixed = enabled.float() / n_on  # (E,)
@@ -171,6 +176,7 @@ class RoutedModel:
             self._wrapped = centring
         if router.input_centre != self._shifted:
             self._set_shift(router.input_centre)
+        self._readout = readout
         st.mode, st.top_k, st.temperature = router.kind, router.top_k, float(router.temperature)
         st.mask = None if n_on == len(self.experts) else ~enabled
         st.fixed = fixed
@@ -260,8 +266,14 @@ class RoutedModel:
             return
         evidence = self._trace(prompt, max_new_tokens, chat, None, answer=False)  # the same (maybe cut) prompt
         evidence.router = replace(self.router, granularity="token")
-        with self.answering_with(pick(evidence).expert):
+        chosen = self.choose(evidence)
+        evidence.meta["pick"] = {**asdict(chosen), "text": chosen.describe()}
+        with self.answering_with(chosen.expert):
             yield evidence
+
+    def choose(self, evidence: RoutingTrace):
+        """The per-prompt router's PromptPick for an evidence trace (its readout's, with pick "readout")."""
+        return pick(evidence, self._readout)
 
     @contextmanager
     def answering_with(self, expert: str):
@@ -270,12 +282,11 @@ class RoutedModel:
         if expert not in self.experts:
             raise ValueError(f"Unknown expert {expert!r}; the library has {self.experts}")
         st = self._state
-        with self._lock:
+        with self._lock:  # the answer's routing is shared state: no other call runs under it
             saved = st.mode, st.fixed
             st.fixed = torch.zeros(len(self.experts))  # (E,)
             st.fixed[self.experts.index(expert)] = 1.0
-            st.mode = "expert"
-            st.version += 1
+            st.mode, st.version = "expert", st.version + 1
             try:
                 yield
             finally:
@@ -293,6 +304,8 @@ class RoutedModel:
         with self._answering(prompt, chat, max_new_tokens) as evidence:
             trace = self._trace(prompt, max_new_tokens, chat, streamer)
         trace.evidence = evidence
+        if evidence is not None:
+            trace.meta["pick"] = evidence.meta["pick"]  # {"expert", "weight", ..., "text"}: PromptPick, described
         return trace
 
     def _trace(self, prompt: str, max_new_tokens: int, chat: bool, streamer, answer: bool = True) -> RoutingTrace:

@@ -32,22 +32,34 @@ class PromptPick:
     runner_up: str | None  # the expert with the next largest mean weight (None: one expert)
     runner_weight: float
     over: str  # "user" (the user's own text) or "prompt" (no user text located: every prompt token)
+    rule: str = "mean"  # "mean" (largest mean weight) or "readout" (the fitted readout's most probable class)
+    confidence: float | None = None  # readout: the pick's probability
+    runner_confidence: float | None = None  # readout: the runner-up's probability
+    by_mean: str | None = None  # readout: the expert the mean weight alone would have picked
 
     @property
     def margin(self) -> float:
         return self.weight - self.runner_weight
 
     def describe(self) -> str:
+        """One line for the page's notice and the CLI, e.g. "Per prompt: the readout of your text's routing
+        picked add (p 0.91; next subtract 0.05; the mean weight agrees); add alone answered." """
         where = "your text" if self.over == "user" else "the prompt"
-        second = f"; runner-up {self.runner_up} {self.runner_weight:.2f}" if self.runner_up else ""
-        return (f"Routed per prompt: {where} gave {self.expert} the largest mean weight ({self.weight:.2f}"
-                f"{second}), so every token used {self.expert} alone.")
+        if self.rule == "readout":
+            second = f"; next {self.runner_up} {self.runner_confidence:.2f}" if self.runner_up else ""
+            mean = "the mean weight agrees" if self.by_mean == self.expert else f"by mean weight: {self.by_mean}"
+            return (f"Per prompt: the readout of {where}'s routing picked {self.expert} (p {self.confidence:.2f}"
+                    f"{second}; {mean}); {self.expert} alone answered.")
+        second = f"; next {self.runner_up} {self.runner_weight:.2f}" if self.runner_up else ""
+        return (f"Per prompt: {where} gave {self.expert} the largest mean weight ({self.weight:.2f}{second}); "
+                f"{self.expert} alone answered.")
 
 
-def pick(evidence: RoutingTrace) -> PromptPick:
+def pick(evidence: RoutingTrace, readout=None) -> PromptPick:
     """The expert with the largest mean weight over the user's own tokens (every prompt token when the user's
     text was not located), as `RoutingTrace.winner("user")` chooses; ties go to the first expert in library
-    order. ValueError when the evidence routed nothing (no tokens, or every weight 0)."""
+    order. With a `readout` (explorer/routing/readout.py): its most probable expert instead. ValueError when
+    the evidence routed nothing (no tokens, or every weight 0)."""
     over = "user" if evidence.user_span[1] > evidence.user_span[0] else "prompt"
     mean = evidence.usage(over)  # (E,)
     if mean.size == 0 or not mean.max() > 0:
@@ -55,6 +67,17 @@ def pick(evidence: RoutingTrace) -> PromptPick:
     order = np.argsort(-mean, kind="stable")  # largest first, library order among equals
     first = int(order[0])
     second = int(order[1]) if mean.size > 1 else None
-    return PromptPick(expert=evidence.experts[first], weight=float(mean[first]),
-                      runner_up=None if second is None else evidence.experts[second],
-                      runner_weight=0.0 if second is None else float(mean[second]), over=over)
+    by_mean = PromptPick(expert=evidence.experts[first], weight=float(mean[first]),
+                         runner_up=None if second is None else evidence.experts[second],
+                         runner_weight=0.0 if second is None else float(mean[second]), over=over)
+    if readout is None:
+        return by_mean
+    p = readout.probabilities(evidence)  # (C,)
+    ranked = np.argsort(-p, kind="stable")
+    chosen = readout.classes[int(ranked[0])]
+    runner = readout.classes[int(ranked[1])] if len(ranked) > 1 else None
+    weight = dict(zip(evidence.experts, mean.tolist()))
+    return PromptPick(expert=chosen, weight=float(weight[chosen]), runner_up=runner,
+                      runner_weight=float(weight[runner]) if runner else 0.0, over=over, rule="readout",
+                      confidence=float(p[ranked[0]]), runner_confidence=float(p[ranked[1]]) if runner else None,
+                      by_mean=by_mean.expert)

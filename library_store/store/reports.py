@@ -15,6 +15,9 @@ Usage::
     write_report(writer, report)                   # explicit: a read-only library is refused
     write_default_router(writer, {"mode": "arrow", "top_k": 2, ...}, evidence={"rule": ..., "sweep": [...]})
 
+A per-prompt router's pick readout (`write_readout` / `read_readout`, kind `pick-readout`: tensors and meta from
+explorer/routing/readout.py, keyed by content and the router settings it was fitted under) lives here too.
+
 Both are derived data (kinds `routing-report` and `router-default`) keyed by the library's content
 (`lib.content_key()`, a hash of every expert's checksum): a library whose experts changed since the evaluation
 simply has no report and no default router any more; `write_*` drops the stale entries of the kind. Everything
@@ -32,7 +35,7 @@ REPORT_KIND = "routing-report"
 ROUTER_KIND = "router-default"
 REPORT_SPLITS = ("heldout", "paraphrase", "train")
 ROUTER_FIELDS = ("mode", "top_k", "temperature", "disabled", "centre", "centre_scope", "input_centre",
-                 "granularity")
+                 "granularity", "pick")
 
 
 @dataclass
@@ -166,3 +169,20 @@ def default_router(lib) -> dict | None:
     """The library's default router as a `RouterConfig.to_dict()` dict, or None."""
     record = read_default_router(lib)
     return None if record is None else dict(record.router)
+
+
+READOUT_KIND = "pick-readout"
+
+
+def write_readout(lib, router_key: str, tensors: dict, meta: dict) -> str:
+    """Store a per-prompt pick readout (explorer/routing/readout.py) fitted for this content and router (opened
+    writable); stale readouts of another content are dropped."""
+    _writable(lib)
+    content = lib.content_key()
+    _drop_stale(lib, READOUT_KIND, content)
+    return lib.put_derived(READOUT_KIND, {"content": content, "router": router_key}, tensors, meta)
+
+
+def read_readout(lib, router_key: str) -> tuple[dict, dict] | None:
+    """(tensors, meta) of the readout fitted for this content and router key, or None."""
+    return lib.get_derived(READOUT_KIND, {"content": lib.content_key(), "router": router_key})

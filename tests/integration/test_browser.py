@@ -148,3 +148,27 @@ def test_empty_prompt_shows_a_message_not_an_error(app, browser):
     page.wait_for_selector("#notice :text('The prompt is empty')", timeout=60_000)
     assert page.locator(".toast-body.error, .error").count() == 0
     assert dialogs == []
+
+
+def test_per_prompt_routing_names_its_pick_and_draws_the_evidence(app, browser):
+    page, requests, dialogs = open_page(browser, app)
+    page.locator("#granularity label", has_text="per prompt").click()
+    run_prompt(page, "Reverse the word: apple", max_new=4)
+    page.wait_for_selector("#notice :text('Per prompt:')", timeout=30_000)
+    notice = page.locator("#notice").inner_text()
+    picked = notice.split(" alone answered")[0].split(" ")[-1]
+    for sel in ("#grid .x-plot", "#map .x-plot"):  # with the notice shown, grid and map still fit the screen
+        box = page.locator(sel).first.bounding_box()
+        assert box and box["y"] + box["height"] <= 900, (sel, box)
+    strip = page.locator("#grid .x-strip").inner_text().replace("␣", " ")
+    assert strip.strip().startswith("Reverse the word") and strip.strip().endswith("apple")  # the evidence: no answer
+    assert len(page.locator("#grid .x-key").all()) >= 2  # the per-token evidence mixes experts, unlike the pick
+    page.mouse.click(*cell_point(page, 1, 1))
+    page.wait_for_selector("#drill .x-drill", timeout=30_000)
+    page.click("#cf-run")  # the counterfactual starts on the pick: switched off at that cell
+    page.wait_for_selector("#cf-out .x-cfout", timeout=60_000)
+    assert picked in page.locator("#cf-out").inner_text()
+    page.locator("#pick-by label", has_text="readout").click()  # no readout fitted for the tiny library
+    page.click("#run")
+    page.wait_for_selector("#notice :text('No pick readout is fitted')", timeout=60_000)
+    assert picked and [u for u in requests if not u.startswith(LOCAL)] == [] and dialogs == []

@@ -94,37 +94,6 @@ def test_generated_tokens_route_as_while_generating(routed):
         assert got.winner("generated") == alone.winner("generated")
 
 
-def test_batched_per_prompt_answers_equal_the_model_s_own(routed):
-    """The evaluation's per-prompt path (route all, group by pick, answer each group with its pick alone) gives
-    each prompt the pick and the answer `RoutedModel` gives it alone, for generation and rank classification."""
-    from dataclasses import replace
-
-    from library_store.tasks import Example, Task
-
-    base, start = routed.base, routed.router
-    routed.set_router(replace(start, granularity="prompt"))
-    try:
-        texts, picks = TEXTS, []
-        gen, chosen = eval_sweep.per_prompt(routed, base, texts, lambda rows: C.greedy_generate(
-            base.model, base.tokenizer, C.prompt_ids(base, [texts[i] for i in rows]), 5), max_tokens=150)
-        for text, g, c in zip(texts, gen, chosen):
-            alone = routed.trace(text, max_new_tokens=5)
-            assert c.expert == alone.most_used_expert() and g.strip() == alone.text.strip()
-            picks.append(c.expert)
-        assert len(set(picks)) >= 2  # several groups: the regrouping is exercised
-        task = Task("t", "f", metric="multiple_choice", train=[],
-                    heldout=[Example(t, "yes", choices=["yes", "no"], answer=i % 2) for i, t in enumerate(texts)])
-        got = eval_heldout.score_task(base, task, 4, 150, rm=routed)
-        assert got["picks"] == picks
-        for i, text in enumerate(texts):
-            with routed.answering_with(picks[i]):
-                one = C.rank_classify(base.model, base.tokenizer, C.prompt_ids(base, [text]), [[
-                    base.tokenizer(c, add_special_tokens=False).input_ids for c in ["yes", "no"]]])[0]
-            assert got["correct"][i] == int(one == i % 2)
-    finally:
-        routed.set_router(start)
-
-
 def test_statistics():
     mean, lo, hi = C.bootstrap_ci(np.array([1, 0, 1, 1, 0, 1, 1, 1]))
     assert lo <= mean == 0.75 <= hi and 0 <= lo and hi <= 1
@@ -145,7 +114,9 @@ def _in_range(stat: dict):
 @pytest.mark.slow
 def test_routing_quick(libs, tmp_path):
     from library_store.store.library import ExpertLibrary
-    from library_store.store.reports import read_default_router, read_report
+    from explorer.routing.config import RouterConfig
+    from explorer.routing.readout import readout_key
+    from library_store.store.reports import read_default_router, read_readout, read_report
 
     results = eval_routing.quick(tmp_path, tmp_path / "fig", libs)
     assert [r["level"] for r in results] == ["private", "cluster"]
@@ -171,6 +142,9 @@ def test_routing_quick(libs, tmp_path):
         assert sweep["winner"]["user"] == max(row["user"] for row in valid)  # within TIE; here the best itself
         lib = ExpertLibrary.open(libs["private" if r["level"] == "private" else "mbc"])
         assert read_default_router(lib).router == r["router"]
+        gran = sweep["evidence"]["granularity"]  # per token / per prompt by mean / by a readout, then recorded
+        assert len(gran["rows"]) == 3 and gran["readout"]["prompts_per_task"] == 20
+        assert read_readout(lib, readout_key(RouterConfig.from_dict(r["router"]))) is not None
         rep = read_report(lib)
         assert rep.accuracy["user"] == r["accuracy"]["user"]["mean"] and rep.command == r["command"]
         assert rep.centring == r["centring"] and rep.per_layer == r["per_layer"] and read_report(lib, "paraphrase") is None
@@ -266,52 +240,29 @@ def test_sweep_sees_training_prompts_only(monkeypatch):
     monkeypatch.setattr(eval_routing, "route_prompts", lambda rm_, base, texts, mt=4096: seen.extend(texts) or [])
     monkeypatch.setattr(eval_routing, "diagnose", fake_diagnose)
     monkeypatch.setattr(eval_sweep, "exact_matches", lambda base, ex, mt=4096: answered.extend(ex) or [1, 0])
-    granular = []  # the winner's granularity step: per token answers 1 of 2, per prompt none here
+    granular, fitted = [], []  # the winner's granularity step: per token answers 1 of 2, per prompt none here
+    monkeypatch.setattr(eval_sweep, "fit_pick_readout", lambda rm_, base, ts, own, win, n_fit, mt=4096: fitted.append(
+        [e.input for t in ts for e in t.train[:n_fit]]) or type("R", (), {"meta": {"n": 0}})())
     monkeypatch.setattr(eval_sweep, "routed_exact_matches", lambda rm_, base, ex, mt=4096: granular.extend(
         (rm_.router.granularity, e.input) for e in ex) or ([0, 0] if rm_.router.per_prompt else [1, 0]))
     tasks = [Task(n, "f", train=[Example(f"train {n} {i}", "a") for i in range(5)],
                   heldout=[Example(f"held {n} {i}", "a") for i in range(5)]) for n in ("t1", "t2")]
     options = [("none", "prototypes", "none"), ("mean", "prototypes", "none"), ("mean", "weights", "none")]
-    out = eval_sweep.sweep(rm, None, tasks, {"t1": ["a"], "t2": ["b"]}, 3, 2, [1, 2, 4], [0.1, 1.0], options)
+    out = eval_sweep.sweep(rm, None, tasks, {"t1": ["a"], "t2": ["b"]}, 3, 2, [1, 2, 4], [0.1, 1.0], options, n_fit=2)
     assert seen and all(t.startswith("train") for t in seen) and len(seen) == 2 * 3 * 2 * (1 + 2 * 2)  # tasks x n x
     #  2 centrings x (top-1 at one temperature + top-2 and top-3 at both)
     gran = out["evidence"]["granularity"]
-    assert [r["granularity"] for r in gran["rows"]] == ["token", "prompt"] and gran["split"] == "train"
-    assert out["winner"]["granularity"] == gran["winner"] == "token"
-    assert sorted({g for g, _ in granular}) == ["prompt", "token"] and all(t.startswith("train") for _, t in granular)
+    assert [(r["granularity"], r["pick"]) for r in gran["rows"]] == [("token", "mean"), ("prompt", "mean"),
+                                                                      ("prompt", "readout")]
+    assert out["winner"]["granularity"] == gran["winner"]["granularity"] == "token" and gran["split"] == "train"
+    assert fitted == [["train t1 0", "train t1 1", "train t2 0", "train t2 1"]]  # the readout: the first 2
+    assert {t for _, t in granular} == {"train t1 2", "train t1 3", "train t2 2", "train t2 3"}  # scored on the next
     assert answered and all(e.input.startswith("train") for e in answered)
     rows = out["rows"]
     assert [(r["centre"], r["centre_scope"]) for r in rows if "refused" in r] == [("mean", "weights")]
     assert {r["top_k"] for r in rows} == {1, 2, 3}  # 4 is clipped to the 3 experts
     assert out["winner"]["top_k"] == 3 and out["evidence"]["train_prompts_per_task"] == 3
     assert rm.router == RouterConfig(top_k=3)
-
-
-def test_granularity_is_chosen_by_training_exact_match(monkeypatch):
-    """Per prompt wins only with a higher exact match on training examples; a tie keeps per token; the router
-    is restored; the winner row carries the granularity into router_of."""
-    from explorer.routing.config import RouterConfig
-    from library_store.tasks import Example
-
-    class Stub:
-        router = RouterConfig(top_k=3)
-
-        def set_router(self, r):
-            self.router = r
-
-    rm, seen = Stub(), []
-    winner = {"top_k": 2, "temperature": 0.3, "centre": "none", "centre_scope": "prototypes", "input_centre": "base"}
-    examples = {"t1": [Example("train 1", "a"), Example("train 2", "b")]}
-    for prompt_em, want in (([1, 1], "prompt"), ([1, 0], "token")):
-        def fake(rm_, base, ex, mt=4096, prompt_em=prompt_em):
-            seen.append((rm_.router.granularity, rm_.router.top_k, rm_.router.input_centre, [e.input for e in ex]))
-            return prompt_em if rm_.router.granularity == "prompt" else [1, 0]
-        monkeypatch.setattr(eval_sweep, "routed_exact_matches", fake)
-        got = eval_sweep.choose_granularity(rm, None, winner, examples)
-        assert got["winner"] == want and rm.router == RouterConfig(top_k=3)
-    assert seen[:2] == [("token", 2, "base", ["train 1", "train 2"]), ("prompt", 2, "base", ["train 1", "train 2"])]
-    assert eval_sweep.router_of({**winner, "granularity": "prompt"}).per_prompt
-    assert not eval_sweep.router_of(winner).per_prompt  # rows recorded before granularity existed
 
 
 def test_sweep_winner_rule():

@@ -241,8 +241,8 @@ def test_granularity_flag_picks_one_expert_per_prompt_and_follows_the_recorded_d
     assert data["router"]["granularity"] == "prompt" and data["evidence"]["router"]["granularity"] == "token"
     assert main([*argv, "--granularity", "prompt"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert "granularity=prompt" in out[0] and out[1].startswith("Routed per prompt:")
-    picked = out[1].split("so every token used ")[1].rstrip(".").replace(" alone", "")
+    assert "granularity=prompt" in out[0] and out[1].startswith("Per prompt:")
+    picked = out[1].split("; ")[-1].replace(" alone answered.", "")
     assert main(["generate", *argv[1:], "--granularity", "prompt"]) == 0  # same router: same pick
     by_prompt = capsys.readouterr().out
     assert main(["generate", *argv[1:], "--mode", f"expert:{picked}"]) == 0
@@ -261,3 +261,26 @@ def test_granularity_flag_picks_one_expert_per_prompt_and_follows_the_recorded_d
     assert main([*argv, "--granularity", "token"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["router"]["granularity"] == "token" and data["evidence"] is None
+
+
+def test_pick_readout_is_refused_without_a_fitted_readout_and_used_with_one(library, tmp_path, capsys):
+    import numpy as np
+
+    from explorer.routing.config import RouterConfig
+    from explorer.routing.readout import Readout, readout_key
+    from library_store.store import reports
+
+    copy = shutil.copytree(library, tmp_path / "lib")
+    argv = ["trace", "--base-model", "tiny-random-llama", "--library", str(copy), "--prompt", "Count: one two",
+            "--top-k", "2", "--granularity", "prompt", "--pick", "readout"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No pick readout is fitted for this library" in err and len(err.strip().splitlines()) == 1
+    layers = list(range(fresh("tiny-random-llama").model.config.num_hidden_layers))
+    names = ["e0", "e1", "e2"]
+    readout = Readout(names, layers, names, np.zeros((3, 3 * len(layers))), np.array([0.0, 0.0, 4.0]))
+    reports.write_readout(ExpertLibrary.open(copy, readonly=False),
+                          readout_key(RouterConfig(top_k=2, temperature=1.0)), *readout.to_tensors())
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "pick=readout" in out[0] and "readout" in out[1] and "e2 alone answered" in out[1]

@@ -74,7 +74,7 @@ def test_library_without_evaluation_says_so_and_shows_the_command(session):
     assert "No routing report" in out["confusion"].layout.annotations[0].text
     assert session.registry.default_router("lib") == {"top_k": 4, "temperature": 1.0, "centre": "none",
                                                       "centre_scope": "prototypes", "input_centre": "none",
-                                                      "granularity": "token", "recorded": False}
+                                                      "granularity": "token", "pick": "mean", "recorded": False}
 
 
 def test_report_card_and_default_router_are_read_from_the_store(session):
@@ -100,7 +100,7 @@ def test_report_card_and_default_router_are_read_from_the_store(session):
     controls = act.router_controls(session, "lib")
     assert {k: v.props["value"] for k, v in controls.items()} == {"top_k": 2, "temperature": 0.7, "centre": "mean",
                                                                   "centre_scope": "weights", "input_centre": "none",
-                                                                  "granularity": "token"}
+                                                                  "granularity": "token", "pick_by": "mean"}
     done = normalise(RawRequest("hi"), EXPERTS, defaults=session.registry.default_router("lib"))
     assert (done.request.router.top_k, done.request.router.centre) == (2, "mean")
     assert done.request.router.input_centre == "none"
@@ -128,7 +128,8 @@ def test_recorded_per_prompt_routing_is_the_page_default_and_the_user_can_leave_
                                   "centre_scope": "prototypes", "input_centre": "none", "granularity": "prompt"},
                          evidence={"rule": "best training exact match"}, command="python bench/eval_routing.py --x")
     assert act.router_controls(session, "lib")["granularity"].props["value"] == "prompt"
-    assert "top-k 2, temperature 0.3, no centring, one expert per prompt" in act.show(session, "lib")["report"]
+    assert "top-k 2, temperature 0.3, no centring, one expert per prompt, picked by mean weight" in \
+        act.show(session, "lib")["report"]
     trace = session.run(RawRequest(PROMPT, library="lib", max_new_tokens=2)).trace
     assert trace.router.per_prompt and trace.evidence is not None
     trace = session.run(RawRequest(PROMPT, library="lib", max_new_tokens=2, granularity="token")).trace
@@ -310,3 +311,20 @@ def test_a_route_running_during_an_upload_finishes_on_its_library(session, good)
         assert routed.trace(PROMPT, max_new_tokens=2) == first  # the route finishes on what it started with
     worker.join(120)
     assert "Added expert shouter" in done["out"]["edit_msg"] and routed_winner(session) == "shouter"
+
+
+def test_report_card_shows_the_pick_accuracy_and_the_granularity_evidence(session):
+    writer = ExpertLibrary.open(session.registry.paths["lib"], readonly=False)
+    write_report(writer, RoutingReport(content_key=writer.content_key(), split="heldout", level="private",
+                                       router={"mode": "arrow", "top_k": 2, "granularity": "prompt",
+                                               "pick": "readout"}, experts=EXPERTS, tasks=EXPERTS, n_per_task=4,
+                                       accuracy={"user": 0.8, "pick": 0.96}, command="python bench/eval_routing.py"))
+    rows = [{"granularity": "token", "pick": "mean", "em": 0.36}, {"granularity": "prompt", "pick": "mean", "em": 0.81},
+            {"granularity": "prompt", "pick": "readout", "em": 0.89}]
+    write_default_router(writer, {"mode": "arrow", "top_k": 2, "temperature": 0.1, "disabled": [], "centre": "none",
+                                  "centre_scope": "prototypes", "granularity": "prompt", "pick": "readout"},
+                         evidence={"rule": "r", "granularity": {"rows": rows}}, command="python bench/x.py")
+    card = act.show(session, "lib")["report"]
+    assert "the expert that answered was the task's own for **96%** of prompts" in card
+    assert "per token 0.36, per prompt by mean 0.81, per prompt by readout 0.89" in card
+    assert "one expert per prompt, picked by the fitted readout" in card

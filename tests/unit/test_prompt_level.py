@@ -67,7 +67,7 @@ def test_pick_reads_the_user_text_and_reports_the_runner_up():
     got = pick(trace)
     assert (got.expert, got.runner_up, got.over) == ("e1", "e2", "user")
     assert got.weight == pytest.approx(0.7) and got.margin == pytest.approx(0.4)
-    assert "e1" in got.describe() and "runner-up e2" in got.describe()
+    assert "e1 alone answered" in got.describe() and "next e2" in got.describe()
     no_user = RoutingTrace(tokens=list("abcde"), token_ids=list(range(T)), is_generated=[False] * T, layers=[0, 1],
                            modules=["q"], experts=["e0", "e1", "e2"], weights=w)
     assert pick(no_user).over == "prompt" and pick(no_user).expert == "e1"  # 2 x 1.0 vs 3 x 0.7 over 5 tokens

@@ -24,7 +24,7 @@ from library_store.testing import TASKS, TINY, make_tiny_library, make_tiny_mbc_
 EXPERTS = sorted(TASKS[:5])
 ROUTE_ARGS = dict(chat=True, top_k=2, temperature=1.0, centre="none", centre_scope="prototypes", max_new=4,
                   disabled=[], module="mean", colour_by="expert", grid_by="weight", show_template=False,
-                  input_centre="none", granularity=None)
+                  input_centre="none", granularity=None, pick_by=None)
 
 
 pytestmark = pytest.mark.usefixtures("module_derived_cache")  # an empty derived cache for this module
@@ -286,7 +286,7 @@ def test_route_callback_carries_input_centring_into_the_trace(session):
     assert "Unknown input centring &#x27;median&#x27;" in out["notice"]  # escaped: a notice is HTML
     assert json.loads(out["trace_json"])["router"]["input_centre"] == "none"
     args = {**ROUTE_ARGS, "max_new": 0}  # an API client from before input centring: 13 values, the default
-    *_, out = cb.route(session, "hi", "lib", *[args[k] for k in ROUTE_ARGS][:-2])
+    *_, out = cb.route(session, "hi", "lib", *[args[k] for k in ROUTE_ARGS][:-3])
     assert json.loads(out["trace_json"])["router"]["input_centre"] == "none"
 
 
@@ -362,10 +362,11 @@ def test_build_demo_wires_every_event_with_an_api_name(session):
     route_dep = next(d for d in config["dependencies"] if d["api_name"] == "route")
     assert len(route_dep["outputs"]) == len(cb.ROUTE_OUTPUTS)
     assert [ids[i] for i in route_dep["outputs"][:3]] == ["notice", "generated", "grid"]
-    assert [ids[i] for i in route_dep["inputs"][-2:]] == ["input-centre", "granularity"]  # last: older API
+    assert [ids[i] for i in route_dep["inputs"][-3:]] == ["input-centre", "granularity", "pick-by"]  # last: older API
     # clients keep their positions
     defaults_dep = next(d for d in config["dependencies"] if d["api_name"] == "router_defaults")
-    assert [ids[i] for i in defaults_dep["outputs"]][-4:] == ["centre", "centre-scope", "input-centre", "granularity"]
+    assert [ids[i] for i in defaults_dep["outputs"]][-5:] == ["centre", "centre-scope", "input-centre", "granularity",
+                                                               "pick-by"]
     radio = next(c["props"] for c in config["components"] if c.get("props", {}).get("elem_id") == "input-centre")
     assert [ch[0] for ch in radio["choices"]] == ["none", "base"] and radio["label"] == "input centring"
     documented = Path(__file__).resolve().parents[2] / "docs" / "page_api.md"

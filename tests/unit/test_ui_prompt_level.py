@@ -1,5 +1,6 @@
 """The page's per-prompt routing (granularity "prompt"), callbacks called directly on a tiny twin + tiny
-library: the notice names the pick, the grid and the drill-down show the evidence, counterfactuals are refused."""
+library: the notice names the pick, the grid and the drill-down show the evidence, counterfactuals intervene on
+the run as it answered (the pick alone)."""
 import html
 import json
 import re
@@ -22,14 +23,14 @@ def session(tmp_path_factory):
     return Session(reg)
 
 
-def test_per_prompt_run_shows_its_pick_and_the_evidence_grid_and_refuses_counterfactuals(session):
+def test_per_prompt_run_shows_its_pick_and_the_evidence_grid(session):
     out = route(session, granularity="prompt", max_new=4)
     data = json.loads(out["trace_json"])
     assert data["router"]["granularity"] == "prompt" and data["evidence"]["router"]["granularity"] == "token"
     state = out["state"]
     evidence, applied = state.trace.evidence, state.trace
     picked = applied.most_used_expert()
-    assert "Routed per prompt:" in out["notice"] and f"every token used {picked} alone" in out["notice"]
+    assert "Per prompt:" in out["notice"] and f"{picked} alone answered" in out["notice"]
     assert evidence.winner("user") == picked
     strip = re.findall(r'<span class="x-tok[^"]*" data-t="(\d+)"', out["grid"])
     assert [int(t) for t in strip] == evidence.positions("user")  # the grid draws the evidence: the user's text
@@ -38,7 +39,50 @@ def test_per_prompt_run_shows_its_pick_and_the_evidence_grid_and_refuses_counter
     detail = evidence.cell(1, t)  # the evidence's cell (top-2 experts), not the applied one (the pick alone)
     names = {c.expert for m in detail.values() for c in m}
     assert len(names) >= 2 and all(html.escape(n) in drilled["drill"] for n in names)
-    cf = list(cc.counterfactual(session, state, "lib", f"1, {t}", picked, "off", "cell"))
-    assert len(cf) == 1 and "picked one expert for the whole prompt" in cf[0]["cf_out"]
+    assert drilled["cf_expert"].props["value"] == picked  # the counterfactual starts on the expert that answered
     plain = route(session, max_new=4)  # per token: no pick notice, the grid has the generated tokens too
-    assert "Routed per prompt" not in plain["notice"] and json.loads(plain["trace_json"])["evidence"] is None
+    assert "Per prompt:" not in plain["notice"] and json.loads(plain["trace_json"])["evidence"] is None
+
+
+def test_readout_pick_without_a_fitted_readout_is_a_notice(session):
+    out = route(session, granularity="prompt", pick_by="readout", max_new=2)
+    assert out["state"] is None and "No pick readout is fitted for this library" in out["notice"]
+    assert route(session, granularity="prompt", pick_by="mean", max_new=2)["state"] is not None
+
+
+def test_counterfactuals_of_a_per_prompt_run_act_on_its_pick(session):
+    """Checked against the model run by hand: "before" is the pick alone; the pick off everywhere is the base
+    model; another expert forced everywhere is that expert alone; an expert the run did not use, off, changes
+    nothing."""
+    import torch
+
+    from explorer.page.counterfactual import Counterfactual, next_token
+    from explorer.routing.config import RouterConfig
+
+    state = route(session, granularity="prompt", max_new=3)["state"]
+    trace = state.trace
+    picked, t = trace.meta["pick"]["expert"], trace.n_prompt - 1
+    other = next(e for e in trace.experts if e != picked)
+    reg = session.registry
+
+    def top5(mode):
+        routed.set_router(RouterConfig(mode=mode, top_k=1))
+        logp = routed.logits(torch.tensor([trace.token_ids[: t + 1]]))[0, -1].float().log_softmax(-1)
+        p, ids = logp.exp().topk(5)
+        return routed.display_tokens(ids.tolist()), p.tolist()
+
+    with reg.lock:
+        routed = reg.attach("lib")
+        results = {}
+        for expert, action in ((picked, "off"), (other, "force"), (other, "off")):
+            routed.set_router(trace.router)
+            results[expert, action] = next_token(routed, trace, Counterfactual(1, t, expert, action, "everywhere"))
+        by_hand = {m: top5(m) for m in (f"expert:{picked}", "base", f"expert:{other}")}
+        routed.set_router(trace.router)
+    for res in results.values():
+        assert [x for x, _ in res.before] == by_hand[f"expert:{picked}"][0]
+        assert [p for _, p in res.before] == pytest.approx(by_hand[f"expert:{picked}"][1], abs=1e-4)
+    off, forced, unused = results[picked, "off"], results[other, "force"], results[other, "off"]
+    assert [p for _, p in off.after] == pytest.approx(by_hand["base"][1], abs=1e-4) and off.kl > 0
+    assert [p for _, p in forced.after] == pytest.approx(by_hand[f"expert:{other}"][1], abs=1e-4)
+    assert unused.kl == pytest.approx(0, abs=1e-6)

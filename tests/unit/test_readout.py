@@ -1,0 +1,86 @@
+"""The per-prompt pick's readout: it reads the per-layer pattern the mean weight throws away, round-trips through
+the library, is applied by the engine, and is refused (nothing changed) where none was fitted."""
+import numpy as np
+import pytest
+import torch
+from arrow_helpers import experts, fresh
+
+from explorer.routing.config import RouterConfig
+from explorer.routing.model import RoutedModel
+from explorer.routing.prompt_level import pick
+from explorer.routing.readout import Readout, fit_readout, readout_key
+from explorer.routing.trace import RoutingTrace
+from library_store.store.library import ExpertLibrary
+from library_store.store.reports import read_readout, write_readout
+
+PROMPT = "Count the words: one two three four"
+
+
+def synthetic(layer0: float, rng) -> RoutingTrace:
+    """2 layers, 2 experts, 3 user tokens: e0 leads the mean weight whatever `layer0` is; which of the two
+    classes a trace belongs to shows only in how the weight splits between the layers."""
+    w = np.zeros((2, 1, 3, 2), np.float32)
+    w[0, 0, :, 0], w[1, 0, :, 0] = layer0, 1.4 - layer0  # e0: 0.7 on average either way
+    w[..., 1] = 1 - w[..., 0]
+    w[..., 0] += rng.normal(0, 0.01, (2, 1, 3)).astype(np.float32)
+    w[..., 1] = 1 - w[..., 0]
+    return RoutingTrace(tokens=list("abc"), token_ids=[0, 1, 2], is_generated=[False] * 3, layers=[0, 1],
+                        modules=["q"], experts=["e0", "e1"], weights=w, user_span=(0, 3))
+
+
+def test_readout_reads_the_per_layer_pattern_the_mean_weight_misses():
+    rng = np.random.default_rng(0)
+    traces = [synthetic(0.9, rng) for _ in range(20)] + [synthetic(0.5, rng) for _ in range(20)]
+    labels = ["e0"] * 20 + ["e1"] * 20
+    readout = fit_readout(traces, labels)
+    assert readout.meta["train_accuracy"] == 1.0 and readout.classes == ["e0", "e1"]
+    fresh_e1 = synthetic(0.5, rng)
+    assert pick(fresh_e1).expert == "e0"  # by mean weight
+    got = pick(fresh_e1, readout)
+    assert (got.expert, got.rule, got.by_mean) == ("e1", "readout", "e0") and got.confidence > 0.5
+    assert "by mean weight: e0" in got.describe()
+    assert pick(synthetic(0.9, rng), readout).expert == "e0"
+    back = Readout.from_tensors(*readout.to_tensors())
+    np.testing.assert_allclose(back.probabilities(fresh_e1), readout.probabilities(fresh_e1), atol=1e-6)
+    other = RoutingTrace(tokens=["a"], token_ids=[0], is_generated=[False], layers=[0, 1], modules=["q"],
+                         experts=["e0", "x"], weights=np.full((2, 1, 1, 2), 0.5, np.float32))
+    with pytest.raises(ValueError, match="fitted for other experts"):
+        readout.probabilities(other)
+    with pytest.raises(ValueError, match="one label per trace"):
+        fit_readout(traces, labels[:3])
+
+
+def always(rm, expert: str) -> Readout:
+    """A readout that picks `expert` whatever the evidence."""
+    E, L = len(rm.experts), len(rm.layers)
+    bias = np.where(np.array(rm.experts) == expert, 5.0, 0.0)
+    return Readout(list(rm.experts), list(rm.layers), list(rm.experts), np.zeros((E, L * E)), bias)
+
+
+def test_engine_answers_with_the_readout_s_pick_and_refuses_without_one(tmp_path):
+    base = fresh("tiny-random-llama")
+    path = tmp_path / "lib"
+    lib = ExpertLibrary.create(path, base)
+    for e in experts(base, 4):
+        lib.add(e)
+    rm = RoutedModel.from_library(base, ExpertLibrary.open(path, readonly=True), RouterConfig(top_k=2))
+    ids = rm.encode(PROMPT)[0]
+    before = rm.logits(ids)
+    wanted = RouterConfig(top_k=2, granularity="prompt", pick="readout")
+    with pytest.raises(ValueError, match="No pick readout is fitted"):
+        rm.set_router(wanted)
+    assert rm.router == RouterConfig(top_k=2)
+    torch.testing.assert_close(rm.logits(ids), before, atol=0, rtol=0)  # nothing changed
+    by_mean = pick(rm.trace(PROMPT)).expert  # per token over the prompt: the mean weight's winner
+    target = next(e for e in rm.experts if e != by_mean)
+    write_readout(ExpertLibrary.open(path, readonly=False), readout_key(wanted), *always(rm, target).to_tensors())
+    assert read_readout(ExpertLibrary.open(path, readonly=True), readout_key(wanted)) is not None
+    rm.set_router(wanted)  # found in the library now
+    trace = rm.trace(PROMPT, max_new_tokens=3)
+    assert trace.meta["pick"]["expert"] == target and trace.meta["pick"]["rule"] == "readout"
+    assert trace.meta["pick"]["by_mean"] == by_mean
+    rm.set_router(RouterConfig(mode=f"expert:{target}"))
+    assert trace.text == rm.trace(PROMPT, max_new_tokens=3).text
+    assert readout_key(RouterConfig(top_k=3, granularity="prompt", pick="readout")) != readout_key(wanted)
+    with pytest.raises(ValueError, match="No pick readout"):  # fitted under top-2: another router has none
+        rm.set_router(RouterConfig(top_k=3, granularity="prompt", pick="readout"))
