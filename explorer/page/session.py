@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from explorer.page.registry import Registry
 from explorer.page.request import PAGE_LIMITS, Limits, RawRequest, RunRequest, normalise
 from explorer.routing.config import RouterConfig
+from explorer.routing.readout import MissingReadout
 from explorer.routing.trace import RoutingTrace
 
 log = logging.getLogger(__name__)
@@ -86,18 +87,35 @@ class Session:
     def route(self, checked: RunResult, streamer=None) -> RunResult:
         """Run a checked request (`check`'s result); `streamer` (a `generate` streamer) gets the new tokens of
         the main run as they come. The engine's refusals become the result's error."""
-        req = checked.request
+        req, fell_back = checked.request, []
         try:
             with self.registry.lock:
+                req, fell_back = self._usable(req)
                 trace = self._trace(req, req.router, streamer)
                 reference = self._trace(req, replace(req.router, disabled=())) if req.router.disabled else None
         except (ValueError, RuntimeError, LookupError) as exc:  # the engine's refusals: a message, not a trace
             log.exception("run failed")
             return replace(checked, error=f"This run failed: {exc}")
-        notices = list(checked.notices)
+        notices = list(checked.notices) + fell_back
         if trace.truncated:
             notices.append("The prompt was cut to fit the model's context.")
-        return replace(checked, trace=trace, reference=reference, notices=notices, run_id=next(_RUN_IDS))
+        return replace(checked, trace=trace, reference=reference, notices=notices, request=req,
+                       run_id=next(_RUN_IDS))
+
+    def _usable(self, req: RunRequest) -> tuple[RunRequest, list[str]]:
+        """The request as it can run, and what the page must say: a readout pick the library has no readout for
+        (fitted under other settings: another top-k, temperature, centring or disabled experts) picks by mean
+        weight instead. Call with the registry's lock held."""
+        router = req.router
+        if not (router.per_prompt and router.pick == "readout"):
+            return req, []
+        try:
+            self.registry.attach(req.library).set_router(router)
+            return req, []
+        except MissingReadout:
+            return replace(req, router=replace(router, pick="mean")), [
+                "This library's pick readout was fitted for its default top-k, temperature, centring and enabled "
+                "experts, not these: the expert was picked by mean weight instead."]
 
     def _trace(self, req: RunRequest, router: RouterConfig, streamer=None) -> RoutingTrace:
         routed = self.registry.attach(req.library)

@@ -92,9 +92,13 @@ def fit_readout(traces: list, labels: list[str], c: float = 1.0) -> Readout:
     return readout
 
 
+class MissingReadout(ValueError):
+    """No readout is fitted for this library and router (the page falls back to the mean weight)."""
+
+
 def find_readout(readouts: dict, store, router) -> Readout:
     """The readout fitted for `router`: in `readouts` (readout_key -> Readout, filled as found), else stored in the
-    library `store` (library_store.store.reports); ValueError naming what to do when there is none."""
+    library `store` (library_store.store.reports); MissingReadout naming what to do when there is none."""
     key = readout_key(router)
     if key not in readouts and store is not None:
         from library_store.store.reports import read_readout
@@ -103,6 +107,6 @@ def find_readout(readouts: dict, store, router) -> Readout:
         if hit is not None:
             readouts[key] = Readout.from_tensors({k: v.numpy() for k, v in hit[0].items()}, hit[1])
     if key not in readouts:
-        raise ValueError("No pick readout is fitted for this library and router (top-k, temperature, centring): "
+        raise MissingReadout("No pick readout is fitted for this library and router (top-k, temperature, centring): "
                          "pick 'mean', or fit one with bench/eval_routing.py --sweep-granularity --record.")
     return readouts[key]

@@ -170,5 +170,5 @@ def test_per_prompt_routing_names_its_pick_and_draws_the_evidence(app, browser):
     assert picked in page.locator("#cf-out").inner_text()
     page.locator("#pick-by label", has_text="readout").click()  # no readout fitted for the tiny library
     page.click("#run")
-    page.wait_for_selector("#notice :text('No pick readout is fitted')", timeout=60_000)
+    page.wait_for_selector("#notice :text('picked by mean weight instead')", timeout=60_000)
     assert picked and [u for u in requests if not u.startswith(LOCAL)] == [] and dialogs == []

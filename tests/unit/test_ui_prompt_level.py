@@ -44,10 +44,13 @@ def test_per_prompt_run_shows_its_pick_and_the_evidence_grid(session):
     assert "Per prompt:" not in plain["notice"] and json.loads(plain["trace_json"])["evidence"] is None
 
 
-def test_readout_pick_without_a_fitted_readout_is_a_notice(session):
+def test_readout_pick_without_a_fitted_readout_falls_back_to_the_mean_with_a_notice(session):
     out = route(session, granularity="prompt", pick_by="readout", max_new=2)
-    assert out["state"] is None and "No pick readout is fitted for this library" in out["notice"]
-    assert route(session, granularity="prompt", pick_by="mean", max_new=2)["state"] is not None
+    assert "picked by mean weight instead" in out["notice"]
+    state = out["state"]
+    assert state.trace.router.per_prompt and state.trace.router.pick == "mean" == state.request.router.pick
+    assert state.trace.meta["pick"]["rule"] == "mean"
+    assert "instead" not in route(session, granularity="prompt", pick_by="mean", max_new=2)["notice"]
 
 
 def test_counterfactuals_of_a_per_prompt_run_act_on_its_pick(session):
