@@ -125,7 +125,7 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
                     with gr.Column(scale=0, min_width=110):
                         run = gr.Button("Run", variant="primary", elem_id="run")
                         chat = gr.Checkbox(value=True, label="chat template", elem_id="chat")
-                    text = gr.Textbox(label="Generated text (Arrow), streamed", interactive=False, lines=2,
+                    text = gr.Textbox(label="Generated text (as routed), streamed", interactive=False, lines=2,
                                       max_lines=4, elem_id="generated", scale=5)
                 notice = gr.Markdown(elem_id="notice")
                 with gr.Row(equal_height=True, elem_id="settings"):
@@ -183,7 +183,7 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
                         base_text = gr.Textbox(label="base model", interactive=False, lines=3)
                         uniform_text = gr.Textbox(label="uniform merge", interactive=False, lines=3)
                         single_text = gr.Textbox(label="most-used expert", interactive=False, lines=3)
-                        arrow_text = gr.Textbox(label="arrow", interactive=False, lines=3)
+                        arrow_text = gr.Textbox(label="this run (as routed)", interactive=False, lines=3)
                 with gr.Accordion("More figures: one token, one expert, entropy, usage, intervention",
                                   open=False) as more:
                     token_plot = gr.Plot(label="One token's experts (click a token in the strip)",
