@@ -207,11 +207,8 @@ def sweep(rm, base, tasks, own: dict, n: int, n_em: int, ks: list[int], temps: l
         rm.set_router(start)
     winner = choose(rows)
     granularity = readout = None
-    if em_examples:  # the readout is fitted on the first n_fit training prompts, the candidates scored on the next
-        readout = fit_pick_readout(rm, base, tasks, own, winner, n_fit, max_tokens)
-        held = {t.name: t.train[n_fit:n_fit + n_em] for t in tasks if t.metric == "exact_match"}
-        granularity = choose_granularity(rm, base, winner, held, max_tokens, CANDIDATES)
-        granularity["readout"] = readout.meta
+    if em_examples:
+        granularity, readout = granularity_step(rm, base, tasks, own, winner, n_fit, n_em, max_tokens)
         winner = {**winner, **granularity["winner"]}
     evidence = {"rule": RULE, "granularity": granularity, "split": "train", "train_prompts_per_task": n, "em_prompts_per_task": n_em,
                 "tasks": sorted(prompts), "grid": {"top_k": ks, "temperature": [float(t) for t in temps],
@@ -229,7 +226,8 @@ CANDIDATES = (("token", "mean"), ("prompt", "mean"), ("prompt", "readout"))
 
 def fit_pick_readout(rm, base, tasks, own: dict, winner: dict, n_fit: int, max_tokens: int = 4096):
     """A pick readout (explorer/routing/readout.py) for the `winner` row's router, fitted on the first `n_fit`
-    training prompts of each task with an own expert, and registered in `rm.readouts`; returns it."""
+    training prompts of each task with an own expert (`own`: task -> [its routed experts]), and registered in
+    `rm.readouts`; returns it."""
     from dataclasses import replace
 
     from bench.eval_routing import route_prompts
@@ -241,7 +239,7 @@ def fit_pick_readout(rm, base, tasks, own: dict, winner: dict, n_fit: int, max_t
         mine = own.get(task.name)
         if mine:
             texts += [e.input for e in task.train[:n_fit]]
-            labels += [mine[0] if isinstance(mine, list) else mine] * len(task.train[:n_fit])
+            labels += [mine[0]] * len(task.train[:n_fit])
     start = rm.router
     try:
         rm.set_router(router)
@@ -251,6 +249,17 @@ def fit_pick_readout(rm, base, tasks, own: dict, winner: dict, n_fit: int, max_t
     readout.meta.update(split="train", prompts_per_task=n_fit, tasks=sorted({t.name for t in tasks if own.get(t.name)}))
     rm.readouts[readout_key(router)] = readout
     return readout
+
+
+def granularity_step(rm, base, tasks, own: dict, winner: dict, n_fit: int, n_em: int, max_tokens: int = 4096):
+    """The step after the winner's centring, top-k and temperature, shared by `sweep` and `regranulate`: a readout
+    fitted on training prompts 1..n_fit of each task, then every candidate of CANDIDATES scored on the next
+    `n_em`. (choose_granularity's result with the readout's meta, the readout)."""
+    readout = fit_pick_readout(rm, base, tasks, own, winner, n_fit, max_tokens)
+    held = {t.name: t.train[n_fit:n_fit + n_em] for t in tasks if t.metric == "exact_match"}
+    granularity = choose_granularity(rm, base, winner, held, max_tokens, CANDIDATES)
+    granularity["readout"] = readout.meta
+    return granularity, readout
 
 
 def choose_granularity(rm, base, winner: dict, em_examples: dict, max_tokens: int = 4096,
@@ -284,10 +293,7 @@ def regranulate(rm, base, tasks, own: dict, recorded, n_em: int, n_fit: int = 20
     library_store's DefaultRouter."""
     winner = {**recorded.evidence.get("winner", {}), **{k: recorded.router[k] for k in
               ("top_k", "temperature", "centre", "centre_scope", "input_centre")}}
-    readout = fit_pick_readout(rm, base, tasks, own, winner, n_fit, max_tokens)
-    em_examples = {t.name: t.train[n_fit:n_fit + n_em] for t in tasks if t.metric == "exact_match"}
-    granularity = choose_granularity(rm, base, winner, em_examples, max_tokens, CANDIDATES)
-    granularity["readout"] = readout.meta
+    granularity, readout = granularity_step(rm, base, tasks, own, winner, n_fit, n_em, max_tokens)
     winner = {**winner, **granularity["winner"]}
     evidence = {**recorded.evidence, "granularity": granularity, "winner": winner,
                 "granularity_chosen_after": recorded.command}

@@ -30,24 +30,21 @@ from bench.eval_sweep import exact_matches  # noqa: E402
 
 
 def select_and_answer(rm, examples) -> tuple[list, list[int]]:
-    """Each example's prompt-level choice under the current router (its trace's winner over the user's text, the
-    choice own-text accuracy scores) and the exact match of that expert alone. The prompts are routed in batches
-    as `bench/eval_routing.py` routes them, and answered in one batch per chosen expert."""
-    from bench.eval_routing import route_prompts
-    from explorer.routing.config import RouterConfig
+    """Each example's prompt-level choice under the current router (its winner over the user's text, the choice
+    own-text accuracy scores) and the exact match of that expert alone: the per-prompt router with pick "mean",
+    batched as the evaluation runs it (`bench/eval_sweep.per_prompt`)."""
+    from dataclasses import replace
 
-    picks = [tr.winner("user") for tr in route_prompts(rm, rm.base, [ex.input for ex in examples])]
-    em = [0] * len(examples)  # a prompt routed nowhere (no winner) scores 0
+    from bench.eval_sweep import per_prompt
+
     default = rm.router
+    rm.set_router(replace(default, granularity="prompt", pick="mean"))
     try:
-        for expert in dict.fromkeys(p for p in picks if p is not None):
-            rows = [i for i, p in enumerate(picks) if p == expert]
-            rm.set_router(RouterConfig(mode=f"expert:{expert}"))
-            for i, hit in zip(rows, exact_matches(rm.base, [examples[i] for i in rows])):
-                em[i] = hit
+        em, chosen = per_prompt(rm, rm.base, [ex.input for ex in examples],
+                                lambda rows: exact_matches(rm.base, [examples[i] for i in rows]))
     finally:
         rm.set_router(default)
-    return picks, em
+    return [c.expert for c in chosen], em
 
 
 def main(argv=None) -> int:

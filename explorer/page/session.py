@@ -32,6 +32,10 @@ from explorer.routing.trace import RoutingTrace
 log = logging.getLogger(__name__)
 
 MAX_NEW_TOKENS = PAGE_LIMITS.max_new_tokens
+# a readout pick under settings its readout was not fitted for (another top-k, temperature, centring or enabled
+# experts): the page picks by mean weight instead and says so
+NO_READOUT = ("This library's pick readout was fitted for its default top-k, temperature, centring and enabled "
+              "experts, not these: the expert was picked by mean weight instead.")
 
 
 @dataclass
@@ -90,8 +94,11 @@ class Session:
         req, fell_back = checked.request, []
         try:
             with self.registry.lock:
-                req, fell_back = self._usable(req)
-                trace = self._trace(req, req.router, streamer)
+                try:
+                    trace = self._trace(req, req.router, streamer)
+                except MissingReadout:  # refused by set_router before anything ran: pick by mean weight instead
+                    req, fell_back = replace(req, router=replace(req.router, pick="mean")), [NO_READOUT]
+                    trace = self._trace(req, req.router, streamer)
                 reference = self._trace(req, replace(req.router, disabled=())) if req.router.disabled else None
         except (ValueError, RuntimeError, LookupError) as exc:  # the engine's refusals: a message, not a trace
             log.exception("run failed")
@@ -101,21 +108,6 @@ class Session:
             notices.append("The prompt was cut to fit the model's context.")
         return replace(checked, trace=trace, reference=reference, notices=notices, request=req,
                        run_id=next(_RUN_IDS))
-
-    def _usable(self, req: RunRequest) -> tuple[RunRequest, list[str]]:
-        """The request as it can run, and what the page must say: a readout pick the library has no readout for
-        (fitted under other settings: another top-k, temperature, centring or disabled experts) picks by mean
-        weight instead. Call with the registry's lock held."""
-        router = req.router
-        if not (router.per_prompt and router.pick == "readout"):
-            return req, []
-        try:
-            self.registry.attach(req.library).set_router(router)
-            return req, []
-        except MissingReadout:
-            return replace(req, router=replace(router, pick="mean")), [
-                "This library's pick readout was fitted for its default top-k, temperature, centring and enabled "
-                "experts, not these: the expert was picked by mean weight instead."]
 
     def _trace(self, req: RunRequest, router: RouterConfig, streamer=None) -> RoutingTrace:
         routed = self.registry.attach(req.library)

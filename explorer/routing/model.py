@@ -31,7 +31,7 @@ from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, module_leaves
 from explorer.routing.layer import RoutedLinear, RouterState
 from explorer.routing.prompt_level import pick
 from explorer.routing.readout import find_readout
-from explorer.routing.prototype_cache import (_cache_prototypes, _expert_prototypes, _unroutable,  # noqa: F401
+from explorer.routing.prototype_cache import (_cache_prototypes, _expert_prototypes, _unroutable,
                                               library_identity)
 from explorer.routing.topk import TopKRoutes
 from explorer.routing.trace import RoutingTrace, user_token_span
@@ -305,7 +305,7 @@ class RoutedModel:
             trace = self._trace(prompt, max_new_tokens, chat, streamer)
         trace.evidence = evidence
         if evidence is not None:
-            trace.meta["pick"] = evidence.meta["pick"]  # {"expert", "weight", ..., "text"}: PromptPick, described
+            trace.meta["pick"] = evidence.meta.pop("pick")  # {"expert", "weight", ..., "text"}: PromptPick, described
         return trace
 
     def _trace(self, prompt: str, max_new_tokens: int, chat: bool, streamer, answer: bool = True) -> RoutingTrace:

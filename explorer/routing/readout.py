@@ -86,10 +86,9 @@ def fit_readout(traces: list, labels: list[str], c: float = 1.0) -> Readout:
         coef, intercept = clf.coef_, clf.intercept_
         if len(classes) == 2:  # sklearn's binary form: one row for the second class
             coef, intercept = np.vstack([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
-    readout = Readout(list(traces[0].experts), list(traces[0].layers), classes, coef, intercept)
-    hits = [readout.classes[int(np.argmax(readout.probabilities(tr)))] == y for tr, y in zip(traces, labels)]
-    readout.meta = {"n": len(labels), "train_accuracy": float(np.mean(hits)), "c": c}
-    return readout
+    chosen = np.asarray(classes)[np.argmax(X @ np.asarray(coef).T + intercept, axis=1)]  # (N,) on its own data
+    return Readout(list(traces[0].experts), list(traces[0].layers), classes, coef, intercept,
+                   {"n": len(labels), "train_accuracy": float(np.mean(chosen == np.asarray(labels))), "c": c})
 
 
 class MissingReadout(ValueError):
