@@ -9,7 +9,9 @@ Usage::
 SmolLM2-135M (or, with --random-base, random weights with its exact config) with random rank-4 q/k/v/o
 experts (B non-zero), top-4, for E = 16 and E = 64: routed/base forward on 64 tokens, routed/base generation
 tokens per second, ours/PEFT-Arrow forward on the same adapters (PEFT via `create_arrow_model`), time to attach
-the library from disk (prototype cache cold and warm), the trace on/off ratio; then exact prototypes for 256
+the library from disk (prototype cache cold and warm), the trace on/off ratio, one expert alone / base (mode
+"expert", how a per-prompt router answers; `alone_dense`: the same through the general fixed-weight path, as
+before the one-expert path existed; issue 14 sets no goal for these); then exact prototypes for 256
 experts at Phi-2 shapes (hidden 2560, 32 layers, q/k/v/dense, rank 4) against a dense SVD on a sample.
 
 Timing: on the CPU, CPU time of this process (torch runs one intra-op thread when OMP_NUM_THREADS=1), so time
@@ -41,7 +43,7 @@ from random_base import random_base, random_experts  # noqa: E402
 from explorer.routing.config import RouterConfig  # noqa: E402
 from explorer.routing.device import add_device_arguments, resolve_device, resolve_dtype, synchronize  # noqa: E402
 from explorer.routing.inject import CHUNK_FLOATS  # noqa: E402
-from explorer.routing.layer import compute_prototypes  # noqa: E402
+from explorer.routing.prototypes import compute_prototypes  # noqa: E402
 from explorer.routing.model import RoutedModel  # noqa: E402
 from library_store.models import load_base_model  # noqa: E402
 from library_store.store.library import ExpertLibrary  # noqa: E402
@@ -127,12 +129,21 @@ def bench_library(E, base, experts, lib_path, peft_paths, args, clock, device) -
             base.model(input_ids=ids)
         rm._assemble(records, ids.shape[1])
 
-    t = interleaved(clock, {"base": fwd(plain), "routed": fwd(arrow), "traced": traced}, args.reps)
+    # one expert alone (mode "expert", how a per-prompt router answers), and the same weights through the general
+    # fixed-weight path (uniform over one enabled expert: how per-prompt answers ran before the one-expert path)
+    one = experts[0].name
+    alone = RouterConfig(mode=f"expert:{one}", input_centre=args.input_centre)
+    dense = RouterConfig(mode="uniform", disabled=tuple(e.name for e in experts[1:E]), input_centre=args.input_centre)
+    t = interleaved(clock, {"base": fwd(plain), "routed": fwd(arrow), "traced": traced, "alone": fwd(alone),
+                            "alone_dense": fwd(dense)}, args.reps)
     res.update(base_forward_s=statistics.median(t["base"]), routed_forward_s=statistics.median(t["routed"]),
-               forward_ratio=ratio(t, "routed", "base"), trace_ratio=ratio(t, "traced", "routed"))
-    g = interleaved(clock, {"base": gen(plain), "routed": gen(arrow)}, args.gen_reps)
+               forward_ratio=ratio(t, "routed", "base"), trace_ratio=ratio(t, "traced", "routed"),
+               alone_forward_ratio=ratio(t, "alone", "base"), alone_dense_forward_ratio=ratio(t, "alone_dense", "base"))
+    g = interleaved(clock, {"base": gen(plain), "routed": gen(arrow), "alone": gen(alone), "alone_dense": gen(dense)},
+                    args.gen_reps)
     res.update(base_tok_s=n_new / statistics.median(g["base"]), routed_tok_s=n_new / statistics.median(g["routed"]),
-               generation_ratio=ratio(g, "base", "routed"))  # time base / time routed = routed tok/s / base tok/s
+               generation_ratio=ratio(g, "base", "routed"),  # time base / time routed = routed tok/s / base tok/s
+               alone_generation_ratio=ratio(g, "base", "alone"), alone_dense_generation_ratio=ratio(g, "base", "alone_dense"))
     if peft_paths:
         from peft import ArrowConfig, create_arrow_model
 
@@ -202,7 +213,8 @@ def table(out: dict) -> str:
 
     for r in out["libraries"]:
         for name in ("forward_ratio", "generation_ratio", "vs_peft_forward", "trace_ratio", "attach_cold_s",
-                     "attach_warm_s", "peft_attach_s"):
+                     "attach_warm_s", "peft_attach_s", "alone_forward_ratio", "alone_generation_ratio",
+                     "alone_dense_forward_ratio", "alone_dense_generation_ratio"):
             if name in r:
                 row(name, r["E"], r[name])
     if "phi2" in out:

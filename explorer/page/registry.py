@@ -315,7 +315,7 @@ class Registry:
         if self._routed_lib != library or self._routed is None:
             return None
         from explorer.routing.inject import PROTOTYPE_KIND
-        from explorer.routing.layer import PROTOTYPE_METHOD
+        from explorer.routing.prototypes import PROTOTYPE_METHOD
 
         checks = self.libs[library].checksums()
         pairs = [[n, checks.get(n)] for n in self._routed.experts]

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from explorer.routing.inject import PROTOTYPE_KIND, centred_config
-from explorer.routing.layer import SiteStack, compute_prototypes
+from explorer.routing.layer import SiteStack
+from explorer.routing.prototypes import compute_prototypes
 from library_store.expert import LoraExpert
 
 log = logging.getLogger(__name__)

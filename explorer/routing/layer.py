@@ -1,8 +1,8 @@
-"""Arrow routing (Ostapenko et al., ICML 2024): exact prototypes and the fused routed LoRA layer. Pure tensor code.
+"""Arrow routing (Ostapenko et al., ICML 2024): the fused routed LoRA layer. Pure tensor code.
 
 Usage::
 
-    protos = compute_prototypes(A, B)            # A (E, r, d), B (E, out, r) -> (E, d) unit vectors
+    protos = compute_prototypes(A, B)            # explorer/routing/prototypes.py: (E, d) unit vectors
     state = RouterState(mode="arrow", top_k=4)
     layer = RoutedLinear(linear, SiteStack(site, protos, A, B, scaling), state, key=(layer_i, module_i))
     q, k, v = routed_group([q_lin, k_lin, v_lin], [sq, sk, sv], state, keys)   # one shared first matmul
@@ -18,40 +18,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-PROTOTYPE_METHOD = "qr-svd-v1"  # part of the cache key of stored prototypes: bump when the maths changes
-
-
-@torch.no_grad()
-def compute_prototypes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Top right singular vector of every ΔW_e = B_e @ A_e, exactly, without forming ΔW.
-
-    Usage: ``protos = compute_prototypes(A, B)`` with A (E, r, d), B (E, out, r) -> (E, d), float32, unit norm.
-
-    With Aᵀ = Q_a R_a and B = Q_b R_b, ΔW = Q_b M Q_aᵀ with the r × r core M = R_b R_aᵀ, so ΔW's right singular
-    vectors are Q_a V for M's right singular vectors V. Those are the eigenvectors of MᵀM = R_a (BᵀB) R_aᵀ, so B
-    only enters through its r × r Gram matrix (no second QR), and the eigenproblem is r × r, solved in float64.
-    Cost O((d + out) r²) per expert instead of a dense d × out SVD. PEFT's 15-step power iteration is not exact
-    when the top two singular values are close; this is.
-    Sign: the largest-magnitude component is made positive (routing uses |h · p|, so it only matters for
-    reproducibility). An expert whose ΔW is zero (e.g. B freshly initialised) gets a zero prototype, as in PEFT.
-    Zero-padded rank rows/columns (mixed ranks) do not change the result.
-    """
-    if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0] or A.shape[1] != B.shape[2]:
-        raise ValueError(f"expected A (E, r, d) and B (E, out, r), got A {tuple(A.shape)} and B {tuple(B.shape)}")
-    dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
-    q_a, r_a = torch.linalg.qr(A.to(dtype).transpose(1, 2))  # (E, d, r), (E, r, r)
-    B = B.to(dtype)
-    gram_b = B.transpose(1, 2) @ B  # (E, r, r) = R_bᵀ R_b
-    core = (r_a @ gram_b @ r_a.transpose(1, 2)).double()  # (E, r, r) = MᵀM
-    evals, evecs = torch.linalg.eigh(core)  # ascending eigenvalues
-    v = evecs[:, :, -1].to(dtype)  # (E, r): top right singular vector of M
-    protos = torch.einsum("edr,er->ed", q_a, v)  # (E, d)
-    pivot = protos.abs().argmax(dim=1, keepdim=True)  # (E, 1)
-    protos = protos * torch.where(protos.gather(1, pivot) < 0, -1.0, 1.0).to(dtype)  # (E, d)
-    protos[evals[:, -1] <= torch.finfo(torch.float64).tiny] = 0.0  # ΔW = 0 has no direction
-    return protos.to(torch.float32)
-
 
 @dataclass
 class SiteStack:
@@ -139,6 +105,7 @@ class RoutedGroup(nn.Module):
         self.register_buffer("shift", None, persistent=False)  # (G E,) mu · p_e, subtracted from the scores
         self.keys: list[tuple[int, int]] = []  # members' trace keys, filled in by the members
         self._cache: tuple | None = None  # (input tensor, router version, result); set with object.__setattr__
+        self._solo: tuple | None = None  # (router version, A_j (G r, d), [(s B_j)ᵀ (r, out_m)] per member)
         self._take_views()
 
     def _take_views(self) -> None:
@@ -149,6 +116,7 @@ class RoutedGroup(nn.Module):
         self._protos = self.proj[:GE]  # (G E, d) prototypes alone
         self._a_rows = self.proj[GE:].view(GE, -1)  # (G E, r d) A rows grouped per (member, expert)
         self._shift = self.shift  # (G E,) or None
+        self._solo = None  # rows of the expert used alone: taken again on the new device when needed
 
     def set_shift(self, means: list[torch.Tensor] | None) -> None:
         """Input centring: score (h - mu_m) · p_e = h · p_e - mu_m · p_e, one mean input mu_m (d,) per member
@@ -186,8 +154,9 @@ class RoutedGroup(nn.Module):
         return self._up[m * E:(m + 1) * E].view(E * r, -1)[:, : self.outs[m]]
 
     def compute(self, x: torch.Tensor) -> tuple:
-        """x (..., d) -> ("dense", weighted A-projections (t, G, E·r)) or, for one token routed over few of
-        many experts, ("sparse", every member's update (G, out_max); member m's is row m, columns :out_m)."""
+        """x (..., d) -> ("dense", weighted A-projections (t, G, E·r)); for one token routed over few of many
+        experts, ("sparse", every member's update (G, out_max); member m's is row m, columns :out_m); in mode
+        "expert" (one expert alone), ("solo", its A-projections (t, G, r))."""
         st = self.state
         cached = self._cache  # one attribute read: a consistent (input, version, result) even across threads
         if cached is not None and cached[0] is x and cached[1] == st.version:
@@ -196,6 +165,8 @@ class RoutedGroup(nn.Module):
         proj = self._proj
         if x.numel() == x.shape[-1] and st.mode == "arrow" and st.top_k * 2 <= E and x.dtype == proj.dtype:
             out = ("sparse", self._one_token(x.view(-1)))
+        elif st.mode == "expert" and st.override is None:  # one expert alone (a per-prompt answer): its rows only
+            out = self._alone(x.reshape(-1, x.shape[-1]).to(proj.dtype), one=x.dtype == proj.dtype)
         else:
             h = x.reshape(-1, x.shape[-1])  # (t, d)
             if h.dtype != proj.dtype:
@@ -223,6 +194,36 @@ class RoutedGroup(nn.Module):
             out = ("dense", a.view(t, G, E * r))
         object.__setattr__(self, "_cache", (x, st.version, out))  # a plain attribute: skip Module.__setattr__
         return out
+
+    def solo_rows(self) -> tuple:
+        """(A_j (G r, d), (s_j B_j)ᵀ (G, r, out_max)) of the expert that mode "expert" uses alone (its one-hot
+        `fixed`), copied contiguous once per router setting: a token then reads r rows, not E r."""
+        st = self.state
+        solo = self._solo
+        if solo is None or solo[0] != st.version:
+            G, E, r = self.n_members, self.n_experts, self.rank
+            j = int(st.on("fixed", self._proj.device).argmax())
+            a = self._a_rows.view(G, E, r, -1)[:, j].reshape(G * r, -1)  # (G r, d)
+            up = self._up.view(G, E, r, -1)[:, j].contiguous()  # (G, r, out_max)
+            solo = (st.version, a, up)
+            object.__setattr__(self, "_solo", solo)
+        return solo[1], solo[2]
+
+    def _alone(self, h: torch.Tensor, one: bool) -> tuple:
+        """h (t, d) -> ("solo", the A-projections of the one expert in use (t, G, r)), or for one token (`one`:
+        its dtype is the buffers'), ("sparse", every member's update (G, out_max)) as `_one_token` gives. The
+        trace, when captured, gets what the dense path records: every expert's score (for the runner-up)."""
+        A, up = self.solo_rows()
+        G, r = self.n_members, self.rank
+        a = F.linear(h, A).view(h.shape[0], G, r)  # (t, G, r)
+        if self.state.capture is not None:
+            scores = F.linear(h, self._protos)  # (t, G E)
+            scores = (scores if self._shift is None else scores - self._shift).view(*a.shape[:2], -1)  # (t, G, E)
+            w_top, idx, s = self._fixed_top(scores)  # (t, G, 1) x 3: the expert, weight 1, its score + runner-up
+            self._record(idx, w_top, s, a.unsqueeze(2) * w_top.unsqueeze(-1))  # chosen (t, G, 1, r)
+        if one and h.shape[0] == 1:
+            return "sparse", torch.bmm(a.view(G, 1, r), up).view(G, -1)  # (G, out_max)
+        return "solo", a
 
     def _one_token(self, h: torch.Tensor) -> list[torch.Tensor]:
         """Decoding: read only the top-k experts' A and B rows, for all members at once, in as few ops as
@@ -345,7 +346,10 @@ class RoutedLinear(nn.Module):
         if kind == "sparse":
             return y + d
         y2 = y.reshape(-1, self.out)  # (t, out)
-        a_m, up = a[:, self.member], group.member_up(self.member)  # (t, E r), (E r, out)
+        if kind == "dense":
+            a_m, up = a[:, self.member], group.member_up(self.member)  # (t, E r), (E r, out)
+        else:  # "solo": one expert alone
+            a_m, up = a[:, self.member], group.solo_rows()[1][self.member, :, : self.out]  # (t, r), (r, out)
         if a_m.dtype != y2.dtype:
             return (y2 + (a_m @ up).to(y2.dtype)).view(y.shape)
         if self._plain:  # y is F.linear's fresh output: add the update in place (no copy of y)

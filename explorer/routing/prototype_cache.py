@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from explorer.routing.inject import PROTOTYPE_KIND, build_stacks
-from explorer.routing.layer import PROTOTYPE_METHOD
+from explorer.routing.prototypes import PROTOTYPE_METHOD
 from library_store.expert import LoraExpert
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from arrow_helpers import IDS, TWINS, experts, fresh, save_peft_dir
 from library_store.testing import random_expert
 
 from explorer.routing.config import RouterConfig
-from explorer.routing.layer import compute_prototypes
+from explorer.routing.prototypes import compute_prototypes
 from explorer.routing.model import RoutedModel
 
 

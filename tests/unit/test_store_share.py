@@ -106,7 +106,7 @@ def test_export_peft_loads_into_create_arrow_model_with_our_logits(fresh_tiny, t
     from peft.tuners.lora.arrow import ArrowLoraLinearLayer
 
     from explorer.routing.config import RouterConfig
-    from explorer.routing.layer import compute_prototypes
+    from explorer.routing.prototypes import compute_prototypes
     from explorer.routing.model import RoutedModel
     from library_store.testing import make_tiny_mbc_library
 

@@ -1,0 +1,71 @@
+"""One expert alone (mode "expert:<name>", and every per-prompt answer) reads only that expert's rows: prefill,
+decoding steps and traces must equal the expert merged into the base weights, and the general (dense) path."""
+import numpy as np
+import pytest
+import torch
+from arrow_helpers import IDS, TWINS, experts, fresh
+
+from explorer.routing.config import RouterConfig
+from explorer.routing.model import RoutedModel
+
+
+def merged(twin: str, expert) -> object:
+    """A fresh twin with `expert`'s scaled B A added to its weights (the plain reference of one expert alone)."""
+    ref = fresh(twin)
+    with torch.no_grad():
+        for site, (A, B) in expert.factors().items():
+            ref.model.get_submodule(site).weight += expert.scaling * B @ A
+    return ref
+
+
+@torch.no_grad()
+def step_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The last token's logits computed as a decoding step: prefill all but it, then one token on the cache."""
+    out = model(input_ids=ids[:, :-1], use_cache=True)
+    return model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_prefill_and_decoding_equal_the_expert_merged(twin):
+    exps = experts(fresh(twin), 4, rank=[2, 4, 3, 1])  # mixed ranks: the alone path slices the padded rows
+    rm = RoutedModel(fresh(twin), exps, RouterConfig(mode="expert:e2"))
+    ref = merged(twin, exps[2])
+    torch.testing.assert_close(rm.logits(IDS), ref.model(input_ids=IDS).logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(step_logits(rm.base.model, IDS), step_logits(ref.model, IDS), atol=1e-4, rtol=0)
+    ids = rm.encode("hello there")[0]
+    want = ref.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                              pad_token_id=ref.tokenizer.pad_token_id)
+    assert rm.generate("hello there", max_new_tokens=6) == ref.tokenizer.decode(want[0, ids.shape[1]:],
+                                                                                 skip_special_tokens=True)
+    rm.set_router(RouterConfig(mode="expert:e0"))  # the rows in use follow the router
+    torch.testing.assert_close(step_logits(rm.base.model, IDS), step_logits(merged(twin, exps[0]).model, IDS),
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("twin,input_centre", [(TWINS[0], "none"), (TWINS[1], "base")])
+def test_trace_equals_the_dense_path(twin, input_centre):
+    """A counterfactual that changes nothing (an expert off at no layer) is served by the general path: the
+    trace of one expert alone must hold the same slots, scores, runner-up, contributions and norms."""
+    rm = RoutedModel(fresh(twin), experts(fresh(twin), 4), RouterConfig(mode="expert:e1", input_centre=input_centre))
+    fast = rm.trace("route me please", max_new_tokens=3)
+    with rm.overriding("e3", layers=[]):
+        dense = rm.trace("route me please", max_new_tokens=3)
+    assert fast.token_ids == dense.token_ids
+    a, b = fast.routes, dense.routes
+    np.testing.assert_array_equal(a.experts, b.experts)
+    np.testing.assert_array_equal(a.weights, b.weights)
+    for name in ("scores", "runner_up", "contribution", "base_norm"):
+        np.testing.assert_allclose(getattr(a, name).astype(np.float32), getattr(b, name).astype(np.float32),
+                                   rtol=2e-3, atol=1e-5, err_msg=name)
+    assert (a.experts[..., 0] == 1).all()
+
+
+def test_moved_after_use_reads_the_moved_rows():
+    """The rows of the expert in use are cached per router setting; a `.to()` afterwards must drop them."""
+    twin = "tiny-random-llama"
+    exps = experts(fresh(twin), 3)
+    rm = RoutedModel(fresh(twin), exps, RouterConfig(mode="expert:e1"))
+    rm.logits(IDS)  # caches the float32 rows
+    rm.base.model.to(torch.float64)
+    ref = merged(twin, exps[1]).model.to(torch.float64)
+    torch.testing.assert_close(step_logits(rm.base.model, IDS), step_logits(ref, IDS), atol=1e-6, rtol=0)
