@@ -8,7 +8,8 @@ Usage::
     lib = unpack("out/hub", "libs/copy")  # a new library with the same experts (same checksums)
 
 A pack holds no SQLite file: `library.json` (base-model fingerprint, module shapes, every expert's record and
-checksum, clusters, routing defaults when recorded) plus PEFT's own files, so it reads anywhere. Unpacking
+checksum, clusters, routing defaults when recorded, the evaluation's records: routing reports, the default router
+and its evidence, pick readouts) plus PEFT's own files and `evaluation/*.safetensors`, so it reads anywhere. Unpacking
 treats the folder as untrusted (it came from the Hub): safetensors only, no symlinks, every file's checksum
 checked against the manifest, every expert checked like an upload; the library is built aside and renamed into
 place, so a refused pack leaves nothing behind.
@@ -25,6 +26,8 @@ from library_store.expert import ExpertInfo, LoraExpert
 from library_store.store.errors import LibraryError
 from library_store.store.io import INDEX, fsync_path, read_meta, sha256_file
 from library_store.store.peft_layout import CONFIG_FILE, WEIGHTS_FILE, read_adapter
+from library_store.store.reports import default_router
+from library_store.store.share_evaluation import pack_evaluation, peft_arrow, unpack_evaluation
 
 PACK_FORMAT = 1
 MANIFEST = "library.json"
@@ -55,6 +58,17 @@ def _finish(tmp: Path, dest: Path) -> Path:
     os.rename(tmp, dest)
     fsync_path(dest.parent)
     return dest
+
+
+def export_router(lib) -> tuple[dict, str]:
+    """The router an export or a pack describes: (settings, where they come from). The evaluated default router
+    (bench/eval_routing.py --record) first, else the recorded routing defaults, else top-3 at temperature 1."""
+    chosen = default_router(lib)
+    if chosen:
+        return chosen, "the library's default router, chosen by its evaluation"
+    recorded = router_defaults(lib)
+    return {"top_k": 3, "temperature": 1.0, **recorded}, ("the library's recorded routing defaults" if recorded
+                                                         else "none recorded: PEFT's top-3 at temperature 1")
 
 
 def router_defaults(lib) -> dict:
@@ -97,7 +111,13 @@ def _arrow_readme(lib, infos: list[ExpertInfo]) -> str:
     hub = hub_base_model(source)
     base_line = (f'AutoModelForCausalLM.from_pretrained("{hub}")' if hub else
                  f'AutoModelForCausalLM.from_pretrained("<path to {source}>")')
-    router = {"top_k": min(3, len(infos)), "temperature": 1.0, **router_defaults(lib)}
+    router, origin = export_router(lib)
+    router = {**router, "top_k": min(router.get("top_k", 3), len(infos))}
+    config, general, notes = peft_arrow(router, [i.name for i in infos])
+    general_arg = (", general_adapter_paths=[" + ", ".join(f'"{g}"' for g in general) + "]"
+                   if general is not None and general != [i.name for i in infos] else
+                   ", general_adapter_paths=paths" if general is not None else "")
+    differs = ("\nWhat PEFT's Arrow cannot express of it:\n" + "".join(f"- {n}\n" for n in notes)) if notes else ""
     mixed = sorted({i.rank for i in infos}) if len({i.rank for i in infos}) > 1 else None
     targets = {tuple(i.target_modules) for i in infos}
     paths = ",\n    ".join(f'"{i.name}"' for i in infos)
@@ -121,10 +141,12 @@ base = {base_line}
 paths = [
     {paths},
 ]
-config = ArrowConfig(top_k={router['top_k']}, router_temperature={router['temperature']})
-model = create_arrow_model(base, paths, config)
+config = ArrowConfig({config})
+model = create_arrow_model(base, paths, config{general_arg})
 ```
-{warn}
+
+The settings are {origin}.
+{differs}{warn}
 PEFT names the adapters `task_0`, `task_1`, ... in the order of `paths`:
 
 | PEFT name | expert | tasks | rank | alpha |
@@ -156,7 +178,7 @@ def pack(lib, out, license: str = DEFAULT_LICENSE) -> Path:
         manifest = {"format": PACK_FORMAT, "base_fingerprint": lib.fingerprint,
                     "module_shapes": {k: list(v) for k, v in lib.module_shapes.items()},
                     "experts": [i.to_dict() for i in infos], "clusters": lib.clusters(),
-                    "router_defaults": router_defaults(lib)}
+                    "router_defaults": router_defaults(lib), "evaluation": pack_evaluation(lib, tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(lib, infos, manifest, license))
         return _finish(tmp, dest)
@@ -176,6 +198,11 @@ def model_card(lib, infos: list[ExpertInfo], manifest: dict, license: str) -> st
     router = manifest["router_defaults"]
     router_text = (", ".join(f"{k}={v}" for k, v in sorted(router.items())) if router else
                    "none recorded (the explorer's defaults apply)")
+    chosen = next((r["meta"] for r in manifest.get("evaluation") or () if r["kind"] == "router-default"), None)
+    if chosen:
+        settings = ", ".join(f"{k}={v}" for k, v in chosen["router"].items() if k != "disabled" or v)
+        router_text = (f"{settings} (chosen by the library's evaluation: `{chosen.get('command') or '?'}`; its "
+                       f"routing reports and evidence are in `{MANIFEST}`)")
     license_note = ("\n**License:** not chosen yet (`license: other`); set it before pushing.\n"
                     if license == DEFAULT_LICENSE else "")
     base_note = hub or f"`{source}` (not on the Hub; fingerprint in `{MANIFEST}`)"
@@ -228,6 +255,7 @@ def unpack(src, dest) -> "ExpertLibrary":  # noqa: F821 - ExpertLibrary, importe
         lib.set_clusters(manifest.get("clusters") or {})
         if manifest.get("router_defaults"):
             record_router_defaults(lib, manifest["router_defaults"])
+        unpack_evaluation(lib, src, manifest.get("evaluation"))
         (tmp / ".lock").unlink(missing_ok=True)
         _finish(tmp, dest)
     finally:

@@ -270,3 +270,86 @@ def test_similarity_cli_prints_the_matrix_and_json(packed, tmp_path, capsys):
     assert code == 0 and data["names"] == ["e0", "e1"] and data["similarity"][0][0] == 1.0
     code, out, _ = run(capsys, "similarity", lib.root)
     assert code == 0 and out.splitlines()[0].startswith("e0")
+
+
+# ---------------------------------------------------------------- the evaluation travels with the library
+
+PER_PROMPT = {"mode": "arrow", "top_k": 2, "temperature": 0.1, "disabled": [], "centre": "none",
+              "centre_scope": "prototypes", "input_centre": "base", "granularity": "prompt", "pick": "readout"}
+
+
+def evaluated(tmp_path, router: dict = PER_PROMPT) -> ExpertLibrary:
+    """A two-expert library with what `eval_routing --record` writes: a report, the default router, a readout."""
+    from library_store.store import reports
+
+    lib = ExpertLibrary.create(tmp_path / "lib", LLAMA_FP, module_shapes=LLAMA_SHAPES)
+    for i in range(2):
+        lib.add(random_expert(LLAMA, f"e{i}", seed=i, tasks=[f"t{i}"]))
+    reports.write_report(lib, reports.RoutingReport(content_key=lib.content_key(), split="heldout", router=router,
+                                                    experts=["e0", "e1"], tasks=["t0", "t1"], n_per_task=3,
+                                                    accuracy={"user": 0.9}, command="python bench/eval_routing.py"))
+    reports.write_default_router(lib, router, evidence={"rule": "training prompts"},
+                                 command="python bench/eval_routing.py --record")
+    reports.write_readout(lib, "key-1", {"coef": torch.arange(6.0).view(2, 3), "intercept": torch.zeros(2)},
+                          {"classes": ["e0", "e1"]})
+    return lib
+
+
+def test_pack_carries_the_evaluation_and_unpack_restores_it(tmp_path, capsys):
+    from library_store.store import reports
+
+    src = evaluated(tmp_path)
+    hub = pack(src, tmp_path / "hub")
+    manifest = json.loads((hub / MANIFEST).read_text())
+    assert sorted(r["kind"] for r in manifest["evaluation"]) == ["pick-readout", "router-default", "routing-report"]
+    card = (hub / "README.md").read_text()
+    assert "granularity=prompt" in card and "chosen by the library's evaluation" in card
+    copy = unpack(hub, tmp_path / "copy")
+    assert reports.read_default_router(copy) == reports.read_default_router(src)
+    assert reports.read_report(copy) == reports.read_report(src)
+    tensors, meta = reports.read_readout(copy, "key-1")
+    assert torch.equal(tensors["coef"], torch.arange(6.0).view(2, 3)) and meta == {"classes": ["e0", "e1"]}
+
+
+def test_an_evaluation_of_other_experts_is_not_carried(tmp_path):
+    from library_store.store import reports
+
+    src = evaluated(tmp_path)
+    src.add(random_expert(LLAMA, "e2", seed=2, tasks=["t2"]))  # the content changed: the evaluation is stale
+    manifest = json.loads((pack(src, tmp_path / "hub") / MANIFEST).read_text())
+    assert manifest["evaluation"] == []
+    assert reports.default_router(unpack(tmp_path / "hub", tmp_path / "copy")) is None
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("outside", "evaluation record 0 is malformed"),
+    ("kind", "evaluation record 0 is malformed"),
+    ("missing", "missing or a symlink"),
+])
+def test_unpack_refuses_a_damaged_evaluation_and_leaves_nothing(tmp_path, damage, message):
+    hub = pack(evaluated(tmp_path), tmp_path / "hub")
+    record = json.loads((hub / MANIFEST).read_text())
+    readout = next(r for r in record["evaluation"] if r["file"])
+    record["evaluation"] = [readout]
+    if damage == "outside":  # a hostile manifest must not make us read outside the pack
+        readout["file"] = "../lib/library.sqlite"
+    elif damage == "kind":
+        readout["kind"] = "expert"
+    else:
+        (hub / readout["file"]).unlink()
+    (hub / MANIFEST).write_text(json.dumps(record))
+    with pytest.raises(LibraryError, match=message):
+        unpack(hub, tmp_path / "copy")
+    assert not (tmp_path / "copy" / "library.sqlite").exists() and not list(tmp_path.glob(".unpacking-*"))
+
+
+def test_the_export_snippet_follows_the_evaluated_router_and_says_what_peft_lacks(tmp_path):
+    readme = (export_peft(evaluated(tmp_path), tmp_path / "peft") / "README.md").read_text()
+    assert "ArrowConfig(top_k=2, router_temperature=0.1)" in readme and "use_gks" not in readme
+    assert "default router, chosen by its evaluation" in readme
+    assert "input centring" in readme and "one expert per prompt (by readout)" in readme
+    gks = {**PER_PROMPT, "centre": "mean", "centre_scope": "weights", "input_centre": "none", "granularity": "token"}
+    readme = (export_peft(evaluated(tmp_path / "gks", gks), tmp_path / "peft-gks") / "README.md").read_text()
+    assert "ArrowConfig(top_k=2, router_temperature=0.1, use_gks=True)" in readme
+    assert "create_arrow_model(base, paths, config, general_adapter_paths=paths)" in readme
+    assert "cannot express" not in readme  # nothing left out: PEFT's GenKnowSub is this router
