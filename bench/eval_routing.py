@@ -164,7 +164,7 @@ def diagnose(traces_by_task: dict[str, list], own: dict[str, list[str]]) -> dict
     for w in which:
         mean, lo, hi = bootstrap_ci(np.array(hits[w], dtype=float))
         overall[w] = {"mean": mean, "ci95": [lo, hi]}
-    picked = {t: [tr.meta["pick"] in own.get(t, []) for tr in ts] for t, ts in traces_by_task.items()
+    picked = {t: [tr.meta["pick"]["expert"] in own.get(t, []) for tr in ts] for t, ts in traces_by_task.items()
               if all("pick" in tr.meta for tr in ts)}  # a per-prompt router: the expert that answered
     if picked and len(picked) == len(traces_by_task):
         mean, lo, hi = bootstrap_ci(np.array([h for hs in picked.values() for h in hs], dtype=float))

@@ -22,6 +22,8 @@ centring), per task and overall (ratio of the means over tasks), on the same exa
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 
 from bench.eval_common import decode_new, exact_match, greedy_generate, greedy_generate_ids, prompt_ids, target_tokens
@@ -84,8 +86,9 @@ def routed_exact_matches(rm, base, examples, max_tokens: int = 4096) -> list[int
 
 
 def answer_and_route(rm, base, examples, max_tokens: int = 4096) -> tuple[list, list[int]]:
-    """Greedy answers of the routed model (a per-prompt router: each prompt's pick alone, named in each trace's
-    meta["pick"]), then the per-token routing of prompt + answer tokens: (traces, exact match)."""
+    """Greedy answers of the routed model (a per-prompt router: each prompt's pick alone, recorded in each trace's
+    meta["pick"] as `RoutedModel.trace` records it), then the per-token routing of prompt + answer tokens:
+    (traces, exact match)."""
     from bench.eval_routing import route_prompts
 
     tok = base.tokenizer
@@ -99,7 +102,7 @@ def answer_and_route(rm, base, examples, max_tokens: int = 4096) -> tuple[list, 
         gen = greedy_generate_ids(base.model, tok, ids, budget, max_tokens)
     traces = route_prompts(rm, base, texts, max_tokens, generated=gen)
     for tr, c in zip(traces, chosen or ()):
-        tr.meta["pick"] = c.expert  # the expert that answered (eval_routing's "pick" accuracy)
+        tr.meta["pick"] = {**asdict(c), "text": c.describe()}  # as RoutedModel.trace records it
     return traces, [exact_match(decode_new(tok, g), e.target) for g, e in zip(gen, examples)]
 
 

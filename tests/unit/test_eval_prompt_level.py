@@ -59,7 +59,8 @@ def test_per_prompt_headline_reports_the_pick_accuracy(routed):
         traces, em = eval_sweep.answer_and_route(routed, routed.base, [Example(t, "x") for t in TEXTS], 150)
     finally:
         routed.set_router(start)
-    picks = [tr.meta["pick"] for tr in traces]
+    picks = [tr.meta["pick"]["expert"] for tr in traces]
+    assert all(tr.meta["pick"]["text"].startswith("Per prompt:") for tr in traces)  # as RoutedModel.trace records
     assert all(p in routed.experts for p in picks) and len(em) == len(TEXTS)
     d = eval_routing.diagnose({"t": traces}, {"t": [picks[0]]})
     assert d["accuracy"]["pick"]["mean"] == pytest.approx(np.mean([p == picks[0] for p in picks]))
