@@ -57,9 +57,10 @@ def unpack_evaluation(lib, src: Path, records) -> int:
         raise LibraryError(f"{src}: 'evaluation' in the manifest is not a list.")
     content, n = lib.content_key(), 0
     for i, rec in enumerate(records):
+        file = rec.get("file") if isinstance(rec, dict) else None
         ok = (isinstance(rec, dict) and rec.get("kind") in KINDS and isinstance(rec.get("config"), dict)
-              and isinstance(rec.get("meta"), dict) and (rec.get("file") is None or
-                                                         (isinstance(rec["file"], str) and _FILE.fullmatch(rec["file"]))))
+              and isinstance(rec.get("meta"), dict)
+              and (file is None or (isinstance(file, str) and _FILE.fullmatch(file) is not None)))
         if not ok:
             raise LibraryError(f"{src}: evaluation record {i} is malformed (kind one of {', '.join(KINDS)}, a config "
                                f"and meta object, and a file under {FOLDER}/ or none); nothing was unpacked.")
