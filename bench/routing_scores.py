@@ -10,7 +10,9 @@ hidden states several ways:
   singular vector (as in SpectR, Fleshman & Van Durme 2024); the same as Arrow for a rank-1 expert;
 - `zscore`: Arrow's score divided by its root mean square over the calibration prompts' tokens, per expert
   and site (an expert whose prototype lies along a high-variance direction no longer wins every token);
-- `ema0.5`: Arrow's scores smoothed over the tokens, causally (s_t <- 0.5 s_t-1 + 0.5 s_t).
+- `ema0.5`: Arrow's scores smoothed over the tokens, causally (s_t <- 0.5 s_t-1 + 0.5 s_t);
+- `layer`: one decision per layer: the z-scored scores averaged over the layer's routed modules (q, k, v, o),
+  then top-k once, shared by every module of the layer (as a mixture-of-experts router decides per layer).
 
 Each is turned into top-k weights the way the router does, then scored as the routing evaluation does: the
 share of prompts whose user text routes to the own expert by the mean weight, and the share of the user text's
@@ -35,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
 
-VARIANTS = ("arrow", "spectral", "zscore", "ema0.5")
+VARIANTS = ("arrow", "spectral", "zscore", "ema0.5", "layer")
 
 
 class Sites:
@@ -85,6 +87,13 @@ class Sites:
             return out
         return s
 
+    def layer_scores(self, pos: list[int]) -> list[torch.Tensor]:
+        """One (P, 1, E) score per layer: the z-scored scores of the layer's routed modules, averaged."""
+        by_layer: dict[int, list[torch.Tensor]] = {}
+        for i, g in enumerate(self.groups):
+            by_layer.setdefault(g.keys[0][0], []).append(self.scores("zscore", i)[pos])  # (P, G, E)
+        return [torch.cat(parts, dim=1).mean(1, keepdim=True) for _, parts in sorted(by_layer.items())]
+
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
@@ -116,26 +125,32 @@ def top_weights(s: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     library_arguments(ap, str(ROOT / "assets" / "libraries" / "demo-private"))
-    ap.add_argument("--split", default="paraphrase", choices=["heldout", "paraphrase"])
+    ap.add_argument("--split", default="paraphrase", choices=["train", "heldout", "paraphrase"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--n", type=int, default=6, help="prompts per task")
     args = ap.parse_args(argv)
     from library_store.tasks import resolve_tasks
 
     start = time.time()
     rm, source, own = attach_from_args(args)
+    if rm.router.per_prompt:  # score the per-token routing a per-prompt router picks from (its evidence pass)
+        from explorer.routing.model import with_router
+
+        rm.set_router(with_router(rm, granularity="token"))
     sites = Sites(rm)
     calibrate(rm, sites)
     router = rm.router
     settings = [(router.top_k, router.temperature), (min(4, len(rm.experts)), 1.0)]
-    hits = {(v, st): ([], []) for v in VARIANTS for st in settings}
+    hits = {(v, st): ([], []) for v in args.variants for st in settings}
     tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
     with torch.no_grad():
         for task in tasks:
             e = rm.experts.index(own[task.name])
             for ex in task.examples(args.split)[: args.n]:
                 pos = rm.trace(ex.input, max_new_tokens=0).positions("user")
-                for v in VARIANTS:
-                    scores = [sites.scores(v, i)[pos] for i in range(len(sites.groups))]  # (P, G, E) each
+                for v in args.variants:
+                    scores = sites.layer_scores(pos) if v == "layer" else \
+                        [sites.scores(v, i)[pos] for i in range(len(sites.groups))]  # (P, G, E) each
                     for st in settings:
                         w = torch.cat([top_weights(s, *st) for s in scores], dim=1)  # (P, cells per token, E)
                         hits[(v, st)][0].append(float(w.mean((0, 1)).argmax() == e))
@@ -146,7 +161,7 @@ def main(argv=None) -> None:
     print("| score | top-k, T | own text routed right (prompts) | own expert top-1 (user-text cells) |")
     print("|---|---|---|---|")
     for st in settings:
-        for v in VARIANTS:
+        for v in args.variants:
             prompts, cells = hits[(v, st)]
             print(f"| {v} | {st[0]}, {st[1]:g} | {np.mean(prompts):.3f} | {np.mean(cells):.3f} |")
     rm.detach()
