@@ -13,6 +13,8 @@ hidden states several ways:
 - `ema0.5`: Arrow's scores smoothed over the tokens, causally (s_t <- 0.5 s_t-1 + 0.5 s_t);
 - `layer`: one decision per layer: the z-scored scores averaged over the layer's routed modules (q, k, v, o),
   then top-k once, shared by every module of the layer (as a mixture-of-experts router decides per layer).
+  Not causal: o_proj's input exists only after q, k and v were routed, so no forward pass can route this way;
+- `qkv`: the causal part of it: one decision shared by q, k and v (they read one input), o on its own.
 
 Each is turned into top-k weights the way the router does, then scored as the routing evaluation does: the
 share of prompts whose user text routes to the own expert by the mean weight, and the share of the user text's
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
 
-VARIANTS = ("arrow", "spectral", "zscore", "ema0.5", "layer")
+VARIANTS = ("arrow", "spectral", "zscore", "ema0.5", "layer", "qkv")
 
 
 class Sites:
@@ -94,6 +96,15 @@ class Sites:
             by_layer.setdefault(g.keys[0][0], []).append(self.scores("zscore", i)[pos])  # (P, G, E)
         return [torch.cat(parts, dim=1).mean(1, keepdim=True) for _, parts in sorted(by_layer.items())]
 
+    def group_scores(self, pos: list[int]) -> list[torch.Tensor]:
+        """One (P, G, E) score per routed group: its members' z-scored scores averaged, the same for every member
+        (q, k and v share one decision; o, a group of its own, keeps its own)."""
+        out = []
+        for i, g in enumerate(self.groups):
+            z = self.scores("zscore", i)[pos]  # (P, G, E)
+            out.append(z.mean(1, keepdim=True).expand_as(z))
+        return out
+
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
@@ -149,8 +160,8 @@ def main(argv=None) -> None:
             for ex in task.examples(args.split)[: args.n]:
                 pos = rm.trace(ex.input, max_new_tokens=0).positions("user")
                 for v in args.variants:
-                    scores = sites.layer_scores(pos) if v == "layer" else \
-                        [sites.scores(v, i)[pos] for i in range(len(sites.groups))]  # (P, G, E) each
+                    scores = sites.layer_scores(pos) if v == "layer" else sites.group_scores(pos) if v == "qkv" \
+                        else [sites.scores(v, i)[pos] for i in range(len(sites.groups))]  # (P, G, E) each
                     for st in settings:
                         w = torch.cat([top_weights(s, *st) for s in scores], dim=1)  # (P, cells per token, E)
                         hits[(v, st)][0].append(float(w.mean((0, 1)).argmax() == e))
