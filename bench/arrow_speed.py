@@ -11,7 +11,8 @@ experts (B non-zero), top-4, for E = 16 and E = 64: routed/base forward on 64 to
 tokens per second, ours/PEFT-Arrow forward on the same adapters (PEFT via `create_arrow_model`), time to attach
 the library from disk (prototype cache cold and warm), the trace on/off ratio, one expert alone / base (mode
 "expert", how a per-prompt router answers; `alone_dense`: the same through the general fixed-weight path, as
-before the one-expert path existed; issue 14 sets no goal for these); then exact prototypes for 256
+before the one-expert path existed; issue 14 sets no goal for these), per-token generation without the fused
+one-token step (`generation_ratio_torch_ops`, the torch ops it replaces); then exact prototypes for 256
 experts at Phi-2 shapes (hidden 2560, 32 layers, q/k/v/dense, rank 4) against a dense SVD on a sample.
 
 Timing: on the CPU, CPU time of this process (torch runs one intra-op thread when OMP_NUM_THREADS=1), so time
@@ -40,6 +41,7 @@ from bench.eval_common import write_json  # noqa: E402
 
 from random_base import random_base, random_experts  # noqa: E402
 
+from explorer.routing import fused  # noqa: E402
 from explorer.routing.config import RouterConfig  # noqa: E402
 from explorer.routing.device import add_device_arguments, resolve_device, resolve_dtype, synchronize  # noqa: E402
 from explorer.routing.inject import CHUNK_FLOATS  # noqa: E402
@@ -139,10 +141,18 @@ def bench_library(E, base, experts, lib_path, peft_paths, args, clock, device) -
     res.update(base_forward_s=statistics.median(t["base"]), routed_forward_s=statistics.median(t["routed"]),
                forward_ratio=ratio(t, "routed", "base"), trace_ratio=ratio(t, "traced", "routed"),
                alone_forward_ratio=ratio(t, "alone", "base"), alone_dense_forward_ratio=ratio(t, "alone_dense", "base"))
-    g = interleaved(clock, {"base": gen(plain), "routed": gen(arrow), "alone": gen(alone), "alone_dense": gen(dense)},
-                    args.gen_reps)
+    def torch_ops():  # per-token Arrow decoding without the fused one-token step (explorer/routing/fused.py)
+        fused.set_enabled(False)
+        try:
+            gen(arrow)()
+        finally:
+            fused.set_enabled(True)
+
+    g = interleaved(clock, {"base": gen(plain), "routed": gen(arrow), "routed_torch_ops": torch_ops,
+                            "alone": gen(alone), "alone_dense": gen(dense)}, args.gen_reps)
     res.update(base_tok_s=n_new / statistics.median(g["base"]), routed_tok_s=n_new / statistics.median(g["routed"]),
                generation_ratio=ratio(g, "base", "routed"),  # time base / time routed = routed tok/s / base tok/s
+               generation_ratio_torch_ops=ratio(g, "base", "routed_torch_ops"),
                alone_generation_ratio=ratio(g, "base", "alone"), alone_dense_generation_ratio=ratio(g, "base", "alone_dense"))
     if peft_paths:
         from peft import ArrowConfig, create_arrow_model
@@ -213,7 +223,8 @@ def table(out: dict) -> str:
 
     for r in out["libraries"]:
         for name in ("forward_ratio", "generation_ratio", "vs_peft_forward", "trace_ratio", "attach_cold_s",
-                     "attach_warm_s", "peft_attach_s", "alone_forward_ratio", "alone_generation_ratio",
+                     "attach_warm_s", "peft_attach_s", "generation_ratio_torch_ops", "alone_forward_ratio",
+                     "alone_generation_ratio",
                      "alone_dense_forward_ratio", "alone_dense_generation_ratio"):
             if name in r:
                 row(name, r["E"], r[name])

@@ -140,6 +140,11 @@ class Registry:
                 self._progress = (0.9, f"attaching library {first}")
                 with self.lock:
                     self.attach(first)
+            if device.type == "cpu":  # built once per machine (about 25 s), so no visitor's first answer waits
+                self._progress = (0.95, "preparing the fused decoding step")
+                from explorer.routing import fused
+
+                fused.kernel()
             self._progress = (1.0, "ready")
         except Exception as exc:
             self._error = f"The model could not be loaded: {type(exc).__name__}: {exc}"

@@ -19,6 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from explorer.routing import fused
+
+_NO_SHIFT, _NO_MASK = torch.empty(0), torch.empty(0, dtype=torch.bool)  # the fused step's "none"
+
 @dataclass
 class SiteStack:
     """All experts' factors at one routing site (e.g. `model.layers.3.self_attn.q_proj`), zero-padded to r_max."""
@@ -230,7 +234,13 @@ class RoutedGroup(nn.Module):
         possible (each costs microseconds of dispatch, which is what a decoding step spends routing).
         h (d,) -> (G, out_max) every member's update, zero-padded to the widest member."""
         G, k, r = self.n_members, self.state.top_k, self.rank
-        shift = self._shift
+        shift, st = self._shift, self.state
+        if st.capture is None and st.override is None and h.dtype == torch.float32 and h.device.type == "cpu":
+            step = fused.kernel()  # the same routing in one C++ call (explorer/routing/fused.py), where it built
+            if step is not None:
+                mask = st.on("mask", h.device)
+                return step(h.contiguous(), self._protos, _NO_SHIFT if shift is None else shift, self._a_rows,
+                            self._up, _NO_MASK if mask is None else mask, G, self.n_experts, r, k, st.temperature)
         scores = torch.mv(self._protos, h) if shift is None else torch.addmv(shift, self._protos, h, beta=-1)
         w_top, idx, s = self.route_top(scores.view(G, -1))  # (G, k), (G, k), (G, k or k+1)
         flat = (idx + self._offsets).view(-1)  # (G k,) rows of (member, expert)
