@@ -10,7 +10,7 @@ What it does is `RoutedGroup._one_token` exactly: per member g, the scores |h ·
 (disabled ones skipped), the top-k (ties to the lower index), softmax(top / T), and Σ_k w_k Σ_j (A_kj · h) up_kj.
 Plain loops, one thread, float32 on the CPU; the compiler may reorder sums (-fassociative-math), so results
 differ from the torch ops by float rounding (tests/unit/test_fused.py holds them within 1e-5). Why: a decoding
-step routes 60 groups, and each group's ~12 torch ops cost 40-55 µs of dispatch against ~7 µs here
+step routes 60 groups, and each group's ~12 torch ops cost 40-55 µs of dispatch against ~8 µs here
 (bench/fused_route_probe.py; docs/engine.md, "A fused one-token kernel").
 """
 from __future__ import annotations
