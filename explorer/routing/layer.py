@@ -23,6 +23,7 @@ from explorer.routing import fused
 
 _NO_SHIFT, _NO_MASK = torch.empty(0), torch.empty(0, dtype=torch.bool)  # the fused step's "none"
 
+
 @dataclass
 class SiteStack:
     """All experts' factors at one routing site (e.g. `model.layers.3.self_attn.q_proj`), zero-padded to r_max."""
@@ -109,7 +110,7 @@ class RoutedGroup(nn.Module):
         self.register_buffer("shift", None, persistent=False)  # (G E,) mu · p_e, subtracted from the scores
         self.keys: list[tuple[int, int]] = []  # members' trace keys, filled in by the members
         self._cache: tuple | None = None  # (input tensor, router version, result); set with object.__setattr__
-        self._solo: tuple | None = None  # (router version, A_j (G r, d), [(s B_j)ᵀ (r, out_m)] per member)
+        self._solo: tuple | None = None  # (router version, A_j (G r, d), (s_j B_j)ᵀ (G, r, out_max)): solo_rows
         self._take_views()
 
     def _take_views(self) -> None:
