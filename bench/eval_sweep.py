@@ -22,8 +22,6 @@ centring), per task and overall (ratio of the means over tasks), on the same exa
 """
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import numpy as np
 
 from bench.eval_common import decode_new, exact_match, greedy_generate, greedy_generate_ids, prompt_ids, target_tokens
@@ -102,7 +100,7 @@ def answer_and_route(rm, base, examples, max_tokens: int = 4096) -> tuple[list, 
         gen = greedy_generate_ids(base.model, tok, ids, budget, max_tokens)
     traces = route_prompts(rm, base, texts, max_tokens, generated=gen)
     for tr, c in zip(traces, chosen or ()):
-        tr.meta["pick"] = {**asdict(c), "text": c.describe()}  # as RoutedModel.trace records it
+        tr.meta["pick"] = c.record()  # as RoutedModel.trace records it
     return traces, [exact_match(decode_new(tok, g), e.target) for g, e in zip(gen, examples)]
 
 

@@ -18,7 +18,7 @@ import functools
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 
@@ -267,7 +267,7 @@ class RoutedModel:
         evidence = self._trace(prompt, max_new_tokens, chat, None, answer=False)  # the same (maybe cut) prompt
         evidence.router = replace(self.router, granularity="token")
         chosen = self.choose(evidence)
-        evidence.meta["pick"] = {**asdict(chosen), "text": chosen.describe()}
+        evidence.meta["pick"] = chosen.record()
         with self.answering_with(chosen.expert):
             yield evidence
 

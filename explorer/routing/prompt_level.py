@@ -16,7 +16,7 @@ choice own-text routing accuracy scores, answers like the own expert whenever it
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -36,6 +36,10 @@ class PromptPick:
     confidence: float | None = None  # readout: the pick's probability
     runner_confidence: float | None = None  # readout: the runner-up's probability
     by_mean: str | None = None  # readout: the expert the mean weight alone would have picked
+
+    def record(self) -> dict:
+        """What a trace keeps of it (`trace.meta["pick"]`): every field, plus the one-line `describe()` text."""
+        return {**asdict(self), "text": self.describe()}
 
     @property
     def margin(self) -> float:

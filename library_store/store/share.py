@@ -26,7 +26,7 @@ from library_store.expert import ExpertInfo, LoraExpert
 from library_store.store.errors import LibraryError
 from library_store.store.io import INDEX, fsync_path, read_meta, sha256_file
 from library_store.store.peft_layout import CONFIG_FILE, WEIGHTS_FILE, read_adapter
-from library_store.store.reports import default_router
+from library_store.store.reports import ROUTER_KIND, default_router
 from library_store.store.share_evaluation import pack_evaluation, peft_arrow, unpack_evaluation
 
 PACK_FORMAT = 1
@@ -198,7 +198,7 @@ def model_card(lib, infos: list[ExpertInfo], manifest: dict, license: str) -> st
     router = manifest["router_defaults"]
     router_text = (", ".join(f"{k}={v}" for k, v in sorted(router.items())) if router else
                    "none recorded (the explorer's defaults apply)")
-    chosen = next((r["meta"] for r in manifest.get("evaluation") or () if r["kind"] == "router-default"), None)
+    chosen = next((r["meta"] for r in manifest.get("evaluation") or () if r["kind"] == ROUTER_KIND), None)
     if chosen:
         settings = ", ".join(f"{k}={v}" for k, v in chosen["router"].items() if k != "disabled" or v)
         router_text = (f"{settings} (chosen by the library's evaluation: `{chosen.get('command') or '?'}`; its "
