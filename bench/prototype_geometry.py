@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from explorer.routing.centring import centred_prototypes, factor_means, site_ranks  # noqa: E402
 from explorer.routing.config import RouterConfig  # noqa: E402
 from explorer.routing.inject import build_stacks  # noqa: E402
-from explorer.routing.layer import SiteStack  # noqa: E402
+from explorer.routing.state import SiteStack  # noqa: E402
 from explorer.routing.prototypes import compute_prototypes  # noqa: E402
 from explorer.routing.model import RoutedModel  # noqa: E402
 from library_store.models import load_base_model  # noqa: E402

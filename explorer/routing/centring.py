@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from explorer.routing.inject import PROTOTYPE_KIND, centred_config
-from explorer.routing.layer import SiteStack
+from explorer.routing.state import SiteStack
 from explorer.routing.prototypes import compute_prototypes
 from library_store.expert import LoraExpert
 

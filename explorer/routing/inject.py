@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from explorer.routing.layer import RoutedLinear, RouterState, SiteStack, routed_group
+from explorer.routing.layer import RoutedLinear, routed_group
+from explorer.routing.state import RouterState, SiteStack
 from explorer.routing.prototypes import PROTOTYPE_METHOD, compute_prototypes
 from library_store.expert import LoraExpert, parse_site
 

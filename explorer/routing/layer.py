@@ -3,7 +3,7 @@
 Usage::
 
     protos = compute_prototypes(A, B)            # explorer/routing/prototypes.py: (E, d) unit vectors
-    state = RouterState(mode="arrow", top_k=4)
+    state = RouterState(mode="arrow", top_k=4)   # explorer/routing/state.py, with SiteStack
     layer = RoutedLinear(linear, SiteStack(site, protos, A, B, scaling), state, key=(layer_i, module_i))
     q, k, v = routed_group([q_lin, k_lin, v_lin], [sq, sk, sv], state, keys)   # one shared first matmul
     y = layer(x)                                 # base(x) + Σ_e w_e · scaling_e · B_e A_e x, w routed per token
@@ -13,63 +13,14 @@ the score of expert e for a token h is |h · p_e|, the top-k scores go through s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from explorer.routing import fused
+from explorer.routing.state import RouterState, SiteStack
 
 _NO_SHIFT, _NO_MASK = torch.empty(0), torch.empty(0, dtype=torch.bool)  # the fused step's "none"
-
-
-@dataclass
-class SiteStack:
-    """All experts' factors at one routing site (e.g. `model.layers.3.self_attn.q_proj`), zero-padded to r_max."""
-
-    site: str
-    prototypes: torch.Tensor  # (E, d)
-    A: torch.Tensor  # (E, r_max, d)
-    B: torch.Tensor  # (E, out, r_max)
-    scaling: torch.Tensor  # (E,) alpha / rank of each expert
-
-
-@dataclass
-class RouterState:
-    """The router setting shared by every routed layer of one model, plus the trace buffer.
-
-    `fixed` holds the (E,) weights of the non-routing modes (uniform: 1/E_enabled, expert: one-hot);
-    `mask` is True for disabled experts (score -inf); `capture` is a list while a trace is recorded, of
-    ("route", group, idx (t, G, k), weights (t, G, k), raw scores (t, G, k+1 or k), a (t, G, k, r)) per
-    group call (a: the chosen experts' weighted A-projections w_e · A_e h) and ("norm", key, (t,)) per member
-    call (‖base output‖). Slots are largest weight first; the (k+1)-th raw score, when there, is the
-    best expert left out. `RoutedModel._assemble` turns them into a sparse trace (see docs/engine.md).
-    """
-
-    mode: str = "arrow"
-    top_k: int = 4
-    temperature: float = 1.0
-    mask: torch.Tensor | None = None  # (E,) bool
-    fixed: torch.Tensor | None = None  # (E,)
-    capture: list | None = field(default=None, repr=False)
-    version: int = 0  # bumped on every router change, so cached group results are not reused across it
-    # a counterfactual (RoutedModel.overriding): (expert index, force, model layers or None for all)
-    override: tuple | None = None
-    _moved: dict = field(default_factory=dict, repr=False)  # (name, version, device) -> tensor
-
-    def on(self, name: str, device: torch.device) -> torch.Tensor | None:
-        """`mask` or `fixed` on `device`, copied once per router setting (set_router builds them on the CPU;
-        a copy per call would be a host-to-GPU transfer per layer)."""
-        t = getattr(self, name)
-        if t is None or t.device == device:
-            return t
-        key = (name, self.version, device)
-        moved = self._moved.get(key)
-        if moved is None:
-            self._moved = {k: v for k, v in self._moved.items() if k[1] == self.version}
-            moved = self._moved[key] = t.to(device)
-        return moved
 
 
 class RoutedGroup(nn.Module):
@@ -121,6 +72,7 @@ class RoutedGroup(nn.Module):
         self._protos = self.proj[:GE]  # (G E, d) prototypes alone
         self._a_rows = self.proj[GE:].view(GE, -1)  # (G E, r d) A rows grouped per (member, expert)
         self._shift = self.shift  # (G E,) or None
+        self._ups = [self.member_up(m) for m in range(self.n_members)]  # (E r, out_m) views, one per member
         self._solo = None  # rows of the expert used alone: taken again on the new device when needed
 
     def set_shift(self, means: list[torch.Tensor] | None) -> None:
@@ -159,7 +111,7 @@ class RoutedGroup(nn.Module):
         return self._up[m * E:(m + 1) * E].view(E * r, -1)[:, : self.outs[m]]
 
     def compute(self, x: torch.Tensor) -> tuple:
-        """x (..., d) -> ("dense", weighted A-projections (t, G, E·r)); for one token routed over few of many
+        """x (..., d) -> ("dense", every member's weighted A-projections, G views (t, E·r)); for one token routed over few of many
         experts, ("sparse", every member's update (G, out_max); member m's is row m, columns :out_m); in mode
         "expert" (one expert alone), ("solo", its A-projections (t, G, r))."""
         st = self.state
@@ -178,6 +130,9 @@ class RoutedGroup(nn.Module):
                 h = h.to(proj.dtype)
             z = F.linear(h, proj)  # (t, G E + G E r)
             t = z.shape[0]
+            many = fused.many() if st.mode == "arrow" and st.override is None and z.device.type == "cpu" else None
+            if many is not None and z.dtype == torch.float32:  # the Arrow branch below in one C++ call
+                return self._keep(x, ("dense", self._many(many, z).unbind(1)))
             scores = z[:, : G * E] if self._shift is None else z[:, : G * E] - self._shift
             scores = scores.view(t, G, E)  # (t, G, E)
             proj_a = z[:, G * E:].view(t, G, E, r)  # (t, G, E, r)
@@ -196,9 +151,23 @@ class RoutedGroup(nn.Module):
                     w_top, idx, s = self._fixed_top(scores)
                 chosen = a.gather(2, idx.unsqueeze(-1).expand(*idx.shape, r))  # (t, G, k, r)
                 self._record(idx, w_top, s, chosen)
-            out = ("dense", a.view(t, G, E * r))
-        object.__setattr__(self, "_cache", (x, st.version, out))  # a plain attribute: skip Module.__setattr__
+            out = ("dense", a.view(t, G, E * r).unbind(1))
+        return self._keep(x, out)
+
+    def _keep(self, x: torch.Tensor, out: tuple) -> tuple:
+        object.__setattr__(self, "_cache", (x, self.state.version, out))  # a plain attribute: no Module.__setattr__
         return out
+
+    def _many(self, many, z: torch.Tensor) -> torch.Tensor:
+        """z (t, G E + G E r) -> weighted A-projections (t, G, E r) by fused.route_many; records the trace's slots."""
+        st, G, E, r = self.state, self.n_members, self.n_experts, self.rank
+        mask, shift = st.on("mask", z.device), self._shift
+        keep = 0 if st.capture is None else min(st.top_k + 1, E)  # the runner-up too, while capturing
+        a, *slots = many(z, _NO_SHIFT if shift is None else shift, _NO_MASK if mask is None else mask, G, E, r,
+                         st.top_k, st.temperature, keep)  # (t, G, E r) [, (t, G, k) ids, weights, (t, G, k+1) |s|]
+        if slots:  # ids, weights, |s|; then the chosen experts' weighted projections (t, G, k, r)
+            self._record(*slots, a.view(-1, G, E, r).gather(2, slots[0].unsqueeze(-1).expand(*slots[0].shape, r)))
+        return a
 
     def solo_rows(self) -> tuple:
         """(A_j (G r, d), (s_j B_j)ᵀ (G, r, out_max)) of the expert that mode "expert" uses alone (its one-hot
@@ -358,7 +327,7 @@ class RoutedLinear(nn.Module):
             return y + d
         y2 = y.reshape(-1, self.out)  # (t, out)
         if kind == "dense":
-            a_m, up = a[:, self.member], group.member_up(self.member)  # (t, E r), (E r, out)
+            a_m, up = a[self.member], group._ups[self.member]  # (t, E r), (E r, out)
         else:  # "solo": one expert alone
             a_m, up = a[:, self.member], group.solo_rows()[1][self.member, :, : self.out]  # (t, r), (r, out)
         if a_m.dtype != y2.dtype:

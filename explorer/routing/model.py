@@ -28,11 +28,11 @@ from explorer.routing.calibration import input_means
 from explorer.routing.config import RouterConfig
 from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, module_leaves, prototype_config,
                                      unwrap_model, wrap_model)
-from explorer.routing.layer import RoutedLinear, RouterState
+from explorer.routing.layer import RoutedLinear
+from explorer.routing.state import RouterState
 from explorer.routing.prompt_level import pick
 from explorer.routing.readout import find_readout
-from explorer.routing.prototype_cache import (_cache_prototypes, _expert_prototypes, _unroutable,
-                                              library_identity)
+from explorer.routing.prototype_cache import _cache_prototypes, _expert_prototypes, _unroutable, library_identity
 from explorer.routing.topk import TopKRoutes
 from explorer.routing.trace import RoutingTrace, user_token_span
 from library_store.expert import LoraExpert

@@ -5,7 +5,8 @@ from arrow_helpers import dense_prototype
 from torch import nn
 
 from explorer.routing.capture import dense_by_key
-from explorer.routing.layer import RoutedLinear, RouterState, SiteStack
+from explorer.routing.layer import RoutedLinear
+from explorer.routing.state import RouterState, SiteStack
 from explorer.routing.prototypes import compute_prototypes
 
 

@@ -9,7 +9,7 @@ from arrow_helpers import IDS, TWINS, centred, dense_prototype, experts, fresh, 
 
 from explorer.routing.centring import centre_site, centred_prototypes, factor_means
 from explorer.routing.config import RouterConfig
-from explorer.routing.layer import SiteStack
+from explorer.routing.state import SiteStack
 from explorer.routing.model import RoutedModel
 from library_store.expert import PEFT_PREFIX, LoraExpert
 from library_store.store.library import ExpertLibrary
