@@ -5,6 +5,7 @@ Usage::
     step = fused.kernel()          # compiled once per machine with the system C++ compiler; None if it cannot be
     if step is not None:           # (or LORA_EXPLORER_FUSED=0): the torch-op path in layer.py runs instead
         d = step(h, protos, shift, a_rows, up, mask, G, E, r, k, T)   # (G, out_max), as RoutedGroup._one_token
+    d, idx, w, ranked, a = fused.kept()(h, ..., T, n_keep)            # the same, with the slots a trace records
     a, *kept = fused.many()(z, shift, mask, G, E, r, k, T, n_keep)    # (t, G, E r), as RoutedGroup.compute
 
 What it does is `RoutedGroup._one_token` exactly: per member g, the scores |h · p_e - shift_e| of its E experts
@@ -28,60 +29,94 @@ import threading
 import warnings
 
 ENV = "LORA_EXPLORER_FUSED"  # "0": never build or use it
-_NAME = "lora_explorer_route_v2"  # bump when _SRC changes meaning
+_NAME = "lora_explorer_route_v3"  # bump when _SRC changes meaning
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 _SRC = r"""
 #include <torch/extension.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
-// h (d,), protos (G E, d), shift (G E,) or empty, a_rows (G E, r d), up (G E, r out), mask (E,) bool or empty
-torch::Tensor route_one(torch::Tensor h, torch::Tensor protos, torch::Tensor shift, torch::Tensor a_rows,
-                        torch::Tensor up, torch::Tensor mask, int64_t G, int64_t E, int64_t r, int64_t k, double T) {
+// h (d,), protos (G E, d), shift (G E,) or empty, a_rows (G E, r d), up (G E, r out), mask (E,) bool or empty.
+// Fills out (G, out_max); when n_keep > 0 (a trace), also I (G, k) ids, W (G, k) weights, R (G, n_keep) |s| of the
+// slots then the best left out, and Ak (G, k, r) the chosen experts' weighted projections w_e A_e h.
+static void route_one_into(torch::Tensor h, torch::Tensor protos, torch::Tensor shift, torch::Tensor a_rows,
+                           torch::Tensor up, torch::Tensor mask, int64_t G, int64_t E, int64_t r, int64_t k,
+                           double T, float *o, int64_t n_keep, int64_t *I, float *W, float *R, float *Ak) {
   for (const auto &t : {h, protos, shift, a_rows, up})
     TORCH_CHECK(t.is_contiguous() && t.scalar_type() == torch::kFloat32 && t.device().is_cpu(),
                 "route_one: float32 contiguous CPU tensors only");
-  const int64_t d = h.size(0), outm = up.size(1) / r;
-  auto out = torch::zeros({G, outm}, h.options());
+  TORCH_CHECK(k <= E && n_keep <= E, "route_one: k and n_keep must be at most E");
+  const int64_t d = h.size(0), outm = up.size(1) / r, n = std::max(k, n_keep);
   const float *hp = h.data_ptr<float>(), *P = protos.data_ptr<float>(), *A = a_rows.data_ptr<float>();
   const float *U = up.data_ptr<float>(), *S = shift.numel() ? shift.data_ptr<float>() : nullptr;
   const bool *M = mask.numel() ? mask.data_ptr<bool>() : nullptr;
-  float *o = out.data_ptr<float>();
   std::vector<float> s(E), w(k);
-  std::vector<int64_t> idx(k);
+  std::vector<int64_t> idx(n);
   std::vector<char> used(E);
-  const float inv_t = static_cast<float>(1.0 / T);
+  const float t_f = static_cast<float>(T);
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t e = 0; e < E; ++e) {
-      const float *p = P + (g * E + e) * d;
       float acc = 0.f;
-      for (int64_t i = 0; i < d; ++i) acc += p[i] * hp[i];
-      s[e] = std::fabs(S ? acc - S[g * E + e] : acc);
-      used[e] = M && M[e];  // a disabled expert is never chosen
+      if (!(M && M[e])) {
+        const float *p = P + (g * E + e) * d;
+        for (int64_t i = 0; i < d; ++i) acc += p[i] * hp[i];
+      }
+      s[e] = (M && M[e]) ? -INFINITY : std::fabs(S ? acc - S[g * E + e] : acc);  // disabled: -inf, chosen last
+      used[e] = 0;
     }
-    for (int64_t j = 0; j < k; ++j) {  // top-k by selection (E is small), largest first, lower index on ties
+    for (int64_t j = 0; j < n; ++j) {  // top-n by selection (E is small), largest first, lower index on ties
       int64_t best = -1;
       for (int64_t e = 0; e < E; ++e)
         if (!used[e] && (best < 0 || s[e] > s[best])) best = e;
       idx[j] = best;
       used[best] = 1;
     }
-    float total = 0.f;
-    for (int64_t j = 0; j < k; ++j) { w[j] = std::exp((s[idx[j]] - s[idx[0]]) * inv_t); total += w[j]; }
+    float total = 0.f;  // softmax(top / T) as torch computes it: divide first, then subtract the largest
+    for (int64_t j = 0; j < k; ++j) { w[j] = std::exp(s[idx[j]] / t_f - s[idx[0]] / t_f); total += w[j]; }
     float *og = o + g * outm;
     for (int64_t j = 0; j < k; ++j) {
+      w[j] /= total;
       const int64_t row = g * E + idx[j];
       for (int64_t q = 0; q < r; ++q) {
         const float *ar = A + (row * r + q) * d;
         float acc = 0.f;
         for (int64_t i = 0; i < d; ++i) acc += ar[i] * hp[i];
-        const float c = acc * w[j] / total;
+        const float c = acc * w[j];
+        if (n_keep > 0) Ak[(g * k + j) * r + q] = c;
         const float *ur = U + (row * r + q) * outm;
         for (int64_t i = 0; i < outm; ++i) og[i] += c * ur[i];
       }
     }
+    if (n_keep > 0) {
+      for (int64_t j = 0; j < k; ++j) { I[g * k + j] = idx[j]; W[g * k + j] = w[j]; }
+      for (int64_t j = 0; j < n_keep; ++j) R[g * n_keep + j] = s[idx[j]];
+    }
   }
+}
+
+// One token, routed (the decoding hot path): every member's update (G, out_max).
+torch::Tensor route_one(torch::Tensor h, torch::Tensor protos, torch::Tensor shift, torch::Tensor a_rows,
+                        torch::Tensor up, torch::Tensor mask, int64_t G, int64_t E, int64_t r, int64_t k, double T) {
+  auto out = torch::zeros({G, up.size(1) / r}, h.options());
+  route_one_into(h, protos, shift, a_rows, up, mask, G, E, r, k, T, out.data_ptr<float>(), 0, nullptr, nullptr,
+                 nullptr, nullptr);
   return out;
+}
+
+// The same while a trace is captured: [update (G, out_max), ids (G, k), weights (G, k), |s| (G, n_keep),
+// weighted projections (G, k, r)].
+std::vector<torch::Tensor> route_one_kept(torch::Tensor h, torch::Tensor protos, torch::Tensor shift,
+                                          torch::Tensor a_rows, torch::Tensor up, torch::Tensor mask, int64_t G,
+                                          int64_t E, int64_t r, int64_t k, double T, int64_t n_keep) {
+  TORCH_CHECK(n_keep > 0, "route_one_kept: n_keep must be positive");
+  auto f = h.options();
+  std::vector<torch::Tensor> res{torch::zeros({G, up.size(1) / r}, f), torch::empty({G, k}, f.dtype(torch::kLong)),
+                                 torch::empty({G, k}, f), torch::empty({G, n_keep}, f), torch::empty({G, k, r}, f)};
+  route_one_into(h, protos, shift, a_rows, up, mask, G, E, r, k, T, res[0].data_ptr<float>(), n_keep,
+                 res[1].data_ptr<int64_t>(), res[2].data_ptr<float>(), res[3].data_ptr<float>(),
+                 res[4].data_ptr<float>());
+  return res;
 }
 
 // Many tokens (a prefill or a forward): the routing weights applied to the A-projections the group's one matmul
@@ -169,6 +204,12 @@ def kernel():
     return None if mod is None else mod.route_one
 
 
+def kept():
+    """The one-token step that also returns the trace's slots (for traced decoding), or None, as `kernel()`."""
+    mod = _module()
+    return None if mod is None else mod.route_one_kept
+
+
 def many():
     """The compiled many-token routing (scores to weighted A-projections), or None, as `kernel()`."""
     mod = _module()
@@ -184,7 +225,7 @@ def _build():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name=_NAME, cpp_sources=_SRC, functions=["route_one", "route_many"], extra_cflags=_FLAGS,
+        return load_inline(name=_NAME, cpp_sources=_SRC, functions=["route_one", "route_one_kept", "route_many"], extra_cflags=_FLAGS,
                            verbose=False)
     except Exception as exc:  # no compiler, no headers, a sandbox without a writable cache: torch ops instead
         warnings.warn(f"The fused routing kernels could not be built ({type(exc).__name__}: {exc}); "

@@ -205,12 +205,17 @@ class RoutedGroup(nn.Module):
         h (d,) -> (G, out_max) every member's update, zero-padded to the widest member."""
         G, k, r = self.n_members, self.state.top_k, self.rank
         shift, st = self._shift, self.state
-        if st.capture is None and st.override is None and h.dtype == torch.float32 and h.device.type == "cpu":
-            step = fused.kernel()  # the same routing in one C++ call (explorer/routing/fused.py), where it built
+        if st.override is None and h.dtype == torch.float32 and h.device.type == "cpu":
+            step = fused.kernel() if st.capture is None else fused.kept()  # one C++ call (fused.py), where built
             if step is not None:
                 mask = st.on("mask", h.device)
-                return step(h.contiguous(), self._protos, _NO_SHIFT if shift is None else shift, self._a_rows,
-                            self._up, _NO_MASK if mask is None else mask, G, self.n_experts, r, k, st.temperature)
+                args = (h.contiguous(), self._protos, _NO_SHIFT if shift is None else shift, self._a_rows, self._up,
+                        _NO_MASK if mask is None else mask, G, self.n_experts, r, k, st.temperature)
+                if st.capture is None:
+                    return step(*args)
+                d, *slots = step(*args, min(k + 1, self.n_experts))  # ids, weights, |s| (k+1), w A h (G, k, r)
+                self._record(*slots)
+                return d
         scores = torch.mv(self._protos, h) if shift is None else torch.addmv(shift, self._protos, h, beta=-1)
         w_top, idx, s = self.route_top(scores.view(G, -1))  # (G, k), (G, k), (G, k or k+1)
         flat = (idx + self._offsets).view(-1)  # (G k,) rows of (member, expert)

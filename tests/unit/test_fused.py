@@ -59,9 +59,8 @@ def test_decoding_equals_the_torch_ops(twin, router, counted, monkeypatch):
     assert rm.generate("hello there", max_new_tokens=6) == rm.generate("hello there", max_new_tokens=6)
 
 
-def test_a_trace_or_a_counterfactual_keeps_the_torch_ops(counted):
+def test_a_counterfactual_keeps_the_torch_ops(counted):
     rm = RoutedModel(fresh(TWINS[0]), experts(fresh(TWINS[0]), 6), RouterConfig(top_k=2))
-    rm.trace("route me", max_new_tokens=3)  # the trace records the slots: the torch path
     with rm.overriding("e2", layers=[0]):
         decode_logits(rm, 2)
     assert counted == []
@@ -106,14 +105,32 @@ def test_forward_equals_the_torch_ops(twin, router, counted_many, monkeypatch):
         assert (fast - rm.base.model(input_ids=IDS).logits).abs().max() > 1e-3  # the experts matter here
 
 
+@pytest.fixture
+def counted_kept(monkeypatch):
+    """fused.kept, counting the traced one-token group calls it served."""
+    kept = fused.kept()
+    assert kept is not None, "the fused kernels did not build although a C++ compiler is present"
+    calls = []
+
+    def counting(*args):
+        calls.append(args[6])  # G
+        return kept(*args)
+    monkeypatch.setattr(fused, "kept", lambda: counting)
+    return calls
+
+
 @pytest.mark.parametrize("router", MANY[:4])
-def test_a_trace_equals_the_torch_ops(router, counted_many, monkeypatch):
+def test_a_trace_equals_the_torch_ops(router, counted_many, counted_kept, monkeypatch):
     twin = TWINS[0]
     rm = RoutedModel(fresh(twin), experts(fresh(twin), 8, rank=[4, 2, 4, 3, 4, 4, 1, 4]), router)
-    fast = rm.trace("route me, please", max_new_tokens=0).routes
+    fast = rm.trace("route me, please", max_new_tokens=4)
     assert counted_many, "the traced prefill did not go through route_many"
-    monkeypatch.setattr(fused, "many", lambda: None)
-    slow = rm.trace("route me, please", max_new_tokens=0).routes
+    assert bool(counted_kept) == (router.top_k * 2 <= 8), "traced decoding steps did not go through route_one_kept"
+    for name in ("kernel", "kept", "many"):  # (the counting wrappers above would ignore fused.set_enabled)
+        monkeypatch.setattr(fused, name, lambda: None)
+    slow = rm.trace("route me, please", max_new_tokens=4)
+    assert fast.tokens == slow.tokens
+    fast, slow = fast.routes, slow.routes
     ranked = np.concatenate([slow.scores, slow.runner_up[..., None]], axis=-1)  # (L, M, T, k+1)
     tied = (np.abs(np.diff(np.sort(np.nan_to_num(ranked, nan=-1.0), -1), axis=-1)) < 1e-6).any(-1)  # (L, M, T)
     assert tied.mean() < 0.1  # (zero states score every expert 0: topk's order among ties is unspecified)
