@@ -111,9 +111,10 @@ class RoutedGroup(nn.Module):
         return self._up[m * E:(m + 1) * E].view(E * r, -1)[:, : self.outs[m]]
 
     def compute(self, x: torch.Tensor) -> tuple:
-        """x (..., d) -> ("dense", every member's weighted A-projections, G views (t, E·r)); for one token routed over few of many
-        experts, ("sparse", every member's update (G, out_max); member m's is row m, columns :out_m); in mode
-        "expert" (one expert alone), ("solo", its A-projections (t, G, r))."""
+        """x (..., d) -> ("dense", every member's weighted A-projections, G views (t, E·r)); Arrow on the CPU in
+        float32 (fused.route_rows), ("update", every member's update, G views (t, out_max)); for one token routed
+        over few of many experts, ("sparse", every member's update (G, out_max); member m's is row m, columns
+        :out_m); in mode "expert" (one expert alone), ("solo", its A-projections (t, G, r))."""
         st = self.state
         cached = self._cache  # one attribute read: a consistent (input, version, result) even across threads
         if cached is not None and cached[0] is x and cached[1] == st.version:
@@ -128,11 +129,12 @@ class RoutedGroup(nn.Module):
             h = x.reshape(-1, x.shape[-1])  # (t, d)
             if h.dtype != proj.dtype:
                 h = h.to(proj.dtype)
+            rows = fused.rows() if st.mode == "arrow" and st.override is None and h.device.type == "cpu" else None
+            if rows is not None and h.dtype == torch.float32:  # Arrow on the top-k rows only, in one C++ call
+                upd = self._rows(rows, h.contiguous(), F.linear(h, self._protos))  # (t, G, out_max)
+                return self._keep(x, ("update", upd.unbind(1)))
             z = F.linear(h, proj)  # (t, G E + G E r)
             t = z.shape[0]
-            many = fused.many() if st.mode == "arrow" and st.override is None and z.device.type == "cpu" else None
-            if many is not None and z.dtype == torch.float32:  # the Arrow branch below in one C++ call
-                return self._keep(x, ("dense", self._many(many, z).unbind(1)))
             scores = z[:, : G * E] if self._shift is None else z[:, : G * E] - self._shift
             scores = scores.view(t, G, E)  # (t, G, E)
             proj_a = z[:, G * E:].view(t, G, E, r)  # (t, G, E, r)
@@ -158,16 +160,18 @@ class RoutedGroup(nn.Module):
         object.__setattr__(self, "_cache", (x, self.state.version, out))  # a plain attribute: no Module.__setattr__
         return out
 
-    def _many(self, many, z: torch.Tensor) -> torch.Tensor:
-        """z (t, G E + G E r) -> weighted A-projections (t, G, E r) by fused.route_many; records the trace's slots."""
-        st, G, E, r = self.state, self.n_members, self.n_experts, self.rank
-        mask, shift = st.on("mask", z.device), self._shift
-        keep = 0 if st.capture is None else min(st.top_k + 1, E)  # the runner-up too, while capturing
-        a, *slots = many(z, _NO_SHIFT if shift is None else shift, _NO_MASK if mask is None else mask, G, E, r,
-                         st.top_k, st.temperature, keep)  # (t, G, E r) [, (t, G, k) ids, weights, (t, G, k+1) |s|]
-        if slots:  # ids, weights, |s|; then the chosen experts' weighted projections (t, G, k, r)
-            self._record(*slots, a.view(-1, G, E, r).gather(2, slots[0].unsqueeze(-1).expand(*slots[0].shape, r)))
-        return a
+    def _rows(self, rows, h: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """h (t, d) float32 contiguous, scores (t, G E) raw h · p_e (or empty: computed in the kernel) -> every
+        member's update (t, G, out_max) by fused.route_rows, reading only the top-k experts' rows; records the
+        trace's slots ((t, G, k) ids, weights, (t, G, k+1) |s|, (t, G, k, r) w A h) while capturing."""
+        st, mask, shift = self.state, self.state.on("mask", h.device), self._shift
+        keep = 0 if st.capture is None else min(st.top_k + 1, self.n_experts)  # the runner-up too, for the trace
+        upd, *slots = rows(h, scores, self._protos, _NO_SHIFT if shift is None else shift, self._a_rows, self._up,
+                           _NO_MASK if mask is None else mask, self.n_members, self.n_experts, self.rank, st.top_k,
+                           st.temperature, keep)
+        if slots:
+            self._record(*slots)
+        return upd
 
     def solo_rows(self) -> tuple:
         """(A_j (G r, d), (s_j B_j)ᵀ (G, r, out_max)) of the expert that mode "expert" uses alone (its one-hot
@@ -206,16 +210,14 @@ class RoutedGroup(nn.Module):
         G, k, r = self.n_members, self.state.top_k, self.rank
         shift, st = self._shift, self.state
         if st.override is None and h.dtype == torch.float32 and h.device.type == "cpu":
-            step = fused.kernel() if st.capture is None else fused.kept()  # one C++ call (fused.py), where built
+            rows = fused.rows() if st.capture is not None else None
+            if rows is not None:  # traced: the many-token kernel on one token, which also gives the slots
+                return self._rows(rows, h.view(1, -1), _NO_SHIFT).view(G, -1)
+            step = fused.kernel()  # the same routing in one C++ call (explorer/routing/fused.py), where it built
             if step is not None:
                 mask = st.on("mask", h.device)
-                args = (h.contiguous(), self._protos, _NO_SHIFT if shift is None else shift, self._a_rows, self._up,
-                        _NO_MASK if mask is None else mask, G, self.n_experts, r, k, st.temperature)
-                if st.capture is None:
-                    return step(*args)
-                d, *slots = step(*args, min(k + 1, self.n_experts))  # ids, weights, |s| (k+1), w A h (G, k, r)
-                self._record(*slots)
-                return d
+                return step(h.contiguous(), self._protos, _NO_SHIFT if shift is None else shift, self._a_rows,
+                            self._up, _NO_MASK if mask is None else mask, G, self.n_experts, r, k, st.temperature)
         scores = torch.mv(self._protos, h) if shift is None else torch.addmv(shift, self._protos, h, beta=-1)
         w_top, idx, s = self.route_top(scores.view(G, -1))  # (G, k), (G, k), (G, k or k+1)
         flat = (idx + self._offsets).view(-1)  # (G k,) rows of (member, expert)
@@ -278,7 +280,8 @@ class RoutedLinear(nn.Module):
     The group's first matmul gives the scores and every expert's A-projection (t, E·r); these are scaled by
     the routing weights, and one matmul with the member's `up`, all the B's stacked and pre-multiplied by
     their scaling (E·r, out), gives the update, added to the base output in the same call (addmm). A single
-    token (a decoding step) with top_k ≤ E/2 uses the group's one-token update instead (same result).
+    token (a decoding step) with top_k ≤ E/2 uses the group's one-token update instead, and Arrow on the CPU in
+    float32 the group's update from the top-k rows only (fused.py; same result, float rounding aside).
     Kept deliberately unfused from the base layer: folding W into the first matmul measured no faster on
     decoding here and would make the base weights views into our buffer.
     """
@@ -331,6 +334,8 @@ class RoutedLinear(nn.Module):
         if kind == "sparse":
             return y + d
         y2 = y.reshape(-1, self.out)  # (t, out)
+        if kind == "update":  # many tokens, top-k rows: the group made every member's update, (t, out_max)
+            return y2.add_(a[self.member] if self._full else a[self.member][:, : self.out]).view(y.shape)
         if kind == "dense":
             a_m, up = a[self.member], group._ups[self.member]  # (t, E r), (E r, out)
         else:  # "solo": one expert alone

@@ -10,6 +10,7 @@ from torch.utils.cpp_extension import is_ninja_available
 
 from explorer.routing import fused
 from explorer.routing.config import RouterConfig
+from explorer.routing.layer import RoutedLinear
 from explorer.routing.model import RoutedModel
 
 COMPILER = (shutil.which("c++") or shutil.which("g++")) and is_ninja_available()  # what load_inline needs
@@ -27,6 +28,22 @@ def decode_logits(rm, n: int = 5) -> torch.Tensor:
         cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         rows.append(out.logits[:, -1])
     return torch.cat(rows)  # (n, vocab)
+
+
+@torch.no_grad()
+def assert_same(fast: torch.Tensor, slow: torch.Tensor, rm) -> None:
+    """The kernels' logits equal the torch ops' within 1e-3 of what routing moves them by (routed minus base on
+    IDS, max |.|; at least 1e-5). The kernels sum in another order and take the scores from a matmul of the
+    prototypes alone; at T 0.1 the softmax multiplies that last-bit difference by ten, and these twins' experts
+    move the logits by more than the logits' own size (≈ 1.2 against ≈ 0.8). A wrong expert, weight or row moves
+    them by about the whole effect."""
+    router = rm.router
+    routed = rm.base.model(input_ids=IDS).logits
+    rm.set_router(RouterConfig(mode="base"))
+    effect = (routed - rm.base.model(input_ids=IDS).logits).abs().max().item()
+    rm.set_router(router)
+    diff = (fast - slow).abs().max().item()
+    assert effect > 0.1 and diff <= max(1e-5, 1e-3 * effect), f"differ by {diff:.2e}; routing moves logits {effect:.2f}"
 
 
 @pytest.fixture
@@ -53,8 +70,8 @@ def test_decoding_equals_the_torch_ops(twin, router, counted, monkeypatch):
     rm = RoutedModel(fresh(twin), experts(fresh(twin), 8, rank=[4, 2, 4, 3, 4, 4, 1, 4]), router)
     fast = decode_logits(rm)
     assert counted, "decoding did not go through the fused step"
-    monkeypatch.setattr(fused, "kernel", lambda: None)
-    torch.testing.assert_close(fast, decode_logits(rm), atol=1e-5, rtol=0)
+    torch_ops_only(monkeypatch)
+    assert_same(fast, decode_logits(rm), rm)
     monkeypatch.undo()
     assert rm.generate("hello there", max_new_tokens=6) == rm.generate("hello there", max_new_tokens=6)
 
@@ -67,17 +84,23 @@ def test_a_counterfactual_keeps_the_torch_ops(counted):
 
 
 @pytest.fixture
-def counted_many(monkeypatch):
-    """fused.many, counting the many-token group calls it served (their token counts)."""
-    many = fused.many()
-    assert many is not None, "the fused kernels did not build although a C++ compiler is present"
+def counted_rows(monkeypatch):
+    """fused.rows, counting the tokens of every many-token (or traced one-token) group call it served."""
+    rows = fused.rows()
+    assert rows is not None, "the fused kernels did not build although a C++ compiler is present"
     calls = []
 
-    def counting(z, *args):
-        calls.append(z.shape[0])
-        return many(z, *args)
-    monkeypatch.setattr(fused, "many", lambda: counting)
+    def counting(h, *args):
+        calls.append(h.shape[0])
+        return rows(h, *args)
+    monkeypatch.setattr(fused, "rows", lambda: counting)
     return calls
+
+
+def torch_ops_only(monkeypatch):
+    """No kernel at all from here on (the counting wrappers above would ignore fused.set_enabled)."""
+    for name in ("kernel", "rows"):
+        monkeypatch.setattr(fused, name, lambda: None)
 
 
 MANY = [
@@ -91,43 +114,27 @@ MANY = [
 
 @pytest.mark.parametrize("twin", TWINS)
 @pytest.mark.parametrize("router", MANY)
-def test_forward_equals_the_torch_ops(twin, router, counted_many, monkeypatch):
+def test_forward_equals_the_torch_ops(twin, router, counted_rows, monkeypatch):
     rm = RoutedModel(fresh(twin), experts(fresh(twin), 8, rank=[4, 2, 4, 3, 4, 4, 1, 4]), router)
     with torch.no_grad():
         fast = rm.base.model(input_ids=IDS).logits
-    assert counted_many and set(counted_many) == {IDS.shape[1]}, "the forward did not go through route_many"
-    monkeypatch.setattr(fused, "many", lambda: None)
+    assert counted_rows and set(counted_rows) == {IDS.shape[1]}, "the forward did not go through route_rows"
+    torch_ops_only(monkeypatch)
     with torch.no_grad():
         slow = rm.base.model(input_ids=IDS).logits
-    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
-    rm.set_router(RouterConfig(mode="base"))
-    with torch.no_grad():
-        assert (fast - rm.base.model(input_ids=IDS).logits).abs().max() > 1e-3  # the experts matter here
-
-
-@pytest.fixture
-def counted_kept(monkeypatch):
-    """fused.kept, counting the traced one-token group calls it served."""
-    kept = fused.kept()
-    assert kept is not None, "the fused kernels did not build although a C++ compiler is present"
-    calls = []
-
-    def counting(*args):
-        calls.append(args[6])  # G
-        return kept(*args)
-    monkeypatch.setattr(fused, "kept", lambda: counting)
-    return calls
+    assert_same(fast, slow, rm)
 
 
 @pytest.mark.parametrize("router", MANY[:4])
-def test_a_trace_equals_the_torch_ops(router, counted_many, counted_kept, monkeypatch):
+def test_a_trace_equals_the_torch_ops(router, counted_rows, monkeypatch):
     twin = TWINS[0]
     rm = RoutedModel(fresh(twin), experts(fresh(twin), 8, rank=[4, 2, 4, 3, 4, 4, 1, 4]), router)
     fast = rm.trace("route me, please", max_new_tokens=4)
-    assert counted_many, "the traced prefill did not go through route_many"
-    assert bool(counted_kept) == (router.top_k * 2 <= 8), "traced decoding steps did not go through route_one_kept"
-    for name in ("kernel", "kept", "many"):  # (the counting wrappers above would ignore fused.set_enabled)
-        monkeypatch.setattr(fused, name, lambda: None)
+    assert counted_rows and counted_rows[0] > 1, "the traced prefill did not go through route_rows"
+    groups = {id(m.group) for m in rm.base.model.modules() if isinstance(m, RoutedLinear)}
+    steps = counted_rows.count(1)
+    assert steps == 4 * len(groups), "nor did the traced steps (one-token calls, sparse or not)"
+    torch_ops_only(monkeypatch)
     slow = rm.trace("route me, please", max_new_tokens=4)
     assert fast.tokens == slow.tokens
     fast, slow = fast.routes, slow.routes
@@ -135,19 +142,19 @@ def test_a_trace_equals_the_torch_ops(router, counted_many, counted_kept, monkey
     tied = (np.abs(np.diff(np.sort(np.nan_to_num(ranked, nan=-1.0), -1), axis=-1)) < 1e-6).any(-1)  # (L, M, T)
     assert tied.mean() < 0.1  # (zero states score every expert 0: topk's order among ties is unspecified)
     np.testing.assert_array_equal(fast.experts[~tied], slow.experts[~tied])
-    np.testing.assert_allclose(fast.weights, slow.weights, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(fast.weights, slow.weights, atol=1e-4, rtol=0)  # (layer 1 reads layer 0's rounding)
     for name in ("scores", "runner_up", "contribution", "base_norm"):  # kept as float16: one unit in the last place
         np.testing.assert_allclose(getattr(fast, name), getattr(slow, name), atol=1e-4, rtol=1e-3, err_msg=name)
 
 
-def test_a_counterfactual_or_uniform_keeps_the_torch_ops(counted_many):
+def test_a_counterfactual_or_uniform_keeps_the_torch_ops(counted_rows):
     rm = RoutedModel(fresh(TWINS[0]), experts(fresh(TWINS[0]), 6), RouterConfig(top_k=2))
     with torch.no_grad(), rm.overriding("e2", layers=[0]):
         rm.base.model(input_ids=IDS)
     rm.set_router(RouterConfig(mode="uniform"))
     with torch.no_grad():
         rm.base.model(input_ids=IDS)
-    assert counted_many == []
+    assert counted_rows == []
 
 
 def test_a_failed_build_warns_and_falls_back(monkeypatch):
