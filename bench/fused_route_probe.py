@@ -49,8 +49,10 @@ def main() -> int:
         return 1
     print(f"built or loaded in {time.perf_counter() - t0:.1f} s")
 
+    no_shift, no_mask, outs = torch.empty(0), torch.empty(0, dtype=torch.bool), torch.tensor([OUT] * G)
+
     def fused_step() -> torch.Tensor:
-        return step(h, protos, torch.empty(0), a_rows, up, torch.empty(0, dtype=torch.bool), G, E, R, K, 1.0)
+        return step(h, protos, no_shift, a_rows, up, no_mask, G, E, R, K, 1.0, outs)
 
     print(f"largest difference {(torch_ops() - fused_step()).abs().max().item():.1e}")
     for name, fn in (("torch ops", torch_ops), ("fused", fused_step)):

@@ -4,8 +4,8 @@ Usage::
 
     step = fused.kernel()          # compiled once per machine with the system C++ compiler; None if it cannot be
     if step is not None:           # (or LORA_EXPLORER_FUSED=0): the torch-op path in layer.py runs instead
-        d = step(h, protos, shift, a_rows, up, mask, G, E, r, k, T)   # (G, out_max), as RoutedGroup._one_token
-    upd, *slots = fused.rows()(h, scores, protos, ..., T, n_keep)     # many tokens: (t, G, out_max) [+ the trace's]
+        d = step(h, protos, shift, a_rows, up, mask, G, E, r, k, T, outs)   # (G, out_max), as RoutedGroup._one_token
+    upd, *slots = fused.rows()(h, scores, protos, ..., T, n_keep, outs)     # many tokens: (t, G, out_max) [+ slots]
 
 Both do, per token and member g: the scores |h · p_e - shift_e| of its E experts (disabled ones -inf, chosen
 last), the top-k by selection (ties to the lower index), softmax(top / T), and the update
@@ -30,7 +30,7 @@ import threading
 import warnings
 
 ENV = "LORA_EXPLORER_FUSED"  # "0": never build or use it
-_NAME = "lora_explorer_route_v4"  # bump when _SRC changes meaning
+_NAME = "lora_explorer_route_v5"  # bump when _SRC changes meaning
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
           "-fopenmp"]  # OpenMP: at::parallel_for splits a many-token call across torch's intra-op threads
 _SRC = r"""
@@ -44,19 +44,62 @@ _SRC = r"""
 struct Group {
   const float *P, *S, *A, *U;
   const bool *M;
+  const int64_t *O;  // (G,) each member's own output width (up is zero-padded to out_max)
   int64_t G, E, r, k, d, outm, n_keep;
   float t_f;
 };
 
+// n dot products with h: rows (n, d) contiguous -> out (n,); four rows per pass, so four independent sums
+// run side by side (one sum at a time is bound by the add's latency, not by memory).
+static inline void dots(const float *rows, const float *h, int64_t n, int64_t d, float *out) {
+  int64_t q = 0;
+  for (; q + 4 <= n; q += 4) {
+    const float *a0 = rows + q * d, *a1 = a0 + d, *a2 = a1 + d, *a3 = a2 + d;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    for (int64_t i = 0; i < d; ++i) {
+      const float x = h[i];
+      s0 += a0[i] * x; s1 += a1[i] * x; s2 += a2[i] * x; s3 += a3[i] * x;
+    }
+    out[q] = s0; out[q + 1] = s1; out[q + 2] = s2; out[q + 3] = s3;
+  }
+  for (; q < n; ++q) {
+    const float *a = rows + q * d;
+    float s0 = 0.f;
+    for (int64_t i = 0; i < d; ++i) s0 += a[i] * h[i];
+    out[q] = s0;
+  }
+}
+
+// o (m,) += sum_q c_q u_q for n rows u_q of `up` (row stride `stride`), four rows per pass over o.
+static inline void axpys(const float *c, const float *up, int64_t n, int64_t stride, int64_t m,
+                         float *__restrict__ o) {
+  int64_t q = 0;
+  for (; q + 4 <= n; q += 4) {
+    const float *u0 = up + q * stride, *u1 = u0 + stride, *u2 = u1 + stride, *u3 = u2 + stride;
+    const float c0 = c[q], c1 = c[q + 1], c2 = c[q + 2], c3 = c[q + 3];
+    for (int64_t i = 0; i < m; ++i) o[i] += c0 * u0[i] + c1 * u1[i] + c2 * u2[i] + c3 * u3[i];
+  }
+  for (; q < n; ++q) {
+    const float *u = up + q * stride;
+    const float cq = c[q];
+    for (int64_t i = 0; i < m; ++i) o[i] += cq * u[i];
+  }
+}
+
 static Group group_of(torch::Tensor protos, torch::Tensor shift, torch::Tensor a_rows, torch::Tensor up,
-                      torch::Tensor mask, int64_t G, int64_t E, int64_t r, int64_t k, double T, int64_t n_keep) {
+                      torch::Tensor mask, int64_t G, int64_t E, int64_t r, int64_t k, double T, int64_t n_keep,
+                      torch::Tensor outs) {
   for (const auto &t : {protos, shift, a_rows, up})
     TORCH_CHECK(t.is_contiguous() && t.scalar_type() == torch::kFloat32 && t.device().is_cpu(),
                 "fused routing: float32 contiguous CPU tensors only");
   TORCH_CHECK(k <= E && n_keep <= E && protos.size(0) == G * E, "fused routing: shapes do not fit G, E, k");
+  TORCH_CHECK(outs.is_contiguous() && outs.scalar_type() == torch::kLong && outs.numel() == G,
+              "fused routing: outs is (G,) int64");
+  for (int64_t g = 0; g < G; ++g)
+    TORCH_CHECK(outs.data_ptr<int64_t>()[g] <= up.size(1) / r, "fused routing: a member is wider than up");
   return Group{protos.data_ptr<float>(), shift.numel() ? shift.data_ptr<float>() : nullptr, a_rows.data_ptr<float>(),
-               up.data_ptr<float>(), mask.numel() ? mask.data_ptr<bool>() : nullptr, G, E, r, k, protos.size(1),
-               up.size(1) / r, n_keep, static_cast<float>(T)};
+               up.data_ptr<float>(), mask.numel() ? mask.data_ptr<bool>() : nullptr, outs.data_ptr<int64_t>(), G, E,
+               r, k, protos.size(1), up.size(1) / r, n_keep, static_cast<float>(T)};
 }
 
 // One token: hp (d,), pre (G E,) its raw scores h · p_e when already computed (else null: computed here).
@@ -67,21 +110,15 @@ static Group group_of(torch::Tensor protos, torch::Tensor shift, torch::Tensor a
 static void route_token(const Group &c, const float *hp, const float *pre, float *o, int64_t *I, float *W,
                         float *R, float *Ak) {
   const int64_t E = c.E, k = c.k, r = c.r, d = c.d, n = std::max(k, c.n_keep);
-  float s[E], w[k];
+  float s[E], w[k], z[r];
   int64_t idx[n];
   char used[E];
   for (int64_t g = 0; g < c.G; ++g) {
+    if (pre) std::copy(pre + g * E, pre + (g + 1) * E, s);
+    else dots(c.P + g * E * d, hp, E, d, s);  // raw scores h · p_e
     for (int64_t e = 0; e < E; ++e) {
       used[e] = 0;
-      if (c.M && c.M[e]) { s[e] = -INFINITY; continue; }
-      float acc = 0.f;
-      if (pre) {
-        acc = pre[g * E + e];
-      } else {
-        const float *p = c.P + (g * E + e) * d;
-        for (int64_t i = 0; i < d; ++i) acc += p[i] * hp[i];
-      }
-      s[e] = std::fabs(c.S ? acc - c.S[g * E + e] : acc);
+      s[e] = (c.M && c.M[e]) ? -INFINITY : std::fabs(c.S ? s[e] - c.S[g * E + e] : s[e]);
     }
     for (int64_t j = 0; j < n; ++j) {
       int64_t best = -1;
@@ -96,15 +133,10 @@ static void route_token(const Group &c, const float *hp, const float *pre, float
     for (int64_t j = 0; j < k; ++j) {
       w[j] /= total;
       const int64_t row = g * E + idx[j];
-      for (int64_t q = 0; q < r; ++q) {
-        const float *ar = c.A + (row * r + q) * d;
-        float acc = 0.f;
-        for (int64_t i = 0; i < d; ++i) acc += ar[i] * hp[i];
-        const float a = acc * w[j];
-        if (Ak) Ak[(g * k + j) * r + q] = a;
-        const float *ur = c.U + (row * r + q) * c.outm;
-        for (int64_t i = 0; i < c.outm; ++i) og[i] += a * ur[i];
-      }
+      dots(c.A + row * r * d, hp, r, d, z);  // A_e h, (r,)
+      for (int64_t q = 0; q < r; ++q) z[q] *= w[j];
+      if (Ak) std::copy(z, z + r, Ak + (g * k + j) * r);
+      axpys(z, c.U + row * r * c.outm, r, c.outm, c.O[g], og);  // only the member's own columns
     }
     if (I) {
       for (int64_t j = 0; j < k; ++j) { I[g * k + j] = idx[j]; W[g * k + j] = w[j]; }
@@ -115,8 +147,9 @@ static void route_token(const Group &c, const float *hp, const float *pre, float
 
 // One token (the decoding hot path): h (d,) -> every member's update (G, out_max).
 torch::Tensor route_one(torch::Tensor h, torch::Tensor protos, torch::Tensor shift, torch::Tensor a_rows,
-                        torch::Tensor up, torch::Tensor mask, int64_t G, int64_t E, int64_t r, int64_t k, double T) {
-  const Group c = group_of(protos, shift, a_rows, up, mask, G, E, r, k, T, 0);
+                        torch::Tensor up, torch::Tensor mask, int64_t G, int64_t E, int64_t r, int64_t k, double T,
+                        torch::Tensor outs) {
+  const Group c = group_of(protos, shift, a_rows, up, mask, G, E, r, k, T, 0, outs);
   TORCH_CHECK(h.is_contiguous() && h.scalar_type() == torch::kFloat32 && h.numel() == c.d, "route_one: h is (d,)");
   auto out = torch::zeros({G, c.outm}, h.options());
   route_token(c, h.data_ptr<float>(), nullptr, out.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr);
@@ -129,8 +162,8 @@ torch::Tensor route_one(torch::Tensor h, torch::Tensor protos, torch::Tensor shi
 std::vector<torch::Tensor> route_rows(torch::Tensor h, torch::Tensor scores, torch::Tensor protos,
                                       torch::Tensor shift, torch::Tensor a_rows, torch::Tensor up,
                                       torch::Tensor mask, int64_t G, int64_t E, int64_t r, int64_t k, double T,
-                                      int64_t n_keep) {
-  const Group c = group_of(protos, shift, a_rows, up, mask, G, E, r, k, T, n_keep);
+                                      int64_t n_keep, torch::Tensor outs) {
+  const Group c = group_of(protos, shift, a_rows, up, mask, G, E, r, k, T, n_keep, outs);
   TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.scalar_type() == torch::kFloat32 && h.size(1) == c.d,
               "route_rows: h is (t, d) float32 contiguous");
   const int64_t t = h.size(0);

@@ -49,6 +49,7 @@ class RoutedGroup(nn.Module):
             rows[:, : s.A.shape[1]] = s.A  # (E, r_m, d) A rows; a smaller rank keeps zero rows
         self.register_buffer("proj", proj, persistent=False)
         self.outs = [s.B.shape[1] for s in stacks]
+        self._outs = torch.tensor(self.outs)  # (G,) int64 on the CPU, for the fused kernels
         up = torch.zeros(G * E, r, max(self.outs))  # (G E, r, out_max)
         for m, s in enumerate(stacks):
             B = pad_rank(s.B.transpose(1, 2), r) * s.scaling.view(E, 1, 1)  # (E, r, out) = (s_e B_e)ᵀ
@@ -168,7 +169,7 @@ class RoutedGroup(nn.Module):
         keep = 0 if st.capture is None else min(st.top_k + 1, self.n_experts)  # the runner-up too, for the trace
         upd, *slots = rows(h, scores, self._protos, _NO_SHIFT if shift is None else shift, self._a_rows, self._up,
                            _NO_MASK if mask is None else mask, self.n_members, self.n_experts, self.rank, st.top_k,
-                           st.temperature, keep)
+                           st.temperature, keep, self._outs)
         if slots:
             self._record(*slots)
         return upd
@@ -217,7 +218,8 @@ class RoutedGroup(nn.Module):
             if step is not None:
                 mask = st.on("mask", h.device)
                 return step(h.contiguous(), self._protos, _NO_SHIFT if shift is None else shift, self._a_rows,
-                            self._up, _NO_MASK if mask is None else mask, G, self.n_experts, r, k, st.temperature)
+                            self._up, _NO_MASK if mask is None else mask, G, self.n_experts, r, k, st.temperature,
+                            self._outs)
         scores = torch.mv(self._protos, h) if shift is None else torch.addmv(shift, self._protos, h, beta=-1)
         w_top, idx, s = self.route_top(scores.view(G, -1))  # (G, k), (G, k), (G, k or k+1)
         flat = (idx + self._offsets).view(-1)  # (G k,) rows of (member, expert)

@@ -125,6 +125,20 @@ def test_forward_equals_the_torch_ops(twin, router, counted_rows, monkeypatch):
     assert_same(fast, slow, rm)
 
 
+@pytest.mark.parametrize("twin", TWINS)
+def test_odd_shapes_equal_the_torch_ops(twin, counted, counted_rows, monkeypatch):
+    """Rank 3 and 7 experts: the kernels' loops that take four rows at a time leave remainders."""
+    rm = RoutedModel(fresh(twin), experts(fresh(twin), 7, rank=[3, 1, 2, 3, 3, 2, 1]), RouterConfig(top_k=3))
+    with torch.no_grad():
+        fast = rm.base.model(input_ids=IDS).logits
+    fast_steps = decode_logits(rm)
+    assert counted and counted_rows, "the kernels were not used"
+    torch_ops_only(monkeypatch)
+    with torch.no_grad():
+        assert_same(fast, rm.base.model(input_ids=IDS).logits, rm)
+    assert_same(fast_steps, decode_logits(rm), rm)
+
+
 @pytest.mark.parametrize("router", MANY[:4])
 def test_a_trace_equals_the_torch_ops(router, counted_rows, monkeypatch):
     twin = TWINS[0]
