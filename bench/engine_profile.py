@@ -7,7 +7,7 @@ Usage::
 
 Base and routed are profiled interleaved, one call per profiling session, so both see the same load; the
 table gives, per op, the self time per call of each side and the difference (what routing adds), largest
-first. Absolute times on a loaded machine are not a benchmark (bench/arrow_speed.py is); the differences and
+first; the fused C++ kernels appear as `fused::route_one` / `fused::route_rows`. Absolute times on a loaded machine are not a benchmark (bench/arrow_speed.py is); the differences and
 the op counts are what docs/engine.md quotes.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from random_base import random_base, random_experts  # noqa: E402
 
+from explorer.routing import fused  # noqa: E402
 from explorer.routing.config import RouterConfig  # noqa: E402
 from explorer.routing.device import resolve_device  # noqa: E402
 from explorer.routing.model import RoutedModel  # noqa: E402
@@ -55,6 +56,23 @@ def step_fn(base, ids, device):
 
 def forward_fn(base, ids):
     return torch.no_grad()(lambda: base.model(input_ids=ids))
+
+
+def visible_kernels() -> None:
+    """The fused C++ kernels (explorer/routing/fused.py) are called through pybind, not torch's dispatcher, so
+    the profiler would not list them: wrap each call in a `record_function` named after it (here only; the
+    engine's hot path carries no such wrapper)."""
+    from torch.profiler import record_function
+
+    for getter, label in ((fused.kernel, "fused::route_one"), (fused.rows, "fused::route_rows")):
+        fn = getter()
+        if fn is None:
+            continue
+
+        def wrapped(*args, fn=fn, label=label):
+            with record_function(label):
+                return fn(*args)
+        setattr(fused, getter.__name__, lambda wrapped=wrapped: wrapped)
 
 
 def profile_pair(sides: dict, device, reps: int, rows: int) -> tuple[str, dict]:
@@ -96,6 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--trace", action="store_true", help="profile with routing capture on")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
+    visible_kernels()
     torch.manual_seed(0)
     base = random_base("smollm2", device=device)
     ids = torch.randint(200, 40000, (1, 64), device=device)
