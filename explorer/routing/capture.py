@@ -67,8 +67,8 @@ def assemble(records: list, layers: list[int], modules: list[str], n_experts: in
         buckets.setdefault((group.rank, idx.shape[-1], s.shape[-1], idx.device), []).append((group, idx, w, s, a))
     for items in buckets.values():
         groups = [g for g, *_ in items]
-        c = _contributions(groups, [it[1] for it in items], [it[4].float() for it in items])  # (T, Σ G, k)
         idx, w, s = (torch.cat([it[i] for it in items], dim=1) for i in (1, 2, 3))  # (T, Σ G, ...)
+        c = _contributions(groups, idx, torch.cat([it[4] for it in items], dim=1).float())  # (T, Σ G, k)
         idx, w, s, c = idx.cpu().numpy(), w.float().cpu().numpy(), s.float().cpu().numpy(), c.cpu().numpy()
         col = 0
         for group in groups:
@@ -86,15 +86,17 @@ def assemble(records: list, layers: list[int], modules: list[str], n_experts: in
     return TopKRoutes(E, ids, weights, scores, runner_up, contribution, base_norm)
 
 
-def _contributions(groups: list, idx: list[torch.Tensor], a: list[torch.Tensor]) -> torch.Tensor:
+def _contributions(groups: list, idx: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """‖a up_e‖ = sqrt(aᵀ up_e up_eᵀ a) of every chosen slot, for groups of one rank and k at once (one gather
-    and one batched matmul for the whole model instead of one per group): idx (T, G, k) and a (T, G, k, r) per
-    group -> (T, Σ G, k)."""
-    grams = torch.cat([g.gram.float() for g in groups])  # (Σ G E, r, r)
-    starts = np.cumsum([0] + [g.n_members * g.n_experts for g in groups[:-1]])
-    rows = torch.cat([i + (g.offsets.view(1, -1, 1) + int(s0)) for g, i, s0 in zip(groups, idx, starts)],
-                     dim=1)  # (T, Σ G, k) rows of `grams`
-    a = torch.cat(a, dim=1).unsqueeze(-2)  # (T, Σ G, k, 1, r)
+    and one batched matmul for the whole model instead of one per group): idx (T, Σ G, k) and a (T, Σ G, k, r),
+    the groups' members side by side -> (T, Σ G, k)."""
+    grams = torch.cat([g.gram for g in groups]).float()  # (Σ G E, r, r)
+    first, start = [], 0  # row of `grams` where each member's experts start
+    for g in groups:
+        first.extend(start + m * g.n_experts for m in range(g.n_members))
+        start += g.n_members * g.n_experts
+    rows = idx + torch.tensor(first, device=idx.device).view(1, -1, 1)  # (T, Σ G, k) rows of `grams`
+    a = a.unsqueeze(-2)  # (T, Σ G, k, 1, r)
     return ((a @ grams[rows]) * a).sum((-2, -1)).clamp_min(0).sqrt()
 
 
