@@ -123,14 +123,15 @@ def _next_token(routed, trace: RoutingTrace, cf: Counterfactual) -> Counterfactu
             out = model(input_ids=seq, use_cache=True)
         after = out.logits[0, -1]
     else:
-        # One forward of tokens 0..t gives "before"; its KV cache, cut back to the tokens before t (which the
-        # intervention leaves alone), serves the second run of token t alone: one forward plus one step.
-        first = model(input_ids=seq, use_cache=t > 0)
-        before = first.logits[0, -1]
+        # The tokens before t once (their KV cache: the intervention leaves them alone), then token t twice
+        # through the same one-token path, without and with the intervention: one forward plus two steps. So an
+        # intervention that changes nothing gives the same bits (a prefill and a cached step may round apart).
         step = {}
         if t > 0:
-            step = next_step_kwargs(model, first)
-            next(iter(step.values())).crop(-1)  # drop token t: back to the tokens before it
+            step = next_step_kwargs(model, model(input_ids=seq[:, :t], use_cache=True))
+        before = model(input_ids=seq[:, t:], use_cache=True, **step).logits[0, -1]
+        if t > 0:
+            next(iter(step.values())).crop(-1)  # drop token t again: back to the tokens before it
         with routed.overriding(cf.expert, force=force, layers=layers):
             out = model(input_ids=seq[:, t:], use_cache=True, **step)
         after = out.logits[0, -1]

@@ -130,9 +130,10 @@ class RoutedGroup(nn.Module):
             h = x.reshape(-1, x.shape[-1])  # (t, d)
             if h.dtype != proj.dtype:
                 h = h.to(proj.dtype)
-            rows = fused.rows() if st.mode == "arrow" and st.override is None and h.device.type == "cpu" else None
-            if rows is not None and h.dtype == torch.float32:  # Arrow on the top-k rows only, in one C++ call
-                upd = self._rows(rows, h.contiguous(), F.linear(h, self._protos))  # (t, G, out_max)
+            rows = fused.rows() if st.mode == "arrow" and h.device.type == "cpu" else None
+            mask = self._kernel_mask(h.device) if rows is not None and h.dtype == torch.float32 else False
+            if mask is not False:  # Arrow on the top-k rows only, in one C++ call
+                upd = self._rows(rows, h.contiguous(), F.linear(h, self._protos), mask)  # (t, G, out_max)
                 return self._keep(x, ("update", upd.unbind(1)))
             z = F.linear(h, proj)  # (t, G E + G E r)
             t = z.shape[0]
@@ -161,11 +162,26 @@ class RoutedGroup(nn.Module):
         object.__setattr__(self, "_cache", (x, self.state.version, out))  # a plain attribute: no Module.__setattr__
         return out
 
-    def _rows(self, rows, h: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """h (t, d) float32 contiguous, scores (t, G E) raw h · p_e (or empty: computed in the kernel) -> every
-        member's update (t, G, out_max) by fused.route_rows, reading only the top-k experts' rows; records the
-        trace's slots ((t, G, k) ids, weights, (t, G, k+1) |s|, (t, G, k, r) w A h) while capturing."""
-        st, mask, shift = self.state, self.state.on("mask", h.device), self._shift
+    def _kernel_mask(self, device) -> torch.Tensor | None | bool:
+        """The experts the kernels must leave out, (E,) bool or None: the disabled ones and, under a counterfactual
+        that switches one off in this layer, that one (scored -inf, as `route_top` does); False for a forced
+        expert, which the kernels do not express (the torch ops run)."""
+        st = self.state
+        mask, ov = st.on("mask", device), st.override
+        if ov is None or not (ov[2] is None or self.keys[0][0] in ov[2]):
+            return mask
+        if ov[1]:
+            return False
+        off = torch.zeros(self.n_experts, dtype=torch.bool, device=device)  # (E,); counterfactual calls only
+        off[ov[0]] = True
+        return off if mask is None else mask | off
+
+    def _rows(self, rows, h: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """h (t, d) float32 contiguous, scores (t, G E) raw h · p_e (or empty: computed in the kernel), mask (E,)
+        bool or None (`_kernel_mask`) -> every member's update (t, G, out_max) by fused.route_rows, reading only
+        the top-k experts' rows; records the trace's slots ((t, G, k) ids, weights, (t, G, k+1) |s|,
+        (t, G, k, r) w A h) while capturing."""
+        st, shift = self.state, self._shift
         keep = 0 if st.capture is None else min(st.top_k + 1, self.n_experts)  # the runner-up too, for the trace
         upd, *slots = rows(h, scores, self._protos, _NO_SHIFT if shift is None else shift, self._a_rows, self._up,
                            _NO_MASK if mask is None else mask, self.n_members, self.n_experts, self.rank, st.top_k,
@@ -210,13 +226,13 @@ class RoutedGroup(nn.Module):
         h (d,) -> (G, out_max) every member's update, zero-padded to the widest member."""
         G, k, r = self.n_members, self.state.top_k, self.rank
         shift, st = self._shift, self.state
-        if st.override is None and h.dtype == torch.float32 and h.device.type == "cpu":
+        mask = self._kernel_mask(h.device) if h.dtype == torch.float32 and h.device.type == "cpu" else False
+        if mask is not False:
             rows = fused.rows() if st.capture is not None else None
             if rows is not None:  # traced: the many-token kernel on one token, which also gives the slots
-                return self._rows(rows, h.view(1, -1), _NO_SHIFT).view(G, -1)
+                return self._rows(rows, h.view(1, -1), _NO_SHIFT, mask).view(G, -1)
             step = fused.kernel()  # the same routing in one C++ call (explorer/routing/fused.py), where it built
             if step is not None:
-                mask = st.on("mask", h.device)
                 return step(h.contiguous(), self._protos, _NO_SHIFT if shift is None else shift, self._a_rows,
                             self._up, _NO_MASK if mask is None else mask, G, self.n_experts, r, k, st.temperature,
                             self._outs)

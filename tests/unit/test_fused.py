@@ -76,13 +76,6 @@ def test_decoding_equals_the_torch_ops(twin, router, counted, monkeypatch):
     assert rm.generate("hello there", max_new_tokens=6) == rm.generate("hello there", max_new_tokens=6)
 
 
-def test_a_counterfactual_keeps_the_torch_ops(counted):
-    rm = RoutedModel(fresh(TWINS[0]), experts(fresh(TWINS[0]), 6), RouterConfig(top_k=2))
-    with rm.overriding("e2", layers=[0]):
-        decode_logits(rm, 2)
-    assert counted == []
-
-
 @pytest.fixture
 def counted_rows(monkeypatch):
     """fused.rows, counting the tokens of every many-token (or traced one-token) group call it served."""
@@ -161,14 +154,33 @@ def test_a_trace_equals_the_torch_ops(router, counted_rows, monkeypatch):
         np.testing.assert_allclose(getattr(fast, name), getattr(slow, name), atol=1e-4, rtol=1e-3, err_msg=name)
 
 
-def test_a_counterfactual_or_uniform_keeps_the_torch_ops(counted_rows):
-    rm = RoutedModel(fresh(TWINS[0]), experts(fresh(TWINS[0]), 6), RouterConfig(top_k=2))
-    with torch.no_grad(), rm.overriding("e2", layers=[0]):
-        rm.base.model(input_ids=IDS)
-    rm.set_router(RouterConfig(mode="uniform"))
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("force", [False, True])
+def test_a_counterfactual_equals_the_torch_ops(twin, force, counted, counted_rows, monkeypatch):
+    """An expert switched off in one layer is scored -inf by the kernels too; a forced expert runs the torch ops
+    in that layer (the kernels serve the others)."""
+    rm = RoutedModel(fresh(twin), experts(fresh(twin), 8, rank=[4, 2, 4, 3, 4, 4, 1, 4]), RouterConfig(top_k=2))
+    with torch.no_grad():
+        plain = rm.base.model(input_ids=IDS).logits
+
+    def run():
+        with rm.overriding("e2", force=force, layers=[0]), torch.no_grad():
+            return rm.base.model(input_ids=IDS).logits, decode_logits(rm, 3)
+    fast, fast_steps = run()
+    assert counted and counted_rows, "the kernels were not used under a counterfactual"
+    assert (fast - plain).abs().max() > 1e-3, "the counterfactual changed nothing: pick another expert"
+    torch_ops_only(monkeypatch)
+    slow, slow_steps = run()
+    assert_same(fast, slow, rm)
+    assert_same(fast_steps, slow_steps, rm)
+
+
+def test_the_uniform_mode_keeps_the_torch_ops(counted, counted_rows):
+    rm = RoutedModel(fresh(TWINS[0]), experts(fresh(TWINS[0]), 6), RouterConfig(mode="uniform"))
     with torch.no_grad():
         rm.base.model(input_ids=IDS)
-    assert counted_rows == []
+    decode_logits(rm, 2)
+    assert counted == counted_rows == []
 
 
 def test_a_failed_build_warns_and_falls_back(monkeypatch):
