@@ -123,24 +123,36 @@ def _next_token(routed, trace: RoutingTrace, cf: Counterfactual) -> Counterfactu
             out = model(input_ids=seq, use_cache=True)
         after = out.logits[0, -1]
     else:
-        # The tokens before t once (their KV cache: the intervention leaves them alone), then token t twice
-        # through the same one-token path, without and with the intervention: one forward plus two steps. So an
-        # intervention that changes nothing gives the same bits (a prefill and a cached step may round apart).
-        step = {}
-        if t > 0:
-            step = next_step_kwargs(model, model(input_ids=seq[:, :t], use_cache=True))
-        before = model(input_ids=seq[:, t:], use_cache=True, **step).logits[0, -1]
-        if t > 0:
-            next(iter(step.values())).crop(-1)  # drop token t again: back to the tokens before it
-        with routed.overriding(cf.expert, force=force, layers=layers):
-            out = model(input_ids=seq[:, t:], use_cache=True, **step)
-        after = out.logits[0, -1]
+        # One forward of tokens 0..t gives "before"; its KV cache, cut back to the tokens before t (which the
+        # intervention leaves alone), serves the second run of token t alone: one forward plus one step.
+        first = model(input_ids=seq, use_cache=True)
+        before = first.logits[0, -1]
+        if _unused(trace, cf):  # nothing to run again: and a step would differ from the forward by rounding
+            out, after = first, before
+        else:
+            step = {}
+            if t > 0:
+                step = next_step_kwargs(model, first)
+                next(iter(step.values())).crop(-1)  # drop token t: back to the tokens before it
+            with routed.overriding(cf.expert, force=force, layers=layers):
+                out = model(input_ids=seq[:, t:], use_cache=True, **step)
+            after = out.logits[0, -1]
     lb, la = before.float().log_softmax(-1), after.float().log_softmax(-1)  # (V,)
     kl = float((lb.exp() * (lb - la)).sum().clamp_min(0))
     result = CounterfactualResult(cf, _top(lb, routed.display_tokens), _top(la, routed.display_tokens), kl,
                                   time.perf_counter() - t0, text_before=trace.text)
     result._cache = (out, int(after.argmax()))
     return result
+
+
+def _unused(trace: RoutingTrace, cf: Counterfactual) -> bool:
+    """Switching off an expert that token t's routing gives no weight where the intervention applies (its layer,
+    or every layer for scope "token") changes nothing: the run's trace says so without a model call."""
+    if cf.action != "off" or cf.scope == "everywhere":
+        return False
+    layers = [cf.layer] if cf.scope == "cell" else trace.layers
+    return all(c.expert != cf.expert or c.weight == 0
+               for layer in layers for cells in trace.cell(layer, cf.token).values() for c in cells)
 
 
 @torch.no_grad()
