@@ -12,8 +12,8 @@ tokens per second, ours/PEFT-Arrow forward on the same adapters (PEFT via `creat
 the library from disk (prototype cache cold and warm), the trace on/off ratio, one expert alone / base (mode
 "expert", how a per-prompt router answers; `alone_dense`: the same through the general fixed-weight path, as
 before the one-expert path existed; issue 14 sets no goal for these), per-token generation without the fused
-one-token step (`generation_ratio_torch_ops`, the torch ops it replaces); then exact prototypes for 256
-experts at Phi-2 shapes (hidden 2560, 32 layers, q/k/v/dense, rank 4) against a dense SVD on a sample.
+kernels (`generation_ratio_torch_ops`: prefill and steps on the torch ops they replace); then exact prototypes
+for 256 experts at Phi-2 shapes (hidden 2560, 32 layers, q/k/v/dense, rank 4) against a dense SVD on a sample.
 
 Timing: on the CPU, CPU time of this process (torch runs one intra-op thread when OMP_NUM_THREADS=1), so time
 the CPU spends on other jobs does not count; on CUDA, wall time after synchronising. Every repetition runs
@@ -141,7 +141,7 @@ def bench_library(E, base, experts, lib_path, peft_paths, args, clock, device) -
     res.update(base_forward_s=statistics.median(t["base"]), routed_forward_s=statistics.median(t["routed"]),
                forward_ratio=ratio(t, "routed", "base"), trace_ratio=ratio(t, "traced", "routed"),
                alone_forward_ratio=ratio(t, "alone", "base"), alone_dense_forward_ratio=ratio(t, "alone_dense", "base"))
-    def torch_ops():  # per-token Arrow decoding without the fused one-token step (explorer/routing/fused.py)
+    def torch_ops():  # per-token Arrow generation without the fused kernels (explorer/routing/fused.py)
         fused.set_enabled(False)
         try:
             gen(arrow)()
