@@ -135,7 +135,8 @@ def normalise(raw: RawRequest, experts: list[str], tokenizer=None, context_lengt
                 raise _Refused(f"Expert {name!r} is disabled; it cannot be used alone.")
         top_k = _top_k(raw.top_k, base["top_k"], len(enabled), kind, str(raw.library), clamp)
         centre, scope = _centring(raw, base, experts, list(names) if names is not None else experts, clamp)
-        input_centre = _input_centre(raw.input_centre, base["input_centre"], clamp)
+        input_centre = _choice(raw.input_centre, base["input_centre"], INPUT_CENTRES, "input_centre", clamp,
+                               "input centring")
         granularity = _choice(raw.granularity, base["granularity"], GRANULARITIES, "granularity", clamp)
         chosen = _choice(raw.pick, base["pick"], PICKS, "pick", clamp)
         prompt = _cut(prompt, max_new, tokenizer, context_length, limits, notices)
@@ -240,25 +241,13 @@ def _centring(raw: RawRequest, base: dict, experts: list[str], names: list[str],
     return (f"general:{general}" if general else centre), scope
 
 
-def _input_centre(raw, default: str, clamp) -> str:
-    """"none" or "base"; anything else (an unknown value given, or a recorded default this version does not
-    know) is "none" with a notice."""
-    value = _text(raw, default)
-    if value not in INPUT_CENTRES:
-        clamp(f"Unknown input centring {value!r}: using {DEFAULTS['input_centre']!r} "
-              f"(choose {' or '.join(INPUT_CENTRES)}).",
-              f"Unknown input centre {value!r}: use one of {', '.join(INPUT_CENTRES)}.")
-        return DEFAULTS["input_centre"]
-    return value
-
-
-def _choice(raw, default: str, choices: tuple[str, ...], what: str, clamp) -> str:
-    """One of `choices`; anything else (given, or a recorded default this version does not know) is the
-    built-in default with a notice (the CLI: refused)."""
-    value = _text(raw, default)
+def _choice(raw, default: str, choices: tuple[str, ...], what: str, clamp, label: str | None = None) -> str:
+    """One of `choices` for the field `what` (named `label` in messages); anything else (given, or a recorded
+    default this version does not know) is the built-in default with a notice (the CLI: refused)."""
+    value, label = _text(raw, default), label or what
     if value not in choices:
-        clamp(f"Unknown {what} {value!r}: using {DEFAULTS[what]!r} (choose {' or '.join(choices)}).",
-              f"Unknown {what} {value!r}: use one of {', '.join(choices)}.")
+        clamp(f"Unknown {label} {value!r}: using {DEFAULTS[what]!r} (choose {' or '.join(choices)}).",
+              f"Unknown {label} {value!r}: use one of {', '.join(choices)}.")
         return DEFAULTS[what]
     return value
 

@@ -166,7 +166,7 @@ def test_normaliser_checks_input_centring_with_notices():
     bad_default = normalise(RawRequest("hi"), lib, defaults={"input_centre": "median"})
     assert bad_default.request.router.input_centre == "none" and "Unknown input centring" in bad_default.notices[0]
     strict = normalise(RawRequest("hi", input_centre="median"), lib, limits=CLI_LIMITS, strict=True)
-    assert strict.request is None and strict.error == "Unknown input centre 'median': use one of none, base."
+    assert strict.request is None and strict.error == "Unknown input centring 'median': use one of none, base."
 
 
 # ---------------------------------------------------------------- adding an expert
