@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.eval_common import RESULTS, fmt_ci, md_table  # noqa: E402
 from bench.heldout_report import report as heldout_report  # noqa: E402
+from explorer.routing.config import describe_router  # noqa: E402
 
 
 def _minutes(s: float) -> str:
@@ -39,12 +40,6 @@ def _link(path: str, doc: Path) -> str:
 
 def _refused(row: dict) -> str:
     return "refused: " + row["refused"].split(". ")[0]  # the first sentence says why
-
-
-def _router(r: dict) -> str:
-    c = r["centre"] + ("" if r["centre"] == "none" else f"/{r['centre_scope']}")
-    per = f", one expert per prompt by {r.get('pick', 'mean')}" if r.get("granularity") == "prompt" else ""
-    return f"top-k {r['top_k']}, T {r['temperature']:g}, centre {c}, input centre {r.get('input_centre', 'none')}{per}"
 
 
 def task_table(r: dict) -> str:
@@ -69,7 +64,7 @@ def routing_section(r: dict, doc: Path) -> str:
     goals = r["goals"]
     lines = [f"## `{r['library']}`, split `{r['split']}`", "",
              f"{r['level']} level, {len(r['experts'])} routed experts, {r['n_per_task']} prompts per task. "
-             f"Router: {_router(r['router'])} ({r['router_source']}).", "",
+             f"Router: {describe_router(r['router'])} ({r['router_source']}).", "",
              f"Command: `{r['command']}` — {r['date']}, {_minutes(r['total_seconds'])}, "
              f"{r['torch_threads']} torch threads.", "",
              md_table(["tokens", "prompts routed to their own expert [95% CI]", "goal"],
@@ -92,7 +87,7 @@ def routing_section(r: dict, doc: Path) -> str:
         win = r["sweep"]["winner"]
         ev = r["sweep"]["evidence"]
         lines += [f"Sweep on training prompts ({ev['train_prompts_per_task']} routed, {ev['em_prompts_per_task']} "
-                  f"answered per task); rule: {ev['rule']}. Winner: **{_router(win)}**.", "",
+                  f"answered per task); rule: {ev['rule']}. Winner: **{describe_router(win)}**.", "",
                   md_table(["centre", "scope", "input centre", "top-k", "T", "acc (user text)", "acc (prompt)",
                             "train EM", "margin median"],
                            [[s["centre"], s["centre_scope"], s.get("input_centre", "none"), s["top_k"],

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import plotly.graph_objects as go
 
 from explorer.page.plots import LOOK, cosine_matrix, esc, note_figure, similarity_map
+from explorer.routing.config import describe_router
 
 if TYPE_CHECKING:
     from explorer.page.library_view import LibraryAnalysis
@@ -71,15 +72,7 @@ def layer_curve(report: "RoutingReport | None") -> go.Figure:
 
 
 def _router_text(router: dict) -> str:
-    parts = [f"top-k {router.get('top_k')}", f"temperature {router.get('temperature')}"]
-    centre = router.get("centre") or "none"
-    parts.append("no centring" if centre == "none" else f"centre {centre} ({router.get('centre_scope')})")
-    if (router.get("input_centre") or "none") != "none":
-        parts.append(f"input centring {router['input_centre']}")
-    if router.get("granularity") == "prompt":
-        parts.append("one expert per prompt" + (", picked by the fitted readout" if router.get("pick") == "readout"
-                                                else ", picked by mean weight"))
-    return ", ".join(html.escape(str(p)) for p in parts)
+    return html.escape(describe_router(router))
 
 
 def report_card(report: "RoutingReport | None", default: "DefaultRouter | None", library: str,

@@ -110,3 +110,18 @@ class RouterConfig:
         if unknown:
             raise ValueError(f"Unknown RouterConfig fields {unknown}")
         return cls(**{**data, "disabled": tuple(data.get("disabled", ()))})
+
+
+def describe_router(router: dict) -> str:
+    """A recorded router (`RouterConfig.to_dict`, possibly from an older version: missing fields read as their
+    defaults) in words, e.g. "top-k 2, temperature 0.1, no centring, input centring base, one expert per prompt,
+    picked by the fitted readout"; the page's report card and the evaluation docs both say it this way."""
+    parts = [f"top-k {router.get('top_k')}", f"temperature {router.get('temperature')}"]
+    centre = router.get("centre") or "none"
+    parts.append("no centring" if centre == "none" else f"centre {centre} ({router.get('centre_scope')})")
+    if (router.get("input_centre") or "none") != "none":
+        parts.append(f"input centring {router['input_centre']}")
+    if router.get("granularity") == "prompt":
+        parts.append("one expert per prompt" + (", picked by the fitted readout" if router.get("pick") == "readout"
+                                                else ", picked by mean weight"))
+    return ", ".join(str(p) for p in parts)
