@@ -145,8 +145,8 @@ class RoutedGroup(nn.Module):
                 w = torch.zeros_like(scores).scatter_(-1, idx, w_top)  # (t, G, E)
             else:  # uniform / expert: the same weights for every token
                 w = st.on("fixed", z.device).to(z.dtype).expand(t, G, E)  # (t, G, E)
-                ov = st.override
-                if ov is not None and (ov[2] is None or self.keys[0][0] in ov[2]):  # a counterfactual here
+                ov = self._override_here()
+                if ov is not None:  # a counterfactual here
                     w = torch.zeros_like(w) if ov[1] else w.clone()
                     w[..., ov[0]] = 1.0 if ov[1] else 0.0  # forced alone, or switched off
             a = proj_a * w.unsqueeze(-1)  # (t, G, E, r)
@@ -162,13 +162,18 @@ class RoutedGroup(nn.Module):
         object.__setattr__(self, "_cache", (x, self.state.version, out))  # a plain attribute: no Module.__setattr__
         return out
 
+    def _override_here(self) -> tuple | None:
+        """The counterfactual (`RouterState.override`: expert index, force, layers) when it applies to this
+        group's layer, else None."""
+        ov = self.state.override
+        return ov if ov is not None and (ov[2] is None or self.keys[0][0] in ov[2]) else None
+
     def _kernel_mask(self, device) -> torch.Tensor | None | bool:
         """The experts the kernels must leave out, (E,) bool or None: the disabled ones and, under a counterfactual
         that switches one off in this layer, that one (scored -inf, as `route_top` does); False for a forced
         expert, which the kernels do not express (the torch ops run)."""
-        st = self.state
-        mask, ov = st.on("mask", device), st.override
-        if ov is None or not (ov[2] is None or self.keys[0][0] in ov[2]):
+        mask, ov = self.state.on("mask", device), self._override_here()
+        if ov is None:
             return mask
         if ov[1]:
             return False
@@ -256,8 +261,8 @@ class RoutedGroup(nn.Module):
         s = scores.abs()  # (..., E)
         if st.mask is not None:
             s = s.masked_fill(st.on("mask", s.device), float("-inf"))
-        ov = st.override
-        if ov is not None and (ov[2] is None or self.keys[0][0] in ov[2]):
+        ov = self._override_here()
+        if ov is not None:
             s = s.clone()
             s[..., ov[0]] = float("inf") if ov[1] else float("-inf")  # forced to the first slot, or off
             if ov[1]:  # forced: that expert alone, weight 1

@@ -46,18 +46,23 @@ def assert_same(fast: torch.Tensor, slow: torch.Tensor, rm) -> None:
     assert effect > 0.1 and diff <= max(1e-5, 1e-3 * effect), f"differ by {diff:.2e}; routing moves logits {effect:.2f}"
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """fused.kernel, counting the one-token steps it served."""
-    step = fused.kernel()
-    assert step is not None, "the fused kernel did not build although a C++ compiler is present"
+def counting(monkeypatch, name: str, note) -> list:
+    """fused.<name> replaced by a wrapper that appends note(args) for every call it serves; the calls list."""
+    kernel = getattr(fused, name)()
+    assert kernel is not None, "the fused kernels did not build although a C++ compiler is present"
     calls = []
 
-    def counting(*args):
-        calls.append(args[6])  # G
-        return step(*args)
-    monkeypatch.setattr(fused, "kernel", lambda: counting)
+    def wrapper(*args):
+        calls.append(note(args))
+        return kernel(*args)
+    monkeypatch.setattr(fused, name, lambda: wrapper)
     return calls
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """fused.kernel, counting the one-token steps it served (their G)."""
+    return counting(monkeypatch, "kernel", lambda args: args[6])
 
 
 @pytest.mark.parametrize("twin", TWINS)
@@ -79,15 +84,7 @@ def test_decoding_equals_the_torch_ops(twin, router, counted, monkeypatch):
 @pytest.fixture
 def counted_rows(monkeypatch):
     """fused.rows, counting the tokens of every many-token (or traced one-token) group call it served."""
-    rows = fused.rows()
-    assert rows is not None, "the fused kernels did not build although a C++ compiler is present"
-    calls = []
-
-    def counting(h, *args):
-        calls.append(h.shape[0])
-        return rows(h, *args)
-    monkeypatch.setattr(fused, "rows", lambda: counting)
-    return calls
+    return counting(monkeypatch, "rows", lambda args: args[0].shape[0])
 
 
 def torch_ops_only(monkeypatch):
