@@ -67,23 +67,27 @@ def assemble(records: list, layers: list[int], modules: list[str], n_experts: in
         buckets.setdefault((group.rank, idx.shape[-1], s.shape[-1], idx.device), []).append((group, idx, w, s, a))
     for items in buckets.values():
         groups = [g for g, *_ in items]
-        idx, w, s = (torch.cat([it[i] for it in items], dim=1) for i in (1, 2, 3))  # (T, Σ G, ...)
-        c = _contributions(groups, idx, torch.cat([it[4] for it in items], dim=1).float())  # (T, Σ G, k)
+        idx, w, s = (torch.cat([it[i] for it in items], dim=1) for i in (1, 2, 3))  # (T, C, ...), C = Σ G
+        c = _contributions(groups, idx, torch.cat([it[4] for it in items], dim=1).float())  # (T, C, k)
         idx, w, s, c = idx.cpu().numpy(), w.float().cpu().numpy(), s.float().cpu().numpy(), c.cpu().numpy()
-        col = 0
-        for group in groups:
-            for key in group.keys:  # member m of the group is column col of the batched arrays
-                at = (li[key[0]], key[1])
-                ids[at], weights[at], scores[at], contribution[at] = idx[:, col], w[:, col], s[:, col, :k], c[:, col]
-                if s.shape[-1] > k:
-                    runner_up[at] = s[:, col, k]
-                col += 1
-    for key, parts in norms.items():
-        n = torch.cat(parts).float()  # (T,)
-        check(key, n.shape[0])
-        base_norm[li[key[0]], key[1]] = n.cpu().numpy()
+        at = _places([key for g in groups for key in g.keys], li)  # column j of the arrays is member at[j]
+        ids[at], weights[at] = idx.transpose(1, 0, 2), w.transpose(1, 0, 2)  # (C, T, k) into (L, M, T, k)
+        scores[at], contribution[at] = s[..., :k].transpose(1, 0, 2), c.transpose(1, 0, 2)
+        if s.shape[-1] > k:
+            runner_up[at] = s[..., k].T  # (C, T)
+    if norms:
+        keys = list(norms)
+        parts = [p[0] if len(p) == 1 else torch.cat(p) for p in norms.values()]  # (T,) each
+        for key, n in zip(keys, parts):
+            check(key, n.shape[0])
+        base_norm[_places(keys, li)] = torch.stack(parts).float().cpu().numpy()  # (n keys, T)
     runner_up[~np.isfinite(runner_up)] = np.nan  # -inf: every other expert was disabled
     return TopKRoutes(E, ids, weights, scores, runner_up, contribution, base_norm)
+
+
+def _places(keys: list[tuple[int, int]], li: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(layer, module index) keys -> the (layer row, module) index arrays that address them in a trace array."""
+    return np.array([li[key[0]] for key in keys]), np.array([key[1] for key in keys])
 
 
 def _contributions(groups: list, idx: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -95,9 +99,11 @@ def _contributions(groups: list, idx: torch.Tensor, a: torch.Tensor) -> torch.Te
     for g in groups:
         first.extend(start + m * g.n_experts for m in range(g.n_members))
         start += g.n_members * g.n_experts
-    rows = idx + torch.tensor(first, device=idx.device).view(1, -1, 1)  # (T, Σ G, k) rows of `grams`
+    r = groups[0].rank
+    rows = (idx + torch.tensor(first, device=idx.device).view(1, -1, 1)).view(-1)  # (T Σ G k,) rows of `grams`
+    g = grams.view(-1, r * r).index_select(0, rows).view(*idx.shape, r, r)  # (T, Σ G, k, r, r)
     a = a.unsqueeze(-2)  # (T, Σ G, k, 1, r)
-    return ((a @ grams[rows]) * a).sum((-2, -1)).clamp_min(0).sqrt()
+    return ((a @ g) * a).sum((-2, -1)).clamp_min(0).sqrt()
 
 
 def next_step_kwargs(model, out) -> dict:
