@@ -11,7 +11,7 @@ Usage::
 Exact in low rank: ⟨B₁A₁, B₂A₂⟩_F = tr((B₁ᵀB₂)(A₂A₁ᵀ)) = Σ_rs (B₁ᵀB₂)_rs (A₁A₂ᵀ)_rs, an r × r computation per
 module and pair, never the out × d matrix. Smaller ranks are zero-padded (zeros add nothing). The 2-D map embeds
 the cosine matrix exactly (eigenvectors scaled by √eigenvalue, so the rows' inner products are the cosines) and
-hands that embedding to `map_coords` (UMAP from 4 experts up, PCA below); clusters are k-means on the rows of the
+hands that embedding to `map_coords` (UMAP from 10 experts up, PCA below); clusters are k-means on the rows of the
 similarity matrix, as MBC does. The stored entry keeps the raw Gram matrix, so after an expert is added (or
 replaced) only the rows of new checksums are computed.
 """

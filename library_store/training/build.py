@@ -361,5 +361,5 @@ def add_build_commands(subparsers) -> None:
     p.add_argument("--sparsity", type=float, default=MBCConfig.sparsity, help="per-expert |w| quantile zeroed")
     p.add_argument("--no-delta", action="store_true", help="cluster raw weights, not W - W_init")
     p.add_argument("--map-method", choices=("auto", "umap", "pca"), default="auto",
-                   help="2-D map: UMAP from 4 tasks up (auto), or PCA (no JIT compile, seconds)")
+                   help="2-D map: UMAP from 10 tasks up (auto), or PCA (no JIT compile, seconds)")
     p.set_defaults(func=cmd_build_mbc)

@@ -5,7 +5,7 @@ Usage::
     result = mbc_cluster(warmup_experts, k=4, init=w_init)     # init: the shared LoRA init (W_init) or None
     result.labels          # (N,) cluster of each expert, numbered by first appearance
     result.similarity      # (N, N) cosine matrix of the embedded weights
-    result.coords          # (N, 2) map coordinates (UMAP; PCA below 4 experts)
+    result.coords          # (N, 2) map coordinates (UMAP; PCA below UMAP_MIN_EXPERTS)
 
 As mttl's `MBCWithCosSimTransform` does it: flatten every A and B of an expert into one vector, zero the
 entries at or below that expert's own |w| quantile, TruncatedSVD (randomized, seeded) to at most 64
@@ -51,7 +51,7 @@ class MBCConfig:
     delta: bool = True  # cluster W - W_init (what training changed), not the raw weights
     seed: int = 0  # SVD, k-means and UMAP
     n_init: int = 50  # k-means restarts: 10 missed the best split of demo-mbc's 16 warm-ups (ARI 0.51 vs 0.82)
-    map_method: str = "auto"  # "umap" from 4 experts up, else "pca"; "pca" forces PCA (UMAP's JIT takes minutes)
+    map_method: str = "auto"  # "umap" from UMAP_MIN_EXPERTS up, else "pca"; "pca" forces PCA (no JIT)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,12 +106,21 @@ def _cosine(x: np.ndarray) -> np.ndarray:
     return x @ x.T  # (N, N)
 
 
+# Below this many experts "auto" maps with PCA of the exact embedding. A handful of points gains nothing from
+# UMAP's nonlinear layout (its neighbourhood graph, n_neighbors = N - 1, links every expert to every other), while
+# PCA is deterministic and keeps the embedding's distances as far as two axes can; and a first UMAP fit spends
+# ~10 s compiling numba functions in a fresh process (the Library tab's first map of a small library, every
+# test-fast run). The demo libraries (16 experts) keep UMAP.
+UMAP_MIN_EXPERTS = 10
+
+
 def map_coords(embedding: np.ndarray, seed: int = 0, method: str = "auto") -> tuple[np.ndarray, str]:
-    """2-D coordinates: UMAP (cosine, n_neighbors below N) from 4 experts up, PCA below that (or if asked)."""
+    """2-D coordinates: UMAP (cosine, n_neighbors below N) from UMAP_MIN_EXPERTS up, PCA below that (or if
+    asked; "umap" asks for UMAP from 4 experts up)."""
     if method not in ("auto", "umap", "pca"):
         raise ValueError(f"map method must be auto, umap or pca (got {method!r}).")
     n = embedding.shape[0]
-    if n < 4 or method == "pca":
+    if n < 4 or method == "pca" or (method == "auto" and n < UMAP_MIN_EXPERTS):
         from sklearn.decomposition import PCA
 
         if n == 1:

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from library_store.training.mbc import (MBCConfig, MBCData, adjusted_rand, flatten, map_coords, mbc_cluster, read_mbc,
-                                        sparsify)
+from library_store.training.mbc import (UMAP_MIN_EXPERTS, MBCConfig, MBCData, adjusted_rand, flatten, map_coords,
+                                        mbc_cluster, read_mbc, sparsify)
 from library_store.expert import ExpertInfo, LoraExpert
 
 KEYS = [f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
@@ -105,10 +105,17 @@ def test_pca_map_for_few_experts():
         map_coords(np.zeros((5, 2)), method="tsne")
 
 
+def test_auto_maps_small_libraries_with_pca():
+    coords, method = map_coords(np.random.RandomState(0).randn(UMAP_MIN_EXPERTS - 1, 6))
+    assert method == "pca" and coords.shape == (UMAP_MIN_EXPERTS - 1, 2)
+
+
 @pytest.mark.slow
-def test_umap_map_from_four_experts():
+def test_umap_map_from_ten_experts_or_when_asked():
     """UMAP's numba JIT takes minutes on a busy CPU: integration tier."""
-    coords, method = map_coords(np.random.RandomState(0).randn(5, 6))
+    coords, method = map_coords(np.random.RandomState(0).randn(UMAP_MIN_EXPERTS, 6))
+    assert method == "umap" and coords.shape == (UMAP_MIN_EXPERTS, 2) and np.isfinite(coords).all()
+    coords, method = map_coords(np.random.RandomState(0).randn(5, 6), method="umap")
     assert method == "umap" and coords.shape == (5, 2) and np.isfinite(coords).all()
 
 
