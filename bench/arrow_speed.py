@@ -17,8 +17,11 @@ for 256 experts at Phi-2 shapes (hidden 2560, 32 layers, q/k/v/dense, rank 4) ag
 
 Timing: on the CPU, CPU time of this process (torch runs one intra-op thread when OMP_NUM_THREADS=1), so time
 the CPU spends on other jobs does not count; on CUDA, wall time after synchronising. Every repetition runs
-each compared side once, in rotating order, so drift hits both alike. Reported: ratio of medians, and the
-ratio's spread as min-max over repetitions (each repetition's own ratio). Goals are issue 14's.
+each compared side once, in rotating order, so drift hits both alike. Reported per ratio: `paired`, the median
+of the repetitions' own ratios (each pairs two calls made within one repetition, so slow drift of the host
+cancels; the goals' verdicts read it), `median`, the ratio of the two sides' medians (what runs before 2026-11-30's fourth
+session reported), the spread min-max of the repetitions' ratios, and every repetition's times. Goals are
+issue 14's.
 """
 from __future__ import annotations
 
@@ -87,10 +90,13 @@ def interleaved(clock: Clock, sides: dict, reps: int, warmup: int = 1) -> dict[s
 
 
 def ratio(times: dict, num: str, den: str) -> dict:
-    """Ratio of medians num/den, with min and max of the per-repetition ratios."""
+    """num/den: the median of the per-repetition ratios (`paired`), the ratio of medians, min and max of the
+    per-repetition ratios, and the times themselves (seconds per repetition, in order)."""
     per_rep = [a / b for a, b in zip(times[num], times[den])]
-    return {"median": statistics.median(times[num]) / statistics.median(times[den]),
-            "min": min(per_rep), "max": max(per_rep), "reps": len(per_rep)}
+    return {"paired": statistics.median(per_rep),
+            "median": statistics.median(times[num]) / statistics.median(times[den]),
+            "min": min(per_rep), "max": max(per_rep), "reps": len(per_rep),
+            "times": {num: list(times[num]), den: list(times[den])}}
 
 
 @torch.no_grad()
@@ -212,14 +218,15 @@ def verdict(value: float, key: tuple) -> str:
 
 def table(out: dict) -> str:
     """The results as a markdown table with the goals."""
-    rows = ["| figure | E | median | min-max | goal |", "|---|---|---|---|---|"]
+    rows = ["| figure | E | paired median | ratio of medians | min-max | goal (on the paired median) |",
+            "|---|---|---|---|---|---|"]
 
     def row(name, E, r):
         if isinstance(r, dict):
-            rows.append(f"| {name} | {E} | {r['median']:.3f} | {r['min']:.3f}-{r['max']:.3f} (n={r['reps']}) | "
-                        f"{verdict(r['median'], (name, E))} |")
+            rows.append(f"| {name} | {E} | {r['paired']:.3f} | {r['median']:.3f} | {r['min']:.3f}-{r['max']:.3f} "
+                        f"(n={r['reps']}) | {verdict(r['paired'], (name, E))} |")
         else:
-            rows.append(f"| {name} | {E} | {r:.2f} | | {verdict(r, (name, E))} |")
+            rows.append(f"| {name} | {E} | {r:.2f} | | | {verdict(r, (name, E))} |")
 
     for r in out["libraries"]:
         for name in ("forward_ratio", "generation_ratio", "vs_peft_forward", "trace_ratio", "attach_cold_s",
@@ -240,7 +247,8 @@ def main(argv=None) -> int:
     p.add_argument("--experts", type=int, nargs="+", default=[16, 64])
     p.add_argument("--reps", type=int, default=15, help="forward repetitions per side (>= 5; a forward is cheap, "
                    "and host noise moved a 7-repetition median by up to 0.1 here)")
-    p.add_argument("--gen-reps", type=int, default=5, help="generation repetitions per side (>= 5)")
+    p.add_argument("--gen-reps", type=int, default=7, help="generation repetitions per side (>= 5; 5 left a "
+                   "generation ratio's spread at 0.82-1.03 on a noisy host)")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--top-k", type=int, default=4, help="routed top-k (the issue's table: 4)")
     p.add_argument("--input-centre", choices=["none", "base"], default="none",
@@ -280,7 +288,7 @@ def main(argv=None) -> int:
         out["phi2"] = bench_phi2_prototypes(device=str(device))
     out["total_s"] = time.perf_counter() - started
     print(f"\nArrow routing speed ({base.source}, {device}, {dtype}, rank 4, top-{args.top_k}, input centring "
-          f"{args.input_centre}; ratios of medians, "
+          f"{args.input_centre}; medians of per-repetition ratios and ratios of medians, "
           f"min-max of per-repetition ratios)\n" + table(out))
     for r in out["libraries"]:
         print(f"E={r['E']}: forward {r['routed_forward_s'] * 1e3:.0f} / {r['base_forward_s'] * 1e3:.0f} ms, "
