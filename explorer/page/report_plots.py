@@ -75,6 +75,26 @@ def _router_text(router: dict) -> str:
     return html.escape(describe_router(router))
 
 
+# The sweep's measures of its winning setting (bench/eval_sweep.py), in words; the router settings themselves are
+# already in the router's description.
+_WINNER_MEASURES = (("user", "own-text routing accuracy"), ("prompt", "accuracy over all prompt tokens"),
+                    ("em", "exact match"), ("margin_median", "median top-1 margin"),
+                    ("entropy_median", "median routing entropy"))
+
+
+def _winner_text(winner: dict) -> str:
+    """"own-text routing accuracy 0.825, ..., median routing entropy 1.21": 3 significant digits; unknown keys
+    kept as they are, after the known ones."""
+    def num(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    known = [f"{label} {num(winner[k])}" for k, label in _WINNER_MEASURES if winner.get(k) is not None]
+    skip = {k for k, _ in _WINNER_MEASURES} | {"top_k", "temperature", "centre", "centre_scope", "input_centre",
+                                                "granularity", "pick", "disabled", "mode"}
+    rest = [f"{k} {num(v)}" for k, v in winner.items() if k not in skip and v is not None]
+    return html.escape(", ".join(known + rest))
+
+
 def report_card(report: "RoutingReport | None", default: "DefaultRouter | None", library: str,
                 path: str) -> str:
     """Markdown: the verdict, the accuracies, the default router and its evidence, each with its command."""
@@ -113,23 +133,23 @@ def report_card(report: "RoutingReport | None", default: "DefaultRouter | None",
         lines.append("None recorded: the page starts with the built-in defaults (top-k 4, temperature 1, no "
                      "centring).")
     else:
-        lines.append(f"The page and the CLI start with: **{_router_text(default.router)}**.")
+        lines.append(f"The page and the CLI start with: **{_router_text(default.router)}**.\n")
         rule, winner = default.evidence.get("rule"), default.evidence.get("winner")
         if rule:
-            lines.append(f"Why: {html.escape(str(rule))}")
+            lines.append(f"- Why: {html.escape(str(rule))}.")
         if isinstance(winner, dict):
-            lines.append("Winner: " + ", ".join(f"{html.escape(str(k))} {html.escape(str(v))}"
-                                                for k, v in winner.items()))
+            lines.append(f"- The winner's figures on training prompts: {_winner_text(winner)}.")
         gran = default.evidence.get("granularity")
         if isinstance(gran, dict) and gran.get("rows"):
-            lines.append("Per token or per prompt, by training exact match: " + ", ".join(
+            lines.append("- Per token or per prompt, by training exact match: " + ", ".join(
                 f"{'per token' if g['granularity'] == 'token' else 'per prompt by ' + str(g.get('pick', 'mean'))} "
                 f"{float(g['em']):.2f}" for g in gran["rows"]) + ".")
-        sweep = default.evidence.get("sweep") or []
+        sweep = default.evidence.get("rows") or default.evidence.get("sweep") or []  # eval_sweep writes "rows"
         if sweep:
-            lines.append(f"({len(sweep)} settings swept on {html.escape(str(default.evidence.get('split', 'train')))} "
-                         "prompts only, never on held-out ones.)")
-        lines.append(f"Chosen by {_code(default.command or '(command not recorded)')}.")
+            lines.append(f"- {len(sweep)} settings swept on "
+                         f"{html.escape(str(default.evidence.get('split', 'train')))} prompts only, never on held-out "
+                         "ones.")
+        lines.append(f"- Chosen by {_code(default.command or '(command not recorded)')}.")
     return "\n".join(lines)
 
 

@@ -106,6 +106,26 @@ def test_report_card_and_default_router_are_read_from_the_store(session):
     assert done.request.router.input_centre == "none"
 
 
+def test_default_router_evidence_reads_as_words_with_rounded_figures():
+    from explorer.page.report_plots import report_card
+    from library_store.store.reports import DefaultRouter
+
+    winner = {"centre": "none", "centre_scope": "prototypes", "input_centre": "base", "top_k": 4, "temperature": 0.3,
+              "user": 0.825, "prompt": 0.5625, "margin_median": 0.07740028947591782,
+              "entropy_median": 1.2140874862670898, "em": 0.46249999999999997, "granularity": "prompt",
+              "pick": "readout"}
+    default = DefaultRouter({"mode": "arrow", "top_k": 4, "temperature": 0.3, "input_centre": "base"},
+                            {"rule": "highest own-text accuracy", "winner": winner, "split": "train",
+                             "rows": [winner, {**winner, "top_k": 2}]}, "key", "python x.py")
+    card = report_card(None, default, "lib", "/tmp/lib")
+    line = next(x for x in card.splitlines() if "training prompts:" in x)
+    assert ("own-text routing accuracy 0.825, accuracy over all prompt tokens 0.562, exact match 0.462, "
+            "median top-1 margin 0.0774, median routing entropy 1.21.") in line
+    assert "0.0774002" not in card and "centre_scope" not in card and "top_k" not in card  # no raw keys or floats
+    assert "- Why: highest own-text accuracy." in card and "- Chosen by `python x.py`." in card
+    assert "- 2 settings swept on train prompts only" in card  # bench/eval_sweep.py's evidence keeps them as rows
+
+
 def test_recorded_input_centring_is_the_page_default(session):
     writer = ExpertLibrary.open(session.registry.paths["lib"], readonly=False)
     write_default_router(writer, {"mode": "arrow", "top_k": 2, "temperature": 1.0, "disabled": [], "centre": "none",
