@@ -126,6 +126,15 @@ def test_default_router_evidence_reads_as_words_with_rounded_figures():
     assert "- 2 settings swept on train prompts only" in card  # bench/eval_sweep.py's evidence keeps them as rows
 
 
+def test_confusion_colours_start_at_zero_weight():
+    from explorer.page.report_plots import confusion_heatmap
+
+    report = RoutingReport(content_key="k", split="heldout", router={"mode": "arrow", "top_k": 4}, experts=EXPERTS[:2],
+                           tasks=EXPERTS[:2], n_per_task=3, confusion=[[0.32, 0.21], [0.24, 0.28]])
+    heat = confusion_heatmap(report).data[0]
+    assert (heat.zmin, heat.zmax) == (0, 0.32)  # an almost even split must look almost even
+
+
 def test_recorded_input_centring_is_the_page_default(session):
     writer = ExpertLibrary.open(session.registry.paths["lib"], readonly=False)
     write_default_router(writer, {"mode": "arrow", "top_k": 2, "temperature": 1.0, "disabled": [], "centre": "none",
