@@ -56,8 +56,8 @@ def main() -> None:
             page.locator("#map .scatterlayer .point").first.click(force=True)
             page.wait_for_selector("#grid .x-grid[data-highlighted]", timeout=30_000)
             page.click("#cf-run")
-            page.wait_for_selector("#cf-out .x-cfout, #cf-out .x-error", timeout=120_000)  # a per-prompt run
-            #                                                      refuses counterfactuals, with a notice
+            page.wait_for_selector("#cf-out .x-diff, #cf-out .x-error", timeout=120_000)  # the regenerated
+            #                                                      answer's difference (or a refusal), not "…"
             page.evaluate("window.scrollTo(0, 0)")
             page.locator("#drill tr.x-exp").first.hover()  # its points grow on the map
             page.wait_for_timeout(500)
