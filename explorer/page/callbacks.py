@@ -147,7 +147,7 @@ def export(session: Session, state: RunResult | None, module, colour_by, expert,
                  "contribution": plots.top1_heatmap(view, module, groups, by="contribution")}
         figs = figures(session, state, module, expert, show_template)
         pages.update(zip(("expert", "entropy", "usage", "change"), (figs[k] for k in FIGURE_OUTPUTS)))
-    analysis = session.registry.analysis(library or "")
+    analysis = session.registry.explore_map(library or "")
     pages.update({"similarity-map": plots.similarity_map(analysis), "cosine-matrix": plots.cosine_matrix(analysis)})
     for name, fig in pages.items():
         files.append(out / f"{name}.html")
@@ -170,7 +170,7 @@ def library(session: Session, name, progress=None) -> dict:
     experts = reg.expert_names(name)
     return {"status": reg.status() if error is None else error, "disabled": update(choices=experts, value=[]),
             "expert": update(choices=experts, value=None),
-            "linked_map": instrument.map_html(reg.analysis(name), experts, reg.groups(name))}
+            "linked_map": instrument.map_html(reg.explore_map(name), experts, reg.groups(name))}
 
 
 def router_controls(session: Session, name) -> dict:

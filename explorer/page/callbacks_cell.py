@@ -59,7 +59,7 @@ def _pick_experts(session: Session, state: RunResult, name: str) -> set[str]:
     if name in trace.experts:
         return {name}
     reg = session.registry
-    analysis = reg.analysis(state.request.library)
+    analysis = reg.explore_map(state.request.library)
     serve = instrument.task_experts(analysis, trace.experts)
     if serve.get(name):
         return {serve[name]}

@@ -90,7 +90,9 @@ def grid_html(result, view, positions: list[int], module: str = MEAN, groups: di
 
 def task_experts(analysis, experts: list[str]) -> dict[str, str]:
     """task -> the routed expert that serves it: one trained on it, else the expert named after its cluster,
-    else an expert named like the task (a private library's)."""
+    else an expert named like the task (a private library's). On a ΔW map the points are the experts."""
+    if analysis.map_kind == "delta":
+        return {name: name if name in experts else "" for name in analysis.tasks}
     out = {}
     table = analysis.experts
     if len(table):

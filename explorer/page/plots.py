@@ -259,7 +259,7 @@ def token_strip(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, str
 
 def similarity_map(analysis: "LibraryAnalysis") -> go.Figure:
     """The stored 2-D map of the warm-up adapters: one point per task, coloured by MBC cluster; hover lists the
-    task's nearest tasks by cosine similarity."""
+    task's nearest tasks by cosine similarity. A ΔW map (`map_kind` "delta") has one point per expert."""
     if analysis.coords is None or not len(analysis.tasks):
         return note_figure("Adapter-similarity map", analysis.note or "This library has no MBC map.")
     clusters = [analysis.cluster_of.get(t, "none") for t in analysis.tasks]
@@ -282,7 +282,8 @@ def similarity_map(analysis: "LibraryAnalysis") -> go.Figure:
                                  marker=dict(size=11, color="#888", symbol=symbol[family])))
     title = "Adapter-similarity map of the warm-up weights: colour = MBC cluster" + (
         ", shape = task family" if families else "")
-    fig.update_layout(title=dict(text=title, x=0.01), **LOOK, height=540, legend_title_text="MBC cluster",
+    fig.update_layout(title=dict(text=title, x=0.01), **LOOK, height=540,
+                      legend_title_text="cluster" if analysis.map_kind == "delta" else "MBC cluster",
                       xaxis=dict(showticklabels=False, title="", zeroline=False, gridcolor="#f0f0f0"),
                       yaxis=dict(showticklabels=False, title="", zeroline=False, gridcolor="#f0f0f0"))
     return fig
@@ -290,7 +291,8 @@ def similarity_map(analysis: "LibraryAnalysis") -> go.Figure:
 
 def _map_hover(analysis: "LibraryAnalysis", i: int, n: int = 3) -> str:
     task = analysis.tasks[i]
-    lines = [f"task <b>{esc(task)}</b>", f"cluster {esc(analysis.cluster_of.get(task, 'none'))}"]
+    what = "expert" if analysis.map_kind == "delta" else "task"
+    lines = [f"{what} <b>{esc(task)}</b>", f"cluster {esc(analysis.cluster_of.get(task, 'none'))}"]
     family = analysis.family_of.get(task)
     if family:
         lines.append(f"family {esc(family)}")

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from explorer.page.library_view import (LibraryAnalysis, analyse_library, delta_analysis, expert_groups,
                                         task_clusters)
@@ -240,6 +240,20 @@ class Registry:
                 return LibraryAnalysis(name=library, note=f"Library {library!r} is not available: {why}")
             self._analyses[library] = analyse_library(self.libs[library], library)
         return self._analyses[library]
+
+    def explore_map(self, library: str) -> LibraryAnalysis:
+        """The map next to the grid: the MBC map of the warm-ups where the library has one, else the ΔW map of
+        its experts (a private library), coloured like the grid's "cluster" colouring where the library has or
+        borrows clusters (`groups`), else by k-means clusters of the ΔW similarity."""
+        mbc = self.analysis(library)
+        if mbc.coords is not None or library not in self.libs:
+            return mbc
+        delta = self.library_map(library, "delta")
+        if delta.coords is None:  # the ΔW map failed too: say why, after why there is no MBC map
+            return replace(delta, note=f"{mbc.note} {delta.note}".strip())
+        groups = self.groups(library)
+        return replace(delta, cluster_of={n: groups[n] if groups.get(n, n) != n else c
+                                          for n, c in delta.cluster_of.items()})
 
     def library_map(self, library: str, kind: str = "mbc") -> LibraryAnalysis:
         """The map to show: "mbc" (the warm-up map, as `analysis`) or "delta" (cosine of the experts' weight

@@ -2,6 +2,7 @@
 and the callbacks called directly. Bad input gives messages, never tracebacks; settings are clamped with
 notices; the Library tab's data is read from the store; a page run never writes into a library."""
 import hashlib
+import html
 import json
 import math
 import re
@@ -255,6 +256,15 @@ def test_mbc_library_routes_over_cluster_experts_and_maps_the_warmups(tmp_path):
     out = route(session, "hi", library="private", colour_by="cluster", max_new=1)
     legend = re.findall(r'class="x-key" data-label="([^"]*)"', out["grid"])
     assert legend and set(legend) <= {"cluster-0", "cluster-1"}
+    # no MBC map of its own: the map beside the grid is its experts' ΔW map, coloured like the grid's clusters
+    linked = cb.library(session, "private")["linked_map"]
+    payload = json.loads(html.unescape(re.search(r'data-payload="([^"]*)"', linked).group(1)))
+    points = [p for curve in payload["points"] for p in curve]
+    assert sorted(p["task"] for p in points) == sorted(session.registry.expert_names("private"))
+    assert all(p["expert"] == p["task"] and p["cluster"] == groups[p["task"]] for p in points)
+    picked = cc.highlight(session, out["state"], "private", "mean", "expert", "weight", False,
+                          "reverse_word")
+    assert picked["selection"].startswith("**reverse\\_word** → reverse\\_word")  # a point is an expert
 
 
 # ---------------------------------------------------------------- callbacks, called directly
