@@ -251,9 +251,10 @@ class Registry:
         delta = self.library_map(library, "delta")
         if delta.coords is None:  # the ΔW map failed too: say why, after why there is no MBC map
             return replace(delta, note=f"{mbc.note} {delta.note}".strip())
-        groups = self.groups(library)
-        return replace(delta, cluster_of={n: groups[n] if groups.get(n, n) != n else c
-                                          for n, c in delta.cluster_of.items()})
+        groups = self.groups(library)  # expert -> its cluster, or itself when it has none (as the grid colours)
+        if any(groups.get(n, n) != n for n in delta.cluster_of):  # never mix those names with k-means labels
+            return replace(delta, cluster_of={n: groups.get(n, n) for n in delta.cluster_of})
+        return delta
 
     def library_map(self, library: str, kind: str = "mbc") -> LibraryAnalysis:
         """The map to show: "mbc" (the warm-up map, as `analysis`) or "delta" (cosine of the experts' weight
