@@ -166,7 +166,13 @@ def cmd_unpack(args) -> int:
 def cmd_similarity(args) -> int:
     from library_store.store.similarity import delta_similarity
 
-    sim = delta_similarity(ExpertLibrary.open(args.path, readonly=True), map_method=args.map)
+    lib = ExpertLibrary.open(args.path, readonly=not args.record)
+    if args.record and not lib.derived.writes_to_library:
+        raise LibraryError(f"--record stores the map in the library, and {lib.root} cannot be written.")
+    sim = delta_similarity(lib, map_method=args.map, record=args.record)
+    if args.record:
+        print(f"stored in {lib.root} (derived data 'delta-similarity'): the page reads it from there",
+              file=sys.stderr)
     if args.json:
         print(json.dumps({"names": sim.names, "similarity": sim.similarity.round(6).tolist(),
                           "coords": sim.coords.round(6).tolist(), "labels": sim.labels, "method": sim.method,
@@ -236,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_unpack)
     p = sub.add_parser("similarity", help="cosine similarity of the experts' weight updates (ΔW), with clusters")
     p.add_argument("path")
-    p.add_argument("--map", default="pca", choices=["pca", "umap", "auto"], help="2-D map method (default pca)")
+    p.add_argument("--map", default="auto", choices=["pca", "umap", "auto"],
+                   help="2-D map method (default auto, as the page: UMAP from 10 experts up, else PCA)")
+    p.add_argument("--record", action="store_true", help="store the map in the library itself (opened writable), "
+                   "so the page never computes it; without it, a read-only library's map goes to the user cache")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_similarity)
     p = sub.add_parser("remove", help="delete an expert")

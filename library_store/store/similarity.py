@@ -187,9 +187,11 @@ def gram_reusing(experts: list[LoraExpert], previous=None) -> tuple[np.ndarray, 
 
 @torch.no_grad()
 def delta_similarity(library, names: list[str] | None = None, k: int | None = None, map_method: str = "auto",
-                     seed: int = 0) -> DeltaSimilarity:
+                     seed: int = 0, record: bool = False) -> DeltaSimilarity:
     """The ΔW similarity map of `names` (default `default_names`), from the cache when the experts are the same.
-    Experts that cannot be read or hold non-finite weights are left out and listed in `.skipped`."""
+    Experts that cannot be read or hold non-finite weights are left out and listed in `.skipped`. `record`: the
+    library (opened writable) stores the entry itself, even one found in the user cache, and a failed write
+    raises instead of costing only a later recomputation."""
     from library_store.training.mbc import map_coords
 
     names = default_names(library) if names is None else list(names)
@@ -198,6 +200,8 @@ def delta_similarity(library, names: list[str] | None = None, k: int | None = No
               "seed": seed}
     hit = library.get_derived(DELTA_KIND, config)
     if hit is not None:
+        if record:
+            library.put_derived(DELTA_KIND, config, *hit)
         return _from_stored(*hit)
     experts, skipped = _load(library, names)
     gram, _ = gram_reusing(experts, _previous(library))
@@ -215,7 +219,8 @@ def delta_similarity(library, names: list[str] | None = None, k: int | None = No
     try:
         library.put_derived(DELTA_KIND, config, tensors, meta)
     except (LibraryError, OSError):  # a cache that cannot be written only costs a recomputation
-        pass
+        if record:
+            raise
     return result
 
 

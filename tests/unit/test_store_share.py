@@ -272,6 +272,26 @@ def test_similarity_cli_prints_the_matrix_and_json(packed, tmp_path, capsys):
     assert code == 0 and out.splitlines()[0].startswith("e0")
 
 
+def test_similarity_record_stores_the_pages_map_in_the_library(packed, tmp_path, capsys, monkeypatch):
+    from library_store.store import similarity
+
+    lib = unpack(packed, tmp_path / "copy")
+    assert run(capsys, "similarity", lib.root)[0] == 0  # read-only: the map goes to the user cache
+    assert ExpertLibrary.open(lib.root).list_derived() == []
+    code, _, err = run(capsys, "similarity", lib.root, "--record")  # found in the user cache, stored all the same
+    assert code == 0 and "stored in" in err
+    assert [d["kind"] for d in ExpertLibrary.open(lib.root).list_derived()].count(similarity.DELTA_KIND) == 1
+    monkeypatch.setattr(similarity, "delta_gram", lambda *a: pytest.fail("the recorded map was recomputed"))
+    sim = similarity.delta_similarity(ExpertLibrary.open(lib.root, readonly=True))  # as the page asks for it
+    assert sim.names == ["e0", "e1"]
+    lib.root.chmod(0o555)  # a library that cannot be written: refused, not silently cached elsewhere
+    try:
+        code, _, err = run(capsys, "similarity", lib.root, "--record")
+    finally:
+        lib.root.chmod(0o755)
+    assert code != 0 and "cannot be written" in err
+
+
 # ---------------------------------------------------------------- the evaluation travels with the library
 
 PER_PROMPT = {"mode": "arrow", "top_k": 2, "temperature": 0.1, "disabled": [], "centre": "none",
