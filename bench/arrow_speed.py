@@ -19,9 +19,9 @@ Timing: on the CPU, CPU time of this process (torch runs one intra-op thread whe
 the CPU spends on other jobs does not count; on CUDA, wall time after synchronising. Every repetition runs
 each compared side once, in rotating order, so drift hits both alike. Reported per ratio: `paired`, the median
 of the repetitions' own ratios (each pairs two calls made within one repetition, so slow drift of the host
-cancels; the goals' verdicts read it), `median`, the ratio of the two sides' medians (what runs before 2026-11-30's fourth
-session reported), the spread min-max of the repetitions' ratios, and every repetition's times. Goals are
-issue 14's.
+cancels; the goals' verdicts read it), `median`, the ratio of the two sides' medians (what runs before
+2026-11-30's fourth session reported), the spread min-max of the repetitions' ratios, and every repetition's
+times. Goals are issue 14's.
 """
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ Usage::
 
 Base and routed are profiled interleaved, one call per profiling session, so both see the same load; the
 table gives, per op, the self time per call of each side and the difference (what routing adds), largest
-first; the fused C++ kernels appear as `fused::route_one` / `fused::route_rows`. Absolute times on a loaded machine are not a benchmark (bench/arrow_speed.py is); the differences and
-the op counts are what docs/engine.md quotes.
+first; the fused C++ kernels appear as `fused::route_one` / `fused::route_rows`. Absolute times on a loaded
+machine are not a benchmark (bench/arrow_speed.py is); the differences and the op counts are what docs/engine.md
+quotes.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""A screenshot of the instrument in use at 1440 x 900 (the whole page, the first 900 px being the screen): a routed prompt, a clicked cell's drill-down, a map pick
-lighting the grid, and a counterfactual (or, for a per-prompt run, its refusal), through Debian's Chromium.
+"""A screenshot of the instrument in use at 1440 x 900 (the whole page, the first 900 px being the screen): a
+routed prompt, a clicked cell's drill-down, a map pick lighting the grid, and a counterfactual with its regenerated
+answer, through Debian's Chromium.
 
 Usage::
 

@@ -60,8 +60,10 @@ def bench_library(E, base, experts, args, device, clock) -> dict:
     rm = RoutedModel(base, experts[:E], RouterConfig(top_k=4), prototypes=protos)  # prototypes cached
     synchronize(device)
     res["attach_warm_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()  # exact prototypes of every site's stack, timed on their own (cold - warm, two
-    for st in rm._stacks.values():  # single wall times, was noisy enough to go negative)
+    # exact prototypes of every site's stack, timed on their own (cold minus warm attach, two single wall times,
+    # was noisy enough to go negative)
+    t0 = time.perf_counter()
+    for st in rm._stacks.values():
         compute_prototypes(st.A, st.B)  # (E, r, d), (E, out, r) -> (E, d)
     synchronize(device)
     res["prototypes_s"] = time.perf_counter() - t0

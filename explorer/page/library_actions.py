@@ -20,8 +20,8 @@ import logging
 import time
 
 from explorer.page.events import Update, ensure_loaded, messages, update
-from explorer.page.plots import note_figure
-from explorer.page.report_plots import confusion_heatmap, layer_curve, library_cosine, library_map, report_card
+from explorer.page.plots import cosine_matrix, note_figure, similarity_map
+from explorer.page.report_plots import confusion_heatmap, layer_curve, report_card
 from explorer.page.session import Session
 from explorer.routing.config import GRANULARITIES, INPUT_CENTRES, PICKS
 
@@ -41,7 +41,7 @@ def default_map_kind(session: Session, library: str) -> str:
 
 def _maps(session: Session, library: str, kind: str) -> dict:
     analysis = session.registry.library_map(library, kind)
-    return {"similarity": library_map(analysis), "cosine": library_cosine(analysis),
+    return {"similarity": similarity_map(analysis), "cosine": cosine_matrix(analysis),
             "lib_note": messages([analysis.note]) if analysis.note else "", "summary": analysis.summary}
 
 

@@ -280,10 +280,12 @@ def similarity_map(analysis: "LibraryAnalysis") -> go.Figure:
     for family in families:  # shape legend: grey markers, one per family
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"family {esc(family)}",
                                  marker=dict(size=11, color="#888", symbol=symbol[family])))
-    title = "Adapter-similarity map of the warm-up weights: colour = MBC cluster" + (
-        ", shape = task family" if families else "")
+    delta = analysis.map_kind == "delta"
+    title = ("Expert-similarity map of the weight updates ΔW: colour = cluster" if delta else
+             "Adapter-similarity map of the warm-up weights: colour = MBC cluster"
+             + (", shape = task family" if families else ""))
     fig.update_layout(title=dict(text=title, x=0.01), **LOOK, height=540,
-                      legend_title_text="cluster" if analysis.map_kind == "delta" else "MBC cluster",
+                      legend_title_text="cluster" if delta else "MBC cluster",
                       xaxis=dict(showticklabels=False, title="", zeroline=False, gridcolor="#f0f0f0"),
                       yaxis=dict(showticklabels=False, title="", zeroline=False, gridcolor="#f0f0f0"))
     return fig
@@ -306,7 +308,8 @@ def _map_hover(analysis: "LibraryAnalysis", i: int, n: int = 3) -> str:
 
 
 def cosine_matrix(analysis: "LibraryAnalysis") -> go.Figure:
-    """Task x task cosine similarity of the warm-up adapters, rows and columns grouped by cluster."""
+    """Task x task cosine similarity of the warm-up adapters (a ΔW map's: expert x expert, of their weight
+    updates), rows and columns grouped by cluster."""
     if analysis.similarity is None or not len(analysis.tasks):
         return note_figure("Cosine similarity", analysis.note or "This library has no similarity matrix.")
     order = sorted(range(len(analysis.tasks)), key=lambda i: (analysis.cluster_of.get(analysis.tasks[i], ""),
@@ -316,7 +319,9 @@ def cosine_matrix(analysis: "LibraryAnalysis") -> go.Figure:
     fig = go.Figure(go.Heatmap(z=sim, x=labels, y=labels, colorscale="RdBu", zmid=0, zmin=-1, zmax=1,
                                colorbar=dict(title="cos"),
                                hovertemplate="%{y} · %{x}<br>cos %{z:.3f}<extra></extra>"))
-    fig.update_layout(title=dict(text="Cosine similarity of warm-up adapters, grouped by cluster", x=0.01),
+    title = ("Cosine similarity of the experts' weight updates ΔW, by cluster" if analysis.map_kind == "delta"
+             else "Cosine similarity of warm-up adapters, grouped by cluster")
+    fig.update_layout(title=dict(text=title, x=0.01),
                       **LOOK, height=600, yaxis=dict(autorange="reversed", automargin=True),
                       xaxis=dict(tickangle=-60, automargin=True), margin=dict(l=20, b=20, t=60, r=20))
     return fig

@@ -1,4 +1,4 @@
-"""The Library tab's report card and maps as pure functions: a stored `RoutingReport` in, plotly figures and
+"""The Library tab's report card as pure functions: a stored `RoutingReport` in, plotly figures and
 Markdown out (no gradio, no model, nothing computed from experts: the evaluation computed it).
 
 Usage::
@@ -7,22 +7,21 @@ Usage::
     confusion_heatmap(report)                          # task x expert mean own-text weight
     layer_curve(report)                                # own-text routing accuracy per layer
     report_card(report, read_default_router(lib), "demo-private", "assets/libraries/demo-private")  # Markdown
-    library_map(analysis); library_cosine(analysis)    # the map of `analysis.map_kind` ("mbc" or "delta")
 
 Every number shown comes with the command that produced it. See docs/design.md, "Routing report card".
 """
 from __future__ import annotations
 
 import html
+from dataclasses import fields
 from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 
-from explorer.page.plots import LOOK, cosine_matrix, esc, note_figure, similarity_map
-from explorer.routing.config import describe_router
+from explorer.page.plots import LOOK, esc, note_figure
+from explorer.routing.config import RouterConfig, describe_router
 
 if TYPE_CHECKING:
-    from explorer.page.library_view import LibraryAnalysis
     from library_store.store.reports import DefaultRouter, RoutingReport
 
 EVAL_COMMAND = "python bench/eval_routing.py --library {path} --record"
@@ -92,8 +91,7 @@ def _winner_text(winner: dict) -> str:
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
     known = [f"{label} {num(winner[k])}" for k, label in _WINNER_MEASURES if winner.get(k) is not None]
-    skip = {k for k, _ in _WINNER_MEASURES} | {"top_k", "temperature", "centre", "centre_scope", "input_centre",
-                                                "granularity", "pick", "disabled", "mode"}
+    skip = {k for k, _ in _WINNER_MEASURES} | {f.name for f in fields(RouterConfig)}
     rest = [f"{k} {num(v)}" for k, v in winner.items() if k not in skip and v is not None]
     return html.escape(", ".join(known + rest))
 
@@ -154,19 +152,3 @@ def report_card(report: "RoutingReport | None", default: "DefaultRouter | None",
                          "ones.")
         lines.append(f"- Chosen by {_code(default.command or '(command not recorded)')}.")
     return "\n".join(lines)
-
-
-def library_map(analysis: "LibraryAnalysis") -> go.Figure:
-    """The 2-D similarity map; a ΔW map (rows are experts) is titled as such."""
-    fig = similarity_map(analysis)
-    if analysis.map_kind == "delta" and analysis.coords is not None:
-        fig.update_layout(title=dict(text="Expert-similarity map of the weight updates ΔW: colour = cluster"),
-                          legend_title_text="cluster")
-    return fig
-
-
-def library_cosine(analysis: "LibraryAnalysis") -> go.Figure:
-    fig = cosine_matrix(analysis)
-    if analysis.map_kind == "delta" and analysis.similarity is not None:
-        fig.update_layout(title=dict(text="Cosine similarity of the experts' weight updates ΔW, by cluster"))
-    return fig

@@ -20,7 +20,7 @@ from torch import nn
 from explorer.routing import fused
 from explorer.routing.state import RouterState, SiteStack
 
-_NO_SHIFT, _NO_MASK = torch.empty(0), torch.empty(0, dtype=torch.bool)  # the fused step's "none"
+_NONE, _NO_MASK = torch.empty(0), torch.empty(0, dtype=torch.bool)  # the kernels' "none" (shift, scores; mask)
 
 
 class RoutedGroup(nn.Module):
@@ -188,7 +188,7 @@ class RoutedGroup(nn.Module):
         (t, G, k, r) w A h) while capturing."""
         st, shift = self.state, self._shift
         keep = 0 if st.capture is None else min(st.top_k + 1, self.n_experts)  # the runner-up too, for the trace
-        upd, *slots = rows(h, scores, self._protos, _NO_SHIFT if shift is None else shift, self._a_rows, self._up,
+        upd, *slots = rows(h, scores, self._protos, _NONE if shift is None else shift, self._a_rows, self._up,
                            _NO_MASK if mask is None else mask, self.n_members, self.n_experts, self.rank, st.top_k,
                            st.temperature, keep, self._outs)
         if slots:
@@ -235,10 +235,10 @@ class RoutedGroup(nn.Module):
         if mask is not False:
             rows = fused.rows() if st.capture is not None else None
             if rows is not None:  # traced: the many-token kernel on one token, which also gives the slots
-                return self._rows(rows, h.view(1, -1), _NO_SHIFT, mask).view(G, -1)
+                return self._rows(rows, h.view(1, -1), _NONE, mask).view(G, -1)
             step = fused.kernel()  # the same routing in one C++ call (explorer/routing/fused.py), where it built
             if step is not None:
-                return step(h.contiguous(), self._protos, _NO_SHIFT if shift is None else shift, self._a_rows,
+                return step(h.contiguous(), self._protos, _NONE if shift is None else shift, self._a_rows,
                             self._up, _NO_MASK if mask is None else mask, G, self.n_experts, r, k, st.temperature,
                             self._outs)
         scores = torch.mv(self._protos, h) if shift is None else torch.addmv(shift, self._protos, h, beta=-1)
