@@ -110,10 +110,14 @@ def _finished(session: Session, result: RunResult, module, colour_by, grid_by, s
                 "cf_expert": update(), **cleared}
     trace, disabled = result.trace, result.request.router.disabled
     notes = result.notices + ([f"Intervention: experts {', '.join(disabled)} disabled."] if disabled else [])
-    if trace.evidence is not None:
-        notes = [trace.meta["pick"]["text"] + " The grid: the prompt's per-token routing."] + notes
+    notice = messages(notes)
+    if trace.evidence is not None:  # the pick first, flagged when the evidence hardly decided
+        chosen = trace.meta["pick"]
+        said = messages([chosen["text"] + " The grid: the prompt's per-token routing."],
+                        "warning" if chosen.get("uncertain") else "note")
+        notice = "\n\n".join(filter(None, [said, notice]))
     top = trace.most_used_expert()
-    return {"notice": messages(notes), "text": trace.text,
+    return {"notice": notice, "text": trace.text,
             **grid(session, result, module, colour_by, grid_by, show_template),
             "ref_text": result.reference.text if result.reference is not None else "",
             "trace_json": trace.to_json(dense=False), "state": result,

@@ -27,8 +27,9 @@ def update(**props) -> Update:
 
 
 def messages(lines: list[str], kind: str = "note") -> str:
-    """Escaped page messages (they may quote library names, expert names or settings)."""
-    mark = "⚠️" if kind == "error" else "ℹ️"
+    """Escaped page messages (they may quote library names, expert names or settings); `kind` "note", "warning"
+    (an uncertain result) or "error"."""
+    mark = "⚠️" if kind in ("error", "warning") else "ℹ️"
     return "\n\n".join(f"{mark} {html.escape(line)}" for line in lines)
 
 

@@ -47,7 +47,9 @@ def _maps(session: Session, library: str, kind: str) -> dict:
 
 def show(session: Session, library, progress=None) -> dict:
     """The tab for `library` (page load and library switch): summary, report card, default map, table."""
-    from library_store.store.reports import read_default_router, read_report
+    from explorer.routing.config import RouterConfig
+    from explorer.routing.readout import readout_key
+    from library_store.store.reports import read_default_router, read_readout, read_report
 
     error = ensure_loaded(session, progress)
     reg, library = session.registry, str(library or "")
@@ -61,12 +63,15 @@ def show(session: Session, library, progress=None) -> dict:
     maps = _maps(session, library, kind)
     lib, served, copy = reg.libs[library], reg.paths[library], reg.user_copy_of(library)
     report, default = read_report(lib), read_default_router(lib)
+    per_prompt = default is not None and default.router.get("pick") == "readout"
+    readout = read_readout(lib, readout_key(RouterConfig.from_dict(default.router))) if per_prompt else None
+    card = report_card(report, default, library, str(served), readout and readout[1])
     where = f" Served from your copy at {_code(str(copy))} (the committed library is unchanged)." if copy else ""
     summary = (f"Library **{html.escape(library)}**: {len(reg.expert_names(library))} routed experts, "
                f"{len(lib)} in all. {html.escape(maps.pop('summary'))}{where}")
     out = {"lib_summary": summary, **maps,
            "map_kind": update(value=kind, visible=kind == "mbc", choices=MAP_KINDS),
-           "table": reg.analysis(library).experts, "report": report_card(report, default, library, str(served)),
+           "table": reg.analysis(library).experts, "report": card,
            "confusion": confusion_heatmap(report), "layers": layer_curve(report),
            "remove_name": update(choices=lib.names(), value=None)}
     return {k: out[k] for k in SHOW_OUTPUTS}

@@ -96,9 +96,34 @@ def _winner_text(winner: dict) -> str:
     return html.escape(", ".join(known + rest))
 
 
+def _uncertain_text(readout_meta: dict) -> list[str]:
+    """The readout's uncertain-pick threshold and how flagged picks fared (bench/pick_confidence.py --record)."""
+    t = readout_meta.get("uncertain_below")
+    if t is None:
+        return []
+    lines = [f"- Uncertain picks: the page flags a pick the readout gives under p {float(t):g} (threshold chosen on "
+             "training prompts)."]
+    for split, label in (("heldout", "held-out inputs"), ("paraphrase", "held-out wordings")):
+        e = (readout_meta.get("uncertain_evidence") or {}).get(split)
+        if not e:
+            continue
+        flagged, confident = e.get("accuracy_flagged"), e.get("accuracy_confident")
+        parts = [f"{float(e['flagged']):.0%} of picks flagged"]
+        if flagged:
+            parts.append(f"right {float(flagged[0]):.0%} of the time")
+        if confident:
+            parts.append(f"the others right {float(confident[0]):.0%}")
+        lines.append(f"  On {label}: " + ", ".join(parts) + ".")
+    command = (readout_meta.get("uncertain_evidence") or {}).get("command")
+    if command:
+        lines.append(f"  Measured by {_code(command)}.")
+    return lines
+
+
 def report_card(report: "RoutingReport | None", default: "DefaultRouter | None", library: str,
-                path: str) -> str:
-    """Markdown: the verdict, the accuracies, the default router and its evidence, each with its command."""
+                path: str, readout_meta: dict | None = None) -> str:
+    """Markdown: the verdict, the accuracies, the default router and its evidence, each with its command;
+    `readout_meta`, the default router's pick readout's meta, adds its uncertain-pick threshold and evidence."""
     name = html.escape(library)
     if report is None and default is None:
         return (f"### Does {name}'s routing explain?\nNot evaluated yet (or its experts changed since the last "
@@ -151,4 +176,5 @@ def report_card(report: "RoutingReport | None", default: "DefaultRouter | None",
                          f"{html.escape(str(default.evidence.get('split', 'train')))} prompts only, never on held-out "
                          "ones.")
         lines.append(f"- Chosen by {_code(default.command or '(command not recorded)')}.")
+        lines += _uncertain_text(readout_meta or {})
     return "\n".join(lines)

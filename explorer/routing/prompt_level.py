@@ -22,6 +22,10 @@ import numpy as np
 
 from explorer.routing.trace import RoutingTrace
 
+UNCERTAIN_BELOW = 0.5  # a readout pick below this probability is flagged, unless the readout records its own threshold
+UNCERTAIN_LEAD = 0.05  # a mean-weight pick leading its runner-up by less than this is flagged (the examples'
+# "decisive" lead in bench/check_examples.py)
+
 
 @dataclass(frozen=True)
 class PromptPick:
@@ -36,10 +40,24 @@ class PromptPick:
     confidence: float | None = None  # readout: the pick's probability
     runner_confidence: float | None = None  # readout: the runner-up's probability
     by_mean: str | None = None  # readout: the expert the mean weight alone would have picked
+    threshold: float | None = None  # readout: the probability under which the pick is flagged uncertain
 
     def record(self) -> dict:
-        """What a trace keeps of it (`trace.meta["pick"]`): every field, plus the one-line `describe()` text."""
-        return {**asdict(self), "text": self.describe()}
+        """What a trace keeps of it (`trace.meta["pick"]`): every field, `uncertain`, and the one-line `describe()`
+        text."""
+        return {**asdict(self), "uncertain": self.uncertain, "text": self.describe()}
+
+    @property
+    def uncertain(self) -> bool:
+        """True when the evidence hardly decided: a readout pick under its readout's threshold (`threshold`, chosen on
+        training prompts; `UNCERTAIN_BELOW` when none was), or a mean-weight pick ahead of its runner-up by less
+        than `UNCERTAIN_LEAD`. How often such picks are wrong on the demo libraries: docs/evaluation.md,
+        "Uncertain picks" (bench/pick_confidence.py)."""
+        if self.runner_up is None:
+            return False
+        if self.rule == "readout":
+            return self.confidence < (UNCERTAIN_BELOW if self.threshold is None else self.threshold)
+        return self.margin < UNCERTAIN_LEAD
 
     @property
     def margin(self) -> float:
@@ -47,7 +65,16 @@ class PromptPick:
 
     def describe(self) -> str:
         """One line for the page's notice and the CLI, e.g. "Per prompt: the readout of your text's routing
-        picked add (p 0.91; next subtract 0.05; the mean weight agrees); add alone answered." """
+        picked add (p 0.91; next subtract 0.05; the mean weight agrees); add alone answered." An uncertain pick
+        adds "Uncertain pick (why): the routing did not clearly decide ..." """
+        text = self._decision()
+        if not self.uncertain:
+            return text
+        why = (f"below p {UNCERTAIN_BELOW if self.threshold is None else self.threshold:g}" if self.rule == "readout"
+               else f"a lead under {UNCERTAIN_LEAD:g} over {self.runner_up}")
+        return f"{text} Uncertain pick ({why}): the routing did not clearly decide; read the answer with care."
+
+    def _decision(self) -> str:
         where = "your text" if self.over == "user" else "the prompt"
         if self.rule == "readout":
             second = f"; next {self.runner_up} {self.runner_confidence:.2f}" if self.runner_up else ""
@@ -84,4 +111,4 @@ def pick(evidence: RoutingTrace, readout=None) -> PromptPick:
     return PromptPick(expert=chosen, weight=float(weight[chosen]), runner_up=runner,
                       runner_weight=float(weight[runner]) if runner else 0.0, over=over, rule="readout",
                       confidence=float(p[ranked[0]]), runner_confidence=float(p[ranked[1]]) if runner else None,
-                      by_mean=by_mean.expert)
+                      by_mean=by_mean.expert, threshold=readout.uncertain_below)

@@ -48,6 +48,14 @@ class Readout:
     intercept: np.ndarray  # (C,)
     meta: dict = field(default_factory=dict)  # how it was fitted: prompts per task, training accuracy, command
 
+    @property
+    def uncertain_below(self) -> float:
+        """A pick under this probability is flagged uncertain: the threshold chosen on training prompts the readout
+        was not fitted on (meta "uncertain_below", bench/pick_confidence.py --record), else `UNCERTAIN_BELOW`."""
+        from explorer.routing.prompt_level import UNCERTAIN_BELOW
+
+        return float(self.meta.get("uncertain_below", UNCERTAIN_BELOW))
+
     def probabilities(self, trace) -> np.ndarray:
         """(C,) softmax over `classes` for one evidence trace routed over the same experts and layers."""
         if list(trace.experts) != self.experts or list(trace.layers) != self.layers:

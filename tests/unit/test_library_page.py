@@ -357,3 +357,18 @@ def test_report_card_shows_the_pick_accuracy_and_the_granularity_evidence(sessio
     assert "the expert that answered was the task's own for **96%** of prompts" in card
     assert "per token 0.36, per prompt by mean 0.81, per prompt by readout 0.89" in card
     assert "one expert per prompt, picked by the fitted readout" in card
+
+
+def test_report_card_says_how_uncertain_picks_fared():
+    from explorer.page.report_plots import report_card
+    from library_store.store.reports import DefaultRouter
+
+    default = DefaultRouter({"mode": "arrow", "top_k": 2, "granularity": "prompt", "pick": "readout"},
+                            {"rule": "r"}, "key", "python x.py")
+    meta = {"uncertain_below": 0.35, "uncertain_evidence": {
+        "heldout": {"flagged": 0.1, "accuracy_flagged": [0.645, 0.48, 0.81], "accuracy_confident": [1.0, 1.0, 1.0]},
+        "command": "python bench/pick_confidence.py --record"}}
+    card = report_card(None, default, "lib", "/tmp/lib", meta)
+    assert "under p 0.35" in card and "On held-out inputs: 10% of picks flagged, right 64% of the time, the others " \
+        "right 100%." in card and "`python bench/pick_confidence.py --record`" in card
+    assert "Uncertain picks" not in report_card(None, default, "lib", "/tmp/lib")  # no threshold recorded: silent

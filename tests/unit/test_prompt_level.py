@@ -77,6 +77,26 @@ def test_pick_reads_the_user_text_and_reports_the_runner_up():
     assert isinstance(got, PromptPick)
 
 
+def test_a_pick_the_evidence_hardly_decided_is_flagged_uncertain():
+    """Mean rule: a lead under UNCERTAIN_LEAD; readout: a probability under UNCERTAIN_BELOW. The flag reaches the
+    trace's record and the one-line text the page and the CLI show; a decided pick says nothing of it."""
+    from explorer.routing.prompt_level import UNCERTAIN_BELOW, UNCERTAIN_LEAD
+
+    close = PromptPick(expert="e1", weight=0.40, runner_up="e2", runner_weight=0.40 - UNCERTAIN_LEAD / 2, over="user")
+    clear = PromptPick(expert="e1", weight=0.40, runner_up="e2", runner_weight=0.40 - 2 * UNCERTAIN_LEAD, over="user")
+    assert close.uncertain and not clear.uncertain
+    assert close.describe().startswith("Per prompt:") and "Uncertain pick (a lead under" in close.describe()
+    assert close.record()["uncertain"] is True
+    assert "Uncertain" not in clear.describe() and clear.record()["uncertain"] is False
+    readout = dict(expert="e1", weight=0.3, runner_up="e2", runner_weight=0.2, over="user", rule="readout",
+                   by_mean="e1")
+    low = PromptPick(**readout, confidence=UNCERTAIN_BELOW - 0.01, runner_confidence=0.3)
+    high = PromptPick(**readout, confidence=UNCERTAIN_BELOW + 0.01, runner_confidence=0.3)
+    assert low.uncertain and f"below p {UNCERTAIN_BELOW:g}" in low.describe() and not high.uncertain
+    alone = PromptPick(expert="e1", weight=1.0, runner_up=None, runner_weight=0.0, over="user")
+    assert not alone.uncertain  # one expert: nothing to decide between
+
+
 def test_prompt_level_trace_round_trips_with_its_evidence():
     rm = routed("tiny-random-llama", granularity="prompt")
     trace = rm.trace(PROMPT, max_new_tokens=3)

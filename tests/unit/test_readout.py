@@ -84,3 +84,35 @@ def test_engine_answers_with_the_readout_s_pick_and_refuses_without_one(tmp_path
     assert readout_key(RouterConfig(top_k=3, granularity="prompt", pick="readout")) != readout_key(wanted)
     with pytest.raises(ValueError, match="No pick readout"):  # fitted under top-2: another router has none
         rm.set_router(RouterConfig(top_k=3, granularity="prompt", pick="readout"))
+
+
+def test_a_readout_s_recorded_threshold_decides_which_picks_are_uncertain():
+    """The threshold stored with the readout (bench/pick_confidence.py --record) is the one the pick applies, and
+    it survives the library round trip; without one the default UNCERTAIN_BELOW applies."""
+    from explorer.routing.prompt_level import UNCERTAIN_BELOW
+
+    rng = np.random.default_rng(1)
+    readout = fit_readout([synthetic(0.9, rng) for _ in range(10)] + [synthetic(0.5, rng) for _ in range(10)],
+                          ["e0"] * 10 + ["e1"] * 10)
+    trace = synthetic(0.7, rng)  # between the two classes
+    p = pick(trace, readout).confidence
+    assert readout.uncertain_below == UNCERTAIN_BELOW
+    assert pick(trace, readout).uncertain is (p < UNCERTAIN_BELOW)
+    for threshold, flagged in ((p + 0.01, True), (p - 0.01, False)):
+        readout.meta["uncertain_below"] = threshold
+        back = Readout.from_tensors(*readout.to_tensors())
+        got = pick(trace, back)
+        assert got.threshold == pytest.approx(threshold) and got.uncertain is flagged
+        assert ("Uncertain pick" in got.describe()) is flagged
+
+
+def test_pick_confidence_chooses_the_threshold_that_separates_wrong_picks_on_training_rows():
+    from bench.pick_confidence import at, choose_threshold
+
+    rows = [{"p": p, "right": True} for p in (0.9, 0.8, 0.7, 0.45, 0.6)] + \
+        [{"p": p, "right": False} for p in (0.2, 0.3, 0.35)]
+    t = choose_threshold(rows)
+    assert 0.35 < t <= 0.45  # flags every wrong pick (< t) and no right one; the lowest such grid point
+    got = at(rows, t)
+    assert got["wrong_flagged"] == 1.0 and got["flagged"] == 3 / 8 and got["youden"] == 1.0
+    assert got["accuracy_confident"][0] == 1.0 and got["accuracy_flagged"][0] == 0.0

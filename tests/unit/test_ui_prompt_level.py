@@ -89,3 +89,17 @@ def test_counterfactuals_of_a_per_prompt_run_act_on_its_pick(session):
     assert [p for _, p in off.after] == pytest.approx(by_hand["base"][1], abs=1e-4) and off.kl > 0
     assert [p for _, p in forced.after] == pytest.approx(by_hand[f"expert:{other}"][1], abs=1e-4)
     assert unused.kl == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("lead, flagged", [(1.0, True), (0.0, False)])
+def test_an_uncertain_pick_is_a_warning_in_the_notice(session, monkeypatch, lead, flagged):
+    """The pick's line is marked ⚠️ and says "Uncertain pick" exactly when the pick is flagged (here forced both
+    ways through the lead a mean-weight pick needs)."""
+    from explorer.routing import prompt_level
+
+    monkeypatch.setattr(prompt_level, "UNCERTAIN_LEAD", lead)
+    out = route(session, granularity="prompt", max_new=2)
+    first = out["notice"].split("\n\n")[0]
+    assert out["state"].trace.meta["pick"]["uncertain"] is flagged
+    assert first.startswith("⚠️" if flagged else "ℹ️") and ("Uncertain pick" in first) is flagged
+    assert "Per prompt:" in first
