@@ -1,10 +1,10 @@
 """Do the page's example prompts show what they claim? Each example of `assets/examples.json` that names a
 `task` and an `answer` is answered and routed by a library with its recorded default router (the page's
 start-up setting), and checked: the task's own expert (MBC: its cluster) has the largest mean weight over the
-user's text, by a clear margin over the next one, and the greedy answer is right. Free-text examples are only
-shown. With a per-prompt default router the shares are read from the trace's evidence (the per-token routing
-that made the pick), not from the applied routing (the pick alone, 100 %); with a readout pick, the lead is
-the readout's probability over its runner-up.
+user's text, by a clear margin over the next one (and, per prompt, the pick is not flagged uncertain), and the
+greedy answer is right. Free-text examples are only shown. With a per-prompt default router the shares are read
+from the trace's evidence (the per-token routing that made the pick), not from the applied routing (the pick
+alone, 100 %); with a readout pick, the lead is the readout's probability over its runner-up.
 
 Usage::
 
@@ -56,7 +56,8 @@ def check(rm, example: dict, own: dict[str, str], max_new: int) -> dict:
     if task:
         want = own.get(task)
         out.update(expected=want, routed_ok=ranked[0][0] == want,
-                   decisive=len(ranked) < 2 or ranked[0][1] - ranked[1][1] >= MIN_LEAD,
+                   decisive=(len(ranked) < 2 or ranked[0][1] - ranked[1][1] >= MIN_LEAD)
+                   and not chosen.get("uncertain"),
                    answer_ok=bool(exact_match(trace.text, example["answer"])))
         out["ok"] = out["routed_ok"] and out["decisive"] and out["answer_ok"]
     return out

@@ -1,0 +1,167 @@
+"""Does a per-prompt pick's confidence say when the pick is wrong? The page flags a readout pick as *uncertain* when
+its probability is under the readout's threshold (explorer/routing/prompt_level.py). This script chooses that
+threshold on training prompts and measures it on held-out inputs and held-out wordings.
+
+Each prompt is routed with the library's recorded default router (per prompt, readout pick) without generating:
+the pick reads the prompt alone. Per split it keeps, per prompt, the pick's probability and whether the pick is
+the task's own expert (MBC: its cluster).
+
+- **The threshold** is chosen on the training prompts the readout was never fitted on (per task, those after the
+  first 30: the readout is fitted on the first 20, the granularity chosen on the next 10). Among the thresholds
+  0.10, 0.15, ..., 0.90 it is the one with the largest Youden's J (share of wrong picks flagged minus share of
+  right picks flagged); on a tie, the lower (it flags fewer).
+- **Per split** the share of picks flagged, the accuracy of confident and of flagged picks, and the share of
+  wrong picks flagged, at the chosen threshold and at a few others.
+- `--record` stores the threshold in the library's readout (its meta `uncertain_below`, with the evidence), so
+  the page and the CLI flag with it. `--rows FILE` re-summarises the rows of an earlier run without routing.
+
+Usage::
+
+    .venv/bin/python bench/pick_confidence.py --library assets/libraries/demo-private --n 20 --threads 2 --record
+
+Writes bench/results/pick_confidence-<library>.json and prints markdown tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.eval_common import bootstrap_ci, library_arguments, write_json  # noqa: E402
+
+GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10 ... 0.90
+SHOWN = (0.3, 0.4, 0.5, 0.6)
+TRAIN_SKIP = 30  # per task: the readout's 20 fitting prompts and the 10 the granularity was chosen on
+
+
+def split_rows(rm, tasks, own: dict[str, str], split: str, n: int) -> list[dict]:
+    """One row per prompt: task, the pick, its probability and the runner-up's, right or wrong."""
+    rows = []
+    for task in tasks:
+        examples = task.examples(split)
+        examples = examples[TRAIN_SKIP:TRAIN_SKIP + n] if split == "train" else examples[:n]
+        for ex in examples:
+            chosen = rm.trace(ex.input, max_new_tokens=0).meta["pick"]
+            rows.append({"task": task.name, "pick": chosen["expert"], "p": chosen["confidence"],
+                         "runner_p": chosen["runner_confidence"], "right": chosen["expert"] == own[task.name]})
+    return rows
+
+
+def _arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([r["p"] for r in rows]), np.array([r["right"] for r in rows], dtype=bool)
+
+
+def youden(rows: list[dict], t: float) -> float:
+    """Share of wrong picks flagged minus share of right picks flagged, at threshold t."""
+    p, right = _arrays(rows)
+    flagged = p < t
+    caught = flagged[~right].mean() if (~right).any() else 0.0
+    return float(caught - (flagged[right].mean() if right.any() else 0.0))
+
+
+def choose_threshold(train: list[dict]) -> float:
+    """The grid threshold with the largest Youden's J on the training rows (the lower on a tie)."""
+    return max(GRID, key=lambda t: (round(youden(train, t), 9), -t))
+
+
+def at(rows: list[dict], t: float) -> dict:
+    """The flag's figures at threshold t."""
+    p, right = _arrays(rows)
+    flagged = p < t
+
+    def acc(mask):
+        return None if not mask.any() else list(bootstrap_ci(right[mask].astype(float)))
+
+    return {"flagged": float(flagged.mean()), "accuracy_confident": acc(~flagged), "accuracy_flagged": acc(flagged),
+            "wrong_flagged": None if right.all() else float(flagged[~right].mean()), "youden": youden(rows, t)}
+
+
+def fmt(x) -> str:
+    return "—" if x is None else f"{x[0]:.3f} [{x[1]:.2f}, {x[2]:.2f}]"
+
+
+def record(library: str, router, threshold: float, evidence: dict) -> None:
+    """Store the threshold in the library's readout for `router` (opened writable)."""
+    from explorer.routing.readout import Readout, readout_key
+    from library_store.store.library import ExpertLibrary
+    from library_store.store.reports import read_readout, write_readout
+
+    lib = ExpertLibrary.open(library, readonly=False)
+    key = readout_key(router)
+    hit = read_readout(lib, key)
+    if hit is None:
+        raise SystemExit(f"{library}: no readout is stored for {key}")
+    readout = Readout.from_tensors({k: v.numpy() for k, v in hit[0].items()}, hit[1])
+    readout.meta.update(uncertain_below=threshold, uncertain_evidence=evidence)
+    write_readout(lib, key, *readout.to_tensors())
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    library_arguments(ap, str(ROOT / "assets" / "libraries" / "demo-private"))
+    ap.add_argument("--n", type=int, default=20, help="prompts per task and split")
+    ap.add_argument("--rows", help="an earlier run's JSON: re-summarise its rows without routing")
+    ap.add_argument("--record", action="store_true", help="store the chosen threshold in the library's readout")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+    from explorer.routing.config import RouterConfig
+
+    start = time.time()
+    name = Path(args.library).name
+    if args.rows:
+        old = json.loads(Path(args.rows).read_text())
+        router, source, n = RouterConfig.from_dict(old["router"]), old["source"], old["n"]
+        rows = {split: s["rows"] for split, s in old["splits"].items()}
+        command, seconds = old["command"], old["seconds"]
+    else:
+        from bench.eval_common import attach_from_args
+        from library_store.tasks import resolve_tasks
+
+        rm, source, own = attach_from_args(args)
+        router, n = rm.router, args.n
+        if router.pick != "readout":
+            raise SystemExit(f"{args.library}: its default router picks by {router.pick!r}, not by a readout")
+        tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
+        rows = {split: split_rows(rm, tasks, own, split, n) for split in ("train", "heldout", "paraphrase")}
+        rm.detach()
+        command = "python bench/pick_confidence.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        seconds = round(time.time() - start, 1)
+    threshold = choose_threshold(rows["train"])
+    out = {"library": name, "router": router.to_dict(), "source": source, "n": n, "threshold": threshold,
+           "rule": "largest Youden's J on training prompts", "command": command, "seconds": seconds, "splits": {}}
+    for split, rs in rows.items():
+        p, right = _arrays(rs)
+        out["splits"][split] = {"n": len(rs), "accuracy": list(bootstrap_ci(right.astype(float))),
+                                "chosen": at(rs, threshold), "by_threshold": {str(t): at(rs, t) for t in SHOWN},
+                                "rows": rs}
+    write_json(Path(args.out) / f"pick_confidence-{name}.json", out)
+    if args.record:
+        record(args.library, router, threshold, {s: {k: v for k, v in d["chosen"].items()}
+                                                 for s, d in out["splits"].items()} | {"command": command})
+    print(f"{name}, router {router.to_dict()} ({source}); threshold {threshold:g} (largest Youden's J on training "
+          f"prompts); routing {seconds:.0f} s")
+    print("| split | prompts | picks right | flagged | right when confident | right when flagged | "
+          "wrong picks flagged |\n|---|---|---|---|---|---|---|")
+    for split, s in out["splits"].items():
+        c = s["chosen"]
+        wf = "—" if c["wrong_flagged"] is None else f"{c['wrong_flagged']:.2f}"
+        print(f"| {split} | {s['n']} | {fmt(s['accuracy'])} | {c['flagged']:.2f} | {fmt(c['accuracy_confident'])} "
+              f"| {fmt(c['accuracy_flagged'])} | {wf} |")
+    print("\n| split | threshold | flagged | right when confident | right when flagged | wrong picks flagged |")
+    print("|---|---|---|---|---|---|")
+    for split, s in out["splits"].items():
+        for t, b in s["by_threshold"].items():
+            wf = "—" if b["wrong_flagged"] is None else f"{b['wrong_flagged']:.2f}"
+            print(f"| {split} | {t} | {b['flagged']:.2f} | {fmt(b['accuracy_confident'])} | "
+                  f"{fmt(b['accuracy_flagged'])} | {wf} |")
+
+
+if __name__ == "__main__":
+    main()
