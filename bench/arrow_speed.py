@@ -159,7 +159,8 @@ def bench_library(E, base, experts, lib_path, peft_paths, args, clock, device) -
     res.update(base_tok_s=n_new / statistics.median(g["base"]), routed_tok_s=n_new / statistics.median(g["routed"]),
                generation_ratio=ratio(g, "base", "routed"),  # time base / time routed = routed tok/s / base tok/s
                generation_ratio_torch_ops=ratio(g, "base", "routed_torch_ops"),
-               alone_generation_ratio=ratio(g, "base", "alone"), alone_dense_generation_ratio=ratio(g, "base", "alone_dense"))
+               alone_generation_ratio=ratio(g, "base", "alone"),
+               alone_dense_generation_ratio=ratio(g, "base", "alone_dense"))
     if peft_paths:
         from peft import ArrowConfig, create_arrow_model
 
@@ -267,7 +268,8 @@ def main(argv=None) -> int:
     base.model.to(device)
     experts = random_experts(base, max(args.experts))
     out = {"command": "python bench/arrow_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "base_model": base.source, "rank": 4, "top_k": args.top_k, "input_centre": args.input_centre, "device": str(device), "dtype": str(dtype),
+           "base_model": base.source, "rank": 4, "top_k": args.top_k, "input_centre": args.input_centre,
+           "device": str(device), "dtype": str(dtype),
            "targets": base.targets, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
            "goals": {f"{k[0]}@{k[1]}": v[0] for k, v in GOALS.items()}, "libraries": []}
     clock = Clock(device)

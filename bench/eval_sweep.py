@@ -10,12 +10,12 @@ Usage::
     traces, em = S.answer_and_route(rm, base, task.examples("heldout")[:100])
     s5 = S.s5(rm, base, tasks, own, "heldout", 100, {task.name: em})   # {"per_task", "overall", ...}
 
-Input centring (`input_centre="base"`) is swept like the factor centring. Winner rule (`choose`): the highest own-text routing accuracy on training prompts; among settings within
-`TIE` (1 point) of it, the highest exact match on training prompts (when measured), then the largest median
-top-1 margin (decisive routing), then the highest accuracy over all prompt tokens. Then the winner's granularity
-(`choose_granularity`): per token or per prompt, whichever answers more training prompts exactly (per token on
-a tie; the prompt-level pick is the per-token winner over the user's text, so routing accuracy cannot tell them
-apart). No held-out prompt is used.
+Input centring (`input_centre="base"`) is swept like the factor centring. Winner rule (`choose`): the highest
+own-text routing accuracy on training prompts; among settings within `TIE` (1 point) of it, the highest exact match
+on training prompts (when measured), then the largest median top-1 margin (decisive routing), then the highest
+accuracy over all prompt tokens. Then the winner's granularity (`choose_granularity`): per token or per prompt,
+whichever answers more training prompts exactly (per token on a tie; the prompt-level pick is the per-token winner
+over the user's text, so routing accuracy cannot tell them apart). No held-out prompt is used.
 
 S5 = held-in Arrow exact match / the own expert's exact match (that expert alone, as trained: no routing, no
 centring), per task and overall (ratio of the means over tasks), on the same examples, greedy decoding.

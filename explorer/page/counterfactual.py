@@ -15,8 +15,9 @@ alone, with the expert switched off (weight 0: the base layer there) or forced i
 The distribution at token t is the model's prediction of token t + 1. For the scopes "cell" and "token" the
 intervention touches token t alone, so tokens 0..t run once (keeping a KV cache) and token t once more, with
 the intervention, on that cache cut back to the tokens before it: one forward and one decoding step in all.
-"everywhere" changes every token, so it runs the prefix twice. The regenerated answer keeps the tokens up to t (the run's own context) and decodes
-greedily from there, with the intervention in force for token t (or for every token, "everywhere").
+"everywhere" changes every token, so it runs the prefix twice. The regenerated answer keeps the tokens up to t
+(the run's own context) and decodes greedily from there, with the intervention in force for token t (or for
+every token, "everywhere").
 """
 from __future__ import annotations
 

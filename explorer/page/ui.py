@@ -133,7 +133,8 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
                                                    for e in examples], value=None, label="examples",
                                           min_width=150, elem_id="examples")
                     top_k = gr.Slider(1, 16, value=4, step=1, label="top-k", min_width=110, elem_id="top-k")
-                    temperature = gr.Slider(0.1, 5.0, value=1.0, step=0.1, label="temperature", min_width=110, elem_id="temperature")
+                    temperature = gr.Slider(0.1, 5.0, value=1.0, step=0.1, label="temperature", min_width=110,
+                                            elem_id="temperature")
                     centre = gr.Dropdown(choices=["none", "mean"], value="none", label="centre", min_width=110,
                                          elem_id="centre")
                     centre_scope = gr.Radio(["prototypes", "weights"], value="prototypes", label="centre scope",
