@@ -132,7 +132,7 @@ def compare(session: Session, state: RunResult | None) -> dict:
     if state is None or state.trace is None:
         return dict.fromkeys(COMPARE_OUTPUTS, "")
     texts = session.compare(state.request, state.trace)
-    single = next((k for k in texts if k.startswith("most-used")), "most-used expert")
+    single = next((k for k in texts if k.startswith(("most-used", "runner-up"))), "most-used expert")
     return {"base_text": texts.get("base", ""), "uniform_text": texts.get("uniform merge", ""),
             "single_text": update(value=texts.get(single, ""), label=single), "arrow_text": texts.get("arrow", "")}
 

@@ -117,7 +117,9 @@ class Session:
 
     def compare(self, req: RunRequest | None, trace: RoutingTrace | None) -> dict[str, str]:
         """The same prompt through the base model, the uniform merge, the single most-used expert and Arrow
-        (the text of `trace`), labelled "base", "uniform merge", "most-used expert (<name>)" and "arrow".
+        (the text of `trace`), labelled "base", "uniform merge", "most-used expert (<name>)" and "arrow". A
+        per-prompt run answered with its pick alone, so its third answer is the runner-up's instead, labelled
+        "runner-up (<name>)": what the other candidate would have said (most useful when the pick is uncertain).
         Cached per request (prompt, router setting, length, template) and library content: asking again, or
         after re-running the same request, costs no model call."""
         if req is None or trace is None or not self.registry.ready:
@@ -128,8 +130,11 @@ class Session:
                 self._compared.move_to_end(key)
                 return dict(self._compared[key])
         modes = {"base": "base", "uniform merge": "uniform"}
+        runner = (trace.meta.get("pick") or {}).get("runner_up") if trace.evidence is not None else None
         top = trace.most_used_expert()
-        if top:
+        if runner:
+            modes[f"runner-up ({runner})"] = f"expert:{runner}"
+        elif top:
             modes[f"most-used expert ({top})"] = f"expert:{top}"
         out = {}
         with self.registry.lock:

@@ -103,3 +103,24 @@ def test_an_uncertain_pick_is_a_warning_in_the_notice(session, monkeypatch, lead
     assert out["state"].trace.meta["pick"]["uncertain"] is flagged
     assert first.startswith("⚠️" if flagged else "ℹ️") and ("Uncertain pick" in first) is flagged
     assert "Per prompt:" in first
+
+
+def test_comparison_of_a_per_prompt_run_shows_the_runner_up_s_answer(session):
+    """The pick answered alone, so "most-used expert" would repeat the answer: the comparison runs the runner-up
+    alone instead, checked against the model run by hand."""
+    from explorer.page import callbacks as cb
+    from explorer.routing.config import RouterConfig
+
+    out = route(session, granularity="prompt", max_new=4)
+    state = out["state"]
+    runner = state.trace.meta["pick"]["runner_up"]
+    assert runner and runner != state.trace.meta["pick"]["expert"]
+    got = cb.compare(session, state)
+    assert got["single_text"].props["label"] == f"runner-up ({runner})"
+    with session.registry.lock:
+        rm = session.registry.attach("lib")
+        saved = rm.router
+        rm.set_router(RouterConfig(mode=f"expert:{runner}", top_k=1))
+        by_hand = rm.generate(state.request.prompt, max_new_tokens=4, chat=state.request.chat)
+        rm.set_router(saved)
+    assert got["single_text"].props["value"] == by_hand and got["arrow_text"] == state.trace.text
