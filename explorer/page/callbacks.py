@@ -113,7 +113,7 @@ def _finished(session: Session, result: RunResult, module, colour_by, grid_by, s
     notice = messages(notes)
     if trace.evidence is not None:  # the pick first, flagged when the evidence hardly decided
         chosen = trace.meta["pick"]
-        said = messages([chosen["text"] + " The grid: the prompt's per-token routing."],
+        said = messages([chosen["text"] + " Grid: its per-token evidence."],
                         "warning" if chosen.get("uncertain") else "note")
         notice = "\n\n".join(filter(None, [said, notice]))
     top = trace.most_used_expert()

@@ -66,13 +66,13 @@ class PromptPick:
     def describe(self) -> str:
         """One line for the page's notice and the CLI, e.g. "Per prompt: the readout of your text's routing
         picked add (p 0.91; next subtract 0.05; the mean weight agrees); add alone answered." An uncertain pick
-        adds "Uncertain pick (why): the routing did not clearly decide ..." """
+        adds why, e.g. "Uncertain pick (p under 0.35)." """
         text = self._decision()
         if not self.uncertain:
             return text
-        why = (f"below p {UNCERTAIN_BELOW if self.threshold is None else self.threshold:g}" if self.rule == "readout"
-               else f"a lead under {UNCERTAIN_LEAD:g} over {self.runner_up}")
-        return f"{text} Uncertain pick ({why}): the routing did not clearly decide; read the answer with care."
+        why = (f"p under {UNCERTAIN_BELOW if self.threshold is None else self.threshold:g}" if self.rule == "readout"
+               else f"lead under {UNCERTAIN_LEAD:g}")
+        return f"{text} Uncertain pick ({why})."
 
     def _decision(self) -> str:
         where = "your text" if self.over == "user" else "the prompt"

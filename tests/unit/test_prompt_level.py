@@ -85,14 +85,14 @@ def test_a_pick_the_evidence_hardly_decided_is_flagged_uncertain():
     close = PromptPick(expert="e1", weight=0.40, runner_up="e2", runner_weight=0.40 - UNCERTAIN_LEAD / 2, over="user")
     clear = PromptPick(expert="e1", weight=0.40, runner_up="e2", runner_weight=0.40 - 2 * UNCERTAIN_LEAD, over="user")
     assert close.uncertain and not clear.uncertain
-    assert close.describe().startswith("Per prompt:") and "Uncertain pick (a lead under" in close.describe()
+    assert close.describe().startswith("Per prompt:") and "Uncertain pick (lead under" in close.describe()
     assert close.record()["uncertain"] is True
     assert "Uncertain" not in clear.describe() and clear.record()["uncertain"] is False
     readout = dict(expert="e1", weight=0.3, runner_up="e2", runner_weight=0.2, over="user", rule="readout",
                    by_mean="e1")
     low = PromptPick(**readout, confidence=UNCERTAIN_BELOW - 0.01, runner_confidence=0.3)
     high = PromptPick(**readout, confidence=UNCERTAIN_BELOW + 0.01, runner_confidence=0.3)
-    assert low.uncertain and f"below p {UNCERTAIN_BELOW:g}" in low.describe() and not high.uncertain
+    assert low.uncertain and f"(p under {UNCERTAIN_BELOW:g})" in low.describe() and not high.uncertain
     alone = PromptPick(expert="e1", weight=1.0, runner_up=None, runner_weight=0.0, over="user")
     assert not alone.uncertain  # one expert: nothing to decide between
 
