@@ -9,7 +9,8 @@ Usage::
 Weights do not change speed, so the model is `random_base("phi2")`: PhiConfig(hidden 2560, 32 layers, 32 heads,
 intermediate 10240, vocab 51200, partial_rotary_factor 0.4); `--layers` keeps fewer decoder layers (every
 per-layer figure scales with it; the default run says how many it kept). Timing: CPU time of this process on
-the CPU, synchronised wall time on CUDA; ratios are of medians of interleaved repetitions (see arrow_speed.py).
+the CPU, synchronised wall time on CUDA; ratios: the median of per-repetition ratios (paired) and the ratio of
+medians, of interleaved repetitions (see arrow_speed.py).
 Memory: peak RSS of the process (ru_maxrss) after each stage and, on CUDA, peak allocated GPU memory.
 """
 from __future__ import annotations
@@ -133,13 +134,14 @@ def main(argv=None) -> int:
     out["total_s"] = time.perf_counter() - started
     print(f"\nPhi-2 config, {args.layers} of 32 layers ({out['params'] / 1e9:.2f} B parameters), {device}, {dtype}, "
           f"rank-4 experts on {', '.join(base.targets)}, top-4")
-    print("| experts | attach cold / warm s | prototypes s | forward ratio (min-max) | generation ratio (min-max) "
-          "| trace B/token (dense) | peak RSS GB | CUDA peak GB |")
+    print("| experts | attach cold / warm s | prototypes s | forward ratio: paired · of medians (min-max) | "
+          "generation ratio: paired · of medians (min-max) | trace B/token (dense) | peak RSS GB | CUDA peak GB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in out["libraries"]:
         f, g = r["forward_ratio"], r["generation_ratio"]
         print(f"| {r['experts']} | {r['attach_cold_s']:.2f} / {r['attach_warm_s']:.2f} | {r['prototypes_s']:.2f} | "
-              f"{f['median']:.3f} ({f['min']:.3f}-{f['max']:.3f}) | {g['median']:.3f} ({g['min']:.3f}-{g['max']:.3f}) "
+              f"{f['paired']:.3f} · {f['median']:.3f} ({f['min']:.3f}-{f['max']:.3f}) | "
+              f"{g['paired']:.3f} · {g['median']:.3f} ({g['min']:.3f}-{g['max']:.3f}) "
               f"| {r['trace_bytes_per_token']:.0f} ({r['dense_trace_bytes_per_token']}) | {r['peak_rss_gb']:.2f} | "
               f"{'-' if r['cuda_peak_gb'] is None else format(r['cuda_peak_gb'], '.2f')} |")
     print(f"total {out['total_s']:.0f} s")
