@@ -97,7 +97,15 @@ def _winner_text(winner: dict) -> str:
 
 
 def _uncertain_text(readout_meta: dict) -> list[str]:
-    """The readout's uncertain-pick threshold and how flagged picks fared (bench/pick_confidence.py --record)."""
+    """The readout's uncertain-pick threshold and how flagged picks fared (bench/pick_confidence.py --record);
+    nothing when none is recorded, or when what is recorded is not numbers (a library edited by hand)."""
+    try:
+        return _uncertain_lines(readout_meta)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+        return []
+
+
+def _uncertain_lines(readout_meta: dict) -> list[str]:
     t = readout_meta.get("uncertain_below")
     if t is None:
         return []

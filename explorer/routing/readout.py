@@ -54,7 +54,11 @@ class Readout:
         was not fitted on (meta "uncertain_below", bench/pick_confidence.py --record), else `UNCERTAIN_BELOW`."""
         from explorer.routing.prompt_level import UNCERTAIN_BELOW
 
-        return float(self.meta.get("uncertain_below", UNCERTAIN_BELOW))
+        try:
+            t = float(self.meta.get("uncertain_below", UNCERTAIN_BELOW))
+        except (TypeError, ValueError):
+            return UNCERTAIN_BELOW
+        return t if 0 < t < 1 else UNCERTAIN_BELOW  # a stored value that is no probability: the default
 
     def probabilities(self, trace) -> np.ndarray:
         """(C,) softmax over `classes` for one evidence trace routed over the same experts and layers."""

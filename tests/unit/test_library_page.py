@@ -372,3 +372,6 @@ def test_report_card_says_how_uncertain_picks_fared():
     assert "under p 0.35" in card and "On held-out inputs: 10% of picks flagged, right 64% of the time, the others " \
         "right 100%." in card and "`python bench/pick_confidence.py --record`" in card
     assert "Uncertain picks" not in report_card(None, default, "lib", "/tmp/lib")  # no threshold recorded: silent
+    for bad in ({"uncertain_below": "x"}, {"uncertain_below": 0.3, "uncertain_evidence": {"heldout": {"flagged": "?"}}},
+                {"uncertain_below": 0.3, "uncertain_evidence": {"heldout": {"flagged": 0.1, "accuracy_flagged": 5}}}):
+        assert "Uncertain picks" not in report_card(None, default, "lib", "/tmp/lib", bad)  # hand-edited: no card crash

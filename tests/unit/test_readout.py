@@ -116,3 +116,11 @@ def test_pick_confidence_chooses_the_threshold_that_separates_wrong_picks_on_tra
     got = at(rows, t)
     assert got["wrong_flagged"] == 1.0 and got["flagged"] == 3 / 8 and got["youden"] == 1.0
     assert got["accuracy_confident"][0] == 1.0 and got["accuracy_flagged"][0] == 0.0
+
+
+@pytest.mark.parametrize("stored", ["high", None, 1.5, 0, [0.3]])
+def test_a_stored_threshold_that_is_no_probability_falls_back_to_the_default(stored):
+    from explorer.routing.prompt_level import UNCERTAIN_BELOW
+
+    readout = Readout(["e0", "e1"], [0, 1], ["e0", "e1"], np.zeros((2, 4)), np.zeros(2), {"uncertain_below": stored})
+    assert readout.uncertain_below == UNCERTAIN_BELOW
