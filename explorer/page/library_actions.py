@@ -63,8 +63,12 @@ def show(session: Session, library, progress=None) -> dict:
     maps = _maps(session, library, kind)
     lib, served, copy = reg.libs[library], reg.paths[library], reg.user_copy_of(library)
     report, default = read_report(lib), read_default_router(lib)
-    per_prompt = default is not None and default.router.get("pick") == "readout"
-    readout = read_readout(lib, readout_key(RouterConfig.from_dict(default.router))) if per_prompt else None
+    readout = None
+    if default is not None and default.router.get("pick") == "readout":
+        try:
+            readout = read_readout(lib, readout_key(RouterConfig.from_dict(default.router)))
+        except ValueError:  # a default router the engine would refuse too: the card shows it without the readout
+            readout = None
     card = report_card(report, default, library, str(served), readout and readout[1])
     where = f" Served from your copy at {_code(str(copy))} (the committed library is unchanged)." if copy else ""
     summary = (f"Library **{html.escape(library)}**: {len(reg.expert_names(library))} routed experts, "

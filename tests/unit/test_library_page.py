@@ -6,6 +6,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from upload_fixtures import aligned_adapter, hostile_uploads, tree_digest, zip_folder
 
@@ -13,8 +14,9 @@ from explorer.page import library_actions as act
 from explorer.page.registry import Registry
 from explorer.page.request import CLI_LIMITS, RawRequest, normalise
 from explorer.page.session import Session
+from explorer.routing.config import RouterConfig
 from library_store.store.library import ExpertLibrary
-from library_store.store.reports import RoutingReport, write_default_router, write_report
+from library_store.store.reports import RoutingReport, read_default_router, write_default_router, write_report
 from library_store.testing import TASKS, TINY, make_tiny_library, make_tiny_mbc_library
 
 PROMPT = "Shout: hello there, friend"
@@ -357,6 +359,19 @@ def test_report_card_shows_the_pick_accuracy_and_the_granularity_evidence(sessio
     assert "the expert that answered was the task's own for **96%** of prompts" in card
     assert "per token 0.36, per prompt by mean 0.81, per prompt by readout 0.89" in card
     assert "one expert per prompt, picked by the fitted readout" in card
+    assert "Uncertain picks" not in card  # no readout stored for this router
+    from explorer.routing.readout import readout_key
+    from library_store.store.reports import write_readout
+
+    router = RouterConfig.from_dict(read_default_router(writer).router)
+    write_readout(writer, readout_key(router), {"coef": np.zeros((2, 2), np.float32),
+                                                "intercept": np.zeros(2, np.float32)},
+                  {"experts": EXPERTS[:2], "layers": [0], "classes": EXPERTS[:2], "uncertain_below": 0.4,
+                   "uncertain_evidence": {"heldout": {"flagged": 0.2, "accuracy_flagged": [0.7, 0.5, 0.9]}}})
+    assert "under p 0.4" in act.show(session, "lib")["report"]  # the default router's own readout, from the store
+    write_default_router(writer, {"mode": "arrow", "top_k": 2, "temperature": "hot", "granularity": "prompt",
+                                  "pick": "readout"}, evidence={"rule": "r"}, command="python bench/x.py")
+    assert "Default router" in act.show(session, "lib")["report"]  # a hand-edited default: the card, no crash
 
 
 def test_report_card_says_how_uncertain_picks_fared():
