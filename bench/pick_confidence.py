@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.eval_common import bootstrap_ci, library_arguments, write_json  # noqa: E402
 
-GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10 ... 0.90
+GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10 ... 0.90: readout probabilities
+LEAD_GRID = tuple(round(0.01 * i, 2) for i in range(1, 21))  # 0.01 ... 0.20: leads of a pick by mean weight
 SHOWN = (0.3, 0.4, 0.5, 0.6)
 TRAIN_SKIP = 30  # per task: the readout's 20 fitting prompts and the 10 the granularity was chosen on
 
@@ -48,39 +49,51 @@ def split_rows(rm, tasks, own: dict[str, str], split: str, n: int) -> list[dict]
         examples = task.examples(split)
         examples = examples[TRAIN_SKIP:TRAIN_SKIP + n] if split == "train" else examples[:n]
         for ex in examples:
-            chosen = rm.trace(ex.input, max_new_tokens=0).meta["pick"]
+            trace = rm.trace(ex.input, max_new_tokens=0)
+            chosen = trace.meta["pick"]
+            mean = trace.evidence.usage("user" if trace.evidence.user_span[1] > trace.evidence.user_span[0]
+                                        else "prompt")  # (E,) what a pick by mean weight reads
+            order = np.argsort(-mean, kind="stable")
+            by_mean = trace.evidence.experts[int(order[0])]
             rows.append({"task": task.name, "pick": chosen["expert"], "p": chosen["confidence"],
-                         "runner_p": chosen["runner_confidence"], "right": chosen["expert"] == own[task.name]})
+                         "runner_p": chosen["runner_confidence"], "right": chosen["expert"] == own[task.name],
+                         "mean_pick": by_mean, "mean_lead": float(mean[order[0]] - mean[order[1]]),
+                         "mean_right": by_mean == own[task.name]})
     return rows
 
 
-def _arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    return np.array([r["p"] for r in rows]), np.array([r["right"] for r in rows], dtype=bool)
+RULES = {"readout": ("p", "right"), "mean": ("mean_lead", "mean_right")}  # the row keys each pick rule reads
 
 
-def youden(rows: list[dict], t: float) -> float:
+def _arrays(rows: list[dict], rule: str = "readout") -> tuple[np.ndarray, np.ndarray]:
+    value, right = RULES[rule]
+    return np.array([r[value] for r in rows]), np.array([r[right] for r in rows], dtype=bool)
+
+
+def youden(rows: list[dict], t: float, rule: str = "readout") -> float:
     """Share of wrong picks flagged minus share of right picks flagged, at threshold t."""
-    p, right = _arrays(rows)
+    p, right = _arrays(rows, rule)
     flagged = p < t
     caught = flagged[~right].mean() if (~right).any() else 0.0
     return float(caught - (flagged[right].mean() if right.any() else 0.0))
 
 
-def choose_threshold(train: list[dict]) -> float:
+def choose_threshold(train: list[dict], rule: str = "readout") -> float:
     """The grid threshold with the largest Youden's J on the training rows (the lower on a tie)."""
-    return max(GRID, key=lambda t: (round(youden(train, t), 9), -t))
+    grid = GRID if rule == "readout" else LEAD_GRID
+    return max(grid, key=lambda t: (round(youden(train, t, rule), 9), -t))
 
 
-def at(rows: list[dict], t: float) -> dict:
+def at(rows: list[dict], t: float, rule: str = "readout") -> dict:
     """The flag's figures at threshold t."""
-    p, right = _arrays(rows)
+    p, right = _arrays(rows, rule)
     flagged = p < t
 
     def acc(mask):
         return None if not mask.any() else list(bootstrap_ci(right[mask].astype(float)))
 
     return {"flagged": float(flagged.mean()), "accuracy_confident": acc(~flagged), "accuracy_flagged": acc(flagged),
-            "wrong_flagged": None if right.all() else float(flagged[~right].mean()), "youden": youden(rows, t)}
+            "wrong_flagged": None if right.all() else float(flagged[~right].mean()), "youden": youden(rows, t, rule)}
 
 
 def fmt(x) -> str:
@@ -141,6 +154,14 @@ def main(argv=None) -> None:
         out["splits"][split] = {"n": len(rs), "accuracy": list(bootstrap_ci(right.astype(float))),
                                 "chosen": at(rs, threshold), "by_threshold": {str(t): at(rs, t) for t in SHOWN},
                                 "rows": rs}
+    if all("mean_lead" in r for rs in rows.values() for r in rs):  # the same prompts, picked by mean weight
+        from explorer.routing.prompt_level import UNCERTAIN_LEAD
+
+        lead = choose_threshold(rows["train"], "mean")
+        out["mean_rule"] = {"chosen_on_training": lead, "in_use": UNCERTAIN_LEAD, "splits": {
+            split: {"accuracy": list(bootstrap_ci(_arrays(rs, "mean")[1].astype(float))),
+                    "in_use": at(rs, UNCERTAIN_LEAD, "mean"), "chosen": at(rs, lead, "mean")}
+            for split, rs in rows.items()}}
     write_json(Path(args.out) / f"pick_confidence-{name}.json", out)
     if args.record:
         record(args.library, router, threshold, {s: {k: v for k, v in d["chosen"].items()}
@@ -154,6 +175,16 @@ def main(argv=None) -> None:
         wf = "—" if c["wrong_flagged"] is None else f"{c['wrong_flagged']:.2f}"
         print(f"| {split} | {s['n']} | {fmt(s['accuracy'])} | {c['flagged']:.2f} | {fmt(c['accuracy_confident'])} "
               f"| {fmt(c['accuracy_flagged'])} | {wf} |")
+    if "mean_rule" in out:
+        m = out["mean_rule"]
+        print(f"\nPick by mean weight, flagged under a lead of {m['in_use']:g} (in use; {m['chosen_on_training']:g} "
+              "would be chosen on these training prompts):\n| split | picks right | flagged | right when confident | "
+              "right when flagged | wrong picks flagged |\n|---|---|---|---|---|---|")
+        for split, d in m["splits"].items():
+            c = d["in_use"]
+            wf = "—" if c["wrong_flagged"] is None else f"{c['wrong_flagged']:.2f}"
+            print(f"| {split} | {fmt(d['accuracy'])} | {c['flagged']:.2f} | {fmt(c['accuracy_confident'])} | "
+                  f"{fmt(c['accuracy_flagged'])} | {wf} |")
     print("\n| split | threshold | flagged | right when confident | right when flagged | wrong picks flagged |")
     print("|---|---|---|---|---|---|")
     for split, s in out["splits"].items():

@@ -23,8 +23,8 @@ import numpy as np
 from explorer.routing.trace import RoutingTrace
 
 UNCERTAIN_BELOW = 0.5  # a readout pick below this probability is flagged, unless the readout records its own threshold
-UNCERTAIN_LEAD = 0.05  # a mean-weight pick leading its runner-up by less than this is flagged (the examples'
-# "decisive" lead in bench/check_examples.py)
+UNCERTAIN_LEAD = 0.02  # a mean-weight pick leading its runner-up by less than this is flagged: the largest Youden's
+# J on both demo libraries' training prompts (bench/pick_confidence.py; 0.05 flagged 62-74 % of their picks)
 
 
 @dataclass(frozen=True)
