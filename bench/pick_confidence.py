@@ -43,22 +43,21 @@ TRAIN_SKIP = 30  # per task: the readout's 20 fitting prompts and the 10 the gra
 
 
 def split_rows(rm, tasks, own: dict[str, str], split: str, n: int) -> list[dict]:
-    """One row per prompt: task, the pick, its probability and the runner-up's, right or wrong."""
+    """One row per prompt: task, the pick, its probability and the runner-up's, right or wrong; and what a pick by
+    mean weight (`prompt_level.pick` without the readout) would have taken, by what lead, right or wrong."""
+    from explorer.routing.prompt_level import pick
+
     rows = []
     for task in tasks:
         examples = task.examples(split)
         examples = examples[TRAIN_SKIP:TRAIN_SKIP + n] if split == "train" else examples[:n]
         for ex in examples:
             trace = rm.trace(ex.input, max_new_tokens=0)
-            chosen = trace.meta["pick"]
-            mean = trace.evidence.usage("user" if trace.evidence.user_span[1] > trace.evidence.user_span[0]
-                                        else "prompt")  # (E,) what a pick by mean weight reads
-            order = np.argsort(-mean, kind="stable")
-            by_mean = trace.evidence.experts[int(order[0])]
+            chosen, by_mean = trace.meta["pick"], pick(trace.evidence)
             rows.append({"task": task.name, "pick": chosen["expert"], "p": chosen["confidence"],
                          "runner_p": chosen["runner_confidence"], "right": chosen["expert"] == own[task.name],
-                         "mean_pick": by_mean, "mean_lead": float(mean[order[0]] - mean[order[1]]),
-                         "mean_right": by_mean == own[task.name]})
+                         "mean_pick": by_mean.expert, "mean_lead": by_mean.margin,
+                         "mean_right": by_mean.expert == own[task.name]})
     return rows
 
 
@@ -100,20 +99,23 @@ def fmt(x) -> str:
     return "—" if x is None else f"{x[0]:.3f} [{x[1]:.2f}, {x[2]:.2f}]"
 
 
+def flag_cells(f: dict) -> str:
+    """An `at` result as the tables' last four cells: flagged, right when confident, right when flagged, wrong
+    picks flagged."""
+    wrong = "—" if f["wrong_flagged"] is None else f"{f['wrong_flagged']:.2f}"
+    return f"{f['flagged']:.2f} | {fmt(f['accuracy_confident'])} | {fmt(f['accuracy_flagged'])} | {wrong} |"
+
+
 def record(library: str, router, threshold: float, evidence: dict) -> None:
     """Store the threshold in the library's readout for `router` (opened writable)."""
-    from explorer.routing.readout import Readout, readout_key
+    from explorer.routing.readout import find_readout, readout_key
     from library_store.store.library import ExpertLibrary
-    from library_store.store.reports import read_readout, write_readout
+    from library_store.store.reports import write_readout
 
     lib = ExpertLibrary.open(library, readonly=False)
-    key = readout_key(router)
-    hit = read_readout(lib, key)
-    if hit is None:
-        raise SystemExit(f"{library}: no readout is stored for {key}")
-    readout = Readout.from_tensors({k: v.numpy() for k, v in hit[0].items()}, hit[1])
+    readout = find_readout({}, lib, router)  # MissingReadout (a ValueError) when none is stored
     readout.meta.update(uncertain_below=threshold, uncertain_evidence=evidence)
-    write_readout(lib, key, *readout.to_tensors())
+    write_readout(lib, readout_key(router), *readout.to_tensors())
 
 
 def main(argv=None) -> None:
@@ -164,34 +166,26 @@ def main(argv=None) -> None:
             for split, rs in rows.items()}}
     write_json(Path(args.out) / f"pick_confidence-{name}.json", out)
     if args.record:
-        record(args.library, router, threshold, {s: {k: v for k, v in d["chosen"].items()}
-                                                 for s, d in out["splits"].items()} | {"command": command})
+        record(args.library, router, threshold,
+               {s: d["chosen"] for s, d in out["splits"].items()} | {"command": command})
     print(f"{name}, router {router.to_dict()} ({source}); threshold {threshold:g} (largest Youden's J on training "
           f"prompts); routing {seconds:.0f} s")
     print("| split | prompts | picks right | flagged | right when confident | right when flagged | "
           "wrong picks flagged |\n|---|---|---|---|---|---|---|")
     for split, s in out["splits"].items():
-        c = s["chosen"]
-        wf = "—" if c["wrong_flagged"] is None else f"{c['wrong_flagged']:.2f}"
-        print(f"| {split} | {s['n']} | {fmt(s['accuracy'])} | {c['flagged']:.2f} | {fmt(c['accuracy_confident'])} "
-              f"| {fmt(c['accuracy_flagged'])} | {wf} |")
+        print(f"| {split} | {s['n']} | {fmt(s['accuracy'])} | {flag_cells(s['chosen'])}")
     if "mean_rule" in out:
         m = out["mean_rule"]
         print(f"\nPick by mean weight, flagged under a lead of {m['in_use']:g} (in use; {m['chosen_on_training']:g} "
               "would be chosen on these training prompts):\n| split | picks right | flagged | right when confident | "
               "right when flagged | wrong picks flagged |\n|---|---|---|---|---|---|")
         for split, d in m["splits"].items():
-            c = d["in_use"]
-            wf = "—" if c["wrong_flagged"] is None else f"{c['wrong_flagged']:.2f}"
-            print(f"| {split} | {fmt(d['accuracy'])} | {c['flagged']:.2f} | {fmt(c['accuracy_confident'])} | "
-                  f"{fmt(c['accuracy_flagged'])} | {wf} |")
+            print(f"| {split} | {fmt(d['accuracy'])} | {flag_cells(d['in_use'])}")
     print("\n| split | threshold | flagged | right when confident | right when flagged | wrong picks flagged |")
     print("|---|---|---|---|---|---|")
     for split, s in out["splits"].items():
         for t, b in s["by_threshold"].items():
-            wf = "—" if b["wrong_flagged"] is None else f"{b['wrong_flagged']:.2f}"
-            print(f"| {split} | {t} | {b['flagged']:.2f} | {fmt(b['accuracy_confident'])} | "
-                  f"{fmt(b['accuracy_flagged'])} | {wf} |")
+            print(f"| {split} | {t} | {flag_cells(b)}")
 
 
 if __name__ == "__main__":
