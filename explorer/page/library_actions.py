@@ -68,7 +68,7 @@ def show(session: Session, library, progress=None) -> dict:
         try:
             readout = read_readout(lib, readout_key(RouterConfig.from_dict(default.router)))
         except ValueError:  # a default router the engine would refuse too: the card shows it without the readout
-            readout = None
+            pass
     card = report_card(report, default, library, str(served), readout and readout[1])
     where = f" Served from your copy at {_code(str(copy))} (the committed library is unchanged)." if copy else ""
     summary = (f"Library **{html.escape(library)}**: {len(reg.expert_names(library))} routed experts, "

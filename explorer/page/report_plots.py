@@ -99,32 +99,28 @@ def _winner_text(winner: dict) -> str:
 def _uncertain_text(readout_meta: dict) -> list[str]:
     """The readout's uncertain-pick threshold and how flagged picks fared (bench/pick_confidence.py --record);
     nothing when none is recorded, or when what is recorded is not numbers (a library edited by hand)."""
-    try:
-        return _uncertain_lines(readout_meta)
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError):
-        return []
-
-
-def _uncertain_lines(readout_meta: dict) -> list[str]:
     t = readout_meta.get("uncertain_below")
     if t is None:
         return []
-    lines = [f"- Uncertain picks: the page flags a pick the readout gives under p {float(t):g} (threshold chosen on "
-             "training prompts)."]
-    for split, label in (("heldout", "held-out inputs"), ("paraphrase", "held-out wordings")):
-        e = (readout_meta.get("uncertain_evidence") or {}).get(split)
-        if not e:
-            continue
-        flagged, confident = e.get("accuracy_flagged"), e.get("accuracy_confident")
-        parts = [f"{float(e['flagged']):.0%} of picks flagged"]
-        if flagged:
-            parts.append(f"right {float(flagged[0]):.0%} of the time")
-        if confident:
-            parts.append(f"the others right {float(confident[0]):.0%}")
-        lines.append(f"  On {label}: " + ", ".join(parts) + ".")
-    command = (readout_meta.get("uncertain_evidence") or {}).get("command")
-    if command:
-        lines.append(f"  Measured by {_code(command)}.")
+    evidence = readout_meta.get("uncertain_evidence") or {}
+    try:
+        lines = [f"- Uncertain picks: the page flags a pick the readout gives under p {float(t):g} (threshold "
+                 "chosen on training prompts)."]
+        for split, label in (("heldout", "held-out inputs"), ("paraphrase", "held-out wordings")):
+            e = evidence.get(split)
+            if not e:
+                continue
+            flagged, confident = e.get("accuracy_flagged"), e.get("accuracy_confident")
+            parts = [f"{float(e['flagged']):.0%} of picks flagged"]
+            if flagged:
+                parts.append(f"right {float(flagged[0]):.0%} of the time")
+            if confident:
+                parts.append(f"the others right {float(confident[0]):.0%}")
+            lines.append(f"  On {label}: " + ", ".join(parts) + ".")
+        if evidence.get("command"):
+            lines.append(f"  Measured by {_code(evidence['command'])}.")
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+        return []
     return lines
 
 

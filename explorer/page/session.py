@@ -130,7 +130,7 @@ class Session:
                 self._compared.move_to_end(key)
                 return dict(self._compared[key])
         modes = {"base": "base", "uniform merge": "uniform"}
-        runner = (trace.meta.get("pick") or {}).get("runner_up") if trace.evidence is not None else None
+        runner = (trace.meta.get("pick") or {}).get("runner_up")  # a per-prompt run's pick only
         top = trace.most_used_expert()
         if runner:
             modes[f"runner-up ({runner})"] = f"expert:{runner}"

@@ -56,8 +56,13 @@ class PromptPick:
         if self.runner_up is None:
             return False
         if self.rule == "readout":
-            return self.confidence < (UNCERTAIN_BELOW if self.threshold is None else self.threshold)
+            return self.confidence < self._below
         return self.margin < UNCERTAIN_LEAD
+
+    @property
+    def _below(self) -> float:
+        """The probability a readout pick must reach: its readout's threshold, else `UNCERTAIN_BELOW`."""
+        return UNCERTAIN_BELOW if self.threshold is None else self.threshold
 
     @property
     def margin(self) -> float:
@@ -70,8 +75,7 @@ class PromptPick:
         text = self._decision()
         if not self.uncertain:
             return text
-        why = (f"p under {UNCERTAIN_BELOW if self.threshold is None else self.threshold:g}" if self.rule == "readout"
-               else f"lead under {UNCERTAIN_LEAD:g}")
+        why = f"p under {self._below:g}" if self.rule == "readout" else f"lead under {UNCERTAIN_LEAD:g}"
         return f"{text} Uncertain pick ({why})."
 
     def _decision(self) -> str:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from explorer.routing.prompt_level import UNCERTAIN_BELOW
+
 READOUT_FIELDS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "disabled")  # shape the evidence
 READOUT_KIND = "pick-readout"
 
@@ -52,8 +54,6 @@ class Readout:
     def uncertain_below(self) -> float:
         """A pick under this probability is flagged uncertain: the threshold chosen on training prompts the readout
         was not fitted on (meta "uncertain_below", bench/pick_confidence.py --record), else `UNCERTAIN_BELOW`."""
-        from explorer.routing.prompt_level import UNCERTAIN_BELOW
-
         try:
             t = float(self.meta.get("uncertain_below", UNCERTAIN_BELOW))
         except (TypeError, ValueError):
