@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -16,6 +17,12 @@ IDS = torch.tensor([[1, 523, 3784, 314, 260, 3600, 30, 2003, 42, 1177, 9, 88]])
 
 
 _TWINS: dict = {}
+
+
+def thorough(*cases) -> list:
+    """Further parametrisations of a test whose first case already runs in the fast loop: marked slow, so
+    `make test` runs every case and `make test-fast` one per twin."""
+    return [pytest.param(*c, marks=pytest.mark.slow) for c in cases]
 
 
 def fresh(twin: str):

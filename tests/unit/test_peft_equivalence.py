@@ -8,7 +8,7 @@ exact prototypes are taken from the centred factors, as PEFT's own are (docs/des
 """
 import pytest
 import torch
-from arrow_helpers import IDS, TWINS, experts, fresh, save_peft_dir
+from arrow_helpers import IDS, TWINS, experts, fresh, save_peft_dir, thorough
 
 from library_store.testing import random_expert
 
@@ -61,7 +61,7 @@ def peft_weights(model, layers, ids):
 
 
 @pytest.mark.parametrize("twin", TWINS)
-@pytest.mark.parametrize("n_experts,top_k,temperature", [(2, 1, 1.0), (5, 2, 1.0), (5, 5, 0.5), (8, 3, 2.0)])
+@pytest.mark.parametrize("n_experts,top_k,temperature", [(5, 2, 1.0), *thorough((2, 1, 1.0), (5, 5, 0.5), (8, 3, 2.0))])
 def test_same_logits_and_weights_as_peft(twin, n_experts, top_k, temperature, tmp_path):
     base = fresh(twin)
     exps = experts(base, n_experts, seed=n_experts)
@@ -101,7 +101,7 @@ def assert_same_as_peft(rm, peft_model, layers, top_k):
 
 
 @pytest.mark.parametrize("twin", TWINS)
-@pytest.mark.parametrize("n_experts,top_k,temperature", [(3, 1, 1.0), (5, 2, 0.5), (8, 3, 1.0)])
+@pytest.mark.parametrize("n_experts,top_k,temperature", [(5, 2, 0.5), *thorough((3, 1, 1.0), (8, 3, 1.0))])
 def test_mean_centring_equals_peft_genknowsub_over_every_task_adapter(twin, n_experts, top_k, temperature,
                                                                         tmp_path):
     base = fresh(twin)
