@@ -267,13 +267,14 @@ def similarity_map(analysis: "LibraryAnalysis") -> go.Figure:
     family_of = analysis.family_of
     families = sorted(set(family_of.values()))
     symbol = {f: SYMBOLS[i % len(SYMBOLS)] for i, f in enumerate(families)}  # shape = family, colour = cluster
+    side, x_range, y_range = label_sides(analysis.coords, list(analysis.tasks))
     fig = go.Figure()
     for cluster in sorted(set(clusters)):
         idx = [i for i, c in enumerate(clusters) if c == cluster]
         hover = [_map_hover(analysis, i) for i in idx]
         fig.add_trace(go.Scatter(
             x=analysis.coords[idx, 0], y=analysis.coords[idx, 1], mode="markers+text", name=esc(cluster),
-            text=[esc(analysis.tasks[i]) for i in idx], textposition="top center", textfont=dict(size=10),
+            text=[esc(analysis.tasks[i]) for i in idx], textposition=[side[i] for i in idx], textfont=dict(size=10),
             customdata=hover, hovertemplate="%{customdata}<extra></extra>",
             marker=dict(size=14, color=colours[cluster], line=dict(width=1, color="white"),
                         symbol=[symbol.get(family_of.get(analysis.tasks[i]), "circle") for i in idx])))
@@ -286,9 +287,50 @@ def similarity_map(analysis: "LibraryAnalysis") -> go.Figure:
              + (", shape = task family" if families else ""))
     fig.update_layout(title=dict(text=title, x=0.01), **LOOK, height=540,
                       legend_title_text="cluster" if delta else "MBC cluster",
-                      xaxis=dict(showticklabels=False, title="", zeroline=False, gridcolor="#f0f0f0"),
-                      yaxis=dict(showticklabels=False, title="", zeroline=False, gridcolor="#f0f0f0"))
+                      xaxis=dict(showticklabels=False, title="", zeroline=False, gridcolor="#f0f0f0", range=x_range),
+                      yaxis=dict(showticklabels=False, title="", zeroline=False, gridcolor="#f0f0f0", range=y_range))
     return fig
+
+
+LABEL_PLACES = ("top center", "top right", "top left", "bottom center", "bottom right", "bottom left",
+                "middle right", "middle left")  # a map label's places, in order of preference
+
+
+def label_sides(coords: np.ndarray, labels: list[str], pad: float = 0.08, width: float = 330, height: float = 260,
+                char: float = 6.0, line: float = 12.0, gap: float = 7.0) -> tuple[list[str], list, list]:
+    """coords (n, 2), one label per point -> each label's position ("top center", ...), and padded x and y
+    ranges, so that labels are neither cut at the plot's edge nor drawn over each other where another place is
+    free. Placed greedily, top point first, on a nominal plot of `width` x `height` px (the page's narrower map;
+    a wider one only spreads them): the first of top, top right, top left, bottom, bottom right, bottom left,
+    right, left that stays inside and clears the labels placed so far, else the one that overlaps least."""
+    xy = np.asarray(coords, dtype=float)[:, :2]  # (n, 2)
+    lo, hi = xy.min(0), xy.max(0)  # (2,) each
+    span = np.where(hi > lo, hi - lo, 1.0)  # (2,)
+    x_range = [lo[0] - pad * span[0], hi[0] + pad * span[0]]
+    y_range = [lo[1] - pad * span[1], hi[1] + 2.5 * pad * span[1]]  # room for the top label
+    px = (xy[:, 0] - x_range[0]) / (x_range[1] - x_range[0]) * width  # (n,) pixels from the left
+    py = (xy[:, 1] - y_range[0]) / (y_range[1] - y_range[0]) * height  # (n,) pixels from the bottom
+
+    def box(i: int, pos: str) -> tuple[float, float, float, float]:  # (x0, x1, y0, y1) of label i at pos
+        w = char * len(labels[i])
+        vert, horiz = pos.split()
+        x0 = {"center": px[i] - w / 2, "right": px[i] + (gap if vert == "middle" else 0.0),
+              "left": px[i] - w - (gap if vert == "middle" else 0.0)}[horiz]
+        y0 = {"top": py[i] + gap, "bottom": py[i] - gap - line, "middle": py[i] - line / 2}[vert]
+        return x0, x0 + w, y0, y0 + line
+
+    def fits(b) -> bool:
+        return b[0] >= 0 and b[1] <= width and b[2] >= 0 and b[3] <= height
+
+    def overlap(a, b) -> float:
+        return max(0.0, min(a[1], b[1]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[2], b[2]))
+
+    side, placed = [""] * len(xy), []
+    for i in np.argsort(-py, kind="stable"):  # the top point first
+        places = [p for p in LABEL_PLACES if fits(box(i, p))] or list(LABEL_PLACES)
+        side[i] = min(places, key=lambda p: (sum(overlap(box(i, p), q) for q in placed), places.index(p)))
+        placed.append(box(i, side[i]))
+    return side, x_range, y_range
 
 
 def _map_hover(analysis: "LibraryAnalysis", i: int, n: int = 3) -> str:

@@ -183,6 +183,25 @@ def test_similarity_map_shapes_by_family_when_known():
     assert set(points[0].marker.symbol) <= set(plots.SYMBOLS[:2])
 
 
+def test_similarity_map_labels_stay_inside_the_plot_and_apart():
+    """Labels at the edges read inwards, two labels of nearby points take different places, and the axes leave
+    room around every point (labels were cut at the edges and drawn over each other before)."""
+    coords = np.array([[0.0, 0.5], [1.0, 0.5], [0.5, 0.52], [0.51, 0.5], [0.5, 0.0], [0.5, 1.0]])
+    an = make_analysis(n=6)
+    an.coords, an.tasks = coords, ["a_long_task_name_left", "a_long_task_name_right", "middle_one", "middle_two",
+                                   "bottom", "top"]
+    fig = plots.similarity_map(an)
+    side = {}
+    for d in fig.data:
+        if d.x[0] is not None:
+            side.update({t: pos for t, pos in zip(d.text, d.textposition)})
+    assert side["a_long_task_name_left"].endswith("right") and side["a_long_task_name_right"].endswith("left")
+    assert side["top"] == "top center"  # the first placed keeps the preferred place
+    assert side["middle_one"] != side["middle_two"]  # 0.02 apart: one of them moves
+    (x0, x1), (y0, y1) = fig.layout.xaxis.range, fig.layout.yaxis.range
+    assert x0 < 0 and x1 > 1 and y0 < 0 and y1 - 1 > 0 - y0  # room around the points, more on top
+
+
 def test_library_figures_show_a_note_without_mbc_data():
     an = make_analysis(with_map=False)
     for fig in (plots.similarity_map(an), plots.cosine_matrix(an)):
