@@ -42,15 +42,17 @@ SHOWN = (0.3, 0.4, 0.5, 0.6)
 TRAIN_SKIP = 30  # per task: the readout's 20 fitting prompts and the 10 the granularity was chosen on
 
 
-def split_rows(rm, tasks, own: dict[str, str], split: str, n: int) -> list[dict]:
-    """One row per prompt: task, the pick, its probability and the runner-up's, right or wrong; and what a pick by
-    mean weight (`prompt_level.pick` without the readout) would have taken, by what lead, right or wrong."""
+def split_rows(rm, tasks, own: dict[str, str], split: str, n: int, skip: int = 0) -> list[dict]:
+    """One row per prompt (held-out splits: from each task's `skip`-th example on): task, the pick, its probability
+    and the runner-up's, right or wrong; and what a pick by mean weight (`prompt_level.pick` without the readout)
+    would have taken, by what lead, right or wrong."""
     from explorer.routing.prompt_level import pick
 
     rows = []
     for task in tasks:
         examples = task.examples(split)
-        examples = examples[TRAIN_SKIP:TRAIN_SKIP + n] if split == "train" else examples[:n]
+        first = TRAIN_SKIP if split == "train" else skip
+        examples = examples[first:first + n]
         for ex in examples:
             trace = rm.trace(ex.input, max_new_tokens=0)
             chosen, by_mean = trace.meta["pick"], pick(trace.evidence)
@@ -122,6 +124,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     library_arguments(ap, str(ROOT / "assets" / "libraries" / "demo-private"))
     ap.add_argument("--n", type=int, default=20, help="prompts per task and split")
+    ap.add_argument("--skip", type=int, default=0,
+                    help="held-out splits: start at this example of each task, past the prompts earlier runs and "
+                         "probes saw (the recorded runs used the first 20); the JSON's name gets -from<skip>")
     ap.add_argument("--rows", help="an earlier run's JSON: re-summarise its rows without routing")
     ap.add_argument("--record", action="store_true", help="store the chosen threshold in the library's readout")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -134,22 +139,25 @@ def main(argv=None) -> None:
         old = json.loads(Path(args.rows).read_text())
         router, source, n = RouterConfig.from_dict(old["router"]), old["source"], old["n"]
         rows = {split: s["rows"] for split, s in old["splits"].items()}
-        command, seconds = old["command"], old["seconds"]
+        command, seconds, skip = old["command"], old["seconds"], old.get("skip", 0)
     else:
         from bench.eval_common import attach_from_args
         from library_store.tasks import resolve_tasks
 
         rm, source, own = attach_from_args(args)
+        skip = args.skip
         router, n = rm.router, args.n
         if router.pick != "readout":
             raise SystemExit(f"{args.library}: its default router picks by {router.pick!r}, not by a readout")
         tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
-        rows = {split: split_rows(rm, tasks, own, split, n) for split in ("train", "heldout", "paraphrase")}
+        if args.skip and args.record:
+            raise SystemExit("--skip measures fresh held-out prompts; record from a run without it")
+        rows = {split: split_rows(rm, tasks, own, split, n, args.skip) for split in ("train", "heldout", "paraphrase")}
         rm.detach()
         command = "python bench/pick_confidence.py " + " ".join(argv if argv is not None else sys.argv[1:])
         seconds = round(time.time() - start, 1)
     threshold = choose_threshold(rows["train"])
-    out = {"library": name, "router": router.to_dict(), "source": source, "n": n, "threshold": threshold,
+    out = {"library": name, "router": router.to_dict(), "source": source, "n": n, "skip": skip, "threshold": threshold,
            "rule": "largest Youden's J on training prompts", "command": command, "seconds": seconds, "splits": {}}
     for split, rs in rows.items():
         p, right = _arrays(rs)
@@ -164,7 +172,7 @@ def main(argv=None) -> None:
             split: {"accuracy": list(bootstrap_ci(_arrays(rs, "mean")[1].astype(float))),
                     "in_use": at(rs, UNCERTAIN_LEAD, "mean"), "chosen": at(rs, lead, "mean")}
             for split, rs in rows.items()}}
-    write_json(Path(args.out) / f"pick_confidence-{name}.json", out)
+    write_json(Path(args.out) / f"pick_confidence-{name}{f'-from{skip}' if skip else ''}.json", out)
     if args.record:
         record(args.library, router, threshold,
                {s: d["chosen"] for s, d in out["splits"].items()} | {"command": command})
