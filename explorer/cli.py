@@ -118,6 +118,8 @@ def _summary(trace) -> str:
              f"experts={len(trace.experts)}"]
     if trace.evidence is not None:  # per prompt: the pick and why; the lines below show it applied
         lines.append(trace.meta["pick"]["text"])
+    elif "lean" in trace.meta:  # per token: what the user's text leans to, flagged when it hardly decided
+        lines.append(trace.meta["lean"]["text"])
     for i, tok in enumerate(trace.tokens):
         best = trace.crop([i]).winner("all") or "-"
         lines.append(f"{i:4d} {'gen' if trace.is_generated[i] else '   '} {tok!r:24} {best}")

@@ -85,7 +85,17 @@ def grid_html(result, view, positions: list[int], module: str = MEAN, groups: di
                f"top expert by weight and by contribution differ in {differ} of {total} cells.")
     return (f'<div class="x-grid" data-payload="{_payload(payload)}"><div class="x-plot"></div>'
             f'<div class="x-legend">{legend}</div><div class="x-strip">{"".join(strip)}</div>'
-            f'<div class="x-caption">{html.escape(caption)}</div></div>')
+            f'{lean_html(result.trace)}<div class="x-caption">{html.escape(caption)}</div></div>')
+
+
+def lean_html(trace) -> str:
+    """Under a per-token run's grid: what the user's text leans to (trace.meta["lean"]), ⚠️ and "Undecided" when
+    its lead is too small to call; empty for a per-prompt run (its notice names the pick) and fixed weights."""
+    lean = trace.meta.get("lean") if trace is not None and trace.evidence is None else None
+    if not lean:
+        return ""
+    mark, kind = ("⚠️", " x-warn") if lean.get("uncertain") else ("ℹ️", "")
+    return f'<div class="x-lean{kind}">{mark} {html.escape(lean["text"])}</div>'
 
 
 def task_experts(analysis, experts: list[str]) -> dict[str, str]:

@@ -30,7 +30,7 @@ from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, module_leaves
                                      unwrap_model, wrap_model)
 from explorer.routing.layer import RoutedLinear
 from explorer.routing.state import RouterState
-from explorer.routing.prompt_level import pick
+from explorer.routing.prompt_level import lean, pick
 from explorer.routing.readout import find_readout
 from explorer.routing.prototype_cache import _cache_prototypes, _expert_prototypes, _unroutable, library_identity
 from explorer.routing.topk import TopKRoutes
@@ -306,6 +306,8 @@ class RoutedModel:
         trace.evidence = evidence
         if evidence is not None:
             trace.meta["pick"] = evidence.meta.pop("pick")  # {"expert", "weight", ..., "text"}: PromptPick, described
+        elif self.router.mode == "arrow" and (leaning := lean(trace)) is not None:
+            trace.meta["lean"] = leaning.record()  # per token: what the user's text leans to, and whether it decided
         return trace
 
     def _trace(self, prompt: str, max_new_tokens: int, chat: bool, streamer, answer: bool = True) -> RoutingTrace:

@@ -16,7 +16,7 @@ choice own-text routing accuracy scores, answers like the own expert whenever it
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -41,6 +41,7 @@ class PromptPick:
     runner_confidence: float | None = None  # readout: the runner-up's probability
     by_mean: str | None = None  # readout: the expert the mean weight alone would have picked
     threshold: float | None = None  # readout: the probability under which the pick is flagged uncertain
+    answered: bool = True  # False: a per-token run's lean (`lean`), which no expert answered alone
 
     def record(self) -> dict:
         """What a trace keeps of it (`trace.meta["pick"]`): every field, `uncertain`, and the one-line `describe()`
@@ -76,10 +77,13 @@ class PromptPick:
         if not self.uncertain:
             return text
         why = f"p under {self._below:g}" if self.rule == "readout" else f"lead under {UNCERTAIN_LEAD:g}"
-        return f"{text} Uncertain pick ({why})."
+        return f"{text} {'Uncertain pick' if self.answered else 'Undecided'} ({why})."
 
     def _decision(self) -> str:
         where = "your text" if self.over == "user" else "the prompt"
+        if not self.answered:
+            second = f"; next {self.runner_up} {self.runner_weight:.2f}" if self.runner_up else ""
+            return f"Per token: {where} leans to {self.expert} (mean weight {self.weight:.2f}{second})."
         if self.rule == "readout":
             second = f"; next {self.runner_up} {self.runner_confidence:.2f}" if self.runner_up else ""
             mean = "the mean weight agrees" if self.by_mean == self.expert else f"by mean weight: {self.by_mean}"
@@ -116,3 +120,13 @@ def pick(evidence: RoutingTrace, readout=None) -> PromptPick:
                       runner_weight=float(weight[runner]) if runner else 0.0, over=over, rule="readout",
                       confidence=float(p[ranked[0]]), runner_confidence=float(p[ranked[1]]) if runner else None,
                       by_mean=by_mean.expert, threshold=readout.uncertain_below)
+
+
+def lean(trace: RoutingTrace) -> PromptPick | None:
+    """What a per-token run's own routing leans to: the pick by mean weight over the user's text (`pick`), marked
+    `answered=False` (every token was routed on its own), and flagged as a mean-weight pick is when its lead is
+    under UNCERTAIN_LEAD. None when the trace routed nothing."""
+    try:
+        return replace(pick(trace), answered=False)
+    except ValueError:
+        return None

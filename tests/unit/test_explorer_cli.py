@@ -79,6 +79,13 @@ def test_trace_summary_without_json(library, capsys):
     assert out.startswith("mode=expert:e1 top_k=1") and "e1" in out.splitlines()[-2]
 
 
+def test_per_token_summary_says_what_the_user_text_leans_to(library, capsys):
+    assert main(["trace", "--base-model", "tiny-random-llama", "--library", library, "--prompt", "hi there",
+                 "--top-k", "2", "--max-new-tokens", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("mode=arrow") and lines[1].startswith("Per token: your text leans to e")
+
+
 def tree_digest(root) -> dict[str, str]:
     """path -> sha256 of every file of a library folder, but SQLite's side files (-shm, -wal: a reader's
     shared memory, ignored by git; the committed index is library.sqlite alone)."""

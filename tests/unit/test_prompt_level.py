@@ -7,7 +7,7 @@ from arrow_helpers import TWINS, experts, fresh
 
 from explorer.routing.config import RouterConfig
 from explorer.routing.model import RoutedModel
-from explorer.routing.prompt_level import PromptPick, pick
+from explorer.routing.prompt_level import PromptPick, lean, pick
 from explorer.routing.trace import RoutingTrace
 
 PROMPT = "Count the words: one two three four"
@@ -95,6 +95,32 @@ def test_a_pick_the_evidence_hardly_decided_is_flagged_uncertain():
     assert low.uncertain and f"(p under {UNCERTAIN_BELOW:g})" in low.describe() and not high.uncertain
     alone = PromptPick(expert="e1", weight=1.0, runner_up=None, runner_weight=0.0, over="user")
     assert not alone.uncertain  # one expert: nothing to decide between
+
+
+def test_a_per_token_trace_records_what_the_user_text_leans_to(monkeypatch):
+    """Per token, Arrow: the trace's meta "lean" is the mean-weight pick over the user's text, marked as not
+    answered, worded "Per token: ... leans to", and flagged "Undecided" under the lead; per prompt the pick
+    takes its place; fixed-weight modes route nothing to lean on; a trace without weight has none."""
+    from explorer.routing import prompt_level
+
+    rm = routed("tiny-random-llama")
+    trace = rm.trace(PROMPT, max_new_tokens=2)
+    leaning = trace.meta["lean"]
+    assert leaning["expert"] == trace.winner("user") and leaning["answered"] is False
+    assert leaning["text"].startswith(f"Per token: your text leans to {trace.winner('user')} (mean weight ")
+    assert "alone answered" not in leaning["text"]
+    assert leaning["uncertain"] is (leaning["weight"] - leaning["runner_weight"] < prompt_level.UNCERTAIN_LEAD)
+    monkeypatch.setattr(prompt_level, "UNCERTAIN_LEAD", 1.0)  # every lead is now too small
+    flagged = rm.trace(PROMPT, max_new_tokens=2).meta["lean"]
+    assert flagged["uncertain"] is True and flagged["text"].endswith("Undecided (lead under 1).")
+    assert RoutingTrace.from_dict(trace.to_dict()).meta["lean"] == trace.meta["lean"]
+    rm.set_router(RouterConfig(top_k=2, temperature=0.5, granularity="prompt"))
+    assert "lean" not in rm.trace(PROMPT).meta
+    rm.set_router(RouterConfig(mode="uniform"))
+    assert "lean" not in rm.trace(PROMPT).meta
+    empty = RoutingTrace(tokens=list("ab"), token_ids=[0, 1], is_generated=[False] * 2, layers=[0], modules=["q"],
+                         experts=["e0", "e1"], weights=np.zeros((1, 1, 2, 2), np.float32))
+    assert lean(empty) is None
 
 
 def test_prompt_level_trace_round_trips_with_its_evidence():

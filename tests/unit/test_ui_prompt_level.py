@@ -105,6 +105,22 @@ def test_an_uncertain_pick_is_a_warning_in_the_notice(session, monkeypatch, lead
     assert "Per prompt:" in first
 
 
+@pytest.mark.parametrize("lead, flagged", [(1.0, True), (0.0, False)])
+def test_a_per_token_run_says_what_the_text_leans_to(session, monkeypatch, lead, flagged):
+    """Per token, under the grid: the expert the user's text leans to (the grid's mean over the user's text),
+    marked ⚠️ and "Undecided" exactly when its lead is too small to call; a per-prompt run's grid has no such line
+    (its notice names the pick)."""
+    from explorer.routing import prompt_level
+
+    monkeypatch.setattr(prompt_level, "UNCERTAIN_LEAD", lead)
+    out = route(session, max_new=2)
+    trace = out["state"].trace
+    line = re.search(r'<div class="x-lean[^"]*">([^<]*)</div>', out["grid"])
+    assert line and line.group(1).startswith("⚠️" if flagged else "ℹ️") and ("Undecided" in line.group(1)) is flagged
+    assert f"Per token: your text leans to {html.escape(trace.winner('user'))}" in line.group(1)
+    assert "x-lean" not in route(session, granularity="prompt", max_new=2)["grid"]
+
+
 def test_comparison_of_a_per_prompt_run_shows_the_runner_up_s_answer(session):
     """The pick answered alone, so "most-used expert" would repeat the answer: the comparison runs the runner-up
     alone instead, checked against the model run by hand."""
