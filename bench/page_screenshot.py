@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--library", default=str(ROOT / "assets" / "libraries" / "demo-mbc"))
     parser.add_argument("--prompt", default="Reverse the letters of this word: garden")
     parser.add_argument("--out", default="/tmp/instrument.png")
+    parser.add_argument("--routing", choices=["default", "token", "prompt"], default="default",
+                        help="the routing radio: the library's default, or per token / per prompt")
     parser.add_argument("--card-out", default=None, help="also a screenshot of the Library tab's report card")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
@@ -45,6 +47,8 @@ def main() -> None:
             page.wait_for_selector("#map .x-map[data-ready]", timeout=300_000)
             page.fill("#max-new input[type=number]", "16")
             page.press("#max-new input[type=number]", "Tab")
+            if args.routing != "default":
+                page.locator("#granularity label").filter(has_text=f"per {args.routing}").click()
             page.fill("#prompt textarea", args.prompt)
             page.click("#run")
             page.wait_for_selector("#grid .x-grid[data-ready] .xtick text", timeout=300_000)
