@@ -139,6 +139,8 @@ def main(argv=None) -> None:
     ap.add_argument("--split", default="paraphrase", choices=["train", "heldout", "paraphrase"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--n", type=int, default=6, help="prompts per task")
+    ap.add_argument("--settings", nargs="+", metavar="K:T",
+                    help="top-k:temperature pairs to score (default: the router's own, and top-4 at T 1)")
     args = ap.parse_args(argv)
     from library_store.tasks import resolve_tasks
 
@@ -152,6 +154,8 @@ def main(argv=None) -> None:
     calibrate(rm, sites)
     router = rm.router
     settings = [(router.top_k, router.temperature), (min(4, len(rm.experts)), 1.0)]
+    if args.settings:
+        settings = [(min(int(k), len(rm.experts)), float(t)) for k, t in (x.split(":") for x in args.settings)]
     hits = {(v, st): ([], []) for v in args.variants for st in settings}
     tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
     with torch.no_grad():
