@@ -133,6 +133,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     from explorer.routing.config import RouterConfig
 
+    if args.skip and args.record:  # before loading anything
+        raise SystemExit("--skip measures fresh held-out prompts; record from a run without it")
     start = time.time()
     name = Path(args.library).name
     if args.rows:
@@ -150,8 +152,6 @@ def main(argv=None) -> None:
         if router.pick != "readout":
             raise SystemExit(f"{args.library}: its default router picks by {router.pick!r}, not by a readout")
         tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
-        if args.skip and args.record:
-            raise SystemExit("--skip measures fresh held-out prompts; record from a run without it")
         rows = {split: split_rows(rm, tasks, own, split, n, args.skip) for split in ("train", "heldout", "paraphrase")}
         rm.detach()
         command = "python bench/pick_confidence.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -30,7 +30,7 @@ from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, module_leaves
                                      unwrap_model, wrap_model)
 from explorer.routing.layer import RoutedLinear
 from explorer.routing.state import RouterState
-from explorer.routing.prompt_level import lean, pick
+from explorer.routing.prompt_level import pick, record_decision
 from explorer.routing.readout import find_readout
 from explorer.routing.prototype_cache import _cache_prototypes, _expert_prototypes, _unroutable, library_identity
 from explorer.routing.topk import TopKRoutes
@@ -304,10 +304,7 @@ class RoutedModel:
         with self._answering(prompt, chat, max_new_tokens) as evidence:
             trace = self._trace(prompt, max_new_tokens, chat, streamer)
         trace.evidence = evidence
-        if evidence is not None:
-            trace.meta["pick"] = evidence.meta.pop("pick")  # {"expert", "weight", ..., "text"}: PromptPick, described
-        elif self.router.mode == "arrow" and (leaning := lean(trace)) is not None:
-            trace.meta["lean"] = leaning.record()  # per token: what the user's text leans to, and whether it decided
+        record_decision(trace, self.router)  # meta "pick" (per prompt) or "lean" (per token): prompt_level.py
         return trace
 
     def _trace(self, prompt: str, max_new_tokens: int, chat: bool, streamer, answer: bool = True) -> RoutingTrace:

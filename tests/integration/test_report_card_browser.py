@@ -39,7 +39,7 @@ def test_page_starts_with_the_recorded_default_router(evaluated, browser):
     url, _, default = evaluated
     page, _, _ = new_tab(browser, url)  # the controls are set once the model is ready (the libraries load with it)
     want = str(default.router["top_k"])
-    page.wait_for_function(f"document.querySelector('#top-k input[type=number]').value === '{want}'",
+    page.wait_for_function(f"document.querySelector('#top-k input[type=number]')?.value === '{want}'",
                            timeout=120_000)
     assert float(page.locator("#temperature input[type=number]").input_value()) == default.router["temperature"]
     centre = default.router.get("input_centre", "none")

@@ -116,8 +116,9 @@ def test_a_per_token_run_says_what_the_text_leans_to(session, monkeypatch, lead,
     out = route(session, max_new=2)
     trace = out["state"].trace
     line = re.search(r'<div class="x-lean[^"]*">([^<]*)</div>', out["grid"])
-    assert line and line.group(1).startswith("⚠️" if flagged else "ℹ️") and ("Undecided" in line.group(1)) is flagged
-    assert f"Per token: your text leans to {html.escape(trace.winner('user'))}" in line.group(1)
+    said = line.group(1) if line else ""
+    assert said.startswith("⚠️" if flagged else "ℹ️") and ("Undecided" in said) is flagged
+    assert f"Per token: your text leans to {html.escape(trace.winner('user'))}" in said
     assert "x-lean" not in route(session, granularity="prompt", max_new=2)["grid"]
 
 
