@@ -63,6 +63,23 @@ def split_rows(rm, tasks, own: dict[str, str], split: str, n: int, skip: int = 0
     return rows
 
 
+def generic_rows(rm) -> list[dict]:
+    """The input-centring calibration prompts (explorer/routing/calibration.py: generic chat requests no library task
+    resembles, never used to fit a readout or choose a threshold), one row each: the pick, its probability, whether
+    the page flags it, and the mean-weight lead and flag a per-token run would show."""
+    from explorer.routing.calibration import CALIBRATION_PROMPTS
+    from explorer.routing.prompt_level import UNCERTAIN_LEAD, pick
+
+    rows = []
+    for prompt in CALIBRATION_PROMPTS:
+        trace = rm.trace(prompt, max_new_tokens=0)
+        chosen, by_mean = trace.meta["pick"], pick(trace.evidence)
+        rows.append({"prompt": prompt, "pick": chosen["expert"], "p": chosen["confidence"],
+                     "flagged": chosen["uncertain"], "mean_pick": by_mean.expert, "mean_lead": by_mean.margin,
+                     "mean_flagged": by_mean.margin < UNCERTAIN_LEAD})
+    return rows
+
+
 RULES = {"readout": ("p", "right"), "mean": ("mean_lead", "mean_right")}  # the row keys each pick rule reads
 
 
@@ -127,6 +144,9 @@ def main(argv=None) -> None:
     ap.add_argument("--skip", type=int, default=0,
                     help="held-out splits: start at this example of each task, past the prompts earlier runs and "
                          "probes saw (the recorded runs used the first 20); the JSON's name gets -from<skip>")
+    ap.add_argument("--generic", action="store_true",
+                    help="instead: route the 20 generic calibration prompts, which fit no library task, and count how "
+                         "many picks the page flags (writes pick_confidence-<library>-generic.json)")
     ap.add_argument("--rows", help="an earlier run's JSON: re-summarise its rows without routing")
     ap.add_argument("--record", action="store_true", help="store the chosen threshold in the library's readout")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -137,6 +157,8 @@ def main(argv=None) -> None:
         raise SystemExit("--skip measures fresh held-out prompts; record from a run without it")
     start = time.time()
     name = Path(args.library).name
+    if args.generic:
+        return generic(args, name, start, argv)
     if args.rows:
         old = json.loads(Path(args.rows).read_text())
         router, source, n = RouterConfig.from_dict(old["router"]), old["source"], old["n"]
@@ -194,6 +216,25 @@ def main(argv=None) -> None:
     for split, s in out["splits"].items():
         for t, b in s["by_threshold"].items():
             print(f"| {split} | {t} | {flag_cells(b)}")
+
+
+def generic(args, name: str, start: float, argv) -> None:
+    """--generic: route the generic prompts with the library's default router and report the flags."""
+    from bench.eval_common import attach_from_args
+
+    rm, source, _ = attach_from_args(args)
+    router, rows = rm.router, generic_rows(rm)
+    rm.detach()
+    command = "python bench/pick_confidence.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    flagged, mean_flagged = sum(r["flagged"] for r in rows), sum(r["mean_flagged"] for r in rows)
+    write_json(Path(args.out) / f"pick_confidence-{name}-generic.json",
+               {"library": name, "router": router.to_dict(), "source": source, "command": command, "rows": rows,
+                "flagged": flagged, "mean_flagged": mean_flagged, "seconds": round(time.time() - start, 1)})
+    print(f"{name}, router {router.to_dict()} ({source}): {flagged} of {len(rows)} generic prompts' picks flagged "
+          f"uncertain; by mean weight {mean_flagged} of {len(rows)}")
+    print("| prompt | pick | p | flagged |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['prompt']} | {r['pick']} | {r['p']:.2f} | {'yes' if r['flagged'] else 'no'} |")
 
 
 if __name__ == "__main__":
