@@ -46,16 +46,11 @@ def split_rows(rm, tasks, own: dict[str, str], split: str, n: int, skip: int = 0
     """One row per prompt (held-out splits: from each task's `skip`-th example on): task, the pick, its probability
     and the runner-up's, right or wrong; and what a pick by mean weight (`prompt_level.pick` without the readout)
     would have taken, by what lead, right or wrong."""
-    from explorer.routing.prompt_level import pick
-
     rows = []
     for task in tasks:
-        examples = task.examples(split)
         first = TRAIN_SKIP if split == "train" else skip
-        examples = examples[first:first + n]
-        for ex in examples:
-            trace = rm.trace(ex.input, max_new_tokens=0)
-            chosen, by_mean = trace.meta["pick"], pick(trace.evidence)
+        for ex in task.examples(split)[first:first + n]:
+            chosen, by_mean = route(rm, ex.input)
             rows.append({"task": task.name, "pick": chosen["expert"], "p": chosen["confidence"],
                          "runner_p": chosen["runner_confidence"], "right": chosen["expert"] == own[task.name],
                          "mean_pick": by_mean.expert, "mean_lead": by_mean.margin,
@@ -63,20 +58,31 @@ def split_rows(rm, tasks, own: dict[str, str], split: str, n: int, skip: int = 0
     return rows
 
 
+def route(rm, prompt: str) -> tuple:
+    """The prompt routed without generating: (the default router's pick as the trace records it, the PromptPick a
+    pick by mean weight over the same evidence would make)."""
+    from explorer.routing.prompt_level import pick
+
+    trace = rm.trace(prompt, max_new_tokens=0)
+    return trace.meta["pick"], pick(trace.evidence)
+
+
+def command_line(argv) -> str:
+    return "python bench/pick_confidence.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
 def generic_rows(rm) -> list[dict]:
     """The input-centring calibration prompts (explorer/routing/calibration.py: generic chat requests no library task
     resembles, never used to fit a readout or choose a threshold), one row each: the pick, its probability, whether
     the page flags it, and the mean-weight lead and flag a per-token run would show."""
     from explorer.routing.calibration import CALIBRATION_PROMPTS
-    from explorer.routing.prompt_level import UNCERTAIN_LEAD, pick
 
     rows = []
     for prompt in CALIBRATION_PROMPTS:
-        trace = rm.trace(prompt, max_new_tokens=0)
-        chosen, by_mean = trace.meta["pick"], pick(trace.evidence)
+        chosen, by_mean = route(rm, prompt)
         rows.append({"prompt": prompt, "pick": chosen["expert"], "p": chosen["confidence"],
                      "flagged": chosen["uncertain"], "mean_pick": by_mean.expert, "mean_lead": by_mean.margin,
-                     "mean_flagged": by_mean.margin < UNCERTAIN_LEAD})
+                     "mean_flagged": by_mean.uncertain})
     return rows
 
 
@@ -176,7 +182,7 @@ def main(argv=None) -> None:
         tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
         rows = {split: split_rows(rm, tasks, own, split, n, args.skip) for split in ("train", "heldout", "paraphrase")}
         rm.detach()
-        command = "python bench/pick_confidence.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = command_line(argv)
         seconds = round(time.time() - start, 1)
     threshold = choose_threshold(rows["train"])
     out = {"library": name, "router": router.to_dict(), "source": source, "n": n, "skip": skip, "threshold": threshold,
@@ -225,7 +231,7 @@ def generic(args, name: str, start: float, argv) -> None:
     rm, source, _ = attach_from_args(args)
     router, rows = rm.router, generic_rows(rm)
     rm.detach()
-    command = "python bench/pick_confidence.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(argv)
     flagged, mean_flagged = sum(r["flagged"] for r in rows), sum(r["mean_flagged"] for r in rows)
     write_json(Path(args.out) / f"pick_confidence-{name}-generic.json",
                {"library": name, "router": router.to_dict(), "source": source, "command": command, "rows": rows,

@@ -91,7 +91,7 @@ def grid_html(result, view, positions: list[int], module: str = MEAN, groups: di
 def lean_html(trace) -> str:
     """Under a per-token run's grid: what the user's text leans to (trace.meta["lean"]), ⚠️ and "Undecided" when
     its lead is too small to call; empty for a per-prompt run (its notice names the pick) and fixed weights."""
-    lean = trace.meta.get("lean") if trace is not None and trace.evidence is None else None
+    lean = trace.meta.get("lean") if trace is not None else None  # recorded for per-token Arrow runs only
     if not lean:
         return ""
     mark, kind = ("⚠️", " x-warn") if lean.get("uncertain") else ("ℹ️", "")

@@ -327,9 +327,10 @@ def label_sides(coords: np.ndarray, labels: list[str], pad: float = 0.08, width:
 
     side, placed = [""] * len(xy), []
     for i in np.argsort(-py, kind="stable"):  # the top point first
-        places = [p for p in LABEL_PLACES if fits(box(i, p))] or list(LABEL_PLACES)
-        side[i] = min(places, key=lambda p: (sum(overlap(box(i, p), q) for q in placed), places.index(p)))
-        placed.append(box(i, side[i]))
+        boxes = {p: box(i, p) for p in LABEL_PLACES}
+        places = [p for p in LABEL_PLACES if fits(boxes[p])] or list(LABEL_PLACES)
+        side[i] = min(places, key=lambda p: (sum(overlap(boxes[p], q) for q in placed), places.index(p)))
+        placed.append(boxes[side[i]])
     return side, x_range, y_range
 
 

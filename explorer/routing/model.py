@@ -304,7 +304,7 @@ class RoutedModel:
         with self._answering(prompt, chat, max_new_tokens) as evidence:
             trace = self._trace(prompt, max_new_tokens, chat, streamer)
         trace.evidence = evidence
-        record_decision(trace, self.router)  # meta "pick" (per prompt) or "lean" (per token): prompt_level.py
+        record_decision(trace)  # meta "pick" (per prompt) or "lean" (per token): prompt_level.py
         return trace
 
     def _trace(self, prompt: str, max_new_tokens: int, chat: bool, streamer, answer: bool = True) -> RoutingTrace:

@@ -132,10 +132,10 @@ def lean(trace: RoutingTrace) -> PromptPick | None:
         return None
 
 
-def record_decision(trace: RoutingTrace, router) -> None:
+def record_decision(trace: RoutingTrace) -> None:
     """What a run decided, in `trace.meta`: a per-prompt run's "pick" (moved from its evidence's meta, a
     `PromptPick.record()`), or a per-token Arrow run's "lean" (`lean`); fixed-weight modes decide nothing."""
     if trace.evidence is not None:
         trace.meta["pick"] = trace.evidence.meta.pop("pick")
-    elif router.mode == "arrow" and (leaning := lean(trace)) is not None:
+    elif trace.mode == "arrow" and (leaning := lean(trace)) is not None:
         trace.meta["lean"] = leaning.record()
