@@ -12,8 +12,14 @@ the task's own expert (MBC: its cluster).
   right picks flagged); on a tie, the lower (it flags fewer).
 - **Per split** the share of picks flagged, the accuracy of confident and of flagged picks, and the share of
   wrong picks flagged, at the chosen threshold and at a few others.
-- `--record` stores the threshold in the library's readout (its meta `uncertain_below`, with the evidence), so
-  the page and the CLI flag with it. `--rows FILE` re-summarises the rows of an earlier run without routing.
+- **The lead** under which a pick by mean weight (and a per-token run's lean) is flagged is chosen on the same
+  prompts picked by mean weight: the smallest of 0.01, 0.02, ..., 0.20 at which the picks it leaves unflagged are
+  right at least 99 % of the time (so an unflagged lean means the routing decided). Youden's J, the threshold's
+  rule, chose 0.01 on demo-private's training picks, which caught 80 % of the wrong held-out picks against 100 %
+  at 0.02 (held-out J 0.71 against 0.79).
+- `--record` stores the threshold and the lead in the library's readout (its meta `uncertain_below` and
+  `uncertain_lead`, each with its evidence), so the page and the CLI flag with them. `--rows FILE` re-summarises
+  the rows of an earlier run without routing.
 
 Usage::
 
@@ -38,6 +44,7 @@ from bench.eval_common import bootstrap_ci, library_arguments, write_json  # noq
 
 GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10 ... 0.90: readout probabilities
 LEAD_GRID = tuple(round(0.01 * i, 2) for i in range(1, 21))  # 0.01 ... 0.20: leads of a pick by mean weight
+LEAD_PRECISION = 0.99  # an unflagged lean is right this often on training prompts (see choose_lead)
 SHOWN = (0.3, 0.4, 0.5, 0.6)
 TRAIN_SKIP = 30  # per task: the readout's 20 fitting prompts and the 10 the granularity was chosen on
 
@@ -64,7 +71,7 @@ def route(rm, prompt: str) -> tuple:
     from explorer.routing.prompt_level import pick
 
     trace = rm.trace(prompt, max_new_tokens=0)
-    return trace.meta["pick"], pick(trace.evidence)
+    return trace.meta["pick"], pick(trace.evidence, lead=rm.lead)
 
 
 def command_line(argv) -> str:
@@ -108,6 +115,17 @@ def choose_threshold(train: list[dict], rule: str = "readout") -> float:
     return max(grid, key=lambda t: (round(youden(train, t, rule), 9), -t))
 
 
+def choose_lead(train: list[dict]) -> float:
+    """The smallest lead at which the training picks by mean weight it leaves unflagged are right at least
+    `LEAD_PRECISION` of the time; the largest Youden's J when no lead reaches it."""
+    value, right = _arrays(train, "mean")
+    for t in LEAD_GRID:
+        kept = value >= t
+        if kept.any() and right[kept].mean() >= LEAD_PRECISION:
+            return t
+    return choose_threshold(train, "mean")
+
+
 def at(rows: list[dict], t: float, rule: str = "readout") -> dict:
     """The flag's figures at threshold t."""
     p, right = _arrays(rows, rule)
@@ -131,8 +149,16 @@ def flag_cells(f: dict) -> str:
     return f"{f['flagged']:.2f} | {fmt(f['accuracy_confident'])} | {fmt(f['accuracy_flagged'])} | {wrong} |"
 
 
-def record(library: str, router, threshold: float, evidence: dict) -> None:
-    """Store the threshold in the library's readout for `router` (opened writable)."""
+def lead_in_use(library: str, router) -> float:
+    """The lead the library's readout for `router` records (prompt_level.UNCERTAIN_LEAD when none)."""
+    from explorer.routing.readout import recorded_lead
+    from library_store.store.library import ExpertLibrary
+
+    return recorded_lead({}, ExpertLibrary.open(library), router)
+
+
+def record(library: str, router, threshold: float, evidence: dict, lead: float | None, lead_evidence: dict) -> None:
+    """Store the threshold (and the lead, unless None) in the library's readout for `router` (opened writable)."""
     from explorer.routing.readout import find_readout, readout_key
     from library_store.store.library import ExpertLibrary
     from library_store.store.reports import write_readout
@@ -140,6 +166,8 @@ def record(library: str, router, threshold: float, evidence: dict) -> None:
     lib = ExpertLibrary.open(library, readonly=False)
     readout = find_readout({}, lib, router)  # MissingReadout (a ValueError) when none is stored
     readout.meta.update(uncertain_below=threshold, uncertain_evidence=evidence)
+    if lead is not None:
+        readout.meta.update(uncertain_lead=lead, uncertain_lead_evidence=lead_evidence)
     write_readout(lib, readout_key(router), *readout.to_tensors())
 
 
@@ -192,18 +220,19 @@ def main(argv=None) -> None:
         out["splits"][split] = {"n": len(rs), "accuracy": list(bootstrap_ci(right.astype(float))),
                                 "chosen": at(rs, threshold), "by_threshold": {str(t): at(rs, t) for t in SHOWN},
                                 "rows": rs}
+    lead = None
     if all("mean_lead" in r for rs in rows.values() for r in rs):  # the same prompts, picked by mean weight
-        from explorer.routing.prompt_level import UNCERTAIN_LEAD
-
-        lead = choose_threshold(rows["train"], "mean")
-        out["mean_rule"] = {"chosen_on_training": lead, "in_use": UNCERTAIN_LEAD, "splits": {
+        lead, in_use = choose_lead(rows["train"]), lead_in_use(args.library, router)
+        out["mean_rule"] = {"chosen_on_training": lead, "in_use": in_use, "splits": {
             split: {"accuracy": list(bootstrap_ci(_arrays(rs, "mean")[1].astype(float))),
-                    "in_use": at(rs, UNCERTAIN_LEAD, "mean"), "chosen": at(rs, lead, "mean")}
+                    "in_use": at(rs, in_use, "mean"), "chosen": at(rs, lead, "mean")}
             for split, rs in rows.items()}}
     write_json(Path(args.out) / f"pick_confidence-{name}{f'-from{skip}' if skip else ''}.json", out)
     if args.record:
+        chosen = {s: d["chosen"] for s, d in out.get("mean_rule", {"splits": {}})["splits"].items()}
         record(args.library, router, threshold,
-               {s: d["chosen"] for s, d in out["splits"].items()} | {"command": command})
+               {s: d["chosen"] for s, d in out["splits"].items()} | {"command": command}, lead,
+               chosen | {"command": command})
     print(f"{name}, router {router.to_dict()} ({source}); threshold {threshold:g} (largest Youden's J on training "
           f"prompts); routing {seconds:.0f} s")
     print("| split | prompts | picks right | flagged | right when confident | right when flagged | "

@@ -97,16 +97,27 @@ def _winner_text(winner: dict) -> str:
 
 
 def _uncertain_text(readout_meta: dict) -> list[str]:
-    """The readout's uncertain-pick threshold and how flagged picks fared (bench/pick_confidence.py --record);
-    nothing when none is recorded, or when what is recorded is not numbers (a library edited by hand)."""
-    t = readout_meta.get("uncertain_below")
-    if t is None:
-        return []
-    evidence = readout_meta.get("uncertain_evidence") or {}
+    """The readout's uncertain-pick threshold, the mean-weight lead recorded beside it, and how flagged picks fared
+    (bench/pick_confidence.py --record); nothing for one not recorded, or whose record is not numbers (a library
+    edited by hand)."""
+    lines = []
+    for key, evidence, label in _FLAGS:
+        if readout_meta.get(key) is not None:
+            lines += _flag_lines(label, readout_meta[key], readout_meta.get(evidence) or {})
+    return lines
+
+
+_FLAGS = (  # (the readout meta's value, its evidence, the card's line)
+    ("uncertain_below", "uncertain_evidence", "Uncertain picks: the page flags a pick the readout gives under p {:g}"),
+    ("uncertain_lead", "uncertain_lead_evidence", "Per-token leans and picks by mean weight: the page flags them when "
+                                                  "they lead the runner-up by less than {:g}"))
+
+
+def _flag_lines(label: str, t, evidence: dict) -> list[str]:
+    """One flag's rule and, per held-out split, how the picks it flags fared; [] when a value is not a number."""
     try:
-        lines = [f"- Uncertain picks: the page flags a pick the readout gives under p {float(t):g} (threshold "
-                 "chosen on training prompts)."]
-        for split, label in (("heldout", "held-out inputs"), ("paraphrase", "held-out wordings")):
+        lines = [f"- {label.format(float(t))} (chosen on training prompts)."]
+        for split, name in (("heldout", "held-out inputs"), ("paraphrase", "held-out wordings")):
             e = evidence.get(split)
             if not e:
                 continue
@@ -116,7 +127,7 @@ def _uncertain_text(readout_meta: dict) -> list[str]:
                 parts.append(f"right {float(flagged[0]):.0%} of the time")
             if confident:
                 parts.append(f"the others right {float(confident[0]):.0%}")
-            lines.append(f"  On {label}: " + ", ".join(parts) + ".")
+            lines.append(f"  On {name}: " + ", ".join(parts) + ".")
         if evidence.get("command"):
             lines.append(f"  Measured by {_code(evidence['command'])}.")
     except (TypeError, ValueError, KeyError, IndexError, AttributeError):

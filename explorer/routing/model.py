@@ -31,7 +31,7 @@ from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, module_leaves
 from explorer.routing.layer import RoutedLinear
 from explorer.routing.state import RouterState
 from explorer.routing.prompt_level import pick, record_decision
-from explorer.routing.readout import find_readout
+from explorer.routing.readout import find_readout, recorded_lead
 from explorer.routing.prototype_cache import _cache_prototypes, _expert_prototypes, _unroutable, library_identity
 from explorer.routing.topk import TopKRoutes
 from explorer.routing.trace import RoutingTrace, user_token_span
@@ -85,7 +85,7 @@ class RoutedModel:
         self.layers = sorted({k[0] for k in self._keys.values()})
         self.modules = module_leaves(self.sites)
         self.readouts: dict = {}  # readout_key(router) -> Readout (per-prompt pick "readout"; see readout.py)
-        self._readout = None  # the readout of the router as set (or None)
+        self._readout = None  # the readout of the router as set (or None); `lead` (set_router): its flag lead
         self.router = RouterConfig(mode="base")
         self.set_router(router)
 
@@ -176,7 +176,7 @@ class RoutedModel:
             self._wrapped = centring
         if router.input_centre != self._shifted:
             self._set_shift(router.input_centre)
-        self._readout = readout
+        self._readout, self.lead = readout, recorded_lead(self.readouts, self._store, router)  # flags leans too
         st.mode, st.top_k, st.temperature = router.kind, router.top_k, float(router.temperature)
         st.mask = None if n_on == len(self.experts) else ~enabled
         st.fixed = fixed
@@ -273,7 +273,7 @@ class RoutedModel:
 
     def choose(self, evidence: RoutingTrace):
         """The per-prompt router's PromptPick for an evidence trace (its readout's, with pick "readout")."""
-        return pick(evidence, self._readout)
+        return pick(evidence, self._readout, self.lead)
 
     @contextmanager
     def answering_with(self, expert: str):
@@ -304,7 +304,7 @@ class RoutedModel:
         with self._answering(prompt, chat, max_new_tokens) as evidence:
             trace = self._trace(prompt, max_new_tokens, chat, streamer)
         trace.evidence = evidence
-        record_decision(trace)  # meta "pick" (per prompt) or "lean" (per token): prompt_level.py
+        record_decision(trace, self.lead)  # meta "pick" (per prompt) or "lean" (per token): prompt_level.py
         return trace
 
     def _trace(self, prompt: str, max_new_tokens: int, chat: bool, streamer, answer: bool = True) -> RoutingTrace:

@@ -23,8 +23,9 @@ import numpy as np
 from explorer.routing.trace import RoutingTrace
 
 UNCERTAIN_BELOW = 0.5  # a readout pick below this probability is flagged, unless the readout records its own threshold
-UNCERTAIN_LEAD = 0.02  # a mean-weight pick leading its runner-up by less than this is flagged: the largest Youden's
-# J on both demo libraries' training prompts (bench/pick_confidence.py; 0.05 flagged 62-74 % of their picks)
+UNCERTAIN_LEAD = 0.02  # a mean-weight pick leading its runner-up by less than this is flagged, unless the readout for
+# the same router records its own lead: the largest Youden's J on both demo libraries' training prompts pooled
+# (bench/pick_confidence.py; 0.05 flagged 62-74 % of their picks)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class PromptPick:
     by_mean: str | None = None  # readout: the expert the mean weight alone would have picked
     threshold: float | None = None  # readout: the probability under which the pick is flagged uncertain
     answered: bool = True  # False: a per-token run's lean (`lean`), which no expert answered alone
+    lead_below: float = UNCERTAIN_LEAD  # by mean weight: flagged under this lead (the library's, where recorded)
 
     def record(self) -> dict:
         """What a trace keeps of it (`trace.meta["pick"]`): every field, `uncertain`, and the one-line `describe()`
@@ -52,13 +54,14 @@ class PromptPick:
     def uncertain(self) -> bool:
         """True when the evidence hardly decided: a readout pick under its readout's threshold (`threshold`, chosen on
         training prompts; `UNCERTAIN_BELOW` when none was), or a mean-weight pick ahead of its runner-up by less
-        than `UNCERTAIN_LEAD`. How often such picks are wrong on the demo libraries: docs/evaluation.md,
+        than `lead_below` (recorded with the library's readout for the router; `UNCERTAIN_LEAD` when none was).
+        How often such picks are wrong on the demo libraries: docs/evaluation.md,
         "Uncertain picks" (bench/pick_confidence.py)."""
         if self.runner_up is None:
             return False
         if self.rule == "readout":
             return self.confidence < self._below
-        return self.margin < UNCERTAIN_LEAD
+        return self.margin < self.lead_below
 
     @property
     def _below(self) -> float:
@@ -76,7 +79,7 @@ class PromptPick:
         text = self._decision()
         if not self.uncertain:
             return text
-        why = f"p under {self._below:g}" if self.rule == "readout" else f"lead under {UNCERTAIN_LEAD:g}"
+        why = f"p under {self._below:g}" if self.rule == "readout" else f"lead under {self.lead_below:g}"
         return f"{text} {'Uncertain pick' if self.answered else 'Undecided'} ({why})."
 
     def _decision(self) -> str:
@@ -94,11 +97,12 @@ class PromptPick:
                 f"{self.expert} alone answered.")
 
 
-def pick(evidence: RoutingTrace, readout=None) -> PromptPick:
+def pick(evidence: RoutingTrace, readout=None, lead: float = UNCERTAIN_LEAD) -> PromptPick:
     """The expert with the largest mean weight over the user's own tokens (every prompt token when the user's
     text was not located), as `RoutingTrace.winner("user")` chooses; ties go to the first expert in library
-    order. With a `readout` (explorer/routing/readout.py): its most probable expert instead. ValueError when
-    the evidence routed nothing (no tokens, or every weight 0)."""
+    order; it is flagged uncertain when it leads by less than `lead`. With a `readout`
+    (explorer/routing/readout.py): its most probable expert instead. ValueError when the evidence routed nothing
+    (no tokens, or every weight 0)."""
     over = "user" if evidence.user_span[1] > evidence.user_span[0] else "prompt"
     mean = evidence.usage(over)  # (E,)
     if mean.size == 0 or not mean.max() > 0:
@@ -108,7 +112,7 @@ def pick(evidence: RoutingTrace, readout=None) -> PromptPick:
     second = int(order[1]) if mean.size > 1 else None
     by_mean = PromptPick(expert=evidence.experts[first], weight=float(mean[first]),
                          runner_up=None if second is None else evidence.experts[second],
-                         runner_weight=0.0 if second is None else float(mean[second]), over=over)
+                         runner_weight=0.0 if second is None else float(mean[second]), over=over, lead_below=lead)
     if readout is None:
         return by_mean
     p = readout.probabilities(evidence)  # (C,)
@@ -122,20 +126,21 @@ def pick(evidence: RoutingTrace, readout=None) -> PromptPick:
                       by_mean=by_mean.expert, threshold=readout.uncertain_below)
 
 
-def lean(trace: RoutingTrace) -> PromptPick | None:
+def lean(trace: RoutingTrace, lead: float = UNCERTAIN_LEAD) -> PromptPick | None:
     """What a per-token run's own routing leans to: the pick by mean weight over the user's text (`pick`), marked
     `answered=False` (every token was routed on its own), and flagged as a mean-weight pick is when its lead is
-    under UNCERTAIN_LEAD. None when the trace routed nothing."""
+    under `lead`. None when the trace routed nothing."""
     try:
-        return replace(pick(trace), answered=False)
+        return replace(pick(trace, lead=lead), answered=False)
     except ValueError:
         return None
 
 
-def record_decision(trace: RoutingTrace) -> None:
+def record_decision(trace: RoutingTrace, lead: float = UNCERTAIN_LEAD) -> None:
     """What a run decided, in `trace.meta`: a per-prompt run's "pick" (moved from its evidence's meta, a
-    `PromptPick.record()`), or a per-token Arrow run's "lean" (`lean`); fixed-weight modes decide nothing."""
+    `PromptPick.record()`), or a per-token Arrow run's "lean" (`lean`, flagged under `lead`); fixed-weight modes
+    decide nothing."""
     if trace.evidence is not None:
         trace.meta["pick"] = trace.evidence.meta.pop("pick")
-    elif trace.mode == "arrow" and (leaning := lean(trace)) is not None:
+    elif trace.mode == "arrow" and (leaning := lean(trace, lead)) is not None:
         trace.meta["lean"] = leaning.record()

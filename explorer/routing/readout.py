@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from explorer.routing.prompt_level import UNCERTAIN_BELOW
+from explorer.routing.prompt_level import UNCERTAIN_BELOW, UNCERTAIN_LEAD
 
 READOUT_FIELDS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "disabled")  # shape the evidence
 READOUT_KIND = "pick-readout"
@@ -59,6 +59,17 @@ class Readout:
         except (TypeError, ValueError):
             return UNCERTAIN_BELOW
         return t if 0 < t < 1 else UNCERTAIN_BELOW  # a stored value that is no probability: the default
+
+    @property
+    def uncertain_lead(self) -> float:
+        """A pick by mean weight (and a per-token run's lean) under the same router settings is flagged when it leads
+        its runner-up by less than this: the lead chosen on the same training prompts (meta "uncertain_lead",
+        bench/pick_confidence.py --record), else `UNCERTAIN_LEAD`."""
+        try:
+            t = float(self.meta.get("uncertain_lead", UNCERTAIN_LEAD))
+        except (TypeError, ValueError):
+            return UNCERTAIN_LEAD
+        return t if 0 < t < 1 else UNCERTAIN_LEAD  # a stored value that is no weight lead: the default
 
     def probabilities(self, trace) -> np.ndarray:
         """(C,) softmax over `classes` for one evidence trace routed over the same experts and layers."""
@@ -121,3 +132,12 @@ def find_readout(readouts: dict, store, router) -> Readout:
         raise MissingReadout("No pick readout is fitted for this library and router (top-k, temperature, centring): "
                          "pick 'mean', or fit one with bench/eval_routing.py --sweep-granularity --record.")
     return readouts[key]
+
+
+def recorded_lead(readouts: dict, store, router) -> float:
+    """The mean-weight lead under which `router`'s picks and leans are flagged: the one recorded with the readout
+    fitted for the same evidence settings (`readout_key`: granularity and pick aside), else `UNCERTAIN_LEAD`."""
+    try:
+        return find_readout(readouts, store, router).uncertain_lead
+    except (ValueError, OSError, KeyError):  # none fitted (MissingReadout), or a stored one unreadable: the default
+        return UNCERTAIN_LEAD

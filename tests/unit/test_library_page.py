@@ -387,6 +387,13 @@ def test_report_card_says_how_uncertain_picks_fared():
     assert "under p 0.35" in card and "On held-out inputs: 10% of picks flagged, right 64% of the time, the others " \
         "right 100%." in card and "`python bench/pick_confidence.py --record`" in card
     assert "Uncertain picks" not in report_card(None, default, "lib", "/tmp/lib")  # no threshold recorded: silent
+    assert "lead the runner-up" not in card  # no lead recorded: silent
+    lead = report_card(None, default, "lib", "/tmp/lib", meta | {"uncertain_lead": 0.04, "uncertain_lead_evidence": {
+        "paraphrase": {"flagged": 0.54, "accuracy_flagged": [0.74, 0.6, 0.8]}}})
+    assert "when they lead the runner-up by less than 0.04 (chosen on training prompts)." in lead
+    assert "On held-out wordings: 54% of picks flagged, right 74% of the time." in lead and "under p 0.35" in lead
     for bad in ({"uncertain_below": "x"}, {"uncertain_below": 0.3, "uncertain_evidence": {"heldout": {"flagged": "?"}}},
-                {"uncertain_below": 0.3, "uncertain_evidence": {"heldout": {"flagged": 0.1, "accuracy_flagged": 5}}}):
-        assert "Uncertain picks" not in report_card(None, default, "lib", "/tmp/lib", bad)  # hand-edited: no card crash
+                {"uncertain_below": 0.3, "uncertain_evidence": {"heldout": {"flagged": 0.1, "accuracy_flagged": 5}}},
+                {"uncertain_lead": "x"}, {"uncertain_lead": 0.02, "uncertain_lead_evidence": "not a dict"}):
+        card = report_card(None, default, "lib", "/tmp/lib", bad)  # hand-edited: no line, no card crash
+        assert "Uncertain picks" not in card and "lead the runner-up" not in card

@@ -97,11 +97,23 @@ def test_a_pick_the_evidence_hardly_decided_is_flagged_uncertain():
     assert not alone.uncertain  # one expert: nothing to decide between
 
 
-def test_a_per_token_trace_records_what_the_user_text_leans_to(monkeypatch):
+def recorded(rm, **meta):
+    """A readout for rm's router settings that records `meta` (an uncertain lead), as pick_confidence --record
+    stores one; the router is set again so that the model reads it."""
+    from explorer.routing.readout import Readout, readout_key
+
+    e, n = len(rm.experts), len(rm.layers)
+    rm.readouts[readout_key(rm.router)] = Readout(rm.experts, rm.layers, rm.experts, np.zeros((e, n * e)),
+                                                  np.zeros(e), meta)
+    rm.set_router(rm.router)
+
+
+def test_a_per_token_trace_records_what_the_user_text_leans_to():
     """Per token, Arrow: the trace's meta "lean" is the mean-weight pick over the user's text, marked as not
-    answered, worded "Per token: ... leans to", and flagged "Undecided" under the lead; per prompt the pick
-    takes its place; fixed-weight modes route nothing to lean on; a trace without weight has none."""
-    from explorer.routing import prompt_level
+    answered, worded "Per token: ... leans to", and flagged "Undecided" under the lead (UNCERTAIN_LEAD, or the
+    one recorded with the readout of the same router settings); per prompt the pick takes its place; fixed-weight
+    modes route nothing to lean on; a trace without weight has none."""
+    from explorer.routing.prompt_level import UNCERTAIN_LEAD
 
     rm = routed("tiny-random-llama")
     trace = rm.trace(PROMPT, max_new_tokens=2)
@@ -109,10 +121,11 @@ def test_a_per_token_trace_records_what_the_user_text_leans_to(monkeypatch):
     assert leaning["expert"] == trace.winner("user") and leaning["answered"] is False
     assert leaning["text"].startswith(f"Per token: your text leans to {trace.winner('user')} (mean weight ")
     assert "alone answered" not in leaning["text"]
-    assert leaning["uncertain"] is (leaning["weight"] - leaning["runner_weight"] < prompt_level.UNCERTAIN_LEAD)
-    monkeypatch.setattr(prompt_level, "UNCERTAIN_LEAD", 1.0)  # every lead is now too small
+    assert leaning["lead_below"] == UNCERTAIN_LEAD
+    assert leaning["uncertain"] is (leaning["weight"] - leaning["runner_weight"] < UNCERTAIN_LEAD)
+    recorded(rm, uncertain_lead=0.99)  # every lead is now too small
     flagged = rm.trace(PROMPT, max_new_tokens=2).meta["lean"]
-    assert flagged["uncertain"] is True and flagged["text"].endswith("Undecided (lead under 1).")
+    assert flagged["uncertain"] is True and flagged["text"].endswith("Undecided (lead under 0.99).")
     assert RoutingTrace.from_dict(trace.to_dict()).meta["lean"] == trace.meta["lean"]
     rm.set_router(RouterConfig(top_k=2, temperature=0.5, granularity="prompt"))
     assert "lean" not in rm.trace(PROMPT).meta
@@ -121,6 +134,27 @@ def test_a_per_token_trace_records_what_the_user_text_leans_to(monkeypatch):
     empty = RoutingTrace(tokens=list("ab"), token_ids=[0, 1], is_generated=[False] * 2, layers=[0], modules=["q"],
                          experts=["e0", "e1"], weights=np.zeros((1, 1, 2, 2), np.float32))
     assert lean(empty) is None
+
+
+@pytest.mark.parametrize("stored, flagged", [(0.99, True), (1e-9, False), ("x", None), (2.0, None)])
+def test_a_library_records_its_own_lead_for_picks_by_mean_weight(stored, flagged):
+    """A per-prompt pick by mean weight is flagged under the lead recorded with the readout of the same router
+    settings (granularity and pick aside); a stored lead that is no weight lead falls back to UNCERTAIN_LEAD (None
+    above: as without a record); another router's settings do not read it."""
+    from explorer.routing.prompt_level import UNCERTAIN_LEAD
+
+    rm = routed("tiny-random-llama", granularity="prompt", pick="mean")
+    plain = rm.trace(PROMPT, max_new_tokens=1).meta["pick"]
+    recorded(rm, uncertain_lead=stored)
+    got = rm.trace(PROMPT, max_new_tokens=1).meta["pick"]
+    assert got["expert"] == plain["expert"] and got["rule"] == "mean"
+    if flagged is None:
+        assert got == plain and got["lead_below"] == UNCERTAIN_LEAD
+    else:
+        assert got["lead_below"] == stored and got["uncertain"] is flagged
+        assert ("Uncertain pick (lead under 0.99)" in got["text"]) is flagged
+    rm.set_router(RouterConfig(top_k=3, temperature=0.5, granularity="prompt", pick="mean"))
+    assert rm.trace(PROMPT, max_new_tokens=1).meta["pick"]["lead_below"] == UNCERTAIN_LEAD
 
 
 def test_prompt_level_trace_round_trips_with_its_evidence():

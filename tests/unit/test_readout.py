@@ -1,5 +1,7 @@
 """The per-prompt pick's readout: it reads the per-layer pattern the mean weight throws away, round-trips through
 the library, is applied by the engine, and is refused (nothing changed) where none was fitted."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -124,3 +126,51 @@ def test_a_stored_threshold_that_is_no_probability_falls_back_to_the_default(sto
 
     readout = Readout(["e0", "e1"], [0, 1], ["e0", "e1"], np.zeros((2, 4)), np.zeros(2), {"uncertain_below": stored})
     assert readout.uncertain_below == UNCERTAIN_BELOW
+
+
+@pytest.mark.parametrize("stored", ["high", None, 1.5, 0, [0.3]])
+def test_a_stored_lead_that_is_no_weight_lead_falls_back_to_the_default(stored):
+    from explorer.routing.prompt_level import UNCERTAIN_LEAD
+
+    readout = Readout(["e0", "e1"], [0, 1], ["e0", "e1"], np.zeros((2, 4)), np.zeros(2), {"uncertain_lead": stored})
+    assert readout.uncertain_lead == UNCERTAIN_LEAD
+    readout.meta["uncertain_lead"] = 0.04
+    assert Readout.from_tensors(*readout.to_tensors()).uncertain_lead == 0.04  # survives the library round trip
+
+
+def test_pick_confidence_records_the_threshold_and_the_lead_from_an_earlier_runs_rows(tmp_path):
+    """`--rows FILE --record` stores both flags' values, chosen on the rows' training prompts (the lead: the smallest
+    whose unflagged picks are all but 1 % right), in the library's readout for the run's router, with their
+    evidence; the per-token router of the same settings then reads the lead."""
+    from bench.pick_confidence import choose_threshold, main
+    from explorer.routing.config import RouterConfig
+    from explorer.routing.readout import find_readout, readout_key, recorded_lead
+    from library_store.store.library import ExpertLibrary
+    from library_store.store.reports import write_readout
+    from library_store.testing import make_tiny_library
+
+    path = make_tiny_library(tmp_path / "lib", n_experts=2)
+    router = RouterConfig(top_k=1, temperature=0.5, granularity="prompt", pick="readout")
+    lib = ExpertLibrary.open(path, readonly=False)
+    names = lib.names()
+    write_readout(lib, readout_key(router), *Readout(names, [0], names, np.zeros((2, 2)), np.zeros(2)).to_tensors())
+
+    def row(p, right, lead, mean_right):
+        return {"task": "t", "p": p, "right": right, "mean_lead": lead, "mean_right": mean_right}
+
+    # a threshold in (0.3, 0.8]; by mean weight: 4 wrong picks lead by 0.005, 1 wrong and 4 right by 0.015, 10
+    # right by 0.1. Youden's J chooses 0.01 (J 0.8 against 0.71 at 0.02), where 1 of 15 unflagged picks is wrong;
+    # the lead rule 0.02, where every unflagged pick is right.
+    train = [row(0.9, True, 0.1, True)] * 10 + [row(0.8, True, 0.015, True)] * 4 + \
+        [row(0.3, False, 0.015, False)] + [row(0.2, False, 0.005, False)] * 4
+    assert choose_threshold(train, "mean") == 0.01
+    rows = {"router": router.to_dict(), "source": "test", "n": 2, "command": "python x.py", "seconds": 1.0,
+            "splits": {s: {"rows": train} for s in ("train", "heldout", "paraphrase")}}
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    main(["--library", path, "--rows", str(tmp_path / "rows.json"), "--record", "--out", str(tmp_path)])
+    stored = find_readout({}, ExpertLibrary.open(path), router)
+    assert 0.3 < stored.uncertain_below <= 0.8 and stored.uncertain_lead == 0.02
+    assert stored.meta["uncertain_lead_evidence"]["heldout"]["wrong_flagged"] == 1.0
+    assert recorded_lead({}, ExpertLibrary.open(path), RouterConfig(top_k=1, temperature=0.5)) == 0.02
+    out = json.loads((tmp_path / "pick_confidence-lib.json").read_text())
+    assert out["mean_rule"]["chosen_on_training"] == 0.02

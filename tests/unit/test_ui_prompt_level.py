@@ -94,10 +94,10 @@ def test_counterfactuals_of_a_per_prompt_run_act_on_its_pick(session):
 @pytest.mark.parametrize("lead, flagged", [(1.0, True), (0.0, False)])
 def test_an_uncertain_pick_is_a_warning_in_the_notice(session, monkeypatch, lead, flagged):
     """The pick's line is marked ⚠️ and says "Uncertain pick" exactly when the pick is flagged (here forced both
-    ways through the lead a mean-weight pick needs)."""
-    from explorer.routing import prompt_level
+    ways through the lead a mean-weight pick needs, as a library's readout records it)."""
+    from explorer.routing import model
 
-    monkeypatch.setattr(prompt_level, "UNCERTAIN_LEAD", lead)
+    monkeypatch.setattr(model, "recorded_lead", lambda *_: lead)
     out = route(session, granularity="prompt", max_new=2)
     first = out["notice"].split("\n\n")[0]
     assert out["state"].trace.meta["pick"]["uncertain"] is flagged
@@ -110,9 +110,9 @@ def test_a_per_token_run_says_what_the_text_leans_to(session, monkeypatch, lead,
     """Per token, under the grid: the expert the user's text leans to (the grid's mean over the user's text),
     marked ⚠️ and "Undecided" exactly when its lead is too small to call; a per-prompt run's grid has no such line
     (its notice names the pick)."""
-    from explorer.routing import prompt_level
+    from explorer.routing import model
 
-    monkeypatch.setattr(prompt_level, "UNCERTAIN_LEAD", lead)
+    monkeypatch.setattr(model, "recorded_lead", lambda *_: lead)
     out = route(session, max_new=2)
     trace = out["state"].trace
     line = re.search(r'<div class="x-lean[^"]*">([^<]*)</div>', out["grid"])
