@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from explorer.routing.capture import next_step_kwargs
+from explorer.routing.capture import last_logits_only, next_step_kwargs
 from explorer.routing.trace import RoutingTrace
 
 SCOPES = {"cell": "this layer only", "token": "every layer, this token", "everywhere": "every layer, every token"}
@@ -115,18 +115,19 @@ def regenerate(routed, trace: RoutingTrace, result: CounterfactualResult) -> Cou
 def _next_token(routed, trace: RoutingTrace, cf: Counterfactual) -> CounterfactualResult:
     t0 = time.perf_counter()
     model, t = routed.base.model, cf.token
+    last = last_logits_only(model)  # every call below reads the last position's logits alone
     seq = torch.tensor([trace.token_ids[: t + 1]], device=routed.device)  # (1, t + 1)
     layers = [cf.layer] if cf.scope == "cell" else None
     force = cf.action == "force"
     if cf.scope == "everywhere":
-        before = model(input_ids=seq).logits[0, -1]
+        before = model(input_ids=seq, **last).logits[0, -1]
         with routed.overriding(cf.expert, force=force, layers=None):
-            out = model(input_ids=seq, use_cache=True)
+            out = model(input_ids=seq, use_cache=True, **last)
         after = out.logits[0, -1]
     else:
         # One forward of tokens 0..t gives "before"; its KV cache, cut back to the tokens before t (which the
         # intervention leaves alone), serves the second run of token t alone: one forward plus one step.
-        first = model(input_ids=seq, use_cache=True)
+        first = model(input_ids=seq, use_cache=True, **last)
         before = first.logits[0, -1]
         if _unused(trace, cf):  # nothing to run again: and a step would differ from the forward by rounding
             out, after = first, before
@@ -136,7 +137,7 @@ def _next_token(routed, trace: RoutingTrace, cf: Counterfactual) -> Counterfactu
                 step = next_step_kwargs(model, first)
                 next(iter(step.values())).crop(-1)  # drop token t: back to the tokens before it
             with routed.overriding(cf.expert, force=force, layers=layers):
-                out = model(input_ids=seq[:, t:], use_cache=True, **step)
+                out = model(input_ids=seq[:, t:], use_cache=True, **step, **last)
             after = out.logits[0, -1]
     lb, la = before.float().log_softmax(-1), after.float().log_softmax(-1)  # (V,)
     kl = float((lb.exp() * (lb - la)).sum().clamp_min(0))
@@ -172,7 +173,7 @@ def _regenerate(routed, trace: RoutingTrace, result: CounterfactualResult) -> Co
     try:
         if rest:
             out = model(input_ids=torch.tensor([rest], device=routed.device), use_cache=True,
-                        **next_step_kwargs(model, out))
+                        **next_step_kwargs(model, out), **last_logits_only(model))
             ids += rest
             nxt = int(out.logits[0, -1].argmax())
         while len(ids) - n_prompt < budget:

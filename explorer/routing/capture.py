@@ -116,3 +116,12 @@ def next_step_kwargs(model, out) -> dict:
         cache = out.past_key_values
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     return {name: cache}
+
+
+def last_logits_only(model) -> dict:
+    """Keywords that make a forward form the last position's logits only (`logits_to_keep=1`, which causal LMs of
+    transformers 5 take), for callers that read `logits[:, -1]` alone: the LM head over a 49k vocabulary is about
+    11 % of a 48-token SmolLM2 forward. {} for a model whose forward does not take it."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}

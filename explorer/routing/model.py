@@ -318,7 +318,7 @@ class RoutedModel:
                     self.base.model(input_ids=seq[:, -1:], use_cache=True, **next_step_kwargs(self.base.model, out))
             else:
                 seq = ids
-                self.base.model(input_ids=ids.to(self.device))
+                self.base.model.get_decoder()(input_ids=ids.to(self.device))  # no logits are read: skip the LM head
         token_ids = seq[0].tolist()
         routes = self._assemble(records, len(token_ids))
         n_prompt = ids.shape[1]

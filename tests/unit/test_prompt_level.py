@@ -185,3 +185,29 @@ def test_answering_with_an_unknown_expert_is_refused_and_changes_nothing():
         with rm.answering_with("nope"):
             pass
     torch.testing.assert_close(rm.logits(ids), before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_the_last_position_s_logits_alone_are_the_whole_forward_s_last(twin):
+    """`last_logits_only`, which the evidence pass and the counterfactuals use to skip the LM head elsewhere, gives
+    the same last-position logits as the whole forward on both twins; a forward that does not take it gets {}."""
+    from explorer.routing.capture import last_logits_only
+
+    base = fresh(twin)
+    ids = torch.tensor([[5, 17, 99, 3, 250, 41]])
+    with torch.no_grad():
+        whole = base.model(input_ids=ids).logits  # (1, 6, V)
+        last = base.model(input_ids=ids, **last_logits_only(base.model)).logits  # (1, 1, V)
+    assert last.shape[1] == 1 and torch.allclose(last[0, -1], whole[0, -1], atol=1e-5)
+    assert last_logits_only(torch.nn.Linear(2, 2)) == {}
+
+
+def test_the_evidence_pass_routes_the_prompt_as_a_per_token_trace_does():
+    """The evidence is the prompt routed per token, through the model's body alone (no logits): its routes equal a
+    per-token trace of the same prompt without new tokens."""
+    rm = routed("tiny-random-phi", granularity="prompt")
+    evidence = rm.trace(PROMPT, max_new_tokens=0).evidence
+    rm.set_router(RouterConfig(top_k=2, temperature=0.5))
+    plain = rm.trace(PROMPT, max_new_tokens=0)
+    assert evidence.token_ids == plain.token_ids
+    np.testing.assert_allclose(evidence.module_weights(), plain.module_weights(), atol=1e-6)
