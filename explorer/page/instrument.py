@@ -122,7 +122,8 @@ def map_html(analysis, experts: list[str], groups: dict[str, str] | None = None)
     fig = plots.similarity_map(analysis)
     fig.update_layout(height=GRID_HEIGHT - 10, margin=dict(l=8, r=8, t=24, b=8),
                       title=dict(text="Expert map (click a point or a cluster)", font=dict(size=12)),
-                      legend=dict(font=dict(size=10), orientation="h", y=-0.02, yanchor="top"))
+                      legend=dict(font=dict(size=10), orientation="h", y=-0.02, yanchor="top", entrywidth=0.5,
+                                  entrywidthmode="fraction", title_text=""))  # two columns, names in full
     if analysis.coords is None or not len(analysis.tasks):
         return note_html(analysis.note or "This library has no map.")
     serve = task_experts(analysis, experts)

@@ -296,13 +296,16 @@ LABEL_PLACES = ("top center", "top right", "top left", "bottom center", "bottom 
                 "middle right", "middle left")  # a map label's places, in order of preference
 
 
-def label_sides(coords: np.ndarray, labels: list[str], pad: float = 0.08, width: float = 330, height: float = 260,
-                char: float = 6.0, line: float = 12.0, gap: float = 7.0) -> tuple[list[str], list, list]:
+def label_sides(coords: np.ndarray, labels: list[str], pad: float = 0.08, width: float = 295, height: float = 240,
+                char: float = 6.0, line: float = 12.0, gap: float = 7.0,
+                near: float = 14.0) -> tuple[list[str], list, list]:
     """coords (n, 2), one label per point -> each label's position ("top center", ...), and padded x and y
-    ranges, so that labels are neither cut at the plot's edge nor drawn over each other where another place is
-    free. Placed greedily, top point first, on a nominal plot of `width` x `height` px (the page's narrower map;
-    a wider one only spreads them): the first of top, top right, top left, bottom, bottom right, bottom left,
-    right, left that stays inside and clears the labels placed so far, else the one that overlaps least."""
+    ranges, so that labels are neither cut at the plot's edge nor drawn over each other or beside another point
+    where another place is free. Placed greedily, top point first, on a nominal plot of `width` x `height` px (the
+    Explore map's plot area in Chromium at 1440 x 900; the Library tab's wider map only spreads them): the first of top, top right, top left, bottom, bottom
+    right, bottom left, right, left that stays inside and clears the labels placed so far and every other point
+    (its marker and `near` px around it, so that no label reads as a neighbour's), else the one that overlaps
+    least."""
     xy = np.asarray(coords, dtype=float)[:, :2]  # (n, 2)
     lo, hi = xy.min(0), xy.max(0)  # (2,) each
     span = np.where(hi > lo, hi - lo, 1.0)  # (2,)
@@ -325,12 +328,25 @@ def label_sides(coords: np.ndarray, labels: list[str], pad: float = 0.08, width:
     def overlap(a, b) -> float:
         return max(0.0, min(a[1], b[1]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[2], b[2]))
 
-    side, placed = [""] * len(xy), []
-    for i in np.argsort(-py, kind="stable"):  # the top point first
-        boxes = {p: box(i, p) for p in LABEL_PLACES}
-        places = [p for p in LABEL_PLACES if fits(boxes[p])] or list(LABEL_PLACES)
-        side[i] = min(places, key=lambda p: (sum(overlap(boxes[p], q) for q in placed), places.index(p)))
-        placed.append(boxes[side[i]])
+    points = [(px[j] - near, px[j] + near, py[j] - near, py[j] + near) for j in range(len(xy))]  # markers, padded
+    boxes = [{p: box(i, p) for p in LABEL_PLACES} for i in range(len(xy))]
+    side: list[str | None] = [None] * len(xy)
+
+    def best(i: int) -> str:  # the place of label i that overlaps the other labels placed and points least
+        places = [p for p in LABEL_PLACES if fits(boxes[i][p])] or list(LABEL_PLACES)
+        others = [boxes[j][side[j]] for j in range(len(xy)) if j != i and side[j]] + points[:i] + points[i + 1:]
+        return min(places, key=lambda p: (sum(overlap(boxes[i][p], q) for q in others), places.index(p)))
+
+    order = np.argsort(-py, kind="stable")  # the top point first
+    for i in order:
+        side[i] = best(i)
+    for _ in range(5):  # then each label again against all the others, until none moves
+        moved = False
+        for i in order:
+            place = best(i)
+            moved, side[i] = moved or place != side[i], place
+        if not moved:
+            break
     return side, x_range, y_range
 
 

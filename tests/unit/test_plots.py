@@ -202,6 +202,16 @@ def test_similarity_map_labels_stay_inside_the_plot_and_apart():
     assert x0 < 0 and x1 > 1 and y0 < 0 and y1 - 1 > 0 - y0  # room around the points, more on top
 
 
+def test_a_map_label_is_not_drawn_beside_another_point():
+    """A label whose preferred place (above its point) lies on the marker of a point just above moves off it, so
+    that it cannot read as that point's label; the point above keeps the preferred place."""
+    from explorer.page.plots import label_sides
+
+    coords = np.array([[0.0, 0.0], [1.0, 1.0], [0.5, 0.5], [0.5, 0.62]])  # the last: 22 px above the third
+    side, _, _ = label_sides(coords, ["corner_a", "corner_b", "below", "above"])
+    assert side[3] == "top center" and not side[2].startswith("top")
+
+
 def test_library_figures_show_a_note_without_mbc_data():
     an = make_analysis(with_map=False)
     for fig in (plots.similarity_map(an), plots.cosine_matrix(an)):
