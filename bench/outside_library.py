@@ -1,14 +1,20 @@
-"""Can the routing tell a library task from text no expert was trained for? A probe for a future "outside the
-library" notice (nothing in the page uses it yet).
+"""Can the routing tell a library task from text no expert was trained for? The evidence for an "outside the
+library" notice, which the page does not show: measured, it is not clean (docs/evaluation.md).
 
-Routes, with the library's recorded default router and without generating, 5 held-out prompts per task (examples
-81-85, past every other run's) and 20 generic requests written for this probe (not the calibration requests that
-input centring is measured on, whose centred scores are low by construction). Two signals per prompt:
-- the mean over the user's text, layers and modules of the top expert's raw score |(h - mu) · p_e| (the
-  evidence trace's slots): how strongly the text points along any expert's prototype at all;
+Routes, with the library's recorded default router and without generating, training prompts, held-out inputs and
+held-out wordings of every task, and generic requests no task resembles. Two signals per prompt:
+- the **routing strength**: the mean over the user's text, layers and modules of the top expert's raw score
+  |(h - mu) · p_e| (`strength`): how strongly the text points along any expert's prototype at all;
 - the readout's probability for its pick (what the uncertain-pick flag reads).
 
-Prints each signal's ROC AUC (task prompts against generic ones) and the ranges on both sides.
+A notice's threshold is chosen on the **training prompts alone**, without any generic text: the strength that
+95 % of them reach (their 5th percentile, rounded down to 0.01). Measured on held-out inputs and wordings (how often
+a task prompt is wrongly called outside) and on two generic sets: the 20 requests an earlier probe wrote
+(`GENERIC`, which saw only ROC AUCs), and 30 written for this check (`GENERIC_CHECK`). The input-centring calibration
+requests are not used: their centred scores are low by construction.
+
+Prints each signal's ROC AUC (held-out task prompts against all generic ones), how many prompts of each set such a
+notice would call outside, and how many the page's uncertain-pick flag already marks.
 
 Usage::
 
@@ -17,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -37,50 +44,125 @@ GENERIC = (
     "What is inflation?", "Tell me a fun fact about octopuses.", "How can I save money on groceries?",
     "What causes earthquakes?", "Good evening! How are you?", "Describe the taste of coffee.",
 )
-FIRST, PER_TASK = 80, 5  # held-out examples 81-85 of each task
+GENERIC_CHECK = (
+    "Can you recommend a good science fiction novel?", "How long should I boil an egg?",
+    "What is the difference between weather and climate?", "Write a haiku about autumn leaves.",
+    "How do I fix a flat bicycle tyre?", "Why is the sky blue at noon and red at dusk?",
+    "What was the Renaissance?", "Give me three ideas for a rainy weekend.", "How does a refrigerator keep food cold?",
+    "Summarise the plot of Romeo and Juliet.", "What should I pack for a week of hiking?",
+    "Is it better to rent or to buy a house?", "Explain what a black hole is.", "How do bees make honey?",
+    "Write a short birthday message for my sister.", "What are some tips for sleeping better?",
+    "Who painted the Mona Lisa?", "How do I start learning to play the guitar?", "What is machine learning?",
+    "Tell me a story about a brave little mouse.", "Why do leaves change colour in the fall?",
+    "How can I be more productive when working from home?", "What does a civil engineer do?",
+    "Describe the smell of fresh rain.", "What is the capital of Australia?", "How do airplanes stay in the air?",
+    "Give me a recipe for pancakes.", "What are the main causes of climate change?",
+    "Hi there, what can you help me with?", "Why do we dream?",
+)
+PER_TASK = 10  # prompts per task and split
+FIRST = {"train": 30, "heldout": 80, "paraphrase": 80}  # past the readout's training prompts and the other runs'
+
+
+def strength(trace) -> float:
+    """The mean over the user's text (every prompt token when it was not located), layers and modules of the top
+    slot's raw score |(h - mu) · p|: how strongly the text points along any expert's prototype at all."""
+    pos = trace.positions("user") or trace.positions("prompt")
+    return float(trace.routes.scores[:, :, pos, 0].astype(np.float64).mean())  # (L, M, P) top slots -> mean
 
 
 def signals(rm, prompt: str) -> dict:
     """One prompt's two signals (see the module docstring)."""
     trace = rm.trace(prompt, max_new_tokens=0)
-    evidence = trace.evidence
-    top = evidence.routes.scores[:, :, evidence.positions("user"), 0].astype(float)  # (L, M, P) top slot's |s|
-    return {"prompt": prompt, "score": float(top.mean()), "p": trace.meta["pick"]["confidence"]}
+    return {"prompt": prompt, "score": strength(trace.evidence), "p": trace.meta["pick"]["confidence"]}
+
+
+def choose_outside(train: list[float]) -> float:
+    """The strength 95 % of training prompts reach: their 5th percentile, rounded down to 0.01."""
+    return float(np.floor(np.percentile(train, 5) * 100) / 100)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     library_arguments(ap, str(ROOT / "assets" / "libraries" / "demo-private"))
+    ap.add_argument("--n", type=int, default=PER_TASK, help="prompts per task and split")
+    ap.add_argument("--rows", help="an earlier run's JSON: re-summarise its rows without routing")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     from sklearn.metrics import roc_auc_score
 
+    from explorer.routing.config import RouterConfig
+
+    start = time.time()
+    if args.rows:
+        old = json.loads(Path(args.rows).read_text())
+        router, source, rows = RouterConfig.from_dict(old["router"]), old["source"], old["rows"]
+        command, seconds = old["command"], old["seconds"]
+    else:
+        router, source, rows = route_all(args)
+        command = "python bench/outside_library.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        seconds = round(time.time() - start, 1)
+    name = Path(args.library).name
+    threshold = choose_outside([r["score"] for r in rows["train"]])
+    out = {"library": name, "router": router.to_dict(), "source": source, "n": args.n, "signals": {},
+           "outside_below": threshold, "rule": "the 5th percentile of the training prompts' strengths, rounded down",
+           "flagged": {k: flagged(rs, threshold) for k, rs in rows.items()}, "command": command, "seconds": seconds}
+    below = uncertain_below(args.library, router)
+    out["uncertain"] = {"below": below, **{k: flagged(rs, below, "p") for k, rs in rows.items()}}
+    task = rows["heldout"] + rows["paraphrase"]
+    generic = rows["generic"] + rows["generic_check"]
+    y = [1] * len(task) + [0] * len(generic)
+    print(f"{name}: {len(task)} held-out task prompts, {len(generic)} generic ones; routing {seconds:.0f} s")
+    print("| signal | AUC | held-out task prompts: min, median | generic: max, median |\n|---|---|---|---|")
+    for key, label in (("score", "routing strength"), ("p", "readout probability")):
+        t, g = [r[key] for r in task], [r[key] for r in generic]
+        auc = float(roc_auc_score(y, t + g))
+        out["signals"][key] = {"auc": auc, "task": [min(t), float(np.median(t))],
+                               "generic": [max(g), float(np.median(g))]}
+        print(f"| {label} | {auc:.3f} | {min(t):.3f}, {np.median(t):.3f} | {max(g):.3f}, {np.median(g):.3f} |")
+    print(f"\nOutside the library below strength {threshold:g} (chosen on training prompts), against the page's "
+          f"uncertain-pick flag (p under {below:g}):\n| prompts | n | called outside | flagged uncertain |\n"
+          "|---|---|---|---|")
+    for key, label in SETS:
+        f, u = out["flagged"][key], out["uncertain"][key]
+        print(f"| {label} | {f['n']} | {f['flagged']} ({f['share']:.1%}) | {u['flagged']} ({u['share']:.1%}) |")
+    out["rows"] = rows
+    write_json(Path(args.out) / f"outside_library-{name}.json", out)
+
+
+SETS = (("train", "training prompts"), ("heldout", "held-out inputs"), ("paraphrase", "held-out wordings"),
+        ("generic", "generic requests (the earlier probe's 20)"), ("generic_check", "generic requests (30 new)"))
+
+
+def route_all(args) -> tuple:
+    """Every split's rows, routed with the library's default router: (router, its source, {split: rows})."""
     from bench.eval_common import attach_from_args
     from library_store.tasks import resolve_tasks
 
-    start = time.time()
     rm, source, own = attach_from_args(args)
     if not rm.router.per_prompt or rm.router.pick != "readout":
-        raise SystemExit(f"{args.library}: the probe reads a per-prompt readout pick; this library's default router "
+        raise SystemExit(f"{args.library}: the check reads a per-prompt readout pick; this library's default router "
                          "has none")
     tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
-    task_rows = [signals(rm, ex.input) for t in tasks for ex in t.examples("heldout")[FIRST:FIRST + PER_TASK]]
-    generic_rows = [signals(rm, p) for p in GENERIC]
+    rows = {split: [signals(rm, ex.input) | {"task": t.name} for t in tasks
+                    for ex in t.examples(split)[FIRST[split]:FIRST[split] + args.n]] for split in FIRST}
+    rows["generic"] = [signals(rm, p) for p in GENERIC]
+    rows["generic_check"] = [signals(rm, p) for p in GENERIC_CHECK]
     rm.detach()
-    y = [1] * len(task_rows) + [0] * len(generic_rows)
-    out = {"library": Path(args.library).name, "router": rm.router.to_dict(), "source": source, "signals": {},
-           "command": "python bench/outside_library.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    print(f"{out['library']}: {len(task_rows)} task prompts, {len(generic_rows)} generic ones")
-    print("| signal | AUC | task prompts: min, median | generic: max, median |\n|---|---|---|---|")
-    for key, label in (("score", "mean top raw score"), ("p", "readout probability")):
-        task, gen = [r[key] for r in task_rows], [r[key] for r in generic_rows]
-        auc = float(roc_auc_score(y, task + gen))
-        out["signals"][key] = {"auc": auc, "task": [min(task), float(np.median(task))],
-                               "generic": [max(gen), float(np.median(gen))]}
-        print(f"| {label} | {auc:.3f} | {min(task):.3f}, {np.median(task):.3f} | {max(gen):.3f}, "
-              f"{np.median(gen):.3f} |")
-    out.update(task_rows=task_rows, generic_rows=generic_rows, seconds=round(time.time() - start, 1))
-    write_json(Path(args.out) / f"outside_library-{out['library']}.json", out)
+    return rm.router, source, rows
+
+
+def flagged(rows: list[dict], threshold: float, key: str = "score") -> dict:
+    """How many rows fall under the threshold on `key` (the strength, or "p" the readout's probability)."""
+    n = sum(r[key] < threshold for r in rows)
+    return {"n": len(rows), "flagged": int(n), "share": n / max(1, len(rows))}
+
+
+def uncertain_below(library: str, router) -> float:
+    """The readout probability under which the page flags a pick uncertain, as the library records it."""
+    from explorer.routing.readout import find_readout
+    from library_store.store.library import ExpertLibrary
+
+    return find_readout({}, ExpertLibrary.open(library), router).uncertain_below
 
 
 if __name__ == "__main__":
