@@ -301,9 +301,10 @@ def label_sides(coords: np.ndarray, labels: list[str], pad: float = 0.08, width:
                 near: float = 14.0) -> tuple[list[str], list, list]:
     """coords (n, 2), one label per point -> each label's position ("top center", ...), and padded x and y
     ranges, so that labels are neither cut at the plot's edge nor drawn over each other or beside another point
-    where another place is free. Placed greedily, top point first, on a nominal plot of `width` x `height` px (the
-    Explore map's plot area in Chromium at 1440 x 900; the Library tab's wider map only spreads them): the first of top, top right, top left, bottom, bottom
-    right, bottom left, right, left that stays inside and clears the labels placed so far and every other point
+    where another place is free, on a nominal plot of `width` x `height` px (the Explore map's plot area in
+    Chromium at 1440 x 900; the Library tab's wider map only spreads them). Placed greedily, top point first,
+    then each again against all the others until none moves: the first of top, top right, top left, bottom,
+    bottom right, bottom left, right, left that stays inside and clears the other labels and every other point
     (its marker and `near` px around it, so that no label reads as a neighbour's), else the one that overlaps
     least."""
     xy = np.asarray(coords, dtype=float)[:, :2]  # (n, 2)
