@@ -185,8 +185,9 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
                         uniform_text = gr.Textbox(label="uniform merge", interactive=False, lines=3)
                         single_text = gr.Textbox(label="most-used expert", interactive=False, lines=3)
                         arrow_text = gr.Textbox(label="this run (as routed)", interactive=False, lines=3)
-                with gr.Accordion("More figures: one token, one expert, entropy, usage, intervention",
-                                  open=False) as more:
+                with gr.Accordion("More figures: which layers decided, one token, one expert, entropy, usage, "
+                                  "intervention", open=False) as more:
+                    decision = gr.Plot(label="Which layers decided the pick (or the lean)", elem_id="decision")
                     token_plot = gr.Plot(label="One token's experts (click a token in the strip)",
                                          elem_id="token-experts")
                     with gr.Row():

@@ -44,11 +44,16 @@ class PromptPick:
     threshold: float | None = None  # readout: the probability under which the pick is flagged uncertain
     answered: bool = True  # False: a per-token run's lean (`lean`), which no expert answered alone
     lead_below: float = UNCERTAIN_LEAD  # by mean weight: flagged under this lead (the library's, where recorded)
+    # why it beat the runner-up, per evidence layer: by mean weight, the layer's weight lead (their mean is `margin`);
+    # by readout, the layer's share of the logit margin (their sum plus `bias` is the margin)
+    by_layer: tuple[float, ...] | None = None
+    bias: float | None = None  # readout: the intercepts' share of the logit margin
 
     def record(self) -> dict:
         """What a trace keeps of it (`trace.meta["pick"]`): every field, `uncertain`, and the one-line `describe()`
         text."""
-        return {**asdict(self), "uncertain": self.uncertain, "text": self.describe()}
+        by_layer = None if self.by_layer is None else [float(x) for x in self.by_layer]  # JSON: a list
+        return {**asdict(self), "by_layer": by_layer, "uncertain": self.uncertain, "text": self.describe()}
 
     @property
     def uncertain(self) -> bool:
@@ -110,9 +115,11 @@ def pick(evidence: RoutingTrace, readout=None, lead: float = UNCERTAIN_LEAD) -> 
     order = np.argsort(-mean, kind="stable")  # largest first, library order among equals
     first = int(order[0])
     second = int(order[1]) if mean.size > 1 else None
+    per_layer = evidence.module_weights()[:, evidence.positions(over)].mean(axis=1)  # (L, E), mean over tokens
     by_mean = PromptPick(expert=evidence.experts[first], weight=float(mean[first]),
                          runner_up=None if second is None else evidence.experts[second],
-                         runner_weight=0.0 if second is None else float(mean[second]), over=over, lead_below=lead)
+                         runner_weight=0.0 if second is None else float(mean[second]), over=over, lead_below=lead,
+                         by_layer=None if second is None else tuple(per_layer[:, first] - per_layer[:, second]))
     if readout is None:
         return by_mean
     p = readout.probabilities(evidence)  # (C,)
@@ -120,10 +127,12 @@ def pick(evidence: RoutingTrace, readout=None, lead: float = UNCERTAIN_LEAD) -> 
     chosen = readout.classes[int(ranked[0])]
     runner = readout.classes[int(ranked[1])] if len(ranked) > 1 else None
     weight = dict(zip(evidence.experts, mean.tolist()))
+    layers, bias = readout.layer_margins(evidence, chosen, runner) if runner else (None, None)
     return PromptPick(expert=chosen, weight=float(weight[chosen]), runner_up=runner,
                       runner_weight=float(weight[runner]) if runner else 0.0, over=over, rule="readout",
                       confidence=float(p[ranked[0]]), runner_confidence=float(p[ranked[1]]) if runner else None,
-                      by_mean=by_mean.expert, threshold=readout.uncertain_below)
+                      by_mean=by_mean.expert, threshold=readout.uncertain_below,
+                      by_layer=None if layers is None else tuple(layers), bias=bias)
 
 
 def lean(trace: RoutingTrace, lead: float = UNCERTAIN_LEAD) -> PromptPick | None:

@@ -80,6 +80,13 @@ class Readout:
         z = np.exp(z - z.max())
         return z / z.sum()
 
+    def layer_margins(self, trace, a: str, b: str) -> tuple[np.ndarray, float]:
+        """Why class `a` beat class `b` on this evidence trace, layer by layer: (L,) each layer's share of the logit
+        margin z_a - z_b, and the intercepts' share; they sum to the margin exactly (the readout is linear)."""
+        ia, ib = self.classes.index(a), self.classes.index(b)
+        diff = (self.coef[ia] - self.coef[ib]) * features(trace)  # (L * E,)
+        return diff.reshape(len(self.layers), -1).sum(axis=1), float(self.intercept[ia] - self.intercept[ib])
+
     def to_tensors(self) -> tuple[dict[str, np.ndarray], dict]:
         meta = {"experts": self.experts, "layers": [int(x) for x in self.layers], "classes": self.classes,
                 **self.meta}

@@ -10,7 +10,7 @@ from arrow_helpers import experts, fresh
 from explorer.routing.config import RouterConfig
 from explorer.routing.model import RoutedModel
 from explorer.routing.prompt_level import pick
-from explorer.routing.readout import Readout, fit_readout, readout_key
+from explorer.routing.readout import Readout, features, fit_readout, readout_key
 from explorer.routing.trace import RoutingTrace
 from library_store.store.library import ExpertLibrary
 from library_store.store.reports import read_readout, write_readout
@@ -174,3 +174,54 @@ def test_pick_confidence_records_the_threshold_and_the_lead_from_an_earlier_runs
     assert recorded_lead({}, ExpertLibrary.open(path), RouterConfig(top_k=1, temperature=0.5)) == 0.02
     out = json.loads((tmp_path / "pick_confidence-lib.json").read_text())
     assert out["mean_rule"]["chosen_on_training"] == 0.02
+
+
+def test_a_pick_says_which_layers_decided_it_and_the_shares_add_up():
+    """By readout: each layer's share of the logit margin over the runner-up, plus the intercepts' share, is the
+    margin itself; in the synthetic class e1 the decision is carried by the layers, not by the mean weight. By mean
+    weight: the layers' leads average to the pick's lead. Both reach the record as lists (JSON)."""
+    rng = np.random.default_rng(0)
+    traces = [synthetic(0.9, rng) for _ in range(20)] + [synthetic(0.5, rng) for _ in range(20)]
+    readout = fit_readout(traces, ["e0"] * 20 + ["e1"] * 20)
+    fresh = synthetic(0.5, rng)
+    got = pick(fresh, readout)
+    z = readout.coef @ features(fresh) + readout.intercept  # (C,) logits
+    margin = z[readout.classes.index(got.expert)] - z[readout.classes.index(got.runner_up)]
+    assert len(got.by_layer) == 2 and sum(got.by_layer) + got.bias == pytest.approx(margin, abs=1e-9)
+    assert got.expert == "e1" and margin > 0
+    by_mean = pick(fresh)
+    assert np.mean(by_mean.by_layer) == pytest.approx(by_mean.margin, abs=1e-6) and by_mean.bias is None
+    record = got.record()
+    assert isinstance(record["by_layer"], list) and record["by_layer"] == pytest.approx(list(got.by_layer))
+    alone = RoutingTrace(tokens=["a"], token_ids=[0], is_generated=[False], layers=[0], modules=["q"],
+                         experts=["e0"], weights=np.ones((1, 1, 1, 1), np.float32))
+    assert pick(alone).by_layer is None  # one expert: no runner-up to explain against
+
+
+def test_a_pick_by_mean_weight_names_the_layers_for_and_against_it():
+    """Layer 0 sends the text to e1 (0.8), layer 1 wholly to e0: e0 wins on the mean (0.6 against 0.4), and its
+    per-layer shares say that layer 0 argued against it (-0.6) and layer 1 for it (+1.0)."""
+    w = np.zeros((2, 1, 2, 2), np.float32)  # (L, M, T, E)
+    w[0, 0, :] = [0.2, 0.8]
+    w[1, 0, :] = [1.0, 0.0]
+    trace = RoutingTrace(tokens=list("ab"), token_ids=[0, 1], is_generated=[False] * 2, layers=[3, 7], modules=["q"],
+                         experts=["e0", "e1"], weights=w, user_span=(0, 2))
+    got = pick(trace)
+    assert (got.expert, got.runner_up) == ("e0", "e1")
+    assert got.by_layer == pytest.approx((-0.6, 1.0), abs=1e-6)
+
+
+def test_a_readout_pick_credits_the_layer_whose_weights_it_read():
+    """A readout that reads only (layer 1, e0) and picks e1 when e0 is weak there: its whole margin is layer 1's
+    (by_layer (0, positive)) plus the intercepts'."""
+    w = np.zeros((2, 1, 2, 2), np.float32)  # (L, M, T, E)
+    w[0, 0, :] = [0.5, 0.5]
+    w[1, 0, :] = [0.1, 0.9]
+    trace = RoutingTrace(tokens=list("ab"), token_ids=[0, 1], is_generated=[False] * 2, layers=[0, 1], modules=["q"],
+                         experts=["e0", "e1"], weights=w, user_span=(0, 2))
+    coef = np.zeros((2, 4))
+    coef[0, 1 * 2 + 0] = 10.0  # class e0's logit: 10 x the weight of e0 at layer 1
+    readout = Readout(["e0", "e1"], [0, 1], ["e0", "e1"], coef, np.array([0.0, 2.0]))
+    got = pick(trace, readout)
+    assert (got.expert, got.runner_up) == ("e1", "e0") and got.bias == pytest.approx(2.0)
+    assert got.by_layer == pytest.approx((0.0, -1.0), abs=1e-6)  # layer 1 argued for e0: -10 x 0.1

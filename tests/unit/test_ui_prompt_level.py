@@ -141,3 +141,33 @@ def test_comparison_of_a_per_prompt_run_shows_the_runner_up_s_answer(session):
         by_hand = rm.generate(state.request.prompt, max_new_tokens=4, chat=state.request.chat)
         rm.set_router(saved)
     assert got["single_text"].props["value"] == by_hand and got["arrow_text"] == state.trace.text
+
+
+def test_the_figures_say_which_layers_decided_the_pick_or_the_lean(session):
+    """"Which layers decided": one bar per evidence layer, the recorded decision's per-layer shares (here by mean
+    weight: their mean is the pick's lead), coloured for the pick above zero; a per-token run explains its lean;
+    a uniform merge decided nothing and says so."""
+    import numpy as np
+
+    from explorer.page import callbacks as cb
+
+    for granularity, key in (("prompt", "pick"), ("token", "lean")):
+        out = route(session, granularity=granularity, max_new=2)
+        state = out["state"]
+        chosen = state.trace.meta[key]
+        fig = cb.figures(session, state, "mean", None, False)["decision"]
+        bars = fig.data[0]
+        layers = (state.trace.evidence or state.trace).layers
+        assert list(bars.x) == list(layers) and np.allclose(bars.y, chosen["by_layer"])
+        assert np.mean(bars.y) == pytest.approx(chosen["weight"] - chosen["runner_weight"], abs=1e-6)
+        title = fig.layout.title.text
+        assert f"{chosen['expert']} over {chosen['runner_up']}" in title and "mean-weight lead" in title
+    from explorer.page.pick_plots import decision_layers
+    from explorer.routing.config import RouterConfig
+
+    rm = session.registry.attach("lib")
+    with session.registry.lock:
+        rm.set_router(RouterConfig(mode="uniform"))
+        merged = rm.trace("Count the words: one two", max_new_tokens=1)
+    fig = decision_layers(merged)
+    assert not fig.data and "no decision to explain" in fig.layout.annotations[0].text
