@@ -45,6 +45,8 @@ def decision_layers(trace: "RoutingTrace") -> go.Figure:
     what = "the readout's logit margin" if readout else "the mean-weight lead over your text"
     total = (f"layers sum {share.sum():+.2f}, intercepts {d.get('bias') or 0.0:+.2f}" if readout
              else f"mean {share.mean():+.3f}")
+    if readout and share.sum() < 0:  # the layers favour the runner-up: the readout's prior carried the pick
+        total += f"; the layers alone favour {esc(runner)}, the intercepts decided"
     fig = go.Figure(go.Bar(
         x=list(layers), y=share, marker_color=[colours.get(pick if v >= 0 else runner, "#888") for v in share],
         customdata=[esc(pick if v >= 0 else runner) for v in share],

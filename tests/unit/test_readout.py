@@ -1,6 +1,7 @@
 """The per-prompt pick's readout: it reads the per-layer pattern the mean weight throws away, round-trips through
 the library, is applied by the engine, and is refused (nothing changed) where none was fitted."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -225,3 +226,10 @@ def test_a_readout_pick_credits_the_layer_whose_weights_it_read():
     got = pick(trace, readout)
     assert (got.expert, got.runner_up) == ("e1", "e0") and got.bias == pytest.approx(2.0)
     assert got.by_layer == pytest.approx((0.0, -1.0), abs=1e-6)  # layer 1 argued for e0: -10 x 0.1
+    from explorer.page.pick_plots import decision_layers
+
+    trace.meta["pick"] = got.record()
+    title = decision_layers(trace).layout.title.text
+    assert "e1 over e0" in title and "the layers alone favour e0, the intercepts decided" in title
+    trace.meta["pick"] = pick(trace, replace(readout, intercept=np.array([0.0, -2.0]))).record()  # e0 wins on layers
+    assert "intercepts decided" not in decision_layers(trace).layout.title.text
