@@ -51,8 +51,9 @@ TRAIN_SKIP = 30  # per task: the readout's 20 fitting prompts and the 10 the gra
 
 def split_rows(rm, tasks, own: dict[str, str], split: str, n: int, skip: int = 0) -> list[dict]:
     """One row per prompt (held-out splits: from each task's `skip`-th example on): task, the pick, its probability
-    and the runner-up's, right or wrong; and what a pick by mean weight (`prompt_level.pick` without the readout)
-    would have taken, by what lead, right or wrong."""
+    and the runner-up's, right or wrong; what a pick by mean weight (`prompt_level.pick` without the readout)
+    would have taken, by what lead, right or wrong; and the layers' and the intercepts' shares of the pick's logit
+    margin over the runner-up (`PromptPick.by_layer`, `bias`)."""
     rows = []
     for task in tasks:
         first = TRAIN_SKIP if split == "train" else skip
@@ -61,7 +62,8 @@ def split_rows(rm, tasks, own: dict[str, str], split: str, n: int, skip: int = 0
             rows.append({"task": task.name, "pick": chosen["expert"], "p": chosen["confidence"],
                          "runner_p": chosen["runner_confidence"], "right": chosen["expert"] == own[task.name],
                          "mean_pick": by_mean.expert, "mean_lead": by_mean.margin,
-                         "mean_right": by_mean.expert == own[task.name]})
+                         "mean_right": by_mean.expert == own[task.name],
+                         "layers_sum": sum(chosen["by_layer"] or [0.0]), "bias": chosen["bias"]})
     return rows
 
 
@@ -246,6 +248,12 @@ def main(argv=None) -> None:
               "right when flagged | wrong picks flagged |\n|---|---|---|---|---|---|")
         for split, d in m["splits"].items():
             print(f"| {split} | {fmt(d['accuracy'])} | {flag_cells(d['in_use'])}")
+    if all("layers_sum" in r for rs in rows.values() for r in rs):
+        print("\nPicks the readout's intercepts decided (the layers alone favour the runner-up):\n| split | picks | "
+              "right |\n|---|---|---|")
+        for split, rs in rows.items():
+            prior = [r for r in rs if r["layers_sum"] < 0]
+            print(f"| {split} | {len(prior)} of {len(rs)} | {sum(r['right'] for r in prior)} |")
     print("\n| split | threshold | flagged | right when confident | right when flagged | wrong picks flagged |")
     print("|---|---|---|---|---|---|")
     for split, s in out["splits"].items():
