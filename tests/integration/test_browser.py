@@ -172,3 +172,20 @@ def test_per_prompt_routing_names_its_pick_and_draws_the_evidence(app, browser):
     page.click("#run")
     page.wait_for_selector("#notice :text('picked by mean weight instead')", timeout=60_000)
     assert picked and [u for u in requests if not u.startswith(LOCAL)] == [] and dialogs == []
+
+
+def test_more_figures_show_which_layers_decided_the_pick(app, browser):
+    """After a per-prompt run, "More figures" draws one bar per routed layer for the pick over its runner-up,
+    titled with both names (the page's pick notice names the same expert)."""
+    page, requests, dialogs = open_page(browser, app)
+    page.locator("#granularity label", has_text="per prompt").click()
+    run_prompt(page, "Reverse the word: apple", max_new=4)
+    page.wait_for_selector("#notice :text('Per prompt:')", timeout=30_000)
+    picked = page.locator("#notice").inner_text().split(" alone answered")[0].split(" ")[-1]
+    page.get_by_text("More figures: which layers decided").click()
+    page.wait_for_selector("#decision .js-plotly-plot .bars .point", timeout=60_000)
+    title = page.locator("#decision .gtitle").text_content()
+    assert title.startswith(f"Which layers decided: {picked} over ")
+    n_layers = page.evaluate("document.querySelector('#decision .js-plotly-plot').data[0].x.length")
+    assert page.locator("#decision .bars .point").count() == n_layers >= 2
+    assert [u for u in requests if not u.startswith(LOCAL)] == [] and dialogs == []
