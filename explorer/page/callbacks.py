@@ -34,7 +34,7 @@ GRID_BY = [("weight", "weight"), ("contribution", "contribution")]
 ROUTE_OUTPUTS = ("notice", "text", "grid", "ref_text", "trace_json", "state", "module", "expert", "cf_expert",
                  "drill", "cf_out")
 GRID_OUTPUTS = ("grid",)
-FIGURE_OUTPUTS = ("decision", "expert_plot", "entropy", "usage", "diff")
+FIGURE_OUTPUTS = ("expert_plot", "entropy", "usage", "diff", "decision")  # new ones last: API positions hold
 COMPARE_OUTPUTS = ("base_text", "uniform_text", "single_text", "arrow_text")
 LIBRARY_OUTPUTS = ("status", "disabled", "expert", "linked_map")
 ROUTER_OUTPUTS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "granularity", "pick_by")
@@ -66,8 +66,8 @@ def grid(session: Session, state: RunResult | None, module, colour_by, grid_by, 
 
 
 def figures(session: Session, state: RunResult | None, module, expert, show_template) -> dict:
-    """The detail figures of the last run (FIGURE_OUTPUTS): which layers decided its pick (or lean), one expert's
-    weight, entropy, usage, change."""
+    """The detail figures of the last run (FIGURE_OUTPUTS): one expert's weight, entropy, usage, change, and which
+    layers decided its pick (or lean)."""
     if state is None or state.trace is None:
         empty = plots.note_figure("Routing", NO_TRACE)
         return dict.fromkeys(FIGURE_OUTPUTS, empty)
@@ -78,9 +78,9 @@ def figures(session: Session, state: RunResult | None, module, expert, show_temp
             if state.reference is not None else
             plots.note_figure("Routing change", "Disable experts (intervention) and press Run to see how routing "
                                                 "and output change."))
-    return {"decision": pick_plots.decision_layers(state.trace),
-            "expert_plot": plots.expert_heatmap(trace, expert, module), "entropy": plots.entropy_heatmap(trace, module),
-            "usage": plots.usage_bar(trace, session.registry.groups(state.request.library)), "diff": diff}
+    return {"expert_plot": plots.expert_heatmap(trace, expert, module), "entropy": plots.entropy_heatmap(trace, module),
+            "usage": plots.usage_bar(trace, session.registry.groups(state.request.library)), "diff": diff,
+            "decision": pick_plots.decision_layers(state.trace)}
 
 
 def route(session: Session, prompt, library, chat, top_k, temperature, centre, centre_scope, max_new, disabled,
@@ -152,7 +152,7 @@ def export(session: Session, state: RunResult | None, module, colour_by, expert,
         pages = {"heatmap": plots.top1_heatmap(view, module, groups),
                  "contribution": plots.top1_heatmap(view, module, groups, by="contribution")}
         figs = figures(session, state, module, expert, show_template)
-        pages.update(zip(("decision", "expert", "entropy", "usage", "change"), (figs[k] for k in FIGURE_OUTPUTS)))
+        pages.update(zip(("expert", "entropy", "usage", "change", "decision"), (figs[k] for k in FIGURE_OUTPUTS)))
     analysis = session.registry.explore_map(library or "")
     pages.update({"similarity-map": plots.similarity_map(analysis), "cosine-matrix": plots.cosine_matrix(analysis)})
     for name, fig in pages.items():

@@ -183,6 +183,10 @@ def test_intervention_shows_the_change(page):
     figs = client.predict("mean", None, False, api_name="/figures")
     change = json.loads(figs[3]["plot"])["data"][0]  # total variation per token x layer vs the plain run
     assert change["type"] == "heatmap" and array(change["z"]).max() > 0
+    decided = json.loads(figs[4]["plot"])  # added last: the positions above hold for older clients
+    lean = trace.meta["lean"]
+    assert decided["layout"]["title"]["text"].startswith(f"Which layers decided: {lean['expert']} over ")
+    assert len(decided["data"][0]["x"]) == len(trace.layers)
     assert isinstance(out[3], str) and out[3]  # the text with no expert disabled, for comparison
 
 

@@ -342,8 +342,8 @@ def test_export_writes_to_a_temp_folder(session, lib_path):
     before = tree_digest(lib_path)
     files = cb.export(session, route(session)["state"], "mean", "expert", None, False, "lib")["files"]
     assert [Path(f).name for f in files] == ["trace.csv", "trace.json", "heatmap.html", "contribution.html",
-                                             "decision.html", "expert.html", "entropy.html", "usage.html",
-                                             "change.html", "similarity-map.html", "cosine-matrix.html"]
+                                             "expert.html", "entropy.html", "usage.html", "change.html",
+                                             "decision.html", "similarity-map.html", "cosine-matrix.html"]
     assert all(Path(f).exists() and not Path(f).is_relative_to(Path(lib_path)) for f in files)
     assert tree_digest(lib_path) == before
 
