@@ -23,9 +23,9 @@ import numpy as np
 from explorer.routing.trace import RoutingTrace
 
 UNCERTAIN_BELOW = 0.5  # a readout pick below this probability is flagged, unless the readout records its own threshold
-UNCERTAIN_LEAD = 0.02  # a mean-weight pick leading its runner-up by less than this is flagged, unless the readout for
-# the same router records its own lead: the largest Youden's J on both demo libraries' training prompts pooled
-# (bench/pick_confidence.py; 0.05 flagged 62-74 % of their picks)
+UNCERTAIN_LEAD = 0.02  # a mean-weight pick leading its runner-up by less than this is flagged where no readout for
+# the same router records a lead of its own (readout.recorded_lead). 0.02: the largest Youden's J on both demo
+# libraries' training prompts pooled (bench/pick_confidence.py; 0.05 flagged 62-74 % of their picks)
 
 
 @dataclass(frozen=True)
