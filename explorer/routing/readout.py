@@ -143,7 +143,10 @@ def find_readout(readouts: dict, store, router) -> Readout:
 
 def recorded_lead(readouts: dict, store, router) -> float:
     """The mean-weight lead under which `router`'s picks and leans are flagged: the one recorded with the readout
-    fitted for the same evidence settings (`readout_key`: granularity and pick aside), else `UNCERTAIN_LEAD`."""
+    fitted for the same evidence settings (`readout_key`: granularity and pick aside), else `UNCERTAIN_LEAD`. A
+    fixed-weight router (base, uniform, one expert) decides nothing, so the store is not read for it."""
+    if router.kind != "arrow":
+        return UNCERTAIN_LEAD
     try:
         return find_readout(readouts, store, router).uncertain_lead
     except (ValueError, OSError, KeyError):  # none fitted (MissingReadout), or a stored one unreadable: the default
