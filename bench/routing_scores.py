@@ -14,7 +14,10 @@ hidden states several ways:
 - `layer`: one decision per layer: the z-scored scores averaged over the layer's routed modules (q, k, v, o),
   then top-k once, shared by every module of the layer (as a mixture-of-experts router decides per layer).
   Not causal: o_proj's input exists only after q, k and v were routed, so no forward pass can route this way;
-- `qkv`: the causal part of it: one decision shared by q, k and v (they read one input), o on its own.
+- `qkv`: the causal part of it: one decision shared by q, k and v (they read one input), o on its own;
+- `dual`: |(h - mu) · d_e| with the prototypes' dual basis D = (P Pᵀ + λ I)⁻¹ P per site: the least-squares
+  coefficient of each prototype in h, so that two overlapping prototypes (add, subtract) no longer share the
+  direction they have in common; λ = `--dual-ridge` × the mean of P Pᵀ's diagonal. `dualz`: the same, z-scored.
 
 Each is turned into top-k weights the way the router does, then scored as the routing evaluation does: the
 share of prompts whose user text routes to the own expert by the mean weight, and the share of the user text's
@@ -39,13 +42,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
 
-VARIANTS = ("arrow", "spectral", "zscore", "ema0.5", "layer", "qkv")
+VARIANTS = ("arrow", "spectral", "zscore", "ema0.5", "layer", "qkv", "dual", "dualz")
 
 
 class Sites:
     """Every routed group's factors, and a hook that records its input (t, d) on each forward."""
 
-    def __init__(self, rm):
+    def __init__(self, rm, dual_ridge: float = 0.05):
         from explorer.routing.layer import RoutedLinear
 
         firsts = [m for m in rm.base.model.modules() if isinstance(m, RoutedLinear) and m.member == 0]
@@ -63,7 +66,10 @@ class Sites:
             s1 = torch.linalg.eigvals(A @ A.transpose(-1, -2) @ K).real.amax(-1).clamp_min(1e-30).sqrt()  # (G, E)
             d = P.shape[-1]
             mu = torch.stack([rm._means[s].float() for s in g.sites]) if centred else torch.zeros(G, d)  # (G, d)
-            self.factors.append((P, A, K, s1, mu))
+            gram = P @ P.transpose(-1, -2)  # (G, E, E)
+            ridge = dual_ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(E)  # (G, E, E)
+            D = torch.linalg.solve(gram + ridge, P)  # (G, E, d): h · D_e = least-squares coefficient of p_e in h
+            self.factors.append((P, A, K, s1, mu, D))
         self.rms: dict[tuple[str, int], torch.Tensor] = {}
 
     def _record(self, i):
@@ -73,11 +79,14 @@ class Sites:
 
     def scores(self, kind: str, i: int) -> torch.Tensor:
         """(t, G, E) scores of group i's recorded input."""
-        P, A, K, s1, mu = self.factors[i]
+        P, A, K, s1, mu, D = self.factors[i]
         hc = self.inputs[i].unsqueeze(0) - mu.unsqueeze(1)  # (G, t, d)
         if kind == "spectral":
             a = torch.einsum("gerd,gtd->tger", A, hc)  # (t, G, E, r)
             return torch.einsum("tger,gers,tges->tge", a, K, a).clamp_min(0).sqrt() / s1  # (t, G, E)
+        if kind.startswith("dual"):
+            s = torch.einsum("ged,gtd->tge", D, hc).abs()  # (t, G, E)
+            return s / self.rms[("dual", i)] if kind == "dualz" else s
         s = torch.einsum("ged,gtd->tge", P, hc).abs()  # (t, G, E)
         if kind == "zscore":
             return s / self.rms[("arrow", i)]
@@ -121,10 +130,11 @@ def calibrate(rm, sites: Sites) -> None:
     for prompt in CALIBRATION_PROMPTS:
         rm.trace(prompt, max_new_tokens=0)
         for i in range(len(sites.groups)):
-            squares.setdefault(i, []).append(sites.scores("arrow", i) ** 2)
+            for kind in ("arrow", "dual"):
+                squares.setdefault((kind, i), []).append(sites.scores(kind, i) ** 2)
     rm.set_router(saved)
-    for i, parts in squares.items():
-        sites.rms[("arrow", i)] = torch.cat(parts).mean(0).sqrt().clamp_min(1e-12)  # (G, E)
+    for key, parts in squares.items():
+        sites.rms[key] = torch.cat(parts).mean(0).sqrt().clamp_min(1e-12)  # (G, E)
 
 
 def top_weights(s: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
@@ -141,6 +151,8 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=6, help="prompts per task")
     ap.add_argument("--settings", nargs="+", metavar="K:T",
                     help="top-k:temperature pairs to score (default: the router's own, and top-4 at T 1)")
+    ap.add_argument("--dual-ridge", type=float, default=0.05, help="λ of the dual scores, a share of the mean "
+                    "diagonal of the prototypes' Gram matrix")
     args = ap.parse_args(argv)
     from library_store.tasks import resolve_tasks
 
@@ -150,7 +162,7 @@ def main(argv=None) -> None:
         from explorer.routing.model import with_router
 
         rm.set_router(with_router(rm, granularity="token"))
-    sites = Sites(rm)
+    sites = Sites(rm, args.dual_ridge)
     calibrate(rm, sites)
     router = rm.router
     settings = [(router.top_k, router.temperature), (min(4, len(rm.experts)), 1.0)]
