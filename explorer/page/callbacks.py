@@ -27,7 +27,7 @@ from explorer.page.session import RunResult, Session
 from explorer.page.stream import stream_run
 
 NO_TRACE = "Press Run to route a prompt."
-MODULE_MEAN = ("mean over modules", plots.MEAN)
+MODULE_MEAN = ("mean", plots.MEAN)  # "module: mean" (of all modules); a longer label is cut at this width
 GRID_BY = [("weight", "weight"), ("contribution", "contribution")]
 
 # The outputs of each event, in the order the API returns them (gradio_client indexes by position).

@@ -147,7 +147,7 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
                     disabled = gr.Dropdown(choices=[], multiselect=True, value=[], allow_custom_value=True,
                                            label="disable experts", min_width=130)
                     module = gr.Dropdown(choices=[cb.MODULE_MEAN], value=cb.MODULE_MEAN[1], label="module",
-                                         min_width=110)
+                                         min_width=110, elem_id="module")
                     colour_by = gr.Radio(COLOUR_BY, value="expert", label="colour by", min_width=150)
                     grid_by = gr.Radio(cb.GRID_BY, value="weight", label="grid: top expert by", min_width=170,
                                        elem_id="grid-by")

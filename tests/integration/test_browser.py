@@ -81,6 +81,12 @@ def test_cell_click_map_click_and_counterfactual(app, browser):
     page.wait_for_selector("#drill .x-drill", timeout=30_000)
     drill = page.locator("#drill").inner_text()
     assert "contribution" in drill and "|h·p|" in drill and "top by contribution" in drill
+    # at 1440 px the drill-down's six columns fit its column (tasks' names as experts), and no control cuts its value
+    fits = page.evaluate("""() => {
+        const d = document.querySelector('#drill'), m = document.querySelector('#module input');
+        return {table: d.querySelector('table.x-table').scrollWidth - d.clientWidth,
+                module: m.scrollWidth - m.clientWidth}; }""")
+    assert fits["table"] <= 0 and fits["module"] <= 0, fits
     # hovering an expert in the drill-down lights its point on the map
     row = page.locator("#drill tr.x-exp").first
     expert = row.get_attribute("data-expert")
