@@ -88,11 +88,15 @@ def test_cell_click_map_click_and_counterfactual(app, browser):
                 module: m.scrollWidth - m.clientWidth}; }""")
     assert fits["table"] <= 0 and fits["module"] <= 0, fits
     # hovering an expert in the drill-down lights its point on the map
+    labels = ("() => [...document.querySelectorAll('#map .textpoint text')]"
+              ".map(t => { const r = t.getBoundingClientRect(); return [Math.round(r.x), Math.round(r.y)]; })")
+    placed = page.evaluate(labels)
     row = page.locator("#drill tr.x-exp").first
     expert = row.get_attribute("data-expert")
     row.hover()
     page.wait_for_function("e => document.querySelector('#map .x-map').dataset.hovered === e", arg=expert)
     assert int(page.locator("#map .x-map").get_attribute("data-hovered-points")) >= 1
+    assert page.evaluate(labels) == placed and len(placed) >= 5  # the ring leaves every label where it was placed
     # a map click lights the grid cells (and strip tokens) whose top expert is that point's
     page.locator("#map .scatterlayer .point").first.click(force=True)
     page.wait_for_selector("#grid .x-grid[data-highlighted]", timeout=10_000)

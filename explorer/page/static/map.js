@@ -1,8 +1,9 @@
 // js_on_load of the linked map (explorer/page/ui.py): a click on a point (a task) or on a legend entry (a
 // cluster) lights the grid's cells and tokens of that expert or cluster ('explorer-pick') and tells the server
-// ('pick'); hovering an expert in the grid's legend or the drill-down enlarges its points here.
+// ('pick'); hovering an expert in the grid's legend or the drill-down rings its points here (a dark outline; the
+// size stays, so the labels placed around the points do not move).
 const box = () => element.querySelector('.x-map');
-const BASE = 14, BIG = 26;
+const RING = {width: 3, color: '#111'}, PLAIN = {width: 1, color: 'white'};  // marker.line; plots.py draws PLAIN
 
 function pick(experts, name) {
   window.dispatchEvent(new CustomEvent('explorer-pick', {detail: {experts}}));
@@ -38,16 +39,17 @@ window.addEventListener('explorer-hover', ev => {
   const root = box();
   if (!root || !root._data) return;
   const label = ev.detail;
-  const curves = [], sizes = [];
+  const curves = [], widths = [], colours = [];
   let n = 0;
   root._data.points.forEach((pts, i) => {
     if (!pts.length) return;
-    const s = pts.map(p => (label && (p.expert === label || p.cluster === label || p.task === label)) ? BIG : BASE);
-    n += s.filter(x => x === BIG).length;
+    const on = pts.map(p => Boolean(label && (p.expert === label || p.cluster === label || p.task === label)));
+    n += on.filter(Boolean).length;
     curves.push(i);
-    sizes.push(s);
+    widths.push(on.map(x => (x ? RING : PLAIN).width));
+    colours.push(on.map(x => (x ? RING : PLAIN).color));
   });
-  Plotly.restyle(root.querySelector('.x-plot'), {'marker.size': sizes}, curves);
+  Plotly.restyle(root.querySelector('.x-plot'), {'marker.line.width': widths, 'marker.line.color': colours}, curves);
   root.dataset.hovered = label || '';
   root.dataset.hoveredPoints = String(n);
 });
