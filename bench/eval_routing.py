@@ -278,7 +278,7 @@ def headline_router(lib, args):
 def run(library: str, args, label: str | None = None) -> dict:
     from bench.eval_record import record
     from bench.eval_docs import write_routing_doc
-    from bench.eval_figures import svg_heatmap, svg_lines, write_figure
+    from bench.eval_figures import svg_heatmap, write_figure
     from library_store.store.library import ExpertLibrary
     from library_store.tasks import resolve_tasks
 
@@ -301,12 +301,7 @@ def run(library: str, args, label: str | None = None) -> dict:
     conf = write_figure(f"{name}-confusion.svg", svg_heatmap(
         np.array(result["confusion"]), result["tasks"], result["experts"],
         f"{label} ({args.split}): mean weight over the user's text, task x expert"), figures)
-    curves = {f"centre {c['centre']}" + (f"/{c['scope']}" if c["scope"] else "")
-              + (" + input" if c.get("input_centre", "none") != "none" else ""): c["per_layer"]
-              for c in result["centring"] if "per_layer" in c}
-    layers = write_figure(f"{name}-layers.svg", svg_lines(
-        result["per_layer"]["layers"], curves, f"{label} ({args.split}): own-text accuracy per layer",
-        "layer", "accuracy"), figures)
+    layers = layers_figure(result, label, args.split, figures)
     result.update(library=label, library_path=str(library), content_key=content, model=args.model,
                   router_source=source, command=" ".join(["python"] + sys.argv),
                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"), total_seconds=clock.total(),
@@ -320,6 +315,18 @@ def run(library: str, args, label: str | None = None) -> dict:
     print(report(result))
     print(f"time: {clock.total():.1f} s")
     return result
+
+
+def layers_figure(result: dict, label: str, split: str, figures: Path) -> Path:
+    """The per-layer own-text accuracy of every centring row that routed, one curve each (an SVG under figures)."""
+    from bench.eval_figures import svg_lines, write_figure
+
+    curves = {f"centre {c['centre']}" + (f"/{c['scope']}" if c["scope"] else "")
+              + (" + input" if c.get("input_centre", "none") != "none" else ""): c["per_layer"]
+              for c in result["centring"] if "per_layer" in c}
+    return write_figure(f"routing-{label}-{split}-layers.svg", svg_lines(
+        result["per_layer"]["layers"], curves, f"{label} ({split}): own-text accuracy per layer", "layer",
+        "accuracy"), figures)
 
 
 def _rel(path: Path) -> str:

@@ -131,15 +131,16 @@ def s5(rm, base, tasks, own: dict, split: str, n: int, arrow_em: dict[str, list[
 
 def centring_rows(rm, base, prompts: dict[str, list[str]], own: dict, headline, options, done=None) -> list[dict]:
     """Own-text and prompt accuracy, per-layer accuracy, entropy and margin for each (centre, scope,
-    input_centre), same top-k and temperature as `headline`, prompts only. `done`: the headline's diagnosis
-    (reused for its row)."""
+    input_centre), same top-k and temperature as `headline`, prompts only, routed per token: what is compared is
+    each centring's routing of the prompt (a per-prompt headline's evidence), and a per-prompt pick readout is
+    fitted for the headline's centring alone. `done`: the headline's diagnosis (reused for its row)."""
     from dataclasses import replace
 
     from bench.eval_routing import diagnose, route_prompts
 
     rows = []
     for centre, scope, shift in options:
-        router = replace(headline, centre=centre, centre_scope=scope, input_centre=shift)
+        router = replace(headline, centre=centre, centre_scope=scope, input_centre=shift, granularity="token")
         row = {"centre": centre, "scope": None if centre == "none" else scope, "input_centre": shift,
                "router": router.to_dict()}
         if done is not None and (router.centre, router.centre_scope, router.input_centre) == \

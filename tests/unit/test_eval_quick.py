@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench import eval_common as C  # noqa: E402
-from bench import eval_heldout, eval_routing, eval_sweep  # noqa: E402
+from bench import eval_centring, eval_heldout, eval_routing, eval_sweep  # noqa: E402
 from library_store.training.prefix import common_prefix_length  # noqa: E402
 
 
@@ -163,6 +163,19 @@ def test_routing_quick(libs, tmp_path):
     assert "adjusted_rand" not in private
     doc = (tmp_path / "routing-quick.md").read_text()
     assert "## `quick-private`, split `heldout`" in doc and "Sweep on training prompts" in doc
+    # the centring table alone, routed again from the recorded result: the same rows, written into the stored report
+    from dataclasses import replace
+
+    from library_store.store.reports import write_report
+
+    stored = ExpertLibrary.open(libs["private"], readonly=False)
+    write_report(stored, replace(read_report(stored), centring=[]))  # so that only the rewrite can bring them back
+    again = eval_centring.recentre(str(libs["private"]), "heldout", "tiny-random-llama", tmp_path, tmp_path / "fig",
+                                   "", record=True, label="quick-private")
+    keys = ("centre", "scope", "input_centre", "user", "prompt", "per_layer", "entropy_median", "margin_median")
+    assert [[c[k] for k in keys] for c in again["centring"]] == [[c[k] for k in keys] for c in private["centring"]]
+    assert read_report(ExpertLibrary.open(libs["private"])).centring == again["centring"] and len(again["centring"]) == 6
+    assert json.loads((tmp_path / "routing-quick-private-heldout.json").read_text())["centring_command"]
 
 
 @pytest.mark.slow  # trains the quick libraries
@@ -185,6 +198,35 @@ def test_paraphrase_split_without_sweep_uses_the_recorded_router(libs, tmp_path)
     for task in resolve_tasks("builtin:add,subtract,reverse_word,first_letter"):
         assert r["per_task"][task.name]["n"] == 3
         assert r["per_task"][task.name]["example"] == task.paraphrase[0].input != task.heldout[0].input
+
+
+def test_centring_rows_compare_each_option_s_per_token_routing(monkeypatch):
+    """A per-prompt readout headline has a readout for its own centring alone: every other option is compared by
+    its per-token routing of the prompts (what a pick would read), not refused for a missing readout; the
+    headline router is set again at the end."""
+    from explorer.routing.config import RouterConfig
+
+    headline = RouterConfig(top_k=2, temperature=0.1, input_centre="base", granularity="prompt", pick="readout")
+
+    class Stub:
+        router = headline
+
+        def set_router(self, r):
+            if r.granularity == "prompt" and r.pick == "readout" and r != headline:
+                raise ValueError("No pick readout is fitted for this library and router")
+            self.router = r
+
+    monkeypatch.setattr(eval_routing, "route_prompts", lambda rm, base, texts: [rm.router] * len(texts))
+    monkeypatch.setattr(eval_routing, "diagnose", lambda traces, own: {
+        "accuracy": {"user": {"mean": next(iter(traces.values()))[0].top_k / 10}, "prompt": {"mean": 0.5}},
+        "per_layer": {"accuracy": [0.5]}, "entropy": {"q50": 0.1}, "margin": {"q50": 0.2}})
+    options = [("none", "prototypes", "none"), ("mean", "prototypes", "none"), ("none", "prototypes", "base")]
+    stub = Stub()
+    rows = eval_sweep.centring_rows(stub, None, {"t": ["a", "b"]}, {"t": ["e0"]}, headline, options)
+    assert [r.get("refused") for r in rows] == [None] * 3 and [r["user"] for r in rows] == [0.2] * 3
+    assert [(r["centre"], r["input_centre"], r["router"]["granularity"]) for r in rows] == [
+        ("none", "none", "token"), ("mean", "none", "token"), ("none", "base", "token")]
+    assert stub.router == headline
 
 
 def test_s5_is_arrow_over_the_own_expert(monkeypatch):
