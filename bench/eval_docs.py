@@ -75,7 +75,9 @@ def routing_section(r: dict, doc: Path) -> str:
              task_table(r), ""]
     if "adjusted_rand" in r:
         lines += [f"Adjusted Rand index, clusters vs task families: {_f(r['adjusted_rand']['ari'], 3)}.", ""]
-    lines += ["Centring options (same top-k and temperature, prompts of this split):", "",
+    again = f" Recomputed by `{r['centring_command']}`." if r.get("centring_command") else ""
+    lines += [f"Centring options (same top-k and temperature, prompts of this split, each routed per token: a "
+              f"per-prompt router's evidence).{again}", "",
               md_table(["centre", "scope", "input centre", "acc (user text)", "acc (prompt)", "entropy median",
                         "margin median"],
                        [[c["centre"], c["scope"] or "", c.get("input_centre", "none"), _f(c.get("user")),
