@@ -40,7 +40,8 @@ def recentre(library: str, split: str, model: str, out: Path, figures: Path, doc
     routed again, written back (see the module docstring)."""
     from bench import eval_sweep as S
     from bench.eval_docs import write_routing_doc
-    from bench.eval_routing import layers_figure, library_tasks
+    from bench.eval_figures import layers_figure
+    from bench.eval_routing import library_tasks
     from explorer.routing.config import RouterConfig
     from explorer.routing.model import RoutedModel
     from library_store.store.library import ExpertLibrary

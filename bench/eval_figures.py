@@ -121,3 +121,13 @@ def write_figure(name: str, svg: str, folder: Path = FIGURES) -> Path:
     path = folder / name
     path.write_text(svg)
     return path
+
+
+def layers_figure(result: dict, label: str, split: str, figures: Path) -> Path:
+    """The per-layer own-text accuracy of every centring row that routed, one curve each (an SVG under figures)."""
+    curves = {f"centre {c['centre']}" + (f"/{c['scope']}" if c["scope"] else "")
+              + (" + input" if c.get("input_centre", "none") != "none" else ""): c["per_layer"]
+              for c in result["centring"] if "per_layer" in c}
+    return write_figure(f"routing-{label}-{split}-layers.svg", svg_lines(
+        result["per_layer"]["layers"], curves, f"{label} ({split}): own-text accuracy per layer", "layer",
+        "accuracy"), figures)

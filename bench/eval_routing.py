@@ -39,6 +39,7 @@ import argparse
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -147,7 +148,8 @@ def diagnose(traces_by_task: dict[str, list], own: dict[str, list[str]]) -> dict
         task_hits = {w: [tr.winner(w) in mine for tr in traces] for w in which}
         for w in which:
             hits[w] += task_hits[w]
-        per_layer += [[tr.winner("user", layers=[x]) in mine for x in layers] for tr in traces]
+        per_layer += [[np.nan if tr.winner("user", layers=[x]) is None else tr.winner("user", layers=[x]) in mine
+                       for x in layers] for tr in traces]  # NaN: a layer the router does not route at
         for m in modules:
             per_module[m] += [tr.winner("user", module=m) in mine for tr in traces]
         winners = [tr.winner("user") for tr in traces]
@@ -157,9 +159,10 @@ def diagnose(traces_by_task: dict[str, list], own: dict[str, list[str]]) -> dict
         confusion.append(np.mean([tr.usage("user") for tr in traces], axis=0).tolist())  # (E,)
         for tr in traces:
             pos = tr.positions("user")
-            entropy.append(tr.entropy()[:, pos].ravel())  # (L * P,)
             w = np.sort(tr.module_weights()[:, pos], axis=-1)  # (L, P, E) ascending
-            margin.append((w[..., -1] - (w[..., -2] if w.shape[-1] > 1 else 0)).ravel())
+            routed = w.sum(axis=(1, 2)) > 0  # (L,) only the layers the router routes at
+            entropy.append(tr.entropy()[routed][:, pos].ravel())  # (L' * P,)
+            margin.append((w[routed][..., -1] - (w[routed][..., -2] if w.shape[-1] > 1 else 0)).ravel())
     overall = {}
     for w in which:
         mean, lo, hi = bootstrap_ci(np.array(hits[w], dtype=float))
@@ -171,8 +174,11 @@ def diagnose(traces_by_task: dict[str, list], own: dict[str, list[str]]) -> dict
         overall["pick"] = {"mean": mean, "ci95": [lo, hi]}
         for t, hs in picked.items():
             per_task[t]["pick"] = float(np.mean(hs))
+    with warnings.catch_warnings():  # a layer never routed has no accuracy (None), not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        layer_acc = np.nanmean(np.array(per_layer, float), axis=0)  # (L,)
     return {"accuracy": overall, "per_task": per_task, "experts": list(experts), "tasks": list(traces_by_task),
-            "per_layer": {"layers": list(layers), "accuracy": np.mean(per_layer, axis=0).tolist()},
+            "per_layer": {"layers": list(layers), "accuracy": [None if np.isnan(a) else float(a) for a in layer_acc]},
             "per_module": {m: float(np.mean(v)) for m, v in per_module.items()}, "confusion": confusion,
             "entropy": quantiles(np.concatenate(entropy)), "margin": quantiles(np.concatenate(margin))}
 
@@ -278,7 +284,7 @@ def headline_router(lib, args):
 def run(library: str, args, label: str | None = None) -> dict:
     from bench.eval_record import record
     from bench.eval_docs import write_routing_doc
-    from bench.eval_figures import svg_heatmap, write_figure
+    from bench.eval_figures import layers_figure, svg_heatmap, write_figure
     from library_store.store.library import ExpertLibrary
     from library_store.tasks import resolve_tasks
 
@@ -301,7 +307,7 @@ def run(library: str, args, label: str | None = None) -> dict:
     conf = write_figure(f"{name}-confusion.svg", svg_heatmap(
         np.array(result["confusion"]), result["tasks"], result["experts"],
         f"{label} ({args.split}): mean weight over the user's text, task x expert"), figures)
-    layers = layers_figure(result, label, args.split, figures)
+    layers = layers_figure(result, label, args.split, figures)  # bench/eval_figures.py
     result.update(library=label, library_path=str(library), content_key=content, model=args.model,
                   router_source=source, command=" ".join(["python"] + sys.argv),
                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"), total_seconds=clock.total(),
@@ -315,18 +321,6 @@ def run(library: str, args, label: str | None = None) -> dict:
     print(report(result))
     print(f"time: {clock.total():.1f} s")
     return result
-
-
-def layers_figure(result: dict, label: str, split: str, figures: Path) -> Path:
-    """The per-layer own-text accuracy of every centring row that routed, one curve each (an SVG under figures)."""
-    from bench.eval_figures import svg_lines, write_figure
-
-    curves = {f"centre {c['centre']}" + (f"/{c['scope']}" if c["scope"] else "")
-              + (" + input" if c.get("input_centre", "none") != "none" else ""): c["per_layer"]
-              for c in result["centring"] if "per_layer" in c}
-    return write_figure(f"routing-{label}-{split}-layers.svg", svg_lines(
-        result["per_layer"]["layers"], curves, f"{label} ({split}): own-text accuracy per layer", "layer",
-        "accuracy"), figures)
 
 
 def _rel(path: Path) -> str:

@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--pick", default=None, choices=list(PICKS),
                         help="per prompt: the expert with the largest mean weight, or the library's fitted readout "
                              "of the per-layer routing (default: the library's default router)")
+        sp.add_argument("--route-layers", default=None, metavar="LAYERS",
+                        help="Arrow routes at these layers only, e.g. '0-3, 12, 15' or 'all'; the others run the "
+                             "base model (docs/design.md, \"Routed layers\"; default: the library's default router)")
         sp.add_argument("--disable", default="", help="comma-separated experts to leave out")
         sp.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
         sp.add_argument("--bf16", action="store_true", help="load the base model in bfloat16 (= --dtype bfloat16)")
@@ -99,9 +102,9 @@ def _routed(args):
                      top_k=args.top_k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                      disabled=args.disable, chat=not args.no_chat, centre=args.centre,
                      centre_scope=args.centre_scope, input_centre=args.input_centre,
-                     granularity=args.granularity, pick=args.pick)
+                     granularity=args.granularity, pick=args.pick, layers=args.route_layers)
     done = normalise(raw, rm.experts, tokenizer=base.tokenizer, context_length=base.context_length,
-                     limits=CLI_LIMITS, strict=True, names=names, defaults=defaults)
+                     limits=CLI_LIMITS, strict=True, names=names, defaults=defaults, model_layers=rm.layers)
     if done.error:
         raise ValueError(done.error)
     rm.set_router(done.request.router)
@@ -110,9 +113,12 @@ def _routed(args):
 
 def _summary(trace) -> str:
     """One line per token: the expert with the largest weight averaged over layers and modules."""
+    from explorer.routing.config import compact_layers
+
     router = trace.router
     centre = f" centre={router.centre} scope={router.centre_scope}" if router.centre != "none" else ""
     centre += f" input_centre={router.input_centre}" if router.input_centre != "none" else ""
+    centre += f" layers={compact_layers(router.layers)}" if router.layers is not None else ""
     lines = [f"mode={trace.mode} top_k={trace.top_k} temperature={trace.temperature}{centre} "
              f"granularity={router.granularity}{' pick=' + router.pick if router.per_prompt else ''} "
              f"experts={len(trace.experts)}"]

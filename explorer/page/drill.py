@@ -140,7 +140,8 @@ def highlight(trace: RoutingTrace, view: RoutingTrace, pick: set[str], groups: d
     (expert names; with `groups`, their clusters), and the strip tokens whose winner over layers is."""
     labels = {groups.get(p, p) for p in pick} if groups else set(pick)
     names, idx = grid_labels(view, module, groups, by)  # (L, T)
-    hit = np.isin(idx, [i for i, n in enumerate(names) if n in labels])  # (L, T)
+    routed = view.module_weights(module).sum(-1) > 0  # (L, T) False at a layer the router does not route at
+    hit = np.isin(idx, [i for i, n in enumerate(names) if n in labels]) & routed  # (L, T)
     positions = positions if positions is not None else list(range(len(view.tokens)))
     cells = [(view.layers[li], positions[ti]) for li, ti in zip(*np.nonzero(hit))]
     strip = [positions[ti] for ti, label in enumerate(strip_labels(view, module, groups)) if label in labels]

@@ -154,6 +154,9 @@ def drill_html(d: CellDetail) -> str:
             f'{html.escape(d.top_weight or "–")}</span> · top by contribution: <span class="x-exp" '
             f'data-expert="{attr(d.top_contribution or "")}">{html.escape(d.top_contribution or "–")}</span>'
             + ("" if agree else ' <span class="x-badge">they disagree</span>') + "</div>")
+    if not d.rows:
+        return (f'<div class="x-drill" data-layer="{d.layer}" data-token="{d.token}">{head}<div>Not routed: this '
+                f'router routes no expert at layer {d.layer}, so its base layers ran alone.</div></div>')
     return (f'<div class="x-drill" data-layer="{d.layer}" data-token="{d.token}">{head}{tops}'
             f'{_rows_table(d.rows, "mean over modules")}<details><summary>each module</summary>'
             + "".join(_rows_table(rows, m) for m, rows in d.modules.items()) + "</details></div>")

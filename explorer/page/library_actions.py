@@ -23,7 +23,7 @@ from explorer.page.events import Update, ensure_loaded, messages, update
 from explorer.page.plots import cosine_matrix, note_figure, similarity_map
 from explorer.page.report_plots import confusion_heatmap, layer_curve, report_card
 from explorer.page.session import Session
-from explorer.routing.config import GRANULARITIES, INPUT_CENTRES, PICKS
+from explorer.routing.config import GRANULARITIES, INPUT_CENTRES, PICKS, compact_layers
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def remove(session: Session, library, name) -> dict:
 
 def router_controls(session: Session, library) -> dict:
     """The Explore tab's router controls set to the library's default router (keys top_k, temperature, centre,
-    centre_scope, input_centre, granularity, pick_by); centre choices are none, mean and general:<name> for the
+    centre_scope, input_centre, granularity, pick_by, route_layers); centre choices are none, mean and general:<name> for the
     library's `general` experts; an input centring the page does not offer shows as "none"."""
     reg, library = session.registry, str(library or "")
     router = reg.default_router(library)
@@ -205,7 +205,8 @@ def router_controls(session: Session, library) -> dict:
             "centre": update(choices=centres, value=centre), "centre_scope": update(value=router["centre_scope"]),
             "input_centre": update(value=router["input_centre"] if router["input_centre"] in INPUT_CENTRES else "none"),
             "granularity": update(value=router["granularity"] if router["granularity"] in GRANULARITIES else "token"),
-            "pick_by": update(value=router["pick"] if router["pick"] in PICKS else "mean")}
+            "pick_by": update(value=router["pick"] if router["pick"] in PICKS else "mean"),
+            "route_layers": update(value="all" if router.get("layers") is None else compact_layers(router["layers"]))}
 
 
 __all__ = ["EDIT_OUTPUTS", "MAP_KINDS", "MAP_OUTPUTS", "SHOW_OUTPUTS", "Update", "ask_remove", "cancel_remove",

@@ -100,7 +100,7 @@ def _hover_text(trace: "RoutingTrace", w: np.ndarray, module: str, top: int) -> 
             lines = [f"token <b>{tokens[ti]}</b> (#{ti}, {part})",
                      f"layer {trace.layers[li]} · {module_label}"]
             lines += [f"{experts[e]}: {w[li, ti, e]:.3f}" for e in order[li, ti] if w[li, ti, e] > 0]
-            out[li, ti] = "<br>".join(lines)
+            out[li, ti] = "<br>".join(lines if len(lines) > 2 else lines + ["not routed: no expert here"])
     return out
 
 
@@ -139,7 +139,8 @@ def top1_heatmap(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, st
         # cell pale.
         even = 1.0 / max(1, min(trace.top_k, n))
         frac = np.clip((conf - even) / max(1e-6, float(conf.max()) - even), 0, 1)
-    z = top + frac * 0.999  # category e covers [e, e+1); the fraction is the relative confidence
+    routed = w.sum(-1) > 0  # (L, T) False where no expert had weight: a layer the router does not route at
+    z = np.where(routed, top + frac * 0.999, np.nan)  # category e covers [e, e+1); NaN: an empty cell
     colours = category_colours(names)
     scale = []
     for i, name in enumerate(names):  # equal stops at each boundary make the categories sharp
@@ -147,7 +148,7 @@ def top1_heatmap(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, st
     hover = _hover_text(trace, w, module, top=max(1, trace.top_k))
     fig = go.Figure(go.Heatmap(z=z, zmin=0, zmax=n, colorscale=scale, showscale=False, text=hover,
                                hovertemplate="%{text}<extra></extra>", xgap=1, ygap=1, name="top-1"))
-    used = set(top.ravel().tolist())
+    used = set(top[routed].tolist())
     for i, name in enumerate(names if legend else []):  # a heatmap has no legend: invisible markers make one
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=esc(name), showlegend=True,
                                  marker=dict(size=12, symbol="square", color=colours[name]),

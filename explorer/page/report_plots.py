@@ -60,12 +60,13 @@ def layer_curve(report: "RoutingReport | None") -> go.Figure:
     layers = (report.per_layer or {}).get("layers") if report is not None else None
     if not layers:
         return note_figure("Routing accuracy per layer", "No per-layer accuracy recorded for this library.")
-    acc = [float(a) for a in report.per_layer["accuracy"]]
+    acc = [None if a is None else float(a) for a in report.per_layer["accuracy"]]  # None: a layer not routed
     fig = go.Figure(go.Scatter(x=list(layers), y=acc, mode="lines+markers", name="per layer",
                                hovertemplate="layer %{x}: %{y:.1%}<extra></extra>"))
     overall = report.accuracy.get("user")
     if overall is not None:
-        fig.add_hline(y=float(overall), line_dash="dot", annotation_text=f"all layers {float(overall):.0%}")
+        routed = "routed layers" if None in acc else "all layers"
+        fig.add_hline(y=float(overall), line_dash="dot", annotation_text=f"{routed} {float(overall):.0%}")
     fig.update_layout(title=dict(text="Own-text routing accuracy per layer", x=0.01), **LOOK, height=340,
                       xaxis=dict(title="layer", dtick=1), yaxis=dict(title="accuracy", range=[0, 1.02],
                                                                      tickformat=".0%"),

@@ -25,6 +25,8 @@ mean layer input before scoring); an unknown value falls back to "none" with a n
 Granularity (docs/design.md, "Prompt-level routing"): `granularity` is "token" (Arrow) or "prompt" (one expert
 per prompt, picked from the per-token routing of the user's text); an unknown value falls back to "token".
 `pick` is "mean" or "readout" (the library's fitted readout; `RoutedModel.set_router` refuses it where none is).
+Routed layers (docs/design.md, "Routed layers"): `layers` is "all", a list of layer numbers or a string like
+"0-3, 6"; with `model_layers` (the layers the model routes), layers outside them are dropped with a notice.
 """
 from __future__ import annotations
 
@@ -32,12 +34,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from explorer.routing.config import CENTRE_SCOPES, CENTRES, GRANULARITIES, INPUT_CENTRES, PICKS, RouterConfig
+from explorer.routing.config import (CENTRE_SCOPES, CENTRES, GRANULARITIES, INPUT_CENTRES, PICKS, RouterConfig,
+                                     compact_layers, parse_layers)
 
 DEFAULTS = {"top_k": 4, "temperature": 1.0, "max_new_tokens": 32, "centre": "none", "centre_scope": "prototypes",
-            "input_centre": "none", "granularity": "token", "pick": "mean"}
+            "input_centre": "none", "granularity": "token", "pick": "mean", "layers": None}
 # what a library's default router may set
-ROUTER_FIELDS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "granularity", "pick")
+ROUTER_FIELDS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "granularity", "pick", "layers")
 MEAN_MIN_EXPERTS = 3  # as `explorer.routing.centring.Centring.means`: below three, centred experts are alike
 
 
@@ -58,6 +61,7 @@ class RawRequest:
     input_centre: Any = None  # "none" | "base"
     granularity: Any = None  # "token" | "prompt"
     pick: Any = None  # "mean" | "readout" (per prompt)
+    layers: Any = None  # "all" | "0-3, 6" | a list of layer numbers (Arrow routes there; the others run base)
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ class _Refused(Exception):
 
 def normalise(raw: RawRequest, experts: list[str], tokenizer=None, context_length: int | None = None,
               limits: Limits = PAGE_LIMITS, strict: bool = False, names: list[str] | None = None,
-              defaults: dict | None = None) -> Normalised:
+              defaults: dict | None = None, model_layers: list[int] | None = None) -> Normalised:
     """`raw` checked against a library's routed `experts` (see module docstring). `names`: every expert of the
     library (a `general:<name>` centring may name one that is not routed; default `experts`). `defaults`: the
     library's default router (keys of ROUTER_FIELDS), used where `raw` gives None. `tokenizer` and
@@ -139,10 +143,11 @@ def normalise(raw: RawRequest, experts: list[str], tokenizer=None, context_lengt
                                "input centring")
         granularity = _choice(raw.granularity, base["granularity"], GRANULARITIES, "granularity", clamp)
         chosen = _choice(raw.pick, base["pick"], PICKS, "pick", clamp)
+        layers = _layers(raw.layers, base["layers"], model_layers, clamp)
         prompt = _cut(prompt, max_new, tokenizer, context_length, limits, notices)
         router = RouterConfig(mode=mode, top_k=top_k, temperature=temperature, disabled=tuple(disabled),
                               centre=centre, centre_scope=scope, input_centre=input_centre,
-                              granularity=granularity, pick=chosen)
+                              granularity=granularity, pick=chosen, layers=layers)
     except (_Refused, ValueError) as exc:  # ValueError: RouterConfig's last guard (e.g. an unknown mode)
         return Normalised(request=None, notices=notices, error=str(exc))
     request = RunRequest(prompt=prompt, library=str(raw.library or ""), router=router, chat=bool(raw.chat),
@@ -250,6 +255,26 @@ def _choice(raw, default: str, choices: tuple[str, ...], what: str, clamp, label
               f"Unknown {label} {value!r}: use one of {', '.join(choices)}.")
         return DEFAULTS[what]
     return value
+
+
+def _layers(raw, default, model_layers: list[int] | None, clamp) -> tuple[int, ...] | None:
+    """The routed layers: None or "" is the default, "all" every layer, else "0-3, 6" or a list of numbers;
+    layers the model does not route are dropped with a notice (the CLI: refused)."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        raw = default
+    try:
+        layers = parse_layers(raw) if isinstance(raw, str) else RouterConfig(layers=raw).layers
+    except ValueError as exc:
+        clamp(f"{exc}: routing at every layer.", str(exc))
+        return None
+    if layers is None or model_layers is None:
+        return layers
+    kept = tuple(n for n in layers if n in model_layers)
+    if len(kept) < len(layers):
+        unknown = [n for n in layers if n not in model_layers]
+        clamp(f"Ignored layers {unknown}: this model routes layers {compact_layers(model_layers)}.",
+              f"Cannot route at layers {unknown}: this model routes layers {compact_layers(model_layers)}.")
+    return kept or None
 
 
 def _max_new(raw, limit: int | None, clamp) -> int:

@@ -157,6 +157,8 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
                                            label="routing", min_width=150, elem_id="granularity")
                     pick_by = gr.Radio([("mean weight", "mean"), ("readout", "readout")], value="mean",
                                        label="pick by (per prompt)", min_width=150, elem_id="pick-by")
+                    route_layers = gr.Textbox(value="all", label="routed layers", max_lines=1, min_width=150,
+                                              elem_id="route-layers", placeholder="all, or e.g. 0-3, 12")
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=6, min_width=420):
                         grid = gr.HTML(instrument.note_html(cb.NO_TRACE), elem_id="grid", head=head,
@@ -222,10 +224,10 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
         if "lib_changed" in tab:  # an expert added or removed: the Explore view follows
             wire(tab["lib_changed"].change, cb.library, ["library"], cb.LIBRARY_OUTPUTS, "library_edited")
         wire(example.change, cb.example, ["example"], ["prompt"], "example")
-        # input_centre, granularity, pick last: API clients written before them keep their argument positions
+        # input_centre, granularity, pick, route_layers last: API clients written before them keep their argument positions
         route_inputs = ["prompt", "library", "chat", "top_k", "temperature", "centre", "centre_scope", "max_new",
                         "disabled", "module", "colour_by", "grid_by", "show_template", "input_centre", "granularity",
-                        "pick_by"]
+                        "pick_by", "route_layers"]
         for trigger, suffix in ((run.click, ""), (prompt.submit, "_submit")):
             routed = wire(trigger, cb.route, route_inputs, cb.ROUTE_OUTPUTS, "route" + suffix)
             wire(routed.then, cb.figures, ["state", "module", "expert", "show_template"], cb.FIGURE_OUTPUTS,

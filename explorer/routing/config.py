@@ -8,6 +8,7 @@ Usage::
     RouterConfig(centre="mean", centre_scope="weights")      # PEFT's GenKnowSub over the routed experts
     RouterConfig(centre="general:general-knowledge")          # subtract one `general` expert of the library
     RouterConfig(top_k=2, granularity="prompt")               # route the prompt, then answer with its winner alone
+    RouterConfig(layers=(0, 1, 2, 12, 15))                    # Arrow routes at these layers; the others run base
 
 Whether a setting fits a given library (top_k at most the number of enabled experts, known names) is checked by
 `RoutedModel.set_router`; the maths of each mode is in docs/design.md, "Routing", and of centring in "Centring".
@@ -43,6 +44,10 @@ class RouterConfig:
     Other modes ignore it.
     pick (per prompt): "mean" (the largest mean weight over the user's text) or "readout" (the library's fitted
     readout of the per-layer weights, explorer/routing/readout.py; refused by `set_router` where none is fitted).
+    layers (arrow mode): None (route at every routed layer) or the model layers Arrow routes at; the others run
+    their base layers, add no expert and record no routing (chosen where the library knows the task: see
+    docs/design.md, "Routed layers"). Modes uniform and expert, and a per-prompt answer's pick, apply at every
+    layer.
     """
 
     mode: str = "arrow"
@@ -54,6 +59,7 @@ class RouterConfig:
     input_centre: str = "none"
     granularity: str = "token"
     pick: str = "mean"
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         kind = self.mode.split(":", 1)[0] if isinstance(self.mode, str) else None
@@ -79,6 +85,8 @@ class RouterConfig:
             raise ValueError(f"Unknown granularity {self.granularity!r}: use one of {', '.join(GRANULARITIES)}.")
         if self.pick not in PICKS:
             raise ValueError(f"Unknown pick {self.pick!r}: use one of {', '.join(PICKS)}.")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", _layers(self.layers))
 
     @property
     def kind(self) -> str:
@@ -96,9 +104,11 @@ class RouterConfig:
         return self.centre.split(":", 1)[1] if self.centre.startswith("general:") else None
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "top_k": self.top_k, "temperature": float(self.temperature),
-                "disabled": list(self.disabled), "centre": self.centre, "centre_scope": self.centre_scope,
-                "input_centre": self.input_centre, "granularity": self.granularity, "pick": self.pick}
+        """Every field; `layers` only when set (a router of every layer reads as it did before it existed)."""
+        d = {"mode": self.mode, "top_k": self.top_k, "temperature": float(self.temperature),
+             "disabled": list(self.disabled), "centre": self.centre, "centre_scope": self.centre_scope,
+             "input_centre": self.input_centre, "granularity": self.granularity, "pick": self.pick}
+        return d if self.layers is None else {**d, "layers": list(self.layers)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RouterConfig":
@@ -106,10 +116,58 @@ class RouterConfig:
         A dict written before centring existed has no centre fields: it reads as centre "none" (and without
         input_centre, as "none"; without granularity, as "token"; without pick, as "mean")."""
         unknown = sorted(set(data) - {"mode", "top_k", "temperature", "disabled", "centre", "centre_scope",
-                                      "input_centre", "granularity", "pick"})
+                                      "input_centre", "granularity", "pick", "layers"})
         if unknown:
             raise ValueError(f"Unknown RouterConfig fields {unknown}")
         return cls(**{**data, "disabled": tuple(data.get("disabled", ()))})
+
+
+def _layers(value) -> tuple[int, ...]:
+    """`layers` as a sorted tuple of distinct layer numbers; refuses a string, an empty list or a non-integer."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"layers must be a list of layer numbers (or None for every layer), got {value!r}")
+    layers = list(value)
+    if not layers or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in layers):
+        raise ValueError(f"layers must be a non-empty list of layer numbers >= 0 (or None for every layer), "
+                         f"got {value!r}")
+    return tuple(sorted(set(layers)))
+
+
+def routed_layers(router: RouterConfig, layers: list[int]) -> frozenset | None:
+    """The model layers Arrow routes at under `router` (None: every one of `layers`, the model's routed layers);
+    refuses a layer the model does not route."""
+    if router.layers is None:
+        return None
+    unknown = [n for n in router.layers if n not in layers]
+    if unknown:
+        raise ValueError(f"Cannot route at layers {unknown}: the routed layers are {compact_layers(layers)}.")
+    return frozenset(router.layers)
+
+
+def compact_layers(layers) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    runs: list[list[int]] = []
+    for n in sorted(layers):
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def parse_layers(text: str) -> tuple[int, ...] | None:
+    """"0-2, 5, 7-8" -> (0, 1, 2, 5, 7, 8); "" or "all" -> None (every layer). Refuses anything else."""
+    text = (text or "").strip()
+    if text.lower() in ("", "all"):
+        return None
+    out = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        except ValueError:
+            raise ValueError(f"Routed layers must look like '0-3, 6, 12-15' (or 'all'), got {text!r}") from None
+    return _layers(out)
 
 
 def describe_router(router: dict) -> str:
@@ -121,6 +179,8 @@ def describe_router(router: dict) -> str:
     parts.append("no centring" if centre == "none" else f"centre {centre} ({router.get('centre_scope')})")
     if (router.get("input_centre") or "none") != "none":
         parts.append(f"input centring {router['input_centre']}")
+    if router.get("layers") is not None:
+        parts.append(f"routed at layers {compact_layers(router['layers'])}")
     if router.get("granularity") == "prompt":
         parts.append("one expert per prompt" + (", picked by the fitted readout" if router.get("pick") == "readout"
                                                 else ", picked by mean weight"))

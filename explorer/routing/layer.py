@@ -337,8 +337,8 @@ class RoutedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.state
         base = self._base
-        if st.mode == "base":
-            return base(x)
+        if st.mode == "base" or (st.layers is not None and st.mode == "arrow" and self.key[0] not in st.layers):
+            return base(x)  # no experts (here: a layer the router does not route at)
         group = self._group
         kind, a = group.compute(x)
         if self.last:  # the last reader (v): do not keep activations alive

@@ -6,8 +6,7 @@ Usage::
     rm = RoutedModel.from_library(base, ExpertLibrary.open("assets/libraries/demo-mbc"), RouterConfig(top_k=4))
     rm.generate("Reverse the word: apple", max_new_tokens=16)
     trace = rm.trace("Reverse the word: apple", max_new_tokens=8)     # RoutingTrace, routing of every token
-    rm.set_router(RouterConfig(mode="uniform"))                      # the paper's uniform-merge baseline
-    rm.set_router(RouterConfig(mode="expert:reverse_word"))          # one expert alone
+    rm.set_router(RouterConfig(mode="uniform"))    # the paper's uniform-merge baseline; "expert:<name>": one alone
     rm.detach()                                                      # the base model as it was
 
 The base model is modified in place (its target layers are wrapped); one RoutedModel per base at a time.
@@ -25,7 +24,7 @@ import torch
 from explorer.routing.centring import Centring, site_ranks
 from explorer.routing.capture import assemble, dense_by_key, next_step_kwargs
 from explorer.routing.calibration import input_means
-from explorer.routing.config import RouterConfig
+from explorer.routing.config import RouterConfig, compact_layers, routed_layers
 from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, module_leaves, prototype_config,
                                      unwrap_model, wrap_model)
 from explorer.routing.layer import RoutedLinear
@@ -154,8 +153,9 @@ class RoutedModel:
         if router.kind == "arrow" and router.top_k > n_on:
             raise ValueError(f"top_k must be between 1 and {n_on} (the number of enabled experts), "
                              f"got {router.top_k}")
-        readout = find_readout(self.readouts, self._store, router) if router.per_prompt and \
-            router.pick == "readout" else None  # may refuse (ValueError): nothing has changed yet
+        layers = routed_layers(router, self.layers)  # these two may refuse (ValueError): nothing has changed yet
+        readout = find_readout(self.readouts, self._store, router) if router.per_prompt and router.pick == "readout" \
+            else None
         fixed = None
         if router.kind == "uniform":
             fixed = enabled.float() / n_on  # (E,)
@@ -179,7 +179,7 @@ class RoutedModel:
         self._readout, self.lead = readout, recorded_lead(self.readouts, self._store, router)  # flags leans too
         st.mode, st.top_k, st.temperature = router.kind, router.top_k, float(router.temperature)
         st.mask = None if n_on == len(self.experts) else ~enabled
-        st.fixed = fixed
+        st.fixed, st.layers = fixed, layers
         st.version += 1
         self.router = router
 
@@ -342,10 +342,11 @@ class RoutedModel:
         """
         if expert not in self.experts:
             raise ValueError(f"Unknown expert {expert!r}; the library has {self.experts}")
-        unknown = [x for x in layers or () if x not in self.layers]
-        if unknown:
-            raise ValueError(f"Unknown layers {unknown}; this model routes layers {self.layers}")
         st = self._state
+        routed = self.layers if st.layers is None or st.mode != "arrow" else sorted(st.layers)
+        unknown = [x for x in layers or () if x not in routed]
+        if unknown:
+            raise ValueError(f"Layers {unknown} are not routed: this router routes layers {compact_layers(routed)}.")
         with self._lock:  # the override is shared state: no other call runs under it
             st.override = (self.experts.index(expert), bool(force), None if layers is None else frozenset(layers))
             st.version += 1

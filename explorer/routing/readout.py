@@ -24,14 +24,15 @@ import numpy as np
 
 from explorer.routing.prompt_level import UNCERTAIN_BELOW, UNCERTAIN_LEAD
 
-READOUT_FIELDS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "disabled")  # shape the evidence
+READOUT_FIELDS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "disabled", "layers")  # shape
+# the evidence ("layers" only when set: the keys of readouts fitted before it existed stay the same)
 READOUT_KIND = "pick-readout"
 
 
 def readout_key(router) -> str:
     """The router settings the evidence depends on, as one string (granularity and pick do not change it)."""
     d = router.to_dict()
-    return json.dumps({k: d[k] for k in READOUT_FIELDS}, sort_keys=True)
+    return json.dumps({k: d[k] for k in READOUT_FIELDS if k in d}, sort_keys=True)
 
 
 def features(trace) -> np.ndarray:

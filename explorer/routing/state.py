@@ -38,6 +38,7 @@ class RouterState:
     version: int = 0  # bumped on every router change, so cached group results are not reused across it
     # a counterfactual (RoutedModel.overriding): (expert index, force, model layers or None for all)
     override: tuple | None = None
+    layers: frozenset | None = None  # the model layers Arrow routes at (None: all); the others run base alone
     _moved: dict = field(default_factory=dict, repr=False)  # (name, version, device) -> tensor
 
     def on(self, name: str, device: torch.device) -> torch.Tensor | None:

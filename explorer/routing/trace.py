@@ -227,12 +227,15 @@ class RoutingTrace:
         return h.mean(axis=1).astype(np.float32)  # (L, T)
 
     def usage(self, which: str = "prompt", module: str = MEAN) -> np.ndarray:
-        """(E,) mean weight over layers and the chosen positions: what this query needed (sums to 1 in arrow
-        mode; zeros when no position is chosen)."""
+        """(E,) mean weight over the routed layers and the chosen positions: what this query needed (sums to 1 in
+        arrow mode; zeros when no position is chosen). A layer the router does not route at (no weight there,
+        `RouterConfig.layers`) is left out of the mean."""
         pos = self.positions(which)
         if not pos:
             return np.zeros(len(self.experts), dtype=np.float32)
-        return self.module_weights(module)[:, pos].mean(axis=(0, 1))  # (E,)
+        w = self.module_weights(module)[:, pos]  # (L, P, E)
+        routed = w.sum(axis=(1, 2)) > 0  # (L,)
+        return (w[routed] if routed.any() else w).mean(axis=(0, 1))  # (E,)
 
     def top_expert(self, module: str = MEAN, groups: dict[str, str] | None = None
                    ) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -1,0 +1,104 @@
+"""Would routing at a subset of layers, chosen on training prompts, make the mean weight name the own expert?
+
+The per-layer accuracy curves (docs/routing.md) show layers that send the user's text elsewhere, and the fitted
+readout (explorer/routing/readout.py) gets its 0.96-0.99 by weighing layers. This probe asks whether a router
+that routes only where the library knows the task would lift own-text routing as the goals define it (largest
+mean weight over the user's text), with no readout:
+
+1. route the first 20 training prompts per task with the library's default router, per token, at every layer;
+   choose the layer subset S by backward elimination: drop the layer whose removal most raises (or keeps) the
+   training prompts' accuracy of the mean weight over S, until every removal would lower it;
+2. score the mean weight over S on held-out inputs (20 per task) and held-out wordings (10 per task);
+3. route again with the experts applied at S only (the other layers' B rows zeroed, so they add nothing, as a
+   router that leaves them unrouted would) and score all three splits over S: what such a router would record.
+
+It also prints the best k single layers on training prompts, for k = 4, 8, 12, 16, 20.
+
+Usage::
+
+    .venv/bin/python bench/layer_subset.py --library assets/libraries/demo-mbc --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
+
+
+def accuracy(data, layers: list[int]) -> float:
+    """Share of prompts whose own expert has the largest mean weight over `layers`; data = (X (n, L, E), y (n,))."""
+    X, y = data
+    return float((X[:, layers].mean(1).argmax(-1) == y).mean())
+
+
+def eliminate(data, layers: list[int]) -> list[int]:
+    """Backward elimination on `data`: drop layers while the accuracy does not fall."""
+    best = accuracy(data, layers)
+    while len(layers) > 1:
+        score, drop = max((accuracy(data, [m for m in layers if m != d]), d) for d in layers)
+        if score < best:
+            break
+        best, layers = score, [m for m in layers if m != drop]
+    return layers
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    library_arguments(ap, str(ROOT / "assets" / "libraries" / "demo-mbc"))
+    args = ap.parse_args(argv)
+    from bench.eval_routing import route_prompts
+    from explorer.routing.layer import RoutedLinear
+    from explorer.routing.model import with_router
+    from explorer.routing.readout import features
+    from library_store.tasks import resolve_tasks
+
+    start = time.time()
+    rm, source, own = attach_from_args(args)
+    rm.set_router(with_router(rm, granularity="token"))  # a per-prompt default's evidence: per-token routing
+    base, E, L = rm.base, len(rm.experts), len(rm.layers)
+    tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
+
+    def route(split: str, n: int):
+        X, y = [], []
+        for task in tasks:
+            for trace in route_prompts(rm, base, [e.input for e in task.examples(split)[:n]]):
+                X.append(features(trace).reshape(L, E))  # (L, E) mean weight over the user's text
+                y.append(rm.experts.index(own[task.name]))
+        return np.array(X), np.array(y)
+
+    def line(label: str, layers: list[int], splits) -> str:
+        return f"| {label} | {len(layers)} | " + " | ".join(f"{accuracy(d, layers):.3f}" for d in splits) + " |"
+
+    splits = route("train", 20), route("heldout", 20), route("paraphrase", 10)
+    every = list(range(L))
+    chosen = eliminate(splits[0], every)
+    rows = [line("every layer", every, splits), line("subset S, read from the full routing", chosen, splits)]
+    for k in (4, 8, 12, 16, 20):
+        best = sorted(sorted(every, key=lambda m: -accuracy(splits[0], [m]))[:k])
+        rows.append(line(f"best {k} single layers", best, splits))
+    groups = {id(m.group): m.group for m in base.model.modules() if isinstance(m, RoutedLinear)}.values()
+    kept = {rm.layers[i] for i in chosen}  # model layer numbers, as the groups' trace keys name them
+    for g in groups:  # experts apply at S only: the others' B rows are zeroed (this process only)
+        if g.keys[0][0] not in kept:
+            g.up.zero_()
+            g.clear()
+    rm.set_router(with_router(rm, granularity="token"))  # a new router version: no cached group result is reused
+    rows.append(line("routed at S only", chosen, [route("train", 20), route("heldout", 20), route("paraphrase", 10)]))
+    print(f"{Path(args.library).name}, router {rm.router.to_dict()} ({source}), {time.time() - start:.0f} s")
+    print(f"S = {[rm.layers[i] for i in chosen]}")
+    print("| layers read | how many | training prompts | held-out inputs | held-out wordings |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+    rm.detach()
+
+
+if __name__ == "__main__":
+    main()
