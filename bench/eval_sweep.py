@@ -47,7 +47,8 @@ def router_of(row: dict):
 
     return RouterConfig(mode="arrow", top_k=row["top_k"], temperature=row["temperature"], centre=row["centre"],
                         centre_scope=row["centre_scope"], input_centre=row.get("input_centre", "none"),
-                        granularity=row.get("granularity", "token"), pick=row.get("pick", "mean"))
+                        granularity=row.get("granularity", "token"), pick=row.get("pick", "mean"),
+                        layers=row.get("layers"))
 
 
 def exact_matches(base, examples, max_tokens: int = 4096) -> list[int]:
@@ -287,16 +288,59 @@ def choose_granularity(rm, base, winner: dict, em_examples: dict, max_tokens: in
             "em_prompts_per_task": max((len(ex) for ex in em_examples.values()), default=0)}
 
 
-def regranulate(rm, base, tasks, own: dict, recorded, n_em: int, n_fit: int = 20, max_tokens: int = 4096) -> dict:
+LAYERS_RULE = ("the recorded default's evidence (per token), on the first training prompts of each task: layers "
+               "dropped one at a time while the accuracy of the mean weight over the rest does not fall (every "
+               "layer routed), then that subset routed alone; adopted if its own-text accuracy beats every layer's "
+               "by more than one point")
+
+
+def choose_layers(rm, base, tasks, own: dict, winner: dict, n: int, max_tokens: int = 4096, tie: float = TIE) -> dict:
+    """The routed layers for the `winner` row's router (bench/layer_subset.py, on training prompts only; see
+    LAYERS_RULE): {"rule", "every", "read", "alone", "subset", "layers" (the subset if adopted, else None)}."""
+    from dataclasses import replace
+
+    from bench.eval_routing import route_prompts
+    from bench.layer_subset import accuracy, eliminate
+    from explorer.routing.readout import features
+
+    token = replace(router_of(winner), granularity="token", layers=None)
+    texts = [(e.input, own[t.name][0]) for t in tasks if own.get(t.name) for e in t.train[:n]]
+    start, L, E = rm.router, len(rm.layers), len(rm.experts)
+
+    def routed(router):
+        rm.set_router(router)
+        traces = route_prompts(rm, base, [x for x, _ in texts], max_tokens)
+        return (np.array([features(tr).reshape(L, E) for tr in traces]),  # (n, L, E)
+                np.array([rm.experts.index(e) for _, e in texts]))
+    try:
+        full = routed(token)
+        chosen = eliminate(full, list(range(L)))
+        subset = [rm.layers[i] for i in chosen]
+        alone = accuracy(routed(replace(token, layers=tuple(subset))), chosen)
+    finally:
+        rm.set_router(start)
+    every = accuracy(full, list(range(L)))
+    return {"rule": LAYERS_RULE, "split": "train", "prompts_per_task": n, "every": every,
+            "read": accuracy(full, chosen), "alone": alone, "subset": subset,
+            "layers": subset if alone > every + tie + 1e-12 and len(subset) < L else None}
+
+
+def regranulate(rm, base, tasks, own: dict, recorded, n_em: int, n_fit: int = 20, max_tokens: int = 4096,
+                layers_n: int = 0) -> dict:
     """The recorded default router's granularity and pick chosen again on training prompts, its centring, top-k
     and temperature kept (cheaper than a new sweep): a pick readout is fitted on the first `n_fit` training
     prompts per task, and the candidates are scored on the next `n_em`. {"rows", "winner", "evidence",
     "readout"} like `sweep`, the recorded evidence kept and its "granularity" part replaced. `recorded`:
-    library_store's DefaultRouter."""
+    library_store's DefaultRouter. With `layers_n`, the routed layers are chosen first (`choose_layers` on the
+    first `layers_n` training prompts per task)."""
     winner = {**recorded.evidence.get("winner", {}), **{k: recorded.router[k] for k in
               ("top_k", "temperature", "centre", "centre_scope", "input_centre")}}
+    layers = None
+    if layers_n:
+        layers = choose_layers(rm, base, tasks, own, {**winner, "layers": None}, layers_n, max_tokens)
+        winner["layers"] = layers["layers"]
     granularity, readout = granularity_step(rm, base, tasks, own, winner, n_fit, n_em, max_tokens)
     winner = {**winner, **granularity["winner"]}
     evidence = {**recorded.evidence, "granularity": granularity, "winner": winner,
-                "granularity_chosen_after": recorded.command}
+                "granularity_chosen_after": recorded.command, **({"layers": layers} if layers else {})}
     return {"rows": recorded.evidence.get("rows", []), "winner": winner, "evidence": evidence, "readout": readout}

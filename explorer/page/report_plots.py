@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import plotly.graph_objects as go
 
 from explorer.page.plots import LOOK, esc, note_figure
-from explorer.routing.config import RouterConfig, describe_router
+from explorer.routing.config import RouterConfig, compact_layers, describe_router
 
 if TYPE_CHECKING:
     from library_store.store.reports import DefaultRouter, RoutingReport
@@ -186,6 +186,12 @@ def report_card(report: "RoutingReport | None", default: "DefaultRouter | None",
             lines.append("- Per token or per prompt, by training exact match: " + ", ".join(
                 f"{'per token' if g['granularity'] == 'token' else 'per prompt by ' + str(g.get('pick', 'mean'))} "
                 f"{float(g['em']):.2f}" for g in gran["rows"]) + ".")
+        chosen = default.evidence.get("layers")
+        if isinstance(chosen, dict) and chosen.get("subset"):
+            lines.append(f"- Routed layers, chosen on training prompts: own text right {float(chosen['every']):.0%} "
+                         f"with every layer, {float(chosen['alone']):.0%} routed at layers "
+                         f"{compact_layers(chosen['subset'])} alone: "
+                         + ("adopted." if chosen.get("layers") else "not adopted (not better by over a point)."))
         sweep = default.evidence.get("rows") or default.evidence.get("sweep") or []  # eval_sweep writes "rows"
         if sweep:
             lines.append(f"- {len(sweep)} settings swept on "

@@ -112,3 +112,16 @@ def test_layers_the_model_does_not_route_are_refused_or_dropped_with_a_notice():
     recorded = normalise(RawRequest("hi"), rm.experts, defaults={"layers": [1]}).request.router
     assert recorded.layers == (1,)  # the library's recorded default fills the gap
     assert normalise(RawRequest("hi", layers="all"), rm.experts, defaults={"layers": [1]}).request.router.layers is None
+
+
+def test_the_report_card_says_which_layers_route_and_why():
+    from explorer.page.report_plots import report_card
+    from library_store.store.reports import DefaultRouter
+
+    router = RouterConfig(top_k=2, layers=(0, 1, 2, 5)).to_dict()
+    evidence = {"rule": "r", "layers": {"every": 0.82, "alone": 0.97, "subset": [0, 1, 2, 5], "layers": [0, 1, 2, 5]}}
+    card = report_card(None, DefaultRouter(router, evidence, "c"), "lib", "path")
+    assert "routed at layers 0-2, 5" in card and "82% with every layer, 97% routed at layers 0-2, 5 alone: adopted" \
+        in card
+    evidence["layers"]["layers"] = None
+    assert "not adopted" in report_card(None, DefaultRouter(router, evidence, "c"), "lib", "path")
