@@ -126,12 +126,13 @@ def cell_detail(result, layer: int, token: int, module: str = MEAN, library: str
 
 def grid_labels(trace: RoutingTrace, module: str, groups: dict[str, str] | None,
                 by: str = "weight") -> tuple[list[str], np.ndarray]:
-    """names and (L, T) index of each cell's winner: by routing weight or by contribution."""
+    """names and (L, T) index of each cell's winner: by routing weight or by contribution; -1 where nothing was
+    routed (a layer the router does not route at)."""
     if by == "contribution" and trace.routes.contribution is not None:
         names, idx, _ = trace.top_contributor(module, groups)
     else:
         names, idx, _ = trace.top_expert(module, groups)
-    return names, idx
+    return names, np.where(trace.module_weights(module).sum(-1) > 0, idx, -1)  # (L, T)
 
 
 def highlight(trace: RoutingTrace, view: RoutingTrace, pick: set[str], groups: dict[str, str] | None = None,
@@ -140,8 +141,7 @@ def highlight(trace: RoutingTrace, view: RoutingTrace, pick: set[str], groups: d
     (expert names; with `groups`, their clusters), and the strip tokens whose winner over layers is."""
     labels = {groups.get(p, p) for p in pick} if groups else set(pick)
     names, idx = grid_labels(view, module, groups, by)  # (L, T)
-    routed = view.module_weights(module).sum(-1) > 0  # (L, T) False at a layer the router does not route at
-    hit = np.isin(idx, [i for i, n in enumerate(names) if n in labels]) & routed  # (L, T)
+    hit = np.isin(idx, [i for i, n in enumerate(names) if n in labels])  # (L, T); -1 (not routed) never
     positions = positions if positions is not None else list(range(len(view.tokens)))
     cells = [(view.layers[li], positions[ti]) for li, ti in zip(*np.nonzero(hit))]
     strip = [positions[ti] for ti, label in enumerate(strip_labels(view, module, groups)) if label in labels]

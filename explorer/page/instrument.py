@@ -65,11 +65,11 @@ def grid_html(result, view, positions: list[int], module: str = MEAN, groups: di
     colours = plots.category_colours(names)
     w_names, w_idx = grid_labels(view, module, groups, "weight")
     c_names, c_idx = grid_labels(view, module, groups, "contribution")
-    differ = int((np.asarray(w_names, dtype=object)[w_idx] != np.asarray(c_names, dtype=object)[c_idx]).sum()) \
-        if view.routes.contribution is not None and names else 0
+    differ = int(((np.asarray(w_names, dtype=object)[w_idx] != np.asarray(c_names, dtype=object)[c_idx])
+                  & (w_idx >= 0)).sum()) if view.routes.contribution is not None and names else 0
     experts = view.experts
     label_of = {e: (groups or {}).get(e, e) for e in experts}
-    used = sorted(set(idx.ravel().tolist())) if names else []
+    used = sorted(set(idx[idx >= 0].tolist())) if names else []  # -1: a cell not routed
     legend = "".join(f'<span class="x-key" data-label="{attr(names[i])}"><i style="background:{colours[names[i]]}">'
                      f'</i>{plots.esc(names[i])}</span>' for i in used)
     strip = []
@@ -80,9 +80,10 @@ def grid_html(result, view, positions: list[int], module: str = MEAN, groups: di
                      f'style="background:{colour}">{plots.display_token(view.tokens[ti])}</span>')
     payload = {"run": result.run_id, "figure": json.loads(fig.to_json()), "layers": view.layers,
                "positions": positions, "names": names, "idx": idx, "label_of": label_of}
-    total = idx.size
-    caption = (f"{len(view.tokens)} tokens × {len(view.layers)} layers. Click a cell for its experts; "
-               f"top expert by weight and by contribution differ in {differ} of {total} cells.")
+    total, unrouted = int((idx >= 0).sum()), len([r for r in idx if (r < 0).all()]) if names else 0
+    caption = (f"{len(view.tokens)} tokens × {len(view.layers)} layers"
+               + (f" ({unrouted} not routed: empty rows)" if unrouted else "") + ". Click a cell for its experts; "
+               f"top expert by weight and by contribution differ in {differ} of {total} routed cells.")
     return (f'<div class="x-grid" data-payload="{_payload(payload)}"><div class="x-plot"></div>'
             f'<div class="x-legend">{legend}</div><div class="x-strip">{"".join(strip)}</div>'
             f'{lean_html(result.trace)}<div class="x-caption">{html.escape(caption)}</div></div>')

@@ -199,3 +199,27 @@ def test_more_figures_show_which_layers_decided_the_pick(app, browser):
     n_layers = page.evaluate("document.querySelector('#decision .js-plotly-plot').data[0].x.length")
     assert page.locator("#decision .bars .point").count() == n_layers >= 2
     assert [u for u in requests if not u.startswith(LOCAL)] == [] and dialogs == []
+
+
+def test_routed_layers_leave_rows_empty_that_no_map_click_lights(app, browser):
+    """Routed at layer 1 only: layer 0's cells carry no winner (-1) and stay empty, and a map click lights cells
+    of layer 1 alone; "all" routes every layer again."""
+    page, requests, dialogs = open_page(browser, app)
+    box = page.locator("#route-layers textarea, #route-layers input").first
+    assert box.input_value() == "all"  # the tiny library records no default router
+    box.fill("1")
+    run_prompt(page, "Reverse the word: apple")
+    idx = page.evaluate("JSON.parse(document.querySelector('#grid .x-grid').dataset.payload).idx")
+    assert all(k == -1 for k in idx[0]) and all(k >= 0 for k in idx[1])
+    lit_rows = set()
+    for point in page.locator("#map .scatterlayer .point").all():
+        point.click(force=True)
+        page.wait_for_selector("#grid .x-grid[data-highlighted]", timeout=10_000)
+        lit_rows |= set(page.evaluate("""() => { const r = document.querySelector('#grid .x-grid');
+            return r.querySelector('.x-plot').data[r._hi].y; }"""))
+    assert lit_rows == {1}  # the points' experts win cells of layer 1, never of the empty layer 0
+    box.fill("all")
+    run_prompt(page, "Reverse the word: apple")
+    page.wait_for_function("!JSON.parse(document.querySelector('#grid .x-grid').dataset.payload).idx[0]"
+                           ".includes(-1)")
+    assert [u for u in requests if not u.startswith(LOCAL)] == [] and dialogs == []

@@ -7,7 +7,7 @@ import pytest
 import torch
 from arrow_helpers import IDS, TWINS, experts, fresh, reference_logits
 
-from explorer.page.drill import CellDetail, highlight
+from explorer.page.drill import CellDetail, grid_labels, highlight
 from explorer.page.instrument import drill_html
 from explorer.page.plots import top1_heatmap
 from explorer.page.request import RawRequest, normalise
@@ -71,6 +71,8 @@ def test_the_trace_has_no_routing_at_the_layers_left_out_and_the_page_says_so():
     assert all(cells == [] for cells in part.cell(1, 3).values()) and all(part.cell(0, 3).values())
     blank = CellDetail(layer=1, token=3, text="x", generated=False, rows=[])  # what cell_detail makes of it
     assert "Not routed" in drill_html(blank)
+    names, idx = grid_labels(part, "mean", None)  # what the browser lights cells by: -1 is never lit
+    assert (idx[1] == -1).all() and (idx[0] >= 0).all()
     lit = highlight(part, part, {name for name in part.experts})  # every expert picked on the map
     assert lit.cells and all(layer == 0 for layer, _ in lit.cells)  # never a cell of the layer left out
     rm.set_router(RouterConfig(top_k=2, layers=(0,)))

@@ -39,7 +39,7 @@ function light(labels) {
   if (!root || !root._data) return;
   const data = root._data, xs = [], ys = [];
   data.idx.forEach((row, li) => row.forEach((k, ti) => {
-    if (labels.has(data.names[k])) { xs.push(ti); ys.push(li); }
+    if (k >= 0 && labels.has(data.names[k])) { xs.push(ti); ys.push(li); }  // -1: a cell not routed
   }));
   Plotly.restyle(root.querySelector('.x-plot'), {x: [xs], y: [ys]}, [root._hi]);
   let n = 0;
