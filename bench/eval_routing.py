@@ -160,7 +160,7 @@ def diagnose(traces_by_task: dict[str, list], own: dict[str, list[str]]) -> dict
         for tr in traces:
             pos = tr.positions("user")
             w = np.sort(tr.module_weights()[:, pos], axis=-1)  # (L, P, E) ascending
-            routed = w.sum(axis=(1, 2)) > 0  # (L,) only the layers the router routes at
+            routed = tr.routed()[:, pos].any(axis=1)  # (L,) only the layers the router routes at
             entropy.append(tr.entropy()[routed][:, pos].ravel())  # (L' * P,)
             margin.append((w[routed][..., -1] - (w[routed][..., -2] if w.shape[-1] > 1 else 0)).ravel())
     overall = {}

@@ -299,19 +299,15 @@ def choose_layers(rm, base, tasks, own: dict, winner: dict, n: int, max_tokens: 
     LAYERS_RULE): {"rule", "every", "read", "alone", "subset", "layers" (the subset if adopted, else None)}."""
     from dataclasses import replace
 
-    from bench.eval_routing import route_prompts
-    from bench.layer_subset import accuracy, eliminate
-    from explorer.routing.readout import features
+    from bench.layer_subset import accuracy, eliminate, layer_weights
 
     token = replace(router_of(winner), granularity="token", layers=None)
     texts = [(e.input, own[t.name][0]) for t in tasks if own.get(t.name) for e in t.train[:n]]
-    start, L, E = rm.router, len(rm.layers), len(rm.experts)
+    start, L = rm.router, len(rm.layers)
 
-    def routed(router):
+    def routed(router):  # (X (n, L, E), y (n,))
         rm.set_router(router)
-        traces = route_prompts(rm, base, [x for x, _ in texts], max_tokens)
-        return (np.array([features(tr).reshape(L, E) for tr in traces]),  # (n, L, E)
-                np.array([rm.experts.index(e) for _, e in texts]))
+        return layer_weights(rm, base, [x for x, _ in texts], [e for _, e in texts], max_tokens)
     try:
         full = routed(token)
         chosen = eliminate(full, list(range(L)))

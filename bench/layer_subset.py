@@ -5,7 +5,8 @@ readout (explorer/routing/readout.py) gets its 0.96-0.99 by weighing layers. Thi
 that routes only where the library knows the task would lift own-text routing as the goals define it (largest
 mean weight over the user's text), with no readout:
 
-1. route the first 20 training prompts per task with the library's default router, per token, at every layer;
+1. route the first 20 training prompts per task with the library's default router, per token, at every layer
+   (its own routed layers, if it has any, set aside);
    choose the layer subset S by backward elimination: drop the layer whose removal most raises (or keeps) the
    training prompts' accuracy of the mean weight over S, until every removal would lower it;
 2. score the mean weight over S on held-out inputs (20 per task) and held-out wordings (10 per task);
@@ -33,6 +34,17 @@ sys.path.insert(0, str(ROOT))
 from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
 
 
+def layer_weights(rm, base, texts: list[str], own: list[str], max_tokens: int = 4096):
+    """(X (n, L, E) each prompt's mean weight per layer over the user's text, y (n,) its own expert's index),
+    routed with the model's current router."""
+    from bench.eval_routing import route_prompts
+    from explorer.routing.readout import features
+
+    L, E = len(rm.layers), len(rm.experts)
+    X = [features(trace).reshape(L, E) for trace in route_prompts(rm, base, texts, max_tokens)]
+    return np.array(X), np.array([rm.experts.index(e) for e in own])
+
+
 def accuracy(data, layers: list[int]) -> float:
     """Share of prompts whose own expert has the largest mean weight over `layers`; data = (X (n, L, E), y (n,))."""
     X, y = data
@@ -54,25 +66,19 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     library_arguments(ap, str(ROOT / "assets" / "libraries" / "demo-mbc"))
     args = ap.parse_args(argv)
-    from bench.eval_routing import route_prompts
     from explorer.routing.layer import RoutedLinear
     from explorer.routing.model import with_router
-    from explorer.routing.readout import features
     from library_store.tasks import resolve_tasks
 
     start = time.time()
     rm, source, own = attach_from_args(args)
-    rm.set_router(with_router(rm, granularity="token"))  # a per-prompt default's evidence: per-token routing
-    base, E, L = rm.base, len(rm.experts), len(rm.layers)
+    rm.set_router(with_router(rm, granularity="token", layers=None))  # the evidence, per token, at every layer
+    base, L = rm.base, len(rm.layers)
     tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
 
     def route(split: str, n: int):
-        X, y = [], []
-        for task in tasks:
-            for trace in route_prompts(rm, base, [e.input for e in task.examples(split)[:n]]):
-                X.append(features(trace).reshape(L, E))  # (L, E) mean weight over the user's text
-                y.append(rm.experts.index(own[task.name]))
-        return np.array(X), np.array(y)
+        pairs = [(e.input, own[task.name]) for task in tasks for e in task.examples(split)[:n]]
+        return layer_weights(rm, base, [x for x, _ in pairs], [e for _, e in pairs])
 
     def line(label: str, layers: list[int], splits) -> str:
         return f"| {label} | {len(layers)} | " + " | ".join(f"{accuracy(d, layers):.3f}" for d in splits) + " |"
@@ -90,7 +96,7 @@ def main(argv=None) -> None:
         if g.keys[0][0] not in kept:
             g.up.zero_()
             g.clear()
-    rm.set_router(with_router(rm, granularity="token"))  # a new router version: no cached group result is reused
+    rm.set_router(with_router(rm, granularity="token", layers=None))  # a new version: no cached result is reused
     rows.append(line("routed at S only", chosen, [route("train", 20), route("heldout", 20), route("paraphrase", 10)]))
     print(f"{Path(args.library).name}, router {rm.router.to_dict()} ({source}), {time.time() - start:.0f} s")
     print(f"S = {[rm.layers[i] for i in chosen]}")

@@ -132,7 +132,7 @@ def grid_labels(trace: RoutingTrace, module: str, groups: dict[str, str] | None,
         names, idx, _ = trace.top_contributor(module, groups)
     else:
         names, idx, _ = trace.top_expert(module, groups)
-    return names, np.where(trace.module_weights(module).sum(-1) > 0, idx, -1)  # (L, T)
+    return names, np.where(trace.routed(module), idx, -1)  # (L, T)
 
 
 def highlight(trace: RoutingTrace, view: RoutingTrace, pick: set[str], groups: dict[str, str] | None = None,

@@ -139,7 +139,7 @@ def top1_heatmap(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, st
         # cell pale.
         even = 1.0 / max(1, min(trace.top_k, n))
         frac = np.clip((conf - even) / max(1e-6, float(conf.max()) - even), 0, 1)
-    routed = w.sum(-1) > 0  # (L, T) False where no expert had weight: a layer the router does not route at
+    routed = trace.routed(module)  # (L, T) False at a layer the router does not route at
     z = np.where(routed, top + frac * 0.999, np.nan)  # category e covers [e, e+1); NaN: an empty cell
     colours = category_colours(names)
     scale = []

@@ -204,6 +204,10 @@ class RoutingTrace:
         """(L, T, E) weights of one module, or their mean over modules ("mean")."""
         return self._per_expert(self.routes.weights, module)
 
+    def routed(self, module: str = MEAN) -> np.ndarray:
+        """(L, T) bool: cells where some expert had weight (False at a layer the router does not route at)."""
+        return self.module_weights(module).sum(-1) > 0
+
     def _per_expert(self, values: np.ndarray, module: str) -> np.ndarray:
         """(L, M, T, k) slot values -> (L, T, E) of one module, or the mean over modules (summed in module
         order, then divided: the same float32 result as the dense array's mean)."""
@@ -234,7 +238,7 @@ class RoutingTrace:
         if not pos:
             return np.zeros(len(self.experts), dtype=np.float32)
         w = self.module_weights(module)[:, pos]  # (L, P, E)
-        routed = w.sum(axis=(1, 2)) > 0  # (L,)
+        routed = self.routed(module)[:, pos].any(axis=1)  # (L,)
         return (w[routed] if routed.any() else w).mean(axis=(0, 1))  # (E,)
 
     def top_expert(self, module: str = MEAN, groups: dict[str, str] | None = None
