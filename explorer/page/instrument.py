@@ -80,7 +80,7 @@ def grid_html(result, view, positions: list[int], module: str = MEAN, groups: di
                      f'style="background:{colour}">{plots.display_token(view.tokens[ti])}</span>')
     payload = {"run": result.run_id, "figure": json.loads(fig.to_json()), "layers": view.layers,
                "positions": positions, "names": names, "idx": idx, "label_of": label_of}
-    total, unrouted = int((idx >= 0).sum()), len([r for r in idx if (r < 0).all()]) if names else 0
+    total, unrouted = int((idx >= 0).sum()), int((idx < 0).all(axis=1).sum())  # routed cells, empty rows
     caption = (f"{len(view.tokens)} tokens × {len(view.layers)} layers"
                + (f" ({unrouted} not routed: empty rows)" if unrouted else "") + ". Click a cell for its experts; "
                f"top expert by weight and by contribution differ in {differ} of {total} routed cells.")

@@ -192,8 +192,9 @@ def remove(session: Session, library, name) -> dict:
 
 def router_controls(session: Session, library) -> dict:
     """The Explore tab's router controls set to the library's default router (keys top_k, temperature, centre,
-    centre_scope, input_centre, granularity, pick_by, route_layers); centre choices are none, mean and general:<name> for the
-    library's `general` experts; an input centring the page does not offer shows as "none"."""
+    centre_scope, input_centre, granularity, pick_by, route_layers); centre choices are none, mean and
+    general:<name> for the library's `general` experts; an input centring the page does not offer shows as
+    "none"."""
     reg, library = session.registry, str(library or "")
     router = reg.default_router(library)
     n = max(1, len(reg.expert_names(library)))

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from explorer.routing.config import (CENTRE_SCOPES, CENTRES, GRANULARITIES, INPUT_CENTRES, PICKS, RouterConfig,
-                                     compact_layers, parse_layers)
+                                     check_layers, compact_layers, parse_layers)
 
 DEFAULTS = {"top_k": 4, "temperature": 1.0, "max_new_tokens": 32, "centre": "none", "centre_scope": "prototypes",
             "input_centre": "none", "granularity": "token", "pick": "mean", "layers": None}
@@ -263,7 +263,7 @@ def _layers(raw, default, model_layers: list[int] | None, clamp) -> tuple[int, .
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         raw = default
     try:
-        layers = parse_layers(raw) if isinstance(raw, str) else RouterConfig(layers=raw).layers
+        layers = parse_layers(raw) if isinstance(raw, str) else None if raw is None else check_layers(raw)
     except ValueError as exc:
         clamp(f"{exc}: routing at every layer.", str(exc))
         return None

@@ -86,7 +86,7 @@ class RouterConfig:
         if self.pick not in PICKS:
             raise ValueError(f"Unknown pick {self.pick!r}: use one of {', '.join(PICKS)}.")
         if self.layers is not None:
-            object.__setattr__(self, "layers", _layers(self.layers))
+            object.__setattr__(self, "layers", check_layers(self.layers))
 
     @property
     def kind(self) -> str:
@@ -122,7 +122,7 @@ class RouterConfig:
         return cls(**{**data, "disabled": tuple(data.get("disabled", ()))})
 
 
-def _layers(value) -> tuple[int, ...]:
+def check_layers(value) -> tuple[int, ...]:
     """`layers` as a sorted tuple of distinct layer numbers; refuses a string, an empty list or a non-integer."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise ValueError(f"layers must be a list of layer numbers (or None for every layer), got {value!r}")
@@ -167,7 +167,7 @@ def parse_layers(text: str) -> tuple[int, ...] | None:
             out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
         except ValueError:
             raise ValueError(f"Routed layers must look like '0-3, 6, 12-15' (or 'all'), got {text!r}") from None
-    return _layers(out)
+    return check_layers(out)
 
 
 def describe_router(router: dict) -> str:

@@ -238,7 +238,7 @@ class RoutingTrace:
         if not pos:
             return np.zeros(len(self.experts), dtype=np.float32)
         w = self.module_weights(module)[:, pos]  # (L, P, E)
-        routed = self.routed(module)[:, pos].any(axis=1)  # (L,)
+        routed = w.any(axis=(1, 2))  # (L,) layers with weight somewhere (weights are >= 0): the routed ones
         return (w[routed] if routed.any() else w).mean(axis=(0, 1))  # (E,)
 
     def top_expert(self, module: str = MEAN, groups: dict[str, str] | None = None
