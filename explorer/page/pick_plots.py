@@ -6,7 +6,8 @@ Usage::
 
 Each bar is one routed layer's share of the decision's margin over the runner-up (prompt_level.PromptPick.by_layer):
 for a readout pick, the layer's part of the logit margin (the bars plus the intercepts' share add up to it exactly);
-for a pick or lean by mean weight, the layer's weight lead over the user's text (their mean is the lead). Bars
+for a pick or lean by mean weight, the layer's weight lead over the user's text (their mean is the lead). Layers the
+router does not route at (RouterConfig.layers) are left out. Bars
 above zero argue for the pick, below for the runner-up, so a researcher sees which layers carried the decision and
 can read those rows of the grid.
 """
@@ -37,8 +38,10 @@ def decision_layers(trace: "RoutingTrace") -> go.Figure:
     if d is None:
         return note_figure(TITLE, "This run made no decision to explain: route per prompt (its pick) or per token "
                                   "with Arrow (what your text leans to).")
-    layers = trace.evidence.layers if trace.evidence is not None else trace.layers
-    share = np.asarray(d["by_layer"], dtype=float)  # (L,)
+    evidence = trace.evidence if trace.evidence is not None else trace
+    routed = evidence.routed().any(axis=1)  # (L,) the layers the router routes at (RouterConfig.layers)
+    layers = [layer for layer, on in zip(evidence.layers, routed) if on]
+    share = np.asarray(d["by_layer"], dtype=float)[routed]  # (L',)
     pick, runner = d["expert"], d["runner_up"]
     colours = category_colours(list(trace.experts))
     readout = d.get("rule") == "readout"

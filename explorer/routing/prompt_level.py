@@ -44,7 +44,8 @@ class PromptPick:
     threshold: float | None = None  # readout: the probability under which the pick is flagged uncertain
     answered: bool = True  # False: a per-token run's lean (`lean`), which no expert answered alone
     lead_below: float = UNCERTAIN_LEAD  # by mean weight: flagged under this lead (the library's, where recorded)
-    # why it beat the runner-up, per evidence layer: by mean weight, the layer's weight lead (their mean is `margin`);
+    # why it beat the runner-up, per evidence layer: by mean weight, the layer's weight lead (their mean over the
+    # routed layers is `margin`; a layer not routed leads by 0);
     # by readout, the layer's share of the logit margin (their sum plus `bias` is the margin)
     by_layer: tuple[float, ...] | None = None
     bias: float | None = None  # readout: the intercepts' share of the logit margin

@@ -81,6 +81,20 @@ def test_the_trace_has_no_routing_at_the_layers_left_out_and_the_page_says_so():
             pass
 
 
+def test_which_layers_decided_shows_the_routed_layers_and_their_mean_is_the_lead():
+    """A per-token lean routed at layer 0 only: one bar (layer 0), whose mean is the lean's lead over the routed
+    layer, not diluted by the layer left out."""
+    from explorer.page.pick_plots import decision_layers
+
+    base = fresh(TWINS[0])
+    rm = RoutedModel(base, experts(base, 4), RouterConfig(top_k=2, layers=(0,)))
+    trace = rm.trace("Reverse the word: apple", max_new_tokens=0)
+    lean = trace.meta["lean"]
+    bars = decision_layers(trace).data[0]
+    assert list(bars.x) == [0] and len(lean["by_layer"]) == 2
+    assert float(np.mean(bars.y)) == pytest.approx(lean["weight"] - lean["runner_weight"], abs=1e-6)
+
+
 def test_router_config_layers_round_trip_and_words():
     r = RouterConfig(layers=[5, 1, 2, 3, 1])
     assert r.layers == (1, 2, 3, 5) and RouterConfig.from_dict(r.to_dict()) == r
