@@ -3,7 +3,8 @@
 The routing evaluation's headline asks whether the own expert has the largest *mean* weight over the user's
 text. This asks the stricter, per-cell question the grid on the page shows: in what share of (layer, token)
 cells is the own expert the top-1, and what weight does it carry there on average, over the user's text,
-the generated tokens and the whole prompt. The library's default router is used, with greedy answers.
+the generated tokens and the whole prompt. The library's default router is used per token (for a per-prompt
+default: the evidence its pick reads), with greedy answers; cells at layers it does not route at are left out.
 
 Usage::
 
@@ -31,13 +32,13 @@ def cell_shares(rm, task, expert: str, n: int, max_new: int) -> dict:
     weight: dict[str, list[float]] = {k: [] for k in top}
     for ex in task.examples("heldout")[:n]:
         trace = rm.trace(ex.input, max_new_tokens=max_new)
-        w = trace.module_weights()  # (L, T, E)
+        w, routed = trace.module_weights(), trace.routed()  # (L, T, E), (L, T): layers not routed are left out
         for which in top:
             pos = trace.positions(which)
             if pos:
-                cells = w[:, pos]  # (L, P, E)
+                cells = w[:, pos][routed[:, pos]]  # (cells, E) routed (layer, token) cells
                 top[which].append(float((cells.argmax(-1) == e).mean()))
-                weight[which].append(float(cells[..., e].mean()))
+                weight[which].append(float(cells[:, e].mean()))
     return {k: (float(np.mean(top[k])), float(np.mean(weight[k]))) for k in top if top[k]}
 
 
@@ -50,7 +51,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     from library_store.tasks import resolve_tasks
 
+    from explorer.routing.model import with_router
+
     rm, source, own = attach_from_args(args)
+    rm.set_router(with_router(rm, granularity="token"))  # a per-prompt default's evidence: its routing per token
     print(f"{Path(args.library).name}, router {rm.router.to_dict()} ({source}); {len(rm.experts)} experts")
     print("| task | own expert | top-1 share of cells: user · generated · prompt | own mean weight: user · generated |")
     print("|---|---|---|---|")

@@ -2,8 +2,8 @@
 
 The own expert wins the user's text by the *mean* over layers, but is the top-1 of few single cells
 (bench/cell_routing.py), and that gap is what S5 measures. This probe asks whether the score is to blame. It
-records the input of every routed group once, under the library's default router, and scores the same
-hidden states several ways:
+records the input of every routed group once, under the library's default router (at the layers it routes at,
+if it routes at a subset), and scores the same hidden states several ways:
 
 - `arrow`: Arrow's |(h - mu) · p_e| (input-centred when the default router is), what the engine routes by;
 - `spectral`: ||ΔW_e (h - mu)|| / σ1(ΔW_e), the whole rank-r spectrum of the expert instead of its top
@@ -51,7 +51,11 @@ class Sites:
     def __init__(self, rm, dual_ridge: float = 0.05):
         from explorer.routing.layer import RoutedLinear
 
-        firsts = [m for m in rm.base.model.modules() if isinstance(m, RoutedLinear) and m.member == 0]
+        from explorer.routing.config import routed_layers
+
+        kept = routed_layers(rm.router, rm.layers)  # None: every layer; else the layers the router routes at
+        firsts = [m for m in rm.base.model.modules() if isinstance(m, RoutedLinear) and m.member == 0
+                  and (kept is None or m.group.keys[0][0] in kept)]
         self.groups = [m.group for m in firsts]  # one per routed group; its first member sees the group's input
         self.inputs: dict[int, torch.Tensor] = {}
         self.hooks = [m.register_forward_pre_hook(self._record(i)) for i, m in enumerate(firsts)]
