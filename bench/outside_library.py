@@ -1,10 +1,11 @@
 """Can the routing tell a library task from text no expert was trained for? The evidence for an "outside the
-library" notice, which the page does not show: measured, it is not clean (docs/evaluation.md).
+library" notice, which the page does not show: measured, it is not clean (docs/evaluation.md). The page flags a
+pick with weak routing as uncertain instead (`weak_below`, bench/pick_confidence.py).
 
 Routes, with the library's recorded default router and without generating, training prompts, held-out inputs and
 held-out wordings of every task, and generic requests no task resembles. Two signals per prompt:
 - the **routing strength**: the mean over the user's text, layers and modules of the top expert's raw score
-  |(h - mu) · p_e| (`strength`): how strongly the text points along any expert's prototype at all;
+  |(h - mu) · p_e| (`prompt_level.strength`): how strongly the text points along any expert's prototype at all;
 - the readout's probability for its pick (what the uncertain-pick flag reads).
 
 A notice's threshold is chosen on the **training prompts alone**, without any generic text: the strength that
@@ -14,7 +15,8 @@ a task prompt is wrongly called outside) and on two generic sets: the 20 request
 requests are not used: their centred scores are low by construction.
 
 Prints each signal's ROC AUC (held-out task prompts against all generic ones), how many prompts of each set such a
-notice would call outside, and how many the page's uncertain-pick flag already marks.
+notice would call outside, and how many the page's uncertain-pick flag marks: by the readout's probability alone, and
+as the page flags (that, or routing strength under the readout's recorded `weak_below`).
 
 Usage::
 
@@ -63,15 +65,10 @@ PER_TASK = 10  # prompts per task and split
 FIRST = {"train": 30, "heldout": 80, "paraphrase": 80}  # past the readout's training prompts and the other runs'
 
 
-def strength(trace) -> float:
-    """The mean over the user's text (every prompt token when it was not located), layers and modules of the top
-    slot's raw score |(h - mu) · p|: how strongly the text points along any expert's prototype at all."""
-    pos = trace.positions("user") or trace.positions("prompt")
-    return float(trace.routes.scores[:, :, pos, 0].astype(np.float64).mean())  # (L, M, P) top slots -> mean
-
-
 def signals(rm, prompt: str) -> dict:
     """One prompt's two signals (see the module docstring)."""
+    from explorer.routing.prompt_level import strength
+
     trace = rm.trace(prompt, max_new_tokens=0)
     return {"prompt": prompt, "score": strength(trace.evidence), "p": trace.meta["pick"]["confidence"]}
 
@@ -106,8 +103,10 @@ def main(argv=None) -> None:
     out = {"library": name, "router": router.to_dict(), "source": source, "n": args.n, "signals": {},
            "outside_below": threshold, "rule": "the 5th percentile of the training prompts' strengths, rounded down",
            "flagged": {k: flagged(rs, threshold) for k, rs in rows.items()}, "command": command, "seconds": seconds}
-    below = uncertain_below(args.library, router)
-    out["uncertain"] = {"below": below, **{k: flagged(rs, below, "p") for k, rs in rows.items()}}
+    below, weak = uncertain_below(args.library, router)
+    out["uncertain_p"] = {"below": below, **{k: flagged(rs, below, "p") for k, rs in rows.items()}}
+    out["uncertain"] = {"below": below, "weak_below": weak,
+                        **{k: flagged_either(rs, below, weak) for k, rs in rows.items()}}
     task = rows["heldout"] + rows["paraphrase"]
     generic = rows["generic"] + rows["generic_check"]
     y = [1] * len(task) + [0] * len(generic)
@@ -119,12 +118,14 @@ def main(argv=None) -> None:
         out["signals"][key] = {"auc": auc, "task": [min(t), float(np.median(t))],
                                "generic": [max(g), float(np.median(g))]}
         print(f"| {label} | {auc:.3f} | {min(t):.3f}, {np.median(t):.3f} | {max(g):.3f}, {np.median(g):.3f} |")
+    weak_text = "" if weak is None else f" or routing strength under {weak:g}"
     print(f"\nOutside the library below strength {threshold:g} (chosen on training prompts), against the page's "
-          f"uncertain-pick flag (p under {below:g}):\n| prompts | n | called outside | flagged uncertain |\n"
-          "|---|---|---|---|")
+          f"uncertain-pick flag (p under {below:g}{weak_text}):\n| prompts | n | called outside | flagged by p alone | "
+          "flagged uncertain |\n|---|---|---|---|---|")
     for key, label in SETS:
-        f, u = out["flagged"][key], out["uncertain"][key]
-        print(f"| {label} | {f['n']} | {f['flagged']} ({f['share']:.1%}) | {u['flagged']} ({u['share']:.1%}) |")
+        f, q, u = out["flagged"][key], out["uncertain_p"][key], out["uncertain"][key]
+        print(f"| {label} | {f['n']} | {f['flagged']} ({f['share']:.1%}) | {q['flagged']} ({q['share']:.1%}) | "
+              f"{u['flagged']} ({u['share']:.1%}) |")
     out["rows"] = rows
     write_json(Path(args.out) / f"outside_library-{name}.json", out)
 
@@ -157,12 +158,20 @@ def flagged(rows: list[dict], threshold: float, key: str = "score") -> dict:
     return {"n": len(rows), "flagged": int(n), "share": n / max(1, len(rows))}
 
 
-def uncertain_below(library: str, router) -> float:
-    """The readout probability under which the page flags a pick uncertain, as the library records it."""
+def flagged_either(rows: list[dict], below: float, weak: float | None) -> dict:
+    """How many rows the page flags uncertain: p under `below`, or routing strength under `weak` (when recorded)."""
+    n = sum(r["p"] < below or (weak is not None and r["score"] < weak) for r in rows)
+    return {"n": len(rows), "flagged": int(n), "share": n / max(1, len(rows))}
+
+
+def uncertain_below(library: str, router) -> tuple[float, float | None]:
+    """The readout probability and the routing strength under which the page flags a pick uncertain, as the
+    library records them (strength None: not recorded)."""
     from explorer.routing.readout import find_readout
     from library_store.store.library import ExpertLibrary
 
-    return find_readout({}, ExpertLibrary.open(library), router).uncertain_below
+    readout = find_readout({}, ExpertLibrary.open(library), router)
+    return readout.uncertain_below, readout.weak_below
 
 
 if __name__ == "__main__":

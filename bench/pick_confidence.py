@@ -17,9 +17,14 @@ the task's own expert (MBC: its cluster).
   right at least 99 % of the time (so an unflagged lean means the routing decided). Youden's J, the threshold's
   rule, chose 0.01 on demo-private's training picks, which caught 80 % of the wrong held-out picks against 100 %
   at 0.02 (held-out J 0.71 against 0.79).
-- `--record` stores the threshold and the lead in the library's readout (its meta `uncertain_below` and
-  `uncertain_lead`, each with its evidence), so the page and the CLI flag with them. `--rows FILE` re-summarises
-  the rows of an earlier run without routing.
+- **Weak routing.** A readout pick is also flagged when its evidence's routing strength (`prompt_level.strength`,
+  how strongly the user's text points along any prototype) is under the strength 95 % of these training prompts
+  reach (their 5th percentile, rounded down to 0.01): text unlike the library's tasks, which a readout may still
+  give a high probability (bench/outside_library.py). It is chosen first; the threshold is then chosen with it in
+  place, so the figures are those of the flag the page shows.
+- `--record` stores the threshold, the weak-routing strength and the lead in the library's readout (its meta
+  `uncertain_below`, `weak_below` and `uncertain_lead`, each with its evidence), so the page and the CLI flag with
+  them. `--rows FILE` re-summarises the rows of an earlier run without routing.
 
 Usage::
 
@@ -61,6 +66,7 @@ def split_rows(rm, tasks, own: dict[str, str], split: str, n: int, skip: int = 0
             chosen, by_mean = route(rm, ex.input)
             rows.append({"task": task.name, "pick": chosen["expert"], "p": chosen["confidence"],
                          "runner_p": chosen["runner_confidence"], "right": chosen["expert"] == own[task.name],
+                         "strength": chosen.get("strength"),
                          "mean_pick": by_mean.expert, "mean_lead": by_mean.margin,
                          "mean_right": by_mean.expert == own[task.name],
                          "layers_sum": sum(chosen["by_layer"] or [0.0]), "bias": chosen["bias"]})
@@ -90,7 +96,7 @@ def generic_rows(rm) -> list[dict]:
     for prompt in CALIBRATION_PROMPTS:
         chosen, by_mean = route(rm, prompt)
         rows.append({"prompt": prompt, "pick": chosen["expert"], "p": chosen["confidence"],
-                     "flagged": chosen["uncertain"], "mean_pick": by_mean.expert, "mean_lead": by_mean.margin,
+                     "strength": chosen.get("strength"), "flagged": chosen["uncertain"], "mean_pick": by_mean.expert, "mean_lead": by_mean.margin,
                      "mean_flagged": by_mean.uncertain})
     return rows
 
@@ -103,18 +109,33 @@ def _arrays(rows: list[dict], rule: str = "readout") -> tuple[np.ndarray, np.nda
     return np.array([r[value] for r in rows]), np.array([r[right] for r in rows], dtype=bool)
 
 
-def youden(rows: list[dict], t: float, rule: str = "readout") -> float:
-    """Share of wrong picks flagged minus share of right picks flagged, at threshold t."""
-    p, right = _arrays(rows, rule)
-    flagged = p < t
+def flags(rows: list[dict], t: float, rule: str = "readout", weak: float | None = None) -> np.ndarray:
+    """(n,) bool: the picks flagged at threshold t, and (readout picks) under the weak-routing strength `weak`."""
+    p, _ = _arrays(rows, rule)
+    if weak is None or rule != "readout":
+        return p < t
+    return (p < t) | np.array([r["strength"] is not None and r["strength"] < weak for r in rows], dtype=bool)
+
+
+def youden(rows: list[dict], t: float, rule: str = "readout", weak: float | None = None) -> float:
+    """Share of wrong picks flagged minus share of right picks flagged, at threshold t (and weak strength)."""
+    _, right = _arrays(rows, rule)
+    flagged = flags(rows, t, rule, weak)
     caught = flagged[~right].mean() if (~right).any() else 0.0
     return float(caught - (flagged[right].mean() if right.any() else 0.0))
 
 
-def choose_threshold(train: list[dict], rule: str = "readout") -> float:
+def choose_threshold(train: list[dict], rule: str = "readout", weak: float | None = None) -> float:
     """The grid threshold with the largest Youden's J on the training rows (the lower on a tie)."""
     grid = GRID if rule == "readout" else LEAD_GRID
-    return max(grid, key=lambda t: (round(youden(train, t, rule), 9), -t))
+    return max(grid, key=lambda t: (round(youden(train, t, rule, weak), 9), -t))
+
+
+def choose_weak(train: list[dict]) -> float | None:
+    """The routing strength 95 % of the training prompts reach: their 5th percentile, rounded down to 0.01 (None
+    when the rows carry no strength, e.g. an older run's)."""
+    values = [r["strength"] for r in train if r.get("strength") is not None]
+    return float(np.floor(np.percentile(values, 5) * 100) / 100) if values else None
 
 
 def choose_lead(train: list[dict]) -> float:
@@ -128,16 +149,17 @@ def choose_lead(train: list[dict]) -> float:
     return choose_threshold(train, "mean")
 
 
-def at(rows: list[dict], t: float, rule: str = "readout") -> dict:
-    """The flag's figures at threshold t."""
-    p, right = _arrays(rows, rule)
-    flagged = p < t
+def at(rows: list[dict], t: float, rule: str = "readout", weak: float | None = None) -> dict:
+    """The flag's figures at threshold t (and weak-routing strength `weak`)."""
+    _, right = _arrays(rows, rule)
+    flagged = flags(rows, t, rule, weak)
 
     def acc(mask):
         return None if not mask.any() else list(bootstrap_ci(right[mask].astype(float)))
 
     return {"flagged": float(flagged.mean()), "accuracy_confident": acc(~flagged), "accuracy_flagged": acc(flagged),
-            "wrong_flagged": None if right.all() else float(flagged[~right].mean()), "youden": youden(rows, t, rule)}
+            "wrong_flagged": None if right.all() else float(flagged[~right].mean()),
+            "youden": youden(rows, t, rule, weak)}
 
 
 def fmt(x) -> str:
@@ -159,8 +181,10 @@ def lead_in_use(library: str, router) -> float:
     return recorded_lead({}, ExpertLibrary.open(library), router)
 
 
-def record(library: str, router, threshold: float, evidence: dict, lead: float | None, lead_evidence: dict) -> None:
-    """Store the threshold (and the lead, unless None) in the library's readout for `router` (opened writable)."""
+def record(library: str, router, threshold: float, evidence: dict, lead: float | None, lead_evidence: dict,
+           weak: float | None = None, weak_evidence: dict | None = None) -> None:
+    """Store the threshold (and the lead and the weak-routing strength, unless None) in the library's readout for
+    `router` (opened writable)."""
     from explorer.routing.readout import find_readout, readout_key
     from library_store.store.library import ExpertLibrary
     from library_store.store.reports import write_readout
@@ -170,6 +194,8 @@ def record(library: str, router, threshold: float, evidence: dict, lead: float |
     readout.meta.update(uncertain_below=threshold, uncertain_evidence=evidence)
     if lead is not None:
         readout.meta.update(uncertain_lead=lead, uncertain_lead_evidence=lead_evidence)
+    if weak is not None:
+        readout.meta.update(weak_below=weak, weak_evidence=weak_evidence or {})
     write_readout(lib, readout_key(router), *readout.to_tensors())
 
 
@@ -214,14 +240,18 @@ def main(argv=None) -> None:
         rm.detach()
         command = command_line(argv)
         seconds = round(time.time() - start, 1)
-    threshold = choose_threshold(rows["train"])
+    weak = choose_weak(rows["train"])
+    threshold = choose_threshold(rows["train"], weak=weak)
     out = {"library": name, "router": router.to_dict(), "source": source, "n": n, "skip": skip, "threshold": threshold,
-           "rule": "largest Youden's J on training prompts", "command": command, "seconds": seconds, "splits": {}}
+           "rule": "largest Youden's J on training prompts", "weak_below": weak,
+           "weak_rule": "the 5th percentile of the training prompts' routing strength, rounded down",
+           "command": command, "seconds": seconds, "splits": {}}
     for split, rs in rows.items():
         p, right = _arrays(rs)
         out["splits"][split] = {"n": len(rs), "accuracy": list(bootstrap_ci(right.astype(float))),
-                                "chosen": at(rs, threshold), "by_threshold": {str(t): at(rs, t) for t in SHOWN},
-                                "rows": rs}
+                                "chosen": at(rs, threshold, weak=weak),
+                                "by_threshold": {str(t): at(rs, t, weak=weak) for t in SHOWN},
+                                "weak_alone": None if weak is None else at(rs, 0.0, weak=weak), "rows": rs}
     lead = None
     if all("mean_lead" in r for rs in rows.values() for r in rs):  # the same prompts, picked by mean weight
         lead, in_use = choose_lead(rows["train"]), lead_in_use(args.library, router)
@@ -234,13 +264,19 @@ def main(argv=None) -> None:
         chosen = {s: d["chosen"] for s, d in out.get("mean_rule", {"splits": {}})["splits"].items()}
         record(args.library, router, threshold,
                {s: d["chosen"] for s, d in out["splits"].items()} | {"command": command}, lead,
-               chosen | {"command": command})
+               chosen | {"command": command}, weak,
+               {s: d["weak_alone"] for s, d in out["splits"].items()} | {"command": command})
     print(f"{name}, router {router.to_dict()} ({source}); threshold {threshold:g} (largest Youden's J on training "
-          f"prompts); routing {seconds:.0f} s")
+          f"prompts), weak routing under strength {weak} (their 5th percentile); routing {seconds:.0f} s")
     print("| split | prompts | picks right | flagged | right when confident | right when flagged | "
           "wrong picks flagged |\n|---|---|---|---|---|---|---|")
     for split, s in out["splits"].items():
         print(f"| {split} | {s['n']} | {fmt(s['accuracy'])} | {flag_cells(s['chosen'])}")
+    if weak is not None:
+        print("\nFlagged for weak routing alone:\n| split | flagged | right when confident | right when flagged | wrong "
+              "picks flagged |\n|---|---|---|---|---|")
+        for split, s in out["splits"].items():
+            print(f"| {split} | {flag_cells(s['weak_alone'])}")
     if "mean_rule" in out:
         m = out["mean_rule"]
         print(f"\nPick by mean weight, flagged under a lead of {m['in_use']:g} (in use; {m['chosen_on_training']:g} "
@@ -275,9 +311,10 @@ def generic(args, name: str, start: float, argv) -> None:
                 "flagged": flagged, "mean_flagged": mean_flagged, "seconds": round(time.time() - start, 1)})
     print(f"{name}, router {router.to_dict()} ({source}): {flagged} of {len(rows)} generic prompts' picks flagged "
           f"uncertain; by mean weight {mean_flagged} of {len(rows)}")
-    print("| prompt | pick | p | flagged |\n|---|---|---|---|")
+    print("| prompt | pick | p | strength | flagged |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['prompt']} | {r['pick']} | {r['p']:.2f} | {'yes' if r['flagged'] else 'no'} |")
+        strength = "—" if r["strength"] is None else f"{r['strength']:.2f}"
+        print(f"| {r['prompt']} | {r['pick']} | {r['p']:.2f} | {strength} | {'yes' if r['flagged'] else 'no'} |")
 
 
 if __name__ == "__main__":

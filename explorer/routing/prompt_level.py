@@ -49,6 +49,8 @@ class PromptPick:
     # by readout, the layer's share of the logit margin (their sum plus `bias` is the margin)
     by_layer: tuple[float, ...] | None = None
     bias: float | None = None  # readout: the intercepts' share of the logit margin
+    strength: float | None = None  # readout: how strongly the evidence points along any prototype (`strength`)
+    weak_below: float | None = None  # readout: the strength under which the pick is flagged (None: not recorded)
 
     def record(self) -> dict:
         """What a trace keeps of it (`trace.meta["pick"]`): every field, `uncertain`, and the one-line `describe()`
@@ -59,15 +61,22 @@ class PromptPick:
     @property
     def uncertain(self) -> bool:
         """True when the evidence hardly decided: a readout pick under its readout's threshold (`threshold`, chosen on
-        training prompts; `UNCERTAIN_BELOW` when none was), or a mean-weight pick ahead of its runner-up by less
-        than `lead_below` (recorded with the library's readout for the router; `UNCERTAIN_LEAD` when none was).
-        How often such picks are wrong on the demo libraries: docs/evaluation.md,
-        "Uncertain picks" (bench/pick_confidence.py)."""
+        training prompts; `UNCERTAIN_BELOW` when none was) or from evidence weaker than `weak_below` (`weak`), or a
+        mean-weight pick ahead of its runner-up by less than `lead_below` (recorded with the library's readout for
+        the router; `UNCERTAIN_LEAD` when none was). How often such picks are wrong on the demo libraries:
+        docs/evaluation.md, "Uncertain picks" and "Prompts outside the library" (bench/pick_confidence.py)."""
         if self.runner_up is None:
             return False
         if self.rule == "readout":
-            return self.confidence < self._below
+            return self.confidence < self._below or self.weak
         return self.margin < self.lead_below
+
+    @property
+    def weak(self) -> bool:
+        """A readout pick whose evidence points along the experts' prototypes less strongly than 95 % of the
+        library's training prompts do (`weak_below`, recorded with the readout): text unlike any the library was
+        trained on, whatever the readout's probability."""
+        return self.strength is not None and self.weak_below is not None and self.strength < self.weak_below
 
     @property
     def _below(self) -> float:
@@ -85,7 +94,12 @@ class PromptPick:
         text = self._decision()
         if not self.uncertain:
             return text
-        why = f"p under {self._below:g}" if self.rule == "readout" else f"lead under {self.lead_below:g}"
+        if self.rule != "readout":
+            why = f"lead under {self.lead_below:g}"
+        else:
+            why = " and ".join(([f"p under {self._below:g}"] if self.confidence < self._below else []) + (
+                [f"routing strength {self.strength:.2f} under {self.weak_below:g}: unlike the library's training "
+                 "prompts"] if self.weak else []))
         return f"{text} {'Uncertain pick' if self.answered else 'Undecided'} ({why})."
 
     def _decision(self) -> str:
@@ -103,12 +117,23 @@ class PromptPick:
                 f"{self.expert} alone answered.")
 
 
+def strength(evidence: RoutingTrace, over: str = "user") -> float:
+    """How strongly the text points along any expert's prototype: the mean over the `over` tokens, the routed layers
+    and the modules of the top slot's raw Arrow score |(h - mu) · p| (NaN: no score recorded). Text outside every
+    expert's tasks scores lower (bench/outside_library.py: ROC AUC 0.92-0.96 against generic requests)."""
+    if evidence.routes.scores is None:  # a trace kept without the drill-down detail
+        return float("nan")
+    top = evidence.routes.scores[:, :, evidence.positions(over), 0].astype(np.float64)  # (L, M, P), NaN: not routed
+    finite = top[np.isfinite(top)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
 def pick(evidence: RoutingTrace, readout=None, lead: float = UNCERTAIN_LEAD) -> PromptPick:
     """The expert with the largest mean weight over the user's own tokens (every prompt token when the user's
     text was not located), as `RoutingTrace.winner("user")` chooses; ties go to the first expert in library
     order; it is flagged uncertain when it leads by less than `lead`. With a `readout`
-    (explorer/routing/readout.py): its most probable expert instead. ValueError when the evidence routed nothing
-    (no tokens, or every weight 0)."""
+    (explorer/routing/readout.py): its most probable expert instead, with the evidence's `strength` and the
+    readout's `weak_below`. ValueError when the evidence routed nothing (no tokens, or every weight 0)."""
     over = "user" if evidence.user_span[1] > evidence.user_span[0] else "prompt"
     mean = evidence.usage(over)  # (E,)
     if mean.size == 0 or not mean.max() > 0:
@@ -129,11 +154,13 @@ def pick(evidence: RoutingTrace, readout=None, lead: float = UNCERTAIN_LEAD) -> 
     runner = readout.classes[int(ranked[1])] if len(ranked) > 1 else None
     weight = dict(zip(evidence.experts, mean.tolist()))
     layers, bias = readout.layer_margins(evidence, chosen, runner) if runner else (None, None)
+    s = strength(evidence, over)
     return PromptPick(expert=chosen, weight=float(weight[chosen]), runner_up=runner,
                       runner_weight=float(weight[runner]) if runner else 0.0, over=over, rule="readout",
                       confidence=float(p[ranked[0]]), runner_confidence=float(p[ranked[1]]) if runner else None,
                       by_mean=by_mean.expert, threshold=readout.uncertain_below,
-                      by_layer=None if layers is None else tuple(layers), bias=bias)
+                      by_layer=None if layers is None else tuple(layers), bias=bias,
+                      strength=s if np.isfinite(s) else None, weak_below=readout.weak_below)
 
 
 def lean(trace: RoutingTrace, lead: float = UNCERTAIN_LEAD) -> PromptPick | None:

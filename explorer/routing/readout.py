@@ -72,6 +72,17 @@ class Readout:
             return UNCERTAIN_LEAD
         return t if 0 < t < 1 else UNCERTAIN_LEAD  # a stored value that is no weight lead: the default
 
+    @property
+    def weak_below(self) -> float | None:
+        """A pick whose evidence's routing strength (`prompt_level.strength`) is under this is flagged uncertain: the
+        strength 95 % of the training prompts reach (meta "weak_below", bench/pick_confidence.py --record); None
+        when none was recorded, or the stored value is no positive number."""
+        try:
+            t = float(self.meta["weak_below"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return t if t > 0 and np.isfinite(t) else None
+
     def probabilities(self, trace) -> np.ndarray:
         """(C,) softmax over `classes` for one evidence trace routed over the same experts and layers."""
         if list(trace.experts) != self.experts or list(trace.layers) != self.layers:

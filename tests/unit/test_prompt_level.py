@@ -211,3 +211,28 @@ def test_the_evidence_pass_routes_the_prompt_as_a_per_token_trace_does():
     plain = rm.trace(PROMPT, max_new_tokens=0)
     assert evidence.token_ids == plain.token_ids
     np.testing.assert_allclose(evidence.module_weights(), plain.module_weights(), atol=1e-6)
+
+
+def test_a_readout_pick_from_weak_routing_is_flagged_uncertain():
+    """The pick's routing strength is the mean top-slot Arrow score over the user's text at the routed layers (a
+    layer not routed has no score and is left out); a readout pick under the strength its readout records
+    (`weak_below`) is flagged uncertain however probable, and says why; without a record nothing changes."""
+    from explorer.routing.prompt_level import strength
+
+    rm = routed("tiny-random-llama", layers=[0])
+    recorded(rm, uncertain_below=0.01)  # the probability flag off: a uniform readout gives 1/E
+    rm.set_router(RouterConfig(top_k=2, temperature=0.5, layers=[0], granularity="prompt", pick="readout"))
+    plain = rm.trace(PROMPT, max_new_tokens=1)
+    evidence, got = plain.evidence, plain.meta["pick"]
+    top = evidence.routes.scores[:, :, evidence.positions("user"), 0]  # (L, M, P) top slots
+    assert np.isnan(top[1:]).all() and np.isfinite(top[0]).all()  # layer 1 is not routed
+    assert got["strength"] == pytest.approx(float(top[0].astype(np.float64).mean()), rel=1e-9) == strength(evidence)
+    assert got["weak_below"] is None and got["uncertain"] is False
+    for weak, flagged in ((got["strength"] + 0.01, True), (got["strength"] - 0.01, False)):
+        recorded(rm, uncertain_below=0.01, weak_below=weak)
+        again = rm.trace(PROMPT, max_new_tokens=1).meta["pick"]
+        assert again["expert"] == got["expert"] and again["weak_below"] == weak and again["uncertain"] is flagged
+        assert ("routing strength" in again["text"] and "unlike the library's training prompts" in again["text"]) \
+            is flagged
+    recorded(rm, uncertain_below=0.01, weak_below="high")  # no number: as without a record
+    assert rm.trace(PROMPT, max_new_tokens=1).meta["pick"]["uncertain"] is False

@@ -233,3 +233,27 @@ def test_a_readout_pick_credits_the_layer_whose_weights_it_read():
     assert "e1 over e0" in title and "the layers alone favour e0, the intercepts decided" in title
     trace.meta["pick"] = pick(trace, replace(readout, intercept=np.array([0.0, -2.0]))).record()  # e0 wins on layers
     assert "intercepts decided" not in decision_layers(trace).layout.title.text
+
+
+def test_pick_confidence_chooses_the_weak_routing_strength_on_training_rows_and_the_threshold_with_it():
+    """The weak-routing strength is the training rows' 5th percentile, rounded down to 0.01; the threshold is then
+    chosen with that flag in place (it already catches the wrong pick of high probability); rows without a
+    strength (an older run's) choose none."""
+    from bench.pick_confidence import at, choose_threshold, choose_weak
+
+    rows = [{"p": 0.9, "right": True, "strength": 1.0 + 0.01 * i} for i in range(18)] + \
+        [{"p": 0.9, "right": False, "strength": 0.2}, {"p": 0.3, "right": False, "strength": 1.0}]
+    weak = choose_weak(rows)
+    assert weak == np.floor(np.percentile([r["strength"] for r in rows], 5) * 100) / 100 and 0.2 < weak < 1.0
+    got = at(rows, choose_threshold(rows, weak=weak), weak=weak)
+    assert got["wrong_flagged"] == 1.0 and got["flagged"] == 2 / 20  # both wrong picks, no right one
+    assert at(rows, 0.5)["wrong_flagged"] == 0.5  # by probability alone the confident wrong pick passes
+    assert choose_weak([{"p": 0.9, "right": True}]) is None
+
+
+def test_the_report_card_states_the_weak_routing_flag():
+    from explorer.page.report_plots import _uncertain_text
+
+    lines = _uncertain_text({"weak_below": 0.44, "weak_evidence": {"heldout": {"flagged": 0.05}}})
+    assert any("routing strength" in x and "0.44" in x for x in lines) and any("5% of picks flagged" in x for x in lines)
+    assert _uncertain_text({"weak_below": "x"}) == []
