@@ -47,8 +47,8 @@ def confusion_heatmap(report: "RoutingReport | None") -> go.Figure:
     fig = go.Figure(go.Heatmap(z=z, x=experts, y=tasks, zmin=0, zmax=top, colorscale="Viridis", xgap=1, ygap=1,
                                colorbar=dict(title="weight"),
                                hovertemplate="task %{y} · expert %{x}<br>mean weight %{z:.3f}<extra></extra>"))
-    fig.update_layout(title=dict(text=f"Mean routing weight over the user's own text ({esc(report.split)} prompts, "
-                                      f"{esc(report.level)} level)", x=0.01), **LOOK,
+    fig.update_layout(title=dict(text=f"Mean routing weight over the user's own text<br><sup>{esc(report.split)} "
+                                      f"prompts, {esc(report.level)} level</sup>", x=0.01), **LOOK,  # fits half a row
                       height=max(360, 120 + 22 * len(tasks)), margin=dict(l=20, r=20, t=60, b=20),
                       xaxis=dict(title="expert", tickangle=-45, automargin=True),
                       yaxis=dict(title="task", autorange="reversed", automargin=True))

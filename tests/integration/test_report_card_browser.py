@@ -65,3 +65,11 @@ def test_report_card_shows_the_recorded_evaluation(evaluated, browser):
                                   "#report-confusion .js-plotly-plot .ytick").all_text_contents())
     assert all(t in ticks for t in report.tasks)  # one row per evaluated task
     assert page.locator("#report-layers .js-plotly-plot .scatterlayer .trace").count() >= 1
+    for plot in ("#report-confusion", "#report-layers"):  # each title fits its half of the row, not cut off
+        fits = page.evaluate(f"""() => {{
+            const svg = document.querySelector('{plot} .js-plotly-plot .main-svg');
+            const box = svg.getBoundingClientRect();
+            return [...document.querySelectorAll('{plot} .js-plotly-plot .gtitle')].every(t => {{
+                const r = t.getBoundingClientRect(); return r.width > 0 && r.right <= box.right + 1; }});
+        }}""")
+        assert fits, f"the title of {plot} runs past its plot"
