@@ -30,8 +30,7 @@ if TYPE_CHECKING:  # only for the annotations: plots stay free of the store and 
     from explorer.routing.trace import RoutingTrace
 
 PALETTE = qualitative.Dark24 + qualitative.Light24  # 48 distinct colours before they repeat
-# A light look without plotly's named templates: assigning "plotly_white" deep-copies a large template per
-# figure, about half of the page's figure-building time.
+# A light look without plotly's templates: "plotly_white" deep-copies a large template per figure (half the time)
 LOOK = dict(template="none", plot_bgcolor="white", paper_bgcolor="white", hoverlabel=dict(align="left"),
             font=dict(family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size=12, color="#2a3f5f"))
 SYMBOLS = ["circle", "square", "diamond", "triangle-up", "cross", "star", "hexagon", "triangle-down"]
@@ -134,9 +133,8 @@ def top1_heatmap(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, st
     if contribution:
         frac = np.clip(conf / max(1e-12, float(conf.max())), 0, 1)
     else:
-        # Tint = the winner's weight between an even top-k split (palest) and the most decisive cell of this
-        # grid (full colour): absolute weights of a 16-expert library hover near 1/k and would leave every
-        # cell pale.
+        # Tint = the winner's weight between an even top-k split (palest) and the most decisive cell of this grid
+        # (full colour): absolute weights of a 16-expert library hover near 1/k and would leave every cell pale.
         even = 1.0 / max(1, min(trace.top_k, n))
         frac = np.clip((conf - even) / max(1e-6, float(conf.max()) - even), 0, 1)
     routed = trace.routed(module)  # (L, T) False at a layer the router does not route at
@@ -169,24 +167,24 @@ def expert_heatmap(trace: "RoutingTrace", expert: str, module: str = MEAN) -> go
     if expert not in trace.experts:
         return note_figure("Expert weight", f"Expert {expert!r} is not in this trace.")
     w = trace.module_weights(module)  # (L, T, E)
-    z = w[..., trace.experts.index(expert)]  # (L, T)
+    z = np.where(trace.routed(module), w[..., trace.experts.index(expert)], np.nan)  # (L, T); NaN: not routed
     hover = _hover_text(trace, w, module, top=max(1, trace.top_k))
     fig = go.Figure(go.Heatmap(z=z, zmin=0, zmax=1, colorscale="Viridis", text=hover, xgap=1, ygap=1,
                                hovertemplate=f"<b>{esc(expert)}</b>: %{{z:.3f}}<br>%{{text}}<extra></extra>",
                                colorbar=dict(title="weight")))
-    _token_axis(fig, trace, f"Weight of expert {expert} per token and layer")
+    _token_axis(fig, trace, f"Weight of expert {expert} per token and layer{_unrouted(trace, module)}")
     return fig
 
 
 def entropy_heatmap(trace: "RoutingTrace", module: str = MEAN) -> go.Figure:
     """Routing entropy (nats) over token x layer: 0 = one expert took everything, log k = an even split."""
-    h = trace.entropy(module)  # (L, T)
+    h = np.where(trace.routed(module), trace.entropy(module), np.nan)  # (L, T); NaN: no routing, not "decided"
     hover = _hover_text(trace, trace.module_weights(module), module, top=max(1, trace.top_k))
     zmax = float(np.log(max(2, trace.top_k)))
     fig = go.Figure(go.Heatmap(z=h, zmin=0, zmax=zmax, colorscale="Magma", reversescale=True, text=hover,
                                xgap=1, ygap=1, colorbar=dict(title="nats"),
                                hovertemplate="entropy %{z:.3f}<br>%{text}<extra></extra>"))
-    _token_axis(fig, trace, f"Routing entropy per token and layer (max log k = {zmax:.2f})")
+    _token_axis(fig, trace, f"Routing entropy per token and layer (max log k = {zmax:.2f}){_unrouted(trace, module)}")
     return fig
 
 
@@ -219,13 +217,15 @@ def diff_heatmap(before: "RoutingTrace", after: "RoutingTrace", module: str = ME
         same += 1
     wb = before.module_weights(module)[:, :same]  # (L, S, E)
     wa = after.module_weights(module)[:, :same]
-    tv = 0.5 * np.abs(wa - wb).sum(axis=-1)  # (L, S)
+    routed = before.routed(module)[:, :same] | after.routed(module)[:, :same]  # (L, S)
+    tv = np.where(routed, 0.5 * np.abs(wa - wb).sum(axis=-1), np.nan)  # (L, S); NaN: routed in neither run
     shared = after.crop(list(range(same)))
     hover = _hover_text(shared, wa, module, top=max(1, after.top_k))
     fig = go.Figure(go.Heatmap(z=tv, zmin=0, zmax=1, colorscale="Reds", text=hover, xgap=1, ygap=1,
                                colorbar=dict(title="change"),
                                hovertemplate="change %{z:.3f}<br>after: %{text}<extra></extra>"))
-    _token_axis(fig, shared, "Routing change after the intervention (total variation, shared tokens)")
+    title = "Routing change after the intervention (total variation, shared tokens)" + _unrouted(after, module)
+    _token_axis(fig, shared, title)
     return fig
 
 
@@ -233,7 +233,7 @@ def token_experts(trace: "RoutingTrace", index: int, module: str = MEAN) -> go.F
     """One token's routing at every layer: layer x expert weights (what the token strip's click shows)."""
     if not 0 <= index < len(trace.tokens):
         return note_figure("One token's experts", "Click a token in the strip above to see its experts.")
-    w = trace.module_weights(module)[:, index]  # (L, E)
+    w = np.where(trace.routed(module)[:, index, None], trace.module_weights(module)[:, index], np.nan)  # (L, E)
     token = display_token(trace.tokens[index])
     part = "generated" if trace.is_generated[index] else "prompt"
     fig = go.Figure(go.Heatmap(z=w, x=[esc(e) for e in trace.experts], y=list(range(len(trace.layers))),
@@ -241,10 +241,17 @@ def token_experts(trace: "RoutingTrace", index: int, module: str = MEAN) -> go.F
                                hovertemplate="layer %{y} · %{x}: %{z:.3f}<extra></extra>"))
     fig.update_yaxes(title_text="layer", tickmode="array", tickvals=list(range(len(trace.layers))),
                      ticktext=[str(layer) for layer in trace.layers])
-    fig.update_layout(title=dict(text=f"Experts of token <b>{token}</b> (#{index}, {part}) at every layer", x=0.01),
+    title = f"Experts of token <b>{token}</b> (#{index}, {part}) at every layer{_unrouted(trace, module)}"
+    fig.update_layout(title=dict(text=title, x=0.01),
                       **LOOK, xaxis=dict(tickangle=-45),
                       height=max(320, 140 + 14 * len(trace.layers)), margin=dict(l=60, r=20, t=60, b=110))
     return fig
+
+
+def _unrouted(trace: "RoutingTrace", module: str = MEAN) -> str:
+    """A title's note when some layers are not routed (their rows are left empty), else ""."""
+    missing = int((~trace.routed(module).any(axis=1)).sum()) if len(trace.tokens) else 0
+    return f"; empty rows: {missing} layers not routed" if 0 < missing < len(trace.layers) else ""
 
 
 def token_strip(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, str] | None = None):

@@ -141,3 +141,25 @@ def test_the_report_card_says_which_layers_route_and_why():
         in card
     evidence["layers"]["layers"] = None
     assert "not adopted" in report_card(None, DefaultRouter(router, evidence, "c"), "lib", "path")
+
+
+def test_the_figures_leave_the_layers_not_routed_empty():
+    """The expert-weight, entropy, routing-change and one-token figures leave a layer the router does not route at
+    empty (NaN), as the grid does, and say so in the title: an entropy of 0 there would read as a decided cell."""
+    from explorer.page.plots import diff_heatmap, entropy_heatmap, expert_heatmap, token_experts
+
+    base = fresh(TWINS[0])
+    rm = RoutedModel(base, experts(base, 4), RouterConfig(top_k=2, layers=(0,)))
+    trace = rm.trace("Reverse the word: apple", max_new_tokens=0)
+    rm.set_router(RouterConfig(top_k=2, layers=(0,), disabled=(rm.experts[0],)))
+    after = rm.trace("Reverse the word: apple", max_new_tokens=0)
+    for fig in (expert_heatmap(trace, trace.experts[0]), entropy_heatmap(trace), diff_heatmap(trace, after)):
+        z = np.array(fig.data[0].z, dtype=float)  # (L, T)
+        assert np.isnan(z[1]).all() and not np.isnan(z[0]).any(), fig.layout.title.text
+        assert "empty rows: 1 layers not routed" in fig.layout.title.text
+    z = np.array(token_experts(trace, 2).data[0].z, dtype=float)  # (L, E)
+    assert np.isnan(z[1]).all() and not np.isnan(z[0]).any()
+    rm.set_router(RouterConfig(top_k=2))
+    every = rm.trace("Reverse the word: apple", max_new_tokens=0)
+    assert not np.isnan(np.array(entropy_heatmap(every).data[0].z, dtype=float)).any()
+    assert "not routed" not in entropy_heatmap(every).layout.title.text
