@@ -11,7 +11,7 @@ Usage::
     trace.crop("user+generated")   # the same trace without the template's tokens
     trace.usage("prompt")          # (experts,) what this query needed; trace.winner("user") names the top one
     names, idx, w = trace.top_expert(groups={"reverse_word": "words"})   # (L, T) winner per token and layer
-    trace.to_frame()               # long table: token_index, token, is_generated, layer, module, expert, weight
+    trace.to_frame()               # long table: token_index, token, is_generated, layer, module, expert, weight, routed
     RoutingTrace.from_json(trace.to_json()) == trace
 
 Every reduction the page, the CLI and the evaluation show is a method here, so they cannot disagree.
@@ -367,7 +367,8 @@ class RoutingTrace:
         return cls.from_dict(json.loads(text))
 
     def to_frame(self) -> pd.DataFrame:
-        """Long table, one row per (layer, module, token, expert)."""
+        """Long table, one row per (layer, module, token, expert); `routed` is False where the router did not route
+        (a layer left out, or a fixed-weight mode), so a weight of 0 there means no routing, not an unchosen expert."""
         L, M, T, E = self.routes.shape
         li, mi, ti, ei = np.meshgrid(np.arange(L), np.arange(M), np.arange(T), np.arange(E), indexing="ij")
         return pd.DataFrame({
@@ -378,6 +379,7 @@ class RoutingTrace:
             "module": np.asarray(self.modules, dtype=object)[mi.ravel()],
             "expert": np.asarray(self.experts, dtype=object)[ei.ravel()],
             "weight": self.weights.ravel(),
+            "routed": np.repeat((self.routes.weights.sum(-1) > 0)[..., None], E, -1).ravel(),  # (L, M, T) -> rows
         })
 
     def to_csv(self) -> str:

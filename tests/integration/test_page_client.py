@@ -220,7 +220,7 @@ def test_export_gives_csv_json_and_standalone_html(page):
             text = Path(f).read_text()
             assert '<script src="http' not in text and len(text) > 1_000_000
     csv = next(Path(f).read_text() for f in files if f.endswith("trace.csv"))
-    assert csv.splitlines()[0] == "token_index,token,is_generated,layer,module,expert,weight"
+    assert csv.splitlines()[0] == "token_index,token,is_generated,layer,module,expert,weight,routed"
 
 
 @pytest.mark.slow

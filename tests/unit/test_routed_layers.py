@@ -163,3 +163,16 @@ def test_the_figures_leave_the_layers_not_routed_empty():
     every = rm.trace("Reverse the word: apple", max_new_tokens=0)
     assert not np.isnan(np.array(entropy_heatmap(every).data[0].z, dtype=float)).any()
     assert "not routed" not in entropy_heatmap(every).layout.title.text
+
+
+def test_the_csv_download_says_which_rows_were_not_routed():
+    """The long table marks each (layer, module, token, expert) row routed or not: a 0 at a layer left out is no
+    routing, while a routed layer's zeros are experts outside the top-k."""
+    base = fresh(TWINS[0])
+    rm = RoutedModel(base, experts(base, 4), RouterConfig(top_k=2, layers=(0,)))
+    frame = rm.trace("Reverse the word: apple", max_new_tokens=0).to_frame()
+    first, second = frame[frame.layer == rm.layers[0]], frame[frame.layer == rm.layers[1]]
+    assert first.routed.all() and not second.routed.any() and (second.weight == 0).all()
+    assert (first.weight == 0).any()  # top-2 of 4: the others are routed rows with weight 0
+    assert list(frame.columns)[-1] == "routed" and len(frame) == len(frame.drop_duplicates(
+        ["token_index", "layer", "module", "expert"]))
