@@ -66,11 +66,13 @@ FIRST = {"train": 30, "heldout": 80, "paraphrase": 80}  # past the readout's tra
 
 
 def signals(rm, prompt: str) -> dict:
-    """One prompt's two signals (see the module docstring)."""
-    from explorer.routing.prompt_level import strength
+    """One prompt's two signals (see the module docstring), and the lead a per-token run's lean would have: the pick by
+    mean weight over the same per-token evidence (a per-token run routes the prompt exactly so)."""
+    from explorer.routing.prompt_level import pick, strength
 
     trace = rm.trace(prompt, max_new_tokens=0)
-    return {"prompt": prompt, "score": strength(trace.evidence), "p": trace.meta["pick"]["confidence"]}
+    return {"prompt": prompt, "score": strength(trace.evidence), "p": trace.meta["pick"]["confidence"],
+            "lead": pick(trace.evidence).margin}
 
 
 def choose_outside(train: list[float]) -> float:
@@ -107,6 +109,11 @@ def main(argv=None) -> None:
     out["uncertain_p"] = {"below": below, **{k: flagged(rs, below, "p") for k, rs in rows.items()}}
     out["uncertain"] = {"below": below, "weak_below": weak,
                         **{k: flagged_either(rs, below, weak) for k, rs in rows.items()}}
+    lead = lead_in_use(args.library, router)
+    if all("lead" in r for rs in rows.values() for r in rs):  # a per-token run's lean: its lead, or weak routing
+        out["lean"] = {"lead_below": lead, "weak_below": weak, **{k: flagged_either(rs, lead, weak, "lead")
+                                                                  for k, rs in rows.items()}}
+        out["lean_lead"] = {k: flagged(rs, lead, "lead") for k, rs in rows.items()}
     task = rows["heldout"] + rows["paraphrase"]
     generic = rows["generic"] + rows["generic_check"]
     y = [1] * len(task) + [0] * len(generic)
@@ -126,6 +133,12 @@ def main(argv=None) -> None:
         f, q, u = out["flagged"][key], out["uncertain_p"][key], out["uncertain"][key]
         print(f"| {label} | {f['n']} | {f['flagged']} ({f['share']:.1%}) | {q['flagged']} ({q['share']:.1%}) | "
               f"{u['flagged']} ({u['share']:.1%}) |")
+    if "lean" in out:
+        print(f"\nA per-token run's lean, flagged under a lead of {out['lean']['lead_below']:g}{weak_text}:\n"
+              "| prompts | flagged by the lead alone | flagged |\n|---|---|---|")
+        for key, label in SETS:
+            q, u = out["lean_lead"][key], out["lean"][key]
+            print(f"| {label} | {q['flagged']} ({q['share']:.1%}) | {u['flagged']} ({u['share']:.1%}) |")
     out["rows"] = rows
     write_json(Path(args.out) / f"outside_library-{name}.json", out)
 
@@ -158,10 +171,19 @@ def flagged(rows: list[dict], threshold: float, key: str = "score") -> dict:
     return {"n": len(rows), "flagged": int(n), "share": n / max(1, len(rows))}
 
 
-def flagged_either(rows: list[dict], below: float, weak: float | None) -> dict:
-    """How many rows the page flags uncertain: p under `below`, or routing strength under `weak` (when recorded)."""
-    n = sum(r["p"] < below or (weak is not None and r["score"] < weak) for r in rows)
+def flagged_either(rows: list[dict], below: float, weak: float | None, key: str = "p") -> dict:
+    """How many rows the page flags uncertain: p (or the lean's `key` "lead") under `below`, or routing strength under
+    `weak` (when recorded)."""
+    n = sum(r[key] < below or (weak is not None and r["score"] < weak) for r in rows)
     return {"n": len(rows), "flagged": int(n), "share": n / max(1, len(rows))}
+
+
+def lead_in_use(library: str, router) -> float:
+    """The lead under which the page flags a lean, as the library records it for these router settings."""
+    from explorer.routing.readout import recorded_lead
+    from library_store.store.library import ExpertLibrary
+
+    return recorded_lead({}, ExpertLibrary.open(library), router)
 
 
 def uncertain_below(library: str, router) -> tuple[float, float | None]:

@@ -13,11 +13,12 @@ the task's own expert (MBC: its cluster).
 - **Per split** the share of picks flagged, the accuracy of confident and of flagged picks, and the share of
   wrong picks flagged, at the chosen threshold and at a few others.
 - **The lead** under which a pick by mean weight (and a per-token run's lean) is flagged is chosen on the same
-  prompts picked by mean weight: the smallest of 0.01, 0.02, ..., 0.20 at which the picks it leaves unflagged are
-  right at least 99 % of the time (so an unflagged lean means the routing decided). Youden's J, the threshold's
+  prompts picked by mean weight: the smallest of 0.01, 0.02, ..., 0.20 at which the picks it leaves unflagged (the
+  weak-routing flag below in place) are right at least 99 % of the time (so an unflagged lean means the routing
+  decided). Youden's J, the threshold's
   rule, chose 0.01 on demo-private's training picks, which caught 80 % of the wrong held-out picks against 100 %
   at 0.02 (held-out J 0.71 against 0.79).
-- **Weak routing.** A readout pick is also flagged when its evidence's routing strength (`prompt_level.strength`,
+- **Weak routing.** A pick (and a lean) is also flagged when its evidence's routing strength (`prompt_level.strength`,
   how strongly the user's text points along any prototype) is under the strength 95 % of these training prompts
   reach (their 5th percentile, rounded down to 0.01): text unlike the library's tasks, which a readout may still
   give a high probability (bench/outside_library.py). It is chosen first; the threshold is then chosen with it in
@@ -79,7 +80,7 @@ def route(rm, prompt: str) -> tuple:
     from explorer.routing.prompt_level import pick
 
     trace = rm.trace(prompt, max_new_tokens=0)
-    return trace.meta["pick"], pick(trace.evidence, lead=rm.lead)
+    return trace.meta["pick"], pick(trace.evidence, lead=rm.lead, weak=rm.weak)
 
 
 def command_line(argv) -> str:
@@ -96,7 +97,8 @@ def generic_rows(rm) -> list[dict]:
     for prompt in CALIBRATION_PROMPTS:
         chosen, by_mean = route(rm, prompt)
         rows.append({"prompt": prompt, "pick": chosen["expert"], "p": chosen["confidence"],
-                     "strength": chosen.get("strength"), "flagged": chosen["uncertain"], "mean_pick": by_mean.expert, "mean_lead": by_mean.margin,
+                     "strength": chosen.get("strength"), "flagged": chosen["uncertain"], "mean_pick": by_mean.expert,
+                     "mean_lead": by_mean.margin,
                      "mean_flagged": by_mean.uncertain})
     return rows
 
@@ -110,9 +112,9 @@ def _arrays(rows: list[dict], rule: str = "readout") -> tuple[np.ndarray, np.nda
 
 
 def flags(rows: list[dict], t: float, rule: str = "readout", weak: float | None = None) -> np.ndarray:
-    """(n,) bool: the picks flagged at threshold t, and (readout picks) under the weak-routing strength `weak`."""
+    """(n,) bool: the picks flagged at threshold (or lead) t, or under the weak-routing strength `weak`."""
     p, _ = _arrays(rows, rule)
-    if weak is None or rule != "readout":
+    if weak is None:
         return p < t
     return (p < t) | np.array([r["strength"] is not None and r["strength"] < weak for r in rows], dtype=bool)
 
@@ -138,15 +140,15 @@ def choose_weak(train: list[dict]) -> float | None:
     return float(np.floor(np.percentile(values, 5) * 100) / 100) if values else None
 
 
-def choose_lead(train: list[dict]) -> float:
-    """The smallest lead at which the training picks by mean weight it leaves unflagged are right at least
-    `LEAD_PRECISION` of the time; the largest Youden's J when no lead reaches it."""
-    value, right = _arrays(train, "mean")
+def choose_lead(train: list[dict], weak: float | None = None) -> float:
+    """The smallest lead at which the training picks by mean weight it leaves unflagged (the weak-routing flag in
+    place) are right at least `LEAD_PRECISION` of the time; the largest Youden's J when no lead reaches it."""
+    _, right = _arrays(train, "mean")
     for t in LEAD_GRID:
-        kept = value >= t
+        kept = ~flags(train, t, "mean", weak)
         if kept.any() and right[kept].mean() >= LEAD_PRECISION:
             return t
-    return choose_threshold(train, "mean")
+    return choose_threshold(train, "mean", weak)
 
 
 def at(rows: list[dict], t: float, rule: str = "readout", weak: float | None = None) -> dict:
@@ -254,10 +256,10 @@ def main(argv=None) -> None:
                                 "weak_alone": None if weak is None else at(rs, 0.0, weak=weak), "rows": rs}
     lead = None
     if all("mean_lead" in r for rs in rows.values() for r in rs):  # the same prompts, picked by mean weight
-        lead, in_use = choose_lead(rows["train"]), lead_in_use(args.library, router)
+        lead, in_use = choose_lead(rows["train"], weak), lead_in_use(args.library, router)
         out["mean_rule"] = {"chosen_on_training": lead, "in_use": in_use, "splits": {
             split: {"accuracy": list(bootstrap_ci(_arrays(rs, "mean")[1].astype(float))),
-                    "in_use": at(rs, in_use, "mean"), "chosen": at(rs, lead, "mean")}
+                    "in_use": at(rs, in_use, "mean", weak), "chosen": at(rs, lead, "mean", weak)}
             for split, rs in rows.items()}}
     write_json(Path(args.out) / f"pick_confidence-{name}{f'-from{skip}' if skip else ''}.json", out)
     if args.record:
@@ -273,8 +275,8 @@ def main(argv=None) -> None:
     for split, s in out["splits"].items():
         print(f"| {split} | {s['n']} | {fmt(s['accuracy'])} | {flag_cells(s['chosen'])}")
     if weak is not None:
-        print("\nFlagged for weak routing alone:\n| split | flagged | right when confident | right when flagged | wrong "
-              "picks flagged |\n|---|---|---|---|---|")
+        print("\nFlagged for weak routing alone:\n| split | flagged | right when confident | right when flagged | "
+              "wrong picks flagged |\n|---|---|---|---|---|")
         for split, s in out["splits"].items():
             print(f"| {split} | {flag_cells(s['weak_alone'])}")
     if "mean_rule" in out:

@@ -110,8 +110,8 @@ def _uncertain_text(readout_meta: dict) -> list[str]:
 
 _FLAGS = (  # (the readout meta's value, its evidence, the card's line)
     ("uncertain_below", "uncertain_evidence", "Uncertain picks: the page flags a pick the readout gives under p {:g}"),
-    ("weak_below", "weak_evidence", "Weak routing: the page also flags a readout pick whose routing strength (how "
-                                    "strongly the text points along any expert's prototype) is under {:g}"),
+    ("weak_below", "weak_evidence", "Weak routing: the page also flags a pick (or a per-token lean) whose routing "
+                                    "strength (how strongly the text points along any prototype) is under {:g}"),
     ("uncertain_lead", "uncertain_lead_evidence", "Per-token leans and picks by mean weight: the page flags them when "
                                                   "they lead the runner-up by less than {:g}"))
 

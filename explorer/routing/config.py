@@ -66,7 +66,8 @@ class RouterConfig:
         if kind not in MODES or (kind == "expert") != (":" in self.mode) or self.mode.endswith(":"):
             raise ValueError(f"Unknown router mode {self.mode!r}: use arrow, base, uniform or expert:<name>.")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"top_k must be an integer >= 1 (at most the number of enabled experts), got {self.top_k!r}")
+            raise ValueError("top_k must be an integer >= 1 (at most the number of enabled experts), "
+                             f"got {self.top_k!r}")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not self.temperature > 0 or self.temperature == float("inf"):
             raise ValueError(f"temperature must be in (0, inf), got {self.temperature!r}")

@@ -30,7 +30,7 @@ from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, module_leaves
 from explorer.routing.layer import RoutedLinear
 from explorer.routing.state import RouterState
 from explorer.routing.prompt_level import pick, record_decision
-from explorer.routing.readout import find_readout, recorded_lead
+from explorer.routing.readout import find_readout, recorded_lead, recorded_weak
 from explorer.routing.prototype_cache import _cache_prototypes, _expert_prototypes, _unroutable, library_identity
 from explorer.routing.topk import TopKRoutes
 from explorer.routing.trace import RoutingTrace, user_token_span
@@ -177,6 +177,7 @@ class RoutedModel:
         if router.input_centre != self._shifted:
             self._set_shift(router.input_centre)
         self._readout, self.lead = readout, recorded_lead(self.readouts, self._store, router)  # flags leans too
+        self.weak = recorded_weak(self.readouts, self._store, router)  # and weak routing (prompt_level.strength)
         st.mode, st.top_k, st.temperature = router.kind, router.top_k, float(router.temperature)
         st.mask = None if n_on == len(self.experts) else ~enabled
         st.fixed, st.layers = fixed, layers
@@ -273,7 +274,7 @@ class RoutedModel:
 
     def choose(self, evidence: RoutingTrace):
         """The per-prompt router's PromptPick for an evidence trace (its readout's, with pick "readout")."""
-        return pick(evidence, self._readout, self.lead)
+        return pick(evidence, self._readout, self.lead, self.weak)
 
     @contextmanager
     def answering_with(self, expert: str):
@@ -304,7 +305,7 @@ class RoutedModel:
         with self._answering(prompt, chat, max_new_tokens) as evidence:
             trace = self._trace(prompt, max_new_tokens, chat, streamer)
         trace.evidence = evidence
-        record_decision(trace, self.lead)  # meta "pick" (per prompt) or "lean" (per token): prompt_level.py
+        record_decision(trace, self.lead, self.weak)  # meta "pick" (per prompt) or "lean" (per token): prompt_level
         return trace
 
     def _trace(self, prompt: str, max_new_tokens: int, chat: bool, streamer, answer: bool = True) -> RoutingTrace:
@@ -338,8 +339,7 @@ class RoutedModel:
         """A counterfactual on top of the router while inside: `expert` switched off (or, `force`, alone with
         weight 1) at those model layers (None: every layer), for every token the model runs meanwhile.
 
-        Usage: ``with rm.overriding("e1", layers=[3]): rm.logits(ids)`` (see explorer/page/counterfactual.py).
-        """
+        Usage: ``with rm.overriding("e1", layers=[3]): rm.logits(ids)`` (see explorer/page/counterfactual.py)."""
         if expert not in self.experts:
             raise ValueError(f"Unknown expert {expert!r}; the library has {self.experts}")
         st = self._state

@@ -49,8 +49,8 @@ class PromptPick:
     # by readout, the layer's share of the logit margin (their sum plus `bias` is the margin)
     by_layer: tuple[float, ...] | None = None
     bias: float | None = None  # readout: the intercepts' share of the logit margin
-    strength: float | None = None  # readout: how strongly the evidence points along any prototype (`strength`)
-    weak_below: float | None = None  # readout: the strength under which the pick is flagged (None: not recorded)
+    strength: float | None = None  # how strongly the evidence points along any prototype (`strength`)
+    weak_below: float | None = None  # the strength under which the pick is flagged (None: none recorded)
 
     def record(self) -> dict:
         """What a trace keeps of it (`trace.meta["pick"]`): every field, `uncertain`, and the one-line `describe()`
@@ -61,21 +61,21 @@ class PromptPick:
     @property
     def uncertain(self) -> bool:
         """True when the evidence hardly decided: a readout pick under its readout's threshold (`threshold`, chosen on
-        training prompts; `UNCERTAIN_BELOW` when none was) or from evidence weaker than `weak_below` (`weak`), or a
-        mean-weight pick ahead of its runner-up by less than `lead_below` (recorded with the library's readout for
-        the router; `UNCERTAIN_LEAD` when none was). How often such picks are wrong on the demo libraries:
-        docs/evaluation.md, "Uncertain picks" and "Prompts outside the library" (bench/pick_confidence.py)."""
+        training prompts; `UNCERTAIN_BELOW` when none was), a mean-weight pick (or lean) ahead of its runner-up by
+        less than `lead_below` (recorded with the library's readout for the router; `UNCERTAIN_LEAD` when none
+        was), or either from evidence weaker than `weak_below` (`weak`). How often such picks are wrong on the demo
+        libraries: docs/evaluation.md, "Uncertain picks" and "Weak routing is flagged too"."""
         if self.runner_up is None:
             return False
         if self.rule == "readout":
             return self.confidence < self._below or self.weak
-        return self.margin < self.lead_below
+        return self.margin < self.lead_below or self.weak
 
     @property
     def weak(self) -> bool:
-        """A readout pick whose evidence points along the experts' prototypes less strongly than 95 % of the
-        library's training prompts do (`weak_below`, recorded with the readout): text unlike any the library was
-        trained on, whatever the readout's probability."""
+        """A pick whose evidence points along the experts' prototypes less strongly than 95 % of the library's
+        training prompts do (`weak_below`, recorded with the readout): text unlike any the library was trained on,
+        whatever the readout's probability or the lead."""
         return self.strength is not None and self.weak_below is not None and self.strength < self.weak_below
 
     @property
@@ -94,12 +94,15 @@ class PromptPick:
         text = self._decision()
         if not self.uncertain:
             return text
-        if self.rule != "readout":
-            why = f"lead under {self.lead_below:g}"
-        else:
-            why = " and ".join(([f"p under {self._below:g}"] if self.confidence < self._below else []) + (
-                [f"routing strength {self.strength:.2f} under {self.weak_below:g}: unlike the library's training "
-                 "prompts"] if self.weak else []))
+        reasons = []
+        if self.rule == "readout" and self.confidence < self._below:
+            reasons.append(f"p under {self._below:g}")
+        if self.rule != "readout" and self.margin < self.lead_below:
+            reasons.append(f"lead under {self.lead_below:g}")
+        if self.weak:
+            reasons.append(f"routing strength {self.strength:.2f} under {self.weak_below:g}: unlike the library's "
+                           "training prompts")
+        why = " and ".join(reasons)
         return f"{text} {'Uncertain pick' if self.answered else 'Undecided'} ({why})."
 
     def _decision(self) -> str:
@@ -128,12 +131,12 @@ def strength(evidence: RoutingTrace, over: str = "user") -> float:
     return float(finite.mean()) if finite.size else float("nan")
 
 
-def pick(evidence: RoutingTrace, readout=None, lead: float = UNCERTAIN_LEAD) -> PromptPick:
+def pick(evidence: RoutingTrace, readout=None, lead: float = UNCERTAIN_LEAD, weak: float | None = None) -> PromptPick:
     """The expert with the largest mean weight over the user's own tokens (every prompt token when the user's
     text was not located), as `RoutingTrace.winner("user")` chooses; ties go to the first expert in library
-    order; it is flagged uncertain when it leads by less than `lead`. With a `readout`
-    (explorer/routing/readout.py): its most probable expert instead, with the evidence's `strength` and the
-    readout's `weak_below`. ValueError when the evidence routed nothing (no tokens, or every weight 0)."""
+    order; it is flagged uncertain when it leads by less than `lead`, or its evidence's `strength` is under `weak`.
+    With a `readout` (explorer/routing/readout.py): its most probable expert instead, flagged by its threshold and
+    its `weak_below`. ValueError when the evidence routed nothing (no tokens, or every weight 0)."""
     over = "user" if evidence.user_span[1] > evidence.user_span[0] else "prompt"
     mean = evidence.usage(over)  # (E,)
     if mean.size == 0 or not mean.max() > 0:
@@ -142,10 +145,13 @@ def pick(evidence: RoutingTrace, readout=None, lead: float = UNCERTAIN_LEAD) -> 
     first = int(order[0])
     second = int(order[1]) if mean.size > 1 else None
     per_layer = evidence.module_weights()[:, evidence.positions(over)].mean(axis=1)  # (L, E), mean over tokens
+    s = strength(evidence, over)
+    s = s if np.isfinite(s) else None
     by_mean = PromptPick(expert=evidence.experts[first], weight=float(mean[first]),
                          runner_up=None if second is None else evidence.experts[second],
                          runner_weight=0.0 if second is None else float(mean[second]), over=over, lead_below=lead,
-                         by_layer=None if second is None else tuple(per_layer[:, first] - per_layer[:, second]))
+                         by_layer=None if second is None else tuple(per_layer[:, first] - per_layer[:, second]),
+                         strength=s, weak_below=weak)
     if readout is None:
         return by_mean
     p = readout.probabilities(evidence)  # (C,)
@@ -154,30 +160,29 @@ def pick(evidence: RoutingTrace, readout=None, lead: float = UNCERTAIN_LEAD) -> 
     runner = readout.classes[int(ranked[1])] if len(ranked) > 1 else None
     weight = dict(zip(evidence.experts, mean.tolist()))
     layers, bias = readout.layer_margins(evidence, chosen, runner) if runner else (None, None)
-    s = strength(evidence, over)
     return PromptPick(expert=chosen, weight=float(weight[chosen]), runner_up=runner,
                       runner_weight=float(weight[runner]) if runner else 0.0, over=over, rule="readout",
                       confidence=float(p[ranked[0]]), runner_confidence=float(p[ranked[1]]) if runner else None,
                       by_mean=by_mean.expert, threshold=readout.uncertain_below,
                       by_layer=None if layers is None else tuple(layers), bias=bias,
-                      strength=s if np.isfinite(s) else None, weak_below=readout.weak_below)
+                      strength=s, weak_below=readout.weak_below)
 
 
-def lean(trace: RoutingTrace, lead: float = UNCERTAIN_LEAD) -> PromptPick | None:
+def lean(trace: RoutingTrace, lead: float = UNCERTAIN_LEAD, weak: float | None = None) -> PromptPick | None:
     """What a per-token run's own routing leans to: the pick by mean weight over the user's text (`pick`), marked
     `answered=False` (every token was routed on its own), and flagged as a mean-weight pick is when its lead is
-    under `lead`. None when the trace routed nothing."""
+    under `lead` or its routing strength under `weak`. None when the trace routed nothing."""
     try:
-        return replace(pick(trace, lead=lead), answered=False)
+        return replace(pick(trace, lead=lead, weak=weak), answered=False)
     except ValueError:
         return None
 
 
-def record_decision(trace: RoutingTrace, lead: float = UNCERTAIN_LEAD) -> None:
+def record_decision(trace: RoutingTrace, lead: float = UNCERTAIN_LEAD, weak: float | None = None) -> None:
     """What a run decided, in `trace.meta`: a per-prompt run's "pick" (moved from its evidence's meta, a
-    `PromptPick.record()`), or a per-token Arrow run's "lean" (`lean`, flagged under `lead`); fixed-weight modes
-    decide nothing."""
+    `PromptPick.record()`), or a per-token Arrow run's "lean" (`lean`, flagged under `lead` or strength `weak`);
+    fixed-weight modes decide nothing."""
     if trace.evidence is not None:
         trace.meta["pick"] = trace.evidence.meta.pop("pick")
-    elif trace.mode == "arrow" and (leaning := lean(trace, lead)) is not None:
+    elif trace.mode == "arrow" and (leaning := lean(trace, lead, weak)) is not None:
         trace.meta["lean"] = leaning.record()

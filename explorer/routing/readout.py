@@ -153,6 +153,17 @@ def find_readout(readouts: dict, store, router) -> Readout:
     return readouts[key]
 
 
+def recorded_weak(readouts: dict, store, router) -> float | None:
+    """The routing strength under which `router`'s picks and leans are flagged (`Readout.weak_below`), recorded with
+    the readout fitted for the same evidence settings; None when there is none (nothing is flagged for it)."""
+    if router.kind != "arrow":
+        return None
+    try:
+        return find_readout(readouts, store, router).weak_below
+    except (ValueError, OSError, KeyError):  # as recorded_lead
+        return None
+
+
 def recorded_lead(readouts: dict, store, router) -> float:
     """The mean-weight lead under which `router`'s picks and leans are flagged: the one recorded with the readout
     fitted for the same evidence settings (`readout_key`: granularity and pick aside), else `UNCERTAIN_LEAD`. A

@@ -236,3 +236,20 @@ def test_a_readout_pick_from_weak_routing_is_flagged_uncertain():
             is flagged
     recorded(rm, uncertain_below=0.01, weak_below="high")  # no number: as without a record
     assert rm.trace(PROMPT, max_new_tokens=1).meta["pick"]["uncertain"] is False
+
+
+def test_a_lean_and_a_pick_by_mean_weight_from_weak_routing_are_flagged_too():
+    """The weak-routing strength recorded with the readout of the same router settings flags a per-token run's lean
+    ("Undecided", with the reason) and a per-prompt pick by mean weight, whatever their lead."""
+    rm = routed("tiny-random-llama")
+    recorded(rm, uncertain_lead=1e-9)  # the lead flag off
+    plain = rm.trace(PROMPT, max_new_tokens=1).meta["lean"]
+    assert plain["uncertain"] is False and plain["weak_below"] is None and plain["strength"] > 0
+    recorded(rm, uncertain_lead=1e-9, weak_below=plain["strength"] + 0.01)
+    leaning = rm.trace(PROMPT, max_new_tokens=1).meta["lean"]
+    assert leaning["uncertain"] is True and leaning["expert"] == plain["expert"]
+    assert leaning["text"].endswith(f"Undecided (routing strength {plain['strength']:.2f} under "
+                                    f"{plain['strength'] + 0.01:g}: unlike the library's training prompts).")
+    rm.set_router(RouterConfig(top_k=2, temperature=0.5, granularity="prompt", pick="mean"))
+    chosen = rm.trace(PROMPT, max_new_tokens=1).meta["pick"]
+    assert chosen["rule"] == "mean" and chosen["uncertain"] is True and "routing strength" in chosen["text"]

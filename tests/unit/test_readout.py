@@ -249,6 +249,11 @@ def test_pick_confidence_chooses_the_weak_routing_strength_on_training_rows_and_
     assert got["wrong_flagged"] == 1.0 and got["flagged"] == 2 / 20  # both wrong picks, no right one
     assert at(rows, 0.5)["wrong_flagged"] == 0.5  # by probability alone the confident wrong pick passes
     assert choose_weak([{"p": 0.9, "right": True}]) is None
+    from bench.pick_confidence import choose_lead
+
+    mean = [{"mean_lead": 0.1, "mean_right": True, "strength": 1.0}] * 98 + \
+        [{"mean_lead": 0.05, "mean_right": False, "strength": 0.1}] * 2  # wrong picks that lead, but route weakly
+    assert choose_lead(mean, weak=0.5) == 0.01 and choose_lead(mean) == 0.06  # the weak flag already catches them
 
 
 def test_the_report_card_states_the_weak_routing_flag():
