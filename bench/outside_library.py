@@ -109,7 +109,9 @@ def main(argv=None) -> None:
     out["uncertain_p"] = {"below": below, **{k: flagged(rs, below, "p") for k, rs in rows.items()}}
     out["uncertain"] = {"below": below, "weak_below": weak,
                         **{k: flagged_either(rs, below, weak) for k, rs in rows.items()}}
-    lead = lead_in_use(args.library, router)
+    from bench.pick_confidence import lead_in_use
+
+    lead = lead_in_use(args.library, router)  # the lead under which the page flags a lean
     if all("lead" in r for rs in rows.values() for r in rs):  # a per-token run's lean: its lead, or weak routing
         out["lean"] = {"lead_below": lead, "weak_below": weak, **{k: flagged_either(rs, lead, weak, "lead")
                                                                   for k, rs in rows.items()}}
@@ -176,14 +178,6 @@ def flagged_either(rows: list[dict], below: float, weak: float | None, key: str 
     `weak` (when recorded)."""
     n = sum(r[key] < below or (weak is not None and r["score"] < weak) for r in rows)
     return {"n": len(rows), "flagged": int(n), "share": n / max(1, len(rows))}
-
-
-def lead_in_use(library: str, router) -> float:
-    """The lead under which the page flags a lean, as the library records it for these router settings."""
-    from explorer.routing.readout import recorded_lead
-    from library_store.store.library import ExpertLibrary
-
-    return recorded_lead({}, ExpertLibrary.open(library), router)
 
 
 def uncertain_below(library: str, router) -> tuple[float, float | None]:
