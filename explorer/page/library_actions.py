@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import logging
+import threading
 import time
 
 from explorer.page.events import Update, ensure_loaded, messages, update
@@ -83,6 +84,18 @@ def show(session: Session, library, progress=None) -> dict:
 
 def _code(text: str) -> str:
     return "`" + html.escape(text).replace("`", "'") + "`"
+
+
+def warm_maps(session: Session, library) -> dict:
+    """The Library tab was opened: when the library's ΔW map is (or after one upload would be) a UMAP map, compile
+    UMAP in a background thread now (once per process, 13-15 s), so that an upload's new map does not wait for it.
+    Nothing is shown."""
+    from library_store.training.mbc import UMAP_MIN_EXPERTS, warm_umap
+
+    lib = session.registry.libs.get(str(library or ""))
+    if lib is not None and len(lib.names()) + 1 >= UMAP_MIN_EXPERTS:
+        threading.Thread(target=warm_umap, name="umap-warm-up", daemon=True).start()
+    return {}
 
 
 def switch_map(session: Session, library, kind) -> dict:

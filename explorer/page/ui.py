@@ -205,7 +205,7 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
                     files = gr.File(label="Files", file_count="multiple", interactive=False)
                 trace_json = gr.Textbox(visible=False, label="trace JSON")
                 selection_json = gr.JSON(visible=False, label="selection")
-            with gr.Tab("Library", id="library"):
+            with gr.Tab("Library", id="library") as library_page:
                 tab = _library_tab(session, library)
 
         # ------------------------------------------------------------ events
@@ -224,6 +224,7 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
         if "lib_changed" in tab:  # an expert added or removed: the Explore view follows
             wire(tab["lib_changed"].change, cb.library, ["library"], cb.LIBRARY_OUTPUTS, "library_edited")
         wire(example.change, cb.example, ["example"], ["prompt"], "example")
+        wire(library_page.select, _warm_maps, ["library"], [], "warm_maps")  # an upload's UMAP map: compiled ahead
         # input_centre, granularity, pick, route_layers last: API clients written before them keep their argument positions
         route_inputs = ["prompt", "library", "chat", "top_k", "temperature", "centre", "centre_scope", "max_new",
                         "disabled", "module", "colour_by", "grid_by", "show_template", "input_centre", "granularity",
@@ -248,6 +249,12 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
         wire(export_button.click, cb.export, ["state", "module", "colour_by", "expert", "show_template", "library"],
              ["files"], "export")
     return demo
+
+
+def _warm_maps(session: Session, library) -> dict:
+    from explorer.page.library_actions import warm_maps  # torch and the store: loaded after the page is up
+
+    return warm_maps(session, library)
 
 
 def _library_tab(session: Session, library) -> dict:

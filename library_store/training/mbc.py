@@ -22,6 +22,7 @@ What a build stores is one schema, `MBCData`, written and read only here::
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -112,6 +113,19 @@ def _cosine(x: np.ndarray) -> np.ndarray:
 # ~10 s compiling numba functions in a fresh process (the Library tab's first map of a small library, every
 # test-fast run). The demo libraries (16 experts) keep UMAP.
 UMAP_MIN_EXPERTS = 10
+_WARM_LOCK = threading.Lock()
+_WARMED = threading.Event()  # set once a UMAP fit has run in this process (its numba code is compiled)
+
+
+def warm_umap() -> bool:
+    """Run one small UMAP fit now, unless one has run in this process: the first fit compiles UMAP's numba code
+    (13-15 s here), later ones of any size take well under a second. Thread-safe; True when this call compiled."""
+    with _WARM_LOCK:
+        if _WARMED.is_set():
+            return False
+        map_coords(np.random.default_rng(0).normal(size=(UMAP_MIN_EXPERTS, 8)), method="umap")
+        _WARMED.set()
+        return True
 
 
 def map_coords(embedding: np.ndarray, seed: int = 0, method: str = "auto") -> tuple[np.ndarray, str]:
@@ -133,7 +147,9 @@ def map_coords(embedding: np.ndarray, seed: int = 0, method: str = "auto") -> tu
 
     reducer = umap.UMAP(n_neighbors=min(15, n - 1), n_components=2, metric="cosine", random_state=seed,
                         init="random" if n < 6 else "spectral", min_dist=0.3)
-    return np.asarray(reducer.fit_transform(embedding)), "umap"
+    coords = np.asarray(reducer.fit_transform(embedding))
+    _WARMED.set()
+    return coords, "umap"
 
 
 @torch.no_grad()

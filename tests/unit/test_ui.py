@@ -379,6 +379,9 @@ def test_build_demo_wires_every_event_with_an_api_name(session):
                                                                "pick-by", "route-layers"]
     radio = next(c["props"] for c in config["components"] if c.get("props", {}).get("elem_id") == "input-centre")
     assert [ch[0] for ch in radio["choices"]] == ["none", "base"] and radio["label"] == "input centring"
+    warm = next(d for d in config["dependencies"] if d["api_name"] == "warm_maps")  # opening the Library tab
+    tabs = {c["id"]: c.get("props", {}).get("label") for c in config["components"] if c.get("type") == "tabitem"}
+    assert [(tabs.get(i), event) for i, event in warm["targets"]] == [("Library", "select")]
     documented = Path(__file__).resolve().parents[2] / "docs" / "page_api.md"
     assert all(f"`/{name}`" in documented.read_text() for name in names), "docs/page_api.md lists every api_name"
 
