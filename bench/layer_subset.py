@@ -51,15 +51,22 @@ def accuracy(data, layers: list[int]) -> float:
     return float((X[:, layers].mean(1).argmax(-1) == y).mean())
 
 
-def eliminate(data, layers: list[int]) -> list[int]:
-    """Backward elimination on `data`: drop layers while the accuracy does not fall."""
-    best = accuracy(data, layers)
+def eliminate(data, layers: list, score=accuracy) -> list:
+    """Backward elimination on `data`: drop layers (bench/module_subset.py: cells) while `score` does not fall; of
+    equal scores, the last item is dropped."""
+    best = score(data, layers)
     while len(layers) > 1:
-        score, drop = max((accuracy(data, [m for m in layers if m != d]), d) for d in layers)
-        if score < best:
+        top, drop = max((score(data, [m for m in layers if m != d]), d) for d in layers)
+        if top < best:
             break
-        best, layers = score, [m for m in layers if m != drop]
+        best, layers = top, [m for m in layers if m != drop]
     return layers
+
+
+def split_prompts(tasks, own: dict[str, str], split: str, n: int) -> tuple[list[str], list[str]]:
+    """The first n examples of `split` of every task: (their inputs, the expert trained on each one's task)."""
+    pairs = [(e.input, own[task.name]) for task in tasks for e in task.examples(split)[:n]]
+    return [x for x, _ in pairs], [e for _, e in pairs]
 
 
 def main(argv=None) -> None:
@@ -77,8 +84,7 @@ def main(argv=None) -> None:
     tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
 
     def route(split: str, n: int):
-        pairs = [(e.input, own[task.name]) for task in tasks for e in task.examples(split)[:n]]
-        return layer_weights(rm, base, [x for x, _ in pairs], [e for _, e in pairs])
+        return layer_weights(rm, base, *split_prompts(tasks, own, split, n))
 
     def line(label: str, layers: list[int], splits) -> str:
         return f"| {label} | {len(layers)} | " + " | ".join(f"{accuracy(d, layers):.3f}" for d in splits) + " |"

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
+from bench.layer_subset import eliminate, split_prompts  # noqa: E402
 
 
 def cell_weights(rm, base, texts, own):
@@ -45,21 +46,11 @@ def accuracy(data, cells) -> float:
     return float((X[:, cells].mean(1).argmax(-1) == y).mean())
 
 
-def eliminate(data, cells):
-    cells = cells.copy()
-    best = accuracy(data, cells)
-    while cells.sum() > 1:
-        trials = []
-        for idx in zip(*np.nonzero(cells)):
-            c = cells.copy()
-            c[idx] = False
-            trials.append((accuracy(data, c), idx))
-        score, drop = max(trials)
-        if score < best:
-            break
-        best = score
-        cells[drop] = False
-    return cells
+def mask_of(cells: list[tuple[int, int]], shape: tuple[int, int]) -> np.ndarray:
+    """(L, M) bool mask of a list of (layer, module) index pairs."""
+    mask = np.zeros(shape, dtype=bool)
+    mask[tuple(np.array(cells, dtype=int).reshape(-1, 2).T)] = True
+    return mask
 
 
 def main(argv=None) -> None:
@@ -76,8 +67,7 @@ def main(argv=None) -> None:
     tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
 
     def route(split, n):
-        pairs = [(e.input, own[t.name]) for t in tasks for e in t.examples(split)[:n]]
-        return cell_weights(rm, base, [x for x, _ in pairs], [e for _, e in pairs])
+        return cell_weights(rm, base, *split_prompts(tasks, own, split, n))
 
     splits = route("train", 20), route("heldout", 20), route("paraphrase", 10)
     X0 = splits[0][0]
@@ -91,7 +81,9 @@ def main(argv=None) -> None:
             cells[:, [m for m in range(M) if m not in mods]] = False
             name = ",".join(rm.modules[m] for m in mods)
             print(f"| {name} | {cells.sum()} | " + " | ".join(f"{accuracy(d, cells):.3f}" for d in splits) + " |")
-    chosen = eliminate(splits[0], routed)
+    kept = eliminate(splits[0], [tuple(c) for c in np.argwhere(routed).tolist()],
+                     score=lambda data, cells: accuracy(data, mask_of(cells, (L, M))))
+    chosen = mask_of(kept, (L, M))
     print(f"| cells by elimination | {chosen.sum()} | " + " | ".join(f"{accuracy(d, chosen):.3f}" for d in splits)
           + " |")
     print("kept per module:", {rm.modules[m]: int(chosen[:, m].sum()) for m in range(M)})

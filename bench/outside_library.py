@@ -68,10 +68,11 @@ FIRST = {"train": 30, "heldout": 80, "paraphrase": 80}  # past the readout's tra
 def signals(rm, prompt: str) -> dict:
     """One prompt's two signals (see the module docstring), and the lead a per-token run's lean would have: the pick by
     mean weight over the same per-token evidence (a per-token run routes the prompt exactly so)."""
-    from explorer.routing.prompt_level import pick, strength
+    from explorer.routing.prompt_level import pick
 
     trace = rm.trace(prompt, max_new_tokens=0)
-    return {"prompt": prompt, "score": strength(trace.evidence), "p": trace.meta["pick"]["confidence"],
+    chosen = trace.meta["pick"]  # the readout's pick, with its evidence's routing strength (prompt_level.strength)
+    return {"prompt": prompt, "score": chosen["strength"], "p": chosen["confidence"],
             "lead": pick(trace.evidence).margin}
 
 

@@ -167,24 +167,24 @@ def expert_heatmap(trace: "RoutingTrace", expert: str, module: str = MEAN) -> go
     if expert not in trace.experts:
         return note_figure("Expert weight", f"Expert {expert!r} is not in this trace.")
     w = trace.module_weights(module)  # (L, T, E)
-    z = np.where(trace.routed(module), w[..., trace.experts.index(expert)], np.nan)  # (L, T); NaN: not routed
+    z = np.where(routed := trace.routed(module), w[..., trace.experts.index(expert)], np.nan)  # (L, T); NaN: unrouted
     hover = _hover_text(trace, w, module, top=max(1, trace.top_k))
     fig = go.Figure(go.Heatmap(z=z, zmin=0, zmax=1, colorscale="Viridis", text=hover, xgap=1, ygap=1,
                                hovertemplate=f"<b>{esc(expert)}</b>: %{{z:.3f}}<br>%{{text}}<extra></extra>",
                                colorbar=dict(title="weight")))
-    _token_axis(fig, trace, f"Weight of expert {expert} per token and layer{_unrouted(trace, module)}")
+    _token_axis(fig, trace, f"Weight of expert {expert} per token and layer{_unrouted(routed)}")
     return fig
 
 
 def entropy_heatmap(trace: "RoutingTrace", module: str = MEAN) -> go.Figure:
     """Routing entropy (nats) over token x layer: 0 = one expert took everything, log k = an even split."""
-    h = np.where(trace.routed(module), trace.entropy(module), np.nan)  # (L, T); NaN: no routing, not "decided"
+    h = np.where(routed := trace.routed(module), trace.entropy(module), np.nan)  # (L, T); NaN: unrouted, not "decided"
     hover = _hover_text(trace, trace.module_weights(module), module, top=max(1, trace.top_k))
     zmax = float(np.log(max(2, trace.top_k)))
     fig = go.Figure(go.Heatmap(z=h, zmin=0, zmax=zmax, colorscale="Magma", reversescale=True, text=hover,
                                xgap=1, ygap=1, colorbar=dict(title="nats"),
                                hovertemplate="entropy %{z:.3f}<br>%{text}<extra></extra>"))
-    _token_axis(fig, trace, f"Routing entropy per token and layer (max log k = {zmax:.2f}){_unrouted(trace, module)}")
+    _token_axis(fig, trace, f"Routing entropy per token and layer (max log k = {zmax:.2f}){_unrouted(routed)}")
     return fig
 
 
@@ -224,7 +224,7 @@ def diff_heatmap(before: "RoutingTrace", after: "RoutingTrace", module: str = ME
     fig = go.Figure(go.Heatmap(z=tv, zmin=0, zmax=1, colorscale="Reds", text=hover, xgap=1, ygap=1,
                                colorbar=dict(title="change"),
                                hovertemplate="change %{z:.3f}<br>after: %{text}<extra></extra>"))
-    title = "Routing change after the intervention (total variation, shared tokens)" + _unrouted(after, module)
+    title = "Routing change after the intervention (total variation, shared tokens)" + _unrouted(routed)
     _token_axis(fig, shared, title)
     return fig
 
@@ -233,7 +233,7 @@ def token_experts(trace: "RoutingTrace", index: int, module: str = MEAN) -> go.F
     """One token's routing at every layer: layer x expert weights (what the token strip's click shows)."""
     if not 0 <= index < len(trace.tokens):
         return note_figure("One token's experts", "Click a token in the strip above to see its experts.")
-    w = np.where(trace.routed(module)[:, index, None], trace.module_weights(module)[:, index], np.nan)  # (L, E)
+    w = np.where((routed := trace.routed(module))[:, index, None], trace.module_weights(module)[:, index], np.nan)
     token = display_token(trace.tokens[index])
     part = "generated" if trace.is_generated[index] else "prompt"
     fig = go.Figure(go.Heatmap(z=w, x=[esc(e) for e in trace.experts], y=list(range(len(trace.layers))),
@@ -241,17 +241,17 @@ def token_experts(trace: "RoutingTrace", index: int, module: str = MEAN) -> go.F
                                hovertemplate="layer %{y} · %{x}: %{z:.3f}<extra></extra>"))
     fig.update_yaxes(title_text="layer", tickmode="array", tickvals=list(range(len(trace.layers))),
                      ticktext=[str(layer) for layer in trace.layers])
-    title = f"Experts of token <b>{token}</b> (#{index}, {part}) at every layer{_unrouted(trace, module)}"
+    title = f"Experts of token <b>{token}</b> (#{index}, {part}) at every layer{_unrouted(routed)}"
     fig.update_layout(title=dict(text=title, x=0.01),
                       **LOOK, xaxis=dict(tickangle=-45),
                       height=max(320, 140 + 14 * len(trace.layers)), margin=dict(l=60, r=20, t=60, b=110))
     return fig
 
 
-def _unrouted(trace: "RoutingTrace", module: str = MEAN) -> str:
-    """A title's note when some layers are not routed (their rows are left empty), else ""."""
-    missing = int((~trace.routed(module).any(axis=1)).sum()) if len(trace.tokens) else 0
-    return f"; empty rows: {missing} layers not routed" if 0 < missing < len(trace.layers) else ""
+def _unrouted(routed: np.ndarray) -> str:
+    """A title's note when some layers (rows of the (L, T) `routed` mask) are not routed and left empty, else ""."""
+    missing = int((~routed.any(axis=1)).sum())
+    return f"; empty rows: {missing} layers not routed" if 0 < missing < len(routed) else ""
 
 
 def token_strip(trace: "RoutingTrace", module: str = MEAN, groups: dict[str, str] | None = None):

@@ -224,8 +224,11 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
         if "lib_changed" in tab:  # an expert added or removed: the Explore view follows
             wire(tab["lib_changed"].change, cb.library, ["library"], cb.LIBRARY_OUTPUTS, "library_edited")
         wire(example.change, cb.example, ["example"], ["prompt"], "example")
-        wire(library_page.select, _warm_maps, ["library"], [], "warm_maps")  # an upload's UMAP map: compiled ahead
-        # input_centre, granularity, pick, route_layers last: API clients written before them keep their argument positions
+        from explorer.page.library_actions import warm_maps  # imported by the Library tab above
+
+        wire(library_page.select, warm_maps, ["library"], [], "warm_maps")  # an upload's UMAP map: compiled ahead
+        # input_centre, granularity, pick, route_layers last: API clients written before them keep their argument
+        # positions
         route_inputs = ["prompt", "library", "chat", "top_k", "temperature", "centre", "centre_scope", "max_new",
                         "disabled", "module", "colour_by", "grid_by", "show_template", "input_centre", "granularity",
                         "pick_by", "route_layers"]
@@ -249,12 +252,6 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
         wire(export_button.click, cb.export, ["state", "module", "colour_by", "expert", "show_template", "library"],
              ["files"], "export")
     return demo
-
-
-def _warm_maps(session: Session, library) -> dict:
-    from explorer.page.library_actions import warm_maps  # torch and the store: loaded after the page is up
-
-    return warm_maps(session, library)
 
 
 def _library_tab(session: Session, library) -> dict:

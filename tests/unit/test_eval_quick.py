@@ -174,7 +174,8 @@ def test_routing_quick(libs, tmp_path):
                                    "", record=True, label="quick-private")
     keys = ("centre", "scope", "input_centre", "user", "prompt", "per_layer", "entropy_median", "margin_median")
     assert [[c[k] for k in keys] for c in again["centring"]] == [[c[k] for k in keys] for c in private["centring"]]
-    assert read_report(ExpertLibrary.open(libs["private"])).centring == again["centring"] and len(again["centring"]) == 6
+    assert read_report(ExpertLibrary.open(libs["private"])).centring == again["centring"] \
+        and len(again["centring"]) == 6
     assert json.loads((tmp_path / "routing-quick-private-heldout.json").read_text())["centring_command"]
 
 

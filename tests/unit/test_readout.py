@@ -260,5 +260,6 @@ def test_the_report_card_states_the_weak_routing_flag():
     from explorer.page.report_plots import _uncertain_text
 
     lines = _uncertain_text({"weak_below": 0.44, "weak_evidence": {"heldout": {"flagged": 0.05}}})
-    assert any("routing strength" in x and "0.44" in x for x in lines) and any("5% of picks flagged" in x for x in lines)
+    assert any("routing strength" in x and "0.44" in x for x in lines) \
+        and any("5% of picks flagged" in x for x in lines)
     assert _uncertain_text({"weak_below": "x"}) == []
