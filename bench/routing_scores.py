@@ -17,7 +17,12 @@ if it routes at a subset), and scores the same hidden states several ways:
 - `qkv`: the causal part of it: one decision shared by q, k and v (they read one input), o on its own;
 - `dual`: |(h - mu) · d_e| with the prototypes' dual basis D = (P Pᵀ + λ I)⁻¹ P per site: the least-squares
   coefficient of each prototype in h, so that two overlapping prototypes (add, subtract) no longer share the
-  direction they have in common; λ = `--dual-ridge` × the mean of P Pᵀ's diagonal. `dualz`: the same, z-scored.
+  direction they have in common; λ = `--dual-ridge` × the mean of P Pᵀ's diagonal. `dualz`: the same, z-scored;
+- `famcentre`: Arrow with *family-centred* prototypes: each expert's factors minus its task family's mean factors
+  (GenKnowSub's centring, per family instead of per library), so that what add and subtract share no longer counts;
+- `family`: two stages: a token's family is the one whose best member has the largest Arrow score; within it the
+  top-k weights come from the family-centred scores; `famoracle`: the second stage alone, inside the own family
+  (an upper bound of how well family-centred prototypes separate a family's members).
 
 Each is turned into top-k weights the way the router does, then scored as the routing evaluation does: the
 share of prompts whose user text routes to the own expert by the mean weight, and the share of the user text's
@@ -42,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
 
-VARIANTS = ("arrow", "spectral", "zscore", "ema0.5", "layer", "qkv", "dual", "dualz")
+VARIANTS = ("arrow", "spectral", "zscore", "ema0.5", "layer", "qkv", "dual", "dualz", "famcentre", "family",
+            "famoracle")
 
 
 class Sites:
@@ -75,6 +81,26 @@ class Sites:
             D = torch.linalg.solve(gram + ridge, P)  # (G, E, d): h · D_e = least-squares coefficient of p_e in h
             self.factors.append((P, A, K, s1, mu, D))
         self.rms: dict[tuple[str, int], torch.Tensor] = {}
+        self.fam_protos: list[torch.Tensor] = []  # (G, E, d) per group, when family_centre() ran
+
+    def family_centre(self, experts: list, family: list[int]) -> None:
+        """Family-centred prototypes of every routed group: expert e's factors minus the mean factors of the
+        experts of its family (family[e]), then the exact top right singular vector, as the engine centres."""
+        from explorer.routing.prototypes import compute_prototypes
+
+        fam = torch.tensor(family)  # (E,)
+        onehot = torch.nn.functional.one_hot(fam).float()  # (E, F)
+        to_mean = (onehot / onehot.sum(0)) @ onehot.T  # (E, E): row e averages e's family
+        factors = [x.factors() for x in experts]
+        for g in self.groups:
+            per_site = []
+            for site in g.sites:
+                A = torch.stack([f[site][0] for f in factors]).float()  # (E, r, d)
+                B = torch.stack([f[site][1] for f in factors]).float()  # (E, out, r)
+                Ac = A - torch.einsum("ef,frd->erd", to_mean, A)  # (E, r, d)
+                Bc = B - torch.einsum("ef,for->eor", to_mean, B)  # (E, out, r)
+                per_site.append(compute_prototypes(Ac, Bc))  # (E, d)
+            self.fam_protos.append(torch.stack(per_site))  # (G, E, d)
 
     def _record(self, i):
         def hook(_module, args):
@@ -88,6 +114,8 @@ class Sites:
         if kind == "spectral":
             a = torch.einsum("gerd,gtd->tger", A, hc)  # (t, G, E, r)
             return torch.einsum("tger,gers,tges->tge", a, K, a).clamp_min(0).sqrt() / s1  # (t, G, E)
+        if kind == "famcentre":
+            return torch.einsum("ged,gtd->tge", self.fam_protos[i], hc).abs()  # (t, G, E)
         if kind.startswith("dual"):
             s = torch.einsum("ged,gtd->tge", D, hc).abs()  # (t, G, E)
             return s / self.rms[("dual", i)] if kind == "dualz" else s
@@ -141,10 +169,27 @@ def calibrate(rm, sites: Sites) -> None:
         sites.rms[key] = torch.cat(parts).mean(0).sqrt().clamp_min(1e-12)  # (G, E)
 
 
-def top_weights(s: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
-    """(..., E) scores -> the router's top-k softmax(s / T) weights, 0 elsewhere."""
+def top_weights(s: torch.Tensor, k: int, temperature: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., E) scores -> the router's top-k softmax(s / T) weights, 0 elsewhere; only `allowed` experts
+    ((..., E) bool) compete when given (k shrinks to how many are allowed)."""
+    if allowed is not None:
+        k = min(k, int(allowed.sum(-1).min()))
+        s = s.masked_fill(~allowed, float("-inf"))
     top, idx = (s / temperature).topk(k, dim=-1)
     return torch.zeros_like(s).scatter_(-1, idx, top.softmax(-1))
+
+
+def family_weights(sites: Sites, i: int, pos: list[int], family: torch.Tensor, st, own: int | None):
+    """(P, G, E) weights of the two-stage router: a family per cell by its best member's Arrow score (or the
+    own expert's family when `own` is given), then top-k within it on the family-centred scores."""
+    if own is None:
+        arrow = sites.scores("arrow", i)[pos]  # (P, G, E)
+        best = torch.stack([arrow[..., family == f].amax(-1) for f in range(int(family.max()) + 1)], -1)  # (P, G, F)
+        chosen = best.argmax(-1)  # (P, G)
+    else:
+        chosen = torch.full(sites.inputs[i][pos].shape[:1] + (sites.groups[i].n_members,), int(family[own]))
+    allowed = family[None, None, :] == chosen[..., None]  # (P, G, E)
+    return top_weights(sites.scores("famcentre", i)[pos], *st, allowed=allowed)
 
 
 def main(argv=None) -> None:
@@ -168,6 +213,16 @@ def main(argv=None) -> None:
         rm.set_router(with_router(rm, granularity="token"))
     sites = Sites(rm, args.dual_ridge)
     calibrate(rm, sites)
+    family = None
+    if {"famcentre", "family", "famoracle"} & set(args.variants):
+        from library_store.store.library import ExpertLibrary
+        from library_store.tasks.builtin import builtin_family
+
+        lib = ExpertLibrary.open(args.library, readonly=True)
+        experts = [lib.get(name) for name in rm.experts]
+        names = sorted({builtin_family(x.info.tasks[0]) for x in experts})
+        family = torch.tensor([names.index(builtin_family(x.info.tasks[0])) for x in experts])  # (E,)
+        sites.family_centre(experts, family.tolist())
     router = rm.router
     settings = [(router.top_k, router.temperature), (min(4, len(rm.experts)), 1.0)]
     if args.settings:
@@ -180,10 +235,17 @@ def main(argv=None) -> None:
             for ex in task.examples(args.split)[: args.n]:
                 pos = rm.trace(ex.input, max_new_tokens=0).positions("user")
                 for v in args.variants:
-                    scores = sites.layer_scores(pos) if v == "layer" else sites.group_scores(pos) if v == "qkv" \
-                        else [sites.scores(v, i)[pos] for i in range(len(sites.groups))]  # (P, G, E) each
+                    if v in ("family", "famoracle"):
+                        scores = None
+                    else:
+                        scores = sites.layer_scores(pos) if v == "layer" else sites.group_scores(pos) \
+                            if v == "qkv" else [sites.scores(v, i)[pos] for i in range(len(sites.groups))]  # (P, G, E)
                     for st in settings:
-                        w = torch.cat([top_weights(s, *st) for s in scores], dim=1)  # (P, cells per token, E)
+                        if scores is None:
+                            w = torch.cat([family_weights(sites, i, pos, family, st, e if v == "famoracle" else None)
+                                           for i in range(len(sites.groups))], dim=1)  # (P, cells per token, E)
+                        else:
+                            w = torch.cat([top_weights(s, *st) for s in scores], dim=1)  # (P, cells per token, E)
                         hits[(v, st)][0].append(float(w.mean((0, 1)).argmax() == e))
                         hits[(v, st)][1].append(float((w.argmax(-1) == e).float().mean()))
     sites.remove()
