@@ -22,7 +22,10 @@ if it routes at a subset), and scores the same hidden states several ways:
   (GenKnowSub's centring, per family instead of per library), so that what add and subtract share no longer counts;
 - `family`: two stages: a token's family is the one whose best member has the largest Arrow score; within it the
   top-k weights come from the family-centred scores; `famoracle`: the second stage alone, inside the own family
-  (an upper bound of how well family-centred prototypes separate a family's members).
+  (an upper bound of how well family-centred prototypes separate a family's members);
+- `null<c>`: Arrow plus a "no expert" slot whose score is c × the site's mean top Arrow score over the
+  calibration prompts: a token whose best expert scores weakly sends its weight there (the base layer), so the
+  mean over the user's text is carried by the tokens with evidence. Its weight counts for no expert.
 
 Each is turned into top-k weights the way the router does, then scored as the routing evaluation does: the
 share of prompts whose user text routes to the own expert by the mean weight, and the share of the user text's
@@ -48,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
 
 VARIANTS = ("arrow", "spectral", "zscore", "ema0.5", "layer", "qkv", "dual", "dualz", "famcentre", "family",
-            "famoracle")
+            "famoracle", "null0.5", "null1", "null1.5", "null2")
 
 
 class Sites:
@@ -114,6 +117,10 @@ class Sites:
         if kind == "spectral":
             a = torch.einsum("gerd,gtd->tger", A, hc)  # (t, G, E, r)
             return torch.einsum("tger,gers,tges->tge", a, K, a).clamp_min(0).sqrt() / s1  # (t, G, E)
+        if kind.startswith("null"):
+            s = torch.einsum("ged,gtd->tge", P, hc).abs()  # (t, G, E)
+            floor = float(kind[4:]) * self.rms[("top", i)]  # (G,)
+            return torch.cat([s, floor.expand(s.shape[0], -1).unsqueeze(-1)], -1)  # (t, G, E + 1): last = none
         if kind == "famcentre":
             return torch.einsum("ged,gtd->tge", self.fam_protos[i], hc).abs()  # (t, G, E)
         if kind.startswith("dual"):
@@ -164,9 +171,13 @@ def calibrate(rm, sites: Sites) -> None:
         for i in range(len(sites.groups)):
             for kind in ("arrow", "dual"):
                 squares.setdefault((kind, i), []).append(sites.scores(kind, i) ** 2)
+            squares.setdefault(("top", i), []).append(sites.scores("arrow", i).amax(-1))  # (t, G)
     rm.set_router(saved)
     for key, parts in squares.items():
-        sites.rms[key] = torch.cat(parts).mean(0).sqrt().clamp_min(1e-12)  # (G, E)
+        if key[0] == "top":
+            sites.rms[key] = torch.cat(parts).mean(0)  # (G,): the mean top score, not a root mean square
+        else:
+            sites.rms[key] = torch.cat(parts).mean(0).sqrt().clamp_min(1e-12)  # (G, E)
 
 
 def top_weights(s: torch.Tensor, k: int, temperature: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -246,7 +257,9 @@ def main(argv=None) -> None:
                                            for i in range(len(sites.groups))], dim=1)  # (P, cells per token, E)
                         else:
                             w = torch.cat([top_weights(s, *st) for s in scores], dim=1)  # (P, cells per token, E)
-                        hits[(v, st)][0].append(float(w.mean((0, 1)).argmax() == e))
+                        w = w[..., : len(rm.experts)]  # a null slot's weight counts for no expert
+                        mean = w.mean((0, 1))  # (E,); all zero when every cell chose no expert: a miss
+                        hits[(v, st)][0].append(float(mean.argmax() == e and mean.max() > 0))
                         hits[(v, st)][1].append(float((w.argmax(-1) == e).float().mean()))
     sites.remove()
     print(f"{Path(args.library).name}, split {args.split}, {args.n} prompts x {len(tasks)} tasks, default router "
