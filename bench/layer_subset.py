@@ -5,7 +5,7 @@ readout (explorer/routing/readout.py) gets its 0.96-0.99 by weighing layers. Thi
 that routes only where the library knows the task would lift own-text routing as the goals define it (largest
 mean weight over the user's text), with no readout:
 
-1. route the first 20 training prompts per task with the library's default router, per token, at every layer
+1. route the first 20 (`--n-train`) training prompts per task with the library's default router, per token, at every layer
    (its own routed layers, if it has any, set aside);
    choose the layer subset S by backward elimination: drop the layer whose removal most raises (or keeps) the
    training prompts' accuracy of the mean weight over S, until every removal would lower it;
@@ -72,6 +72,7 @@ def split_prompts(tasks, own: dict[str, str], split: str, n: int) -> tuple[list[
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     library_arguments(ap, str(ROOT / "assets" / "libraries" / "demo-mbc"))
+    ap.add_argument("--n-train", type=int, default=20, help="training prompts per task to choose S on")
     args = ap.parse_args(argv)
     from explorer.routing.layer import RoutedLinear
     from explorer.routing.model import with_router
@@ -89,7 +90,7 @@ def main(argv=None) -> None:
     def line(label: str, layers: list[int], splits) -> str:
         return f"| {label} | {len(layers)} | " + " | ".join(f"{accuracy(d, layers):.3f}" for d in splits) + " |"
 
-    splits = route("train", 20), route("heldout", 20), route("paraphrase", 10)
+    splits = route("train", args.n_train), route("heldout", 20), route("paraphrase", 10)
     every = list(range(L))
     chosen = eliminate(splits[0], every)
     rows = [line("every layer", every, splits), line("subset S, read from the full routing", chosen, splits)]
@@ -103,7 +104,8 @@ def main(argv=None) -> None:
             g.up.zero_()
             g.clear()
     rm.set_router(with_router(rm, granularity="token", layers=None))  # a new version: no cached result is reused
-    rows.append(line("routed at S only", chosen, [route("train", 20), route("heldout", 20), route("paraphrase", 10)]))
+    rows.append(line("routed at S only", chosen, [route("train", args.n_train), route("heldout", 20),
+                                                  route("paraphrase", 10)]))
     print(f"{Path(args.library).name}, router {rm.router.to_dict()} ({source}), {time.time() - start:.0f} s")
     print(f"S = {[rm.layers[i] for i in chosen]}")
     print("| layers read | how many | training prompts | held-out inputs | held-out wordings |")
