@@ -5,8 +5,8 @@ readout (explorer/routing/readout.py) gets its 0.96-0.99 by weighing layers. Thi
 that routes only where the library knows the task would lift own-text routing as the goals define it (largest
 mean weight over the user's text), with no readout:
 
-1. route the first 20 (`--n-train`) training prompts per task with the library's default router, per token, at every layer
-   (its own routed layers, if it has any, set aside);
+1. route the first 20 (`--n-train`) training prompts per task with the library's default router, per token, at
+   every layer (its own routed layers, if it has any, set aside);
    choose the layer subset S by backward elimination: drop the layer whose removal most raises (or keeps) the
    training prompts' accuracy of the mean weight over S, until every removal would lower it;
 2. score the mean weight over S on held-out inputs (20 per task) and held-out wordings (10 per task);

@@ -84,11 +84,13 @@ class Sites:
             D = torch.linalg.solve(gram + ridge, P)  # (G, E, d): h · D_e = least-squares coefficient of p_e in h
             self.factors.append((P, A, K, s1, mu, D))
         self.rms: dict[tuple[str, int], torch.Tensor] = {}
+        self.top_mean: dict[int, torch.Tensor] = {}  # (G,) per group: the mean top Arrow score on calibration
         self.fam_protos: list[torch.Tensor] = []  # (G, E, d) per group, when family_centre() ran
 
     def family_centre(self, experts: list, family: list[int]) -> None:
         """Family-centred prototypes of every routed group: expert e's factors minus the mean factors of the
-        experts of its family (family[e]), then the exact top right singular vector, as the engine centres."""
+        experts of its family (family[e]), then the exact top right singular vector, as the engine centres (one
+        rank per site, as in the demo libraries: mixed ranks would need the engine's own-rows handling)."""
         from explorer.routing.prototypes import compute_prototypes
 
         fam = torch.tensor(family)  # (E,)
@@ -119,7 +121,7 @@ class Sites:
             return torch.einsum("tger,gers,tges->tge", a, K, a).clamp_min(0).sqrt() / s1  # (t, G, E)
         if kind.startswith("null"):
             s = torch.einsum("ged,gtd->tge", P, hc).abs()  # (t, G, E)
-            floor = float(kind[4:]) * self.rms[("top", i)]  # (G,)
+            floor = float(kind[4:]) * self.top_mean[i]  # (G,)
             return torch.cat([s, floor.expand(s.shape[0], -1).unsqueeze(-1)], -1)  # (t, G, E + 1): last = none
         if kind == "famcentre":
             return torch.einsum("ged,gtd->tge", self.fam_protos[i], hc).abs()  # (t, G, E)
@@ -165,19 +167,19 @@ def calibrate(rm, sites: Sites) -> None:
 
     saved = rm.router
     rm.set_router(with_router(rm, mode="base"))
-    squares: dict[int, list[torch.Tensor]] = {}
+    squares: dict[tuple[str, int], list[torch.Tensor]] = {}
+    tops: dict[int, list[torch.Tensor]] = {}
     for prompt in CALIBRATION_PROMPTS:
         rm.trace(prompt, max_new_tokens=0)
         for i in range(len(sites.groups)):
             for kind in ("arrow", "dual"):
                 squares.setdefault((kind, i), []).append(sites.scores(kind, i) ** 2)
-            squares.setdefault(("top", i), []).append(sites.scores("arrow", i).amax(-1))  # (t, G)
+            tops.setdefault(i, []).append(sites.scores("arrow", i).amax(-1))  # (t, G)
     rm.set_router(saved)
     for key, parts in squares.items():
-        if key[0] == "top":
-            sites.rms[key] = torch.cat(parts).mean(0)  # (G,): the mean top score, not a root mean square
-        else:
-            sites.rms[key] = torch.cat(parts).mean(0).sqrt().clamp_min(1e-12)  # (G, E)
+        sites.rms[key] = torch.cat(parts).mean(0).sqrt().clamp_min(1e-12)  # (G, E)
+    for i, parts in tops.items():
+        sites.top_mean[i] = torch.cat(parts).mean(0)  # (G,)
 
 
 def top_weights(s: torch.Tensor, k: int, temperature: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,7 +262,8 @@ def main(argv=None) -> None:
                         w = w[..., : len(rm.experts)]  # a null slot's weight counts for no expert
                         mean = w.mean((0, 1))  # (E,); all zero when every cell chose no expert: a miss
                         hits[(v, st)][0].append(float(mean.argmax() == e and mean.max() > 0))
-                        hits[(v, st)][1].append(float((w.argmax(-1) == e).float().mean()))
+                        own_top = (w.argmax(-1) == e) & (w.amax(-1) > 0)  # a cell that chose no expert is no hit
+                        hits[(v, st)][1].append(float(own_top.float().mean()))
     sites.remove()
     print(f"{Path(args.library).name}, split {args.split}, {args.n} prompts x {len(tasks)} tasks, default router "
           f"{router.to_dict()} ({source}), {time.time() - start:.0f} s")
