@@ -72,7 +72,7 @@ def signals(rm, prompt: str) -> dict:
 
     trace = rm.trace(prompt, max_new_tokens=0)
     chosen = trace.meta["pick"]  # the readout's pick, with its evidence's routing strength (prompt_level.strength)
-    return {"prompt": prompt, "score": chosen["strength"], "p": chosen["confidence"],
+    return {"prompt": prompt, "score": chosen["strength"], "p": chosen["confidence"], "pick": chosen["expert"],
             "lead": pick(trace.evidence).margin}
 
 
