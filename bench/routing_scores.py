@@ -88,22 +88,26 @@ class Sites:
         self.fam_protos: list[torch.Tensor] = []  # (G, E, d) per group, when family_centre() ran
 
     def family_centre(self, experts: list, family: list[int]) -> None:
-        """Family-centred prototypes of every routed group: expert e's factors minus the mean factors of the
-        experts of its family (family[e]), then the exact top right singular vector, as the engine centres (one
-        rank per site, as in the demo libraries: mixed ranks would need the engine's own-rows handling)."""
+        """Family-centred prototypes of every routed group: each family's factors centred on the family's mean with
+        the engine's own centring (`factor_means`, `centre_site`: mixed ranks included), then the exact prototypes.
+        `family[e]` is expert e's family; every expert covers every routed site."""
+        from explorer.routing.centring import centre_site, factor_means, site_ranks
+        from explorer.routing.layer import pad_rank
         from explorer.routing.prototypes import compute_prototypes
 
         fam = torch.tensor(family)  # (E,)
-        onehot = torch.nn.functional.one_hot(fam).float()  # (E, F)
-        to_mean = (onehot / onehot.sum(0)) @ onehot.T  # (E, E): row e averages e's family
         factors = [x.factors() for x in experts]
         for g in self.groups:
+            ranks = site_ranks(experts, g.sites)
             per_site = []
             for site in g.sites:
-                A = torch.stack([f[site][0] for f in factors]).float()  # (E, r, d)
-                B = torch.stack([f[site][1] for f in factors]).float()  # (E, out, r)
-                Ac = A - torch.einsum("ef,frd->erd", to_mean, A)  # (E, r, d)
-                Bc = B - torch.einsum("ef,for->eor", to_mean, B)  # (E, out, r)
+                r = int(ranks[site].max())
+                A = torch.cat([pad_rank(f[site][0].float()[None], r) for f in factors])  # (E, r, d)
+                B = torch.cat([pad_rank(f[site][1].float().T[None], r) for f in factors]).transpose(1, 2)  # (E, out, r)
+                Ac, Bc = torch.empty_like(A), torch.empty_like(B)
+                for f in fam.unique():
+                    m, rk = fam == f, ranks[site][fam == f]
+                    Ac[m], Bc[m] = centre_site(A[m], B[m], rk, factor_means(A[m], B[m], rk))  # the family's mean
                 per_site.append(compute_prototypes(Ac, Bc))  # (E, d)
             self.fam_protos.append(torch.stack(per_site))  # (G, E, d)
 

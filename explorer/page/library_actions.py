@@ -90,10 +90,10 @@ def warm_maps(session: Session, library) -> dict:
     """The Library tab was opened: when the library's ΔW map is (or after one upload would be) a UMAP map, compile
     UMAP in a background thread now (once per process, 13-15 s), so that an upload's new map does not wait for it.
     Nothing is shown."""
-    from library_store.training.mbc import UMAP_MIN_EXPERTS, warm_umap
+    from library_store.training.mbc import UMAP_MIN_EXPERTS, umap_warmed, warm_umap
 
     lib = session.registry.libs.get(str(library or ""))
-    if lib is not None and len(lib.names()) + 1 >= UMAP_MIN_EXPERTS:
+    if lib is not None and not umap_warmed() and len(lib.names()) + 1 >= UMAP_MIN_EXPERTS:
         threading.Thread(target=warm_umap, name="umap-warm-up", daemon=True).start()
     return {}
 

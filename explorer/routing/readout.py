@@ -153,24 +153,24 @@ def find_readout(readouts: dict, store, router) -> Readout:
     return readouts[key]
 
 
+def _recorded(readouts: dict, store, router, field: str, default):
+    """`field` of the readout fitted for `router`'s evidence settings (`readout_key`: granularity and pick aside), or
+    `default`. A fixed-weight router (base, uniform, one expert) decides nothing, so the store is not read for it."""
+    if router.kind != "arrow":
+        return default
+    try:
+        return getattr(find_readout(readouts, store, router), field)
+    except (ValueError, OSError, KeyError):  # none fitted (MissingReadout), or a stored one unreadable: the default
+        return default
+
+
 def recorded_weak(readouts: dict, store, router) -> float | None:
     """The routing strength under which `router`'s picks and leans are flagged (`Readout.weak_below`), recorded with
     the readout fitted for the same evidence settings; None when there is none (nothing is flagged for it)."""
-    if router.kind != "arrow":
-        return None
-    try:
-        return find_readout(readouts, store, router).weak_below
-    except (ValueError, OSError, KeyError):  # as recorded_lead
-        return None
+    return _recorded(readouts, store, router, "weak_below", None)
 
 
 def recorded_lead(readouts: dict, store, router) -> float:
     """The mean-weight lead under which `router`'s picks and leans are flagged: the one recorded with the readout
-    fitted for the same evidence settings (`readout_key`: granularity and pick aside), else `UNCERTAIN_LEAD`. A
-    fixed-weight router (base, uniform, one expert) decides nothing, so the store is not read for it."""
-    if router.kind != "arrow":
-        return UNCERTAIN_LEAD
-    try:
-        return find_readout(readouts, store, router).uncertain_lead
-    except (ValueError, OSError, KeyError):  # none fitted (MissingReadout), or a stored one unreadable: the default
-        return UNCERTAIN_LEAD
+    fitted for the same evidence settings, else `UNCERTAIN_LEAD`."""
+    return _recorded(readouts, store, router, "uncertain_lead", UNCERTAIN_LEAD)

@@ -117,6 +117,11 @@ _WARM_LOCK = threading.Lock()
 _WARMED = threading.Event()  # set once a UMAP fit has run in this process (its numba code is compiled)
 
 
+def umap_warmed() -> bool:
+    """True once a UMAP fit has run in this process (`warm_umap` would have nothing to do)."""
+    return _WARMED.is_set()
+
+
 def warm_umap() -> bool:
     """Run one small UMAP fit now, unless one has run in this process: the first fit compiles UMAP's numba code
     (13-15 s here), later ones of any size take well under a second. Thread-safe; True when this call compiled."""
