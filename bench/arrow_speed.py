@@ -165,7 +165,8 @@ def bench_library(E, base, experts, lib_path, peft_paths, args, clock, device) -
         from peft import ArrowConfig, create_arrow_model
 
         t0 = time.perf_counter()
-        peft = create_arrow_model(peft_base, peft_paths[:E], ArrowConfig(top_k=args.top_k, router_temperature=1.0)).eval()
+        peft = create_arrow_model(peft_base, peft_paths[:E],
+                                  ArrowConfig(top_k=args.top_k, router_temperature=1.0)).eval()
         res["peft_attach_s"] = time.perf_counter() - t0
         peft.to(device)
         peft(input_ids=ids)  # builds PEFT's prototypes, once

@@ -313,7 +313,8 @@ def quick(out: Path, figures: Path, args, libs: dict | None = None) -> list[dict
         libs = libs or quick_libraries(Path(tmp))
         a = run_setting("A", args, out, figures, "tiny-random-llama", "variants:add_three,last_letter",
                         str(libs["private"]), str(libs["mbc"]), 6, tag="-quick",
-                        split=getattr(args, "split", "heldout"), router_changes=parse_router(getattr(args, "router", "")))
+                        split=getattr(args, "split", "heldout"),
+                        router_changes=parse_router(getattr(args, "router", "")))
         b = run_setting("B", args, out, figures, "tiny-random-llama", quick_mc_spec(Path(tmp)),
                         str(libs["private"]), str(libs["mbc"]), 6, tag="-quick")
         return [a, b]

@@ -118,7 +118,8 @@ def route_prompts(rm, base, texts: list[str], max_tokens: int = 4096, generated:
             n = len(ids[g])
             formatted = base.format_prompt(texts[g])
             traces[g] = RoutingTrace(
-                tokens=rm.display_tokens(seqs[g]), token_ids=seqs[g], is_generated=[i >= n for i in range(len(seqs[g]))],
+                tokens=rm.display_tokens(seqs[g]), token_ids=seqs[g],
+                is_generated=[i >= n for i in range(len(seqs[g]))],
                 layers=rm.layers, modules=rm.modules, experts=list(rm.experts), router=rm.router,
                 routes=_concat(pre, own) if pre is not None else own, prompt=texts[g], formatted_prompt=formatted,
                 text=base.tokenizer.decode(gen[g], skip_special_tokens=True), library=dict(rm.library),

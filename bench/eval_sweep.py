@@ -61,8 +61,8 @@ def exact_matches(base, examples, max_tokens: int = 4096) -> list[int]:
 
 def per_prompt(rm, base, texts: list[str], answer, max_tokens: int = 4096) -> tuple[list, list]:
     """A per-prompt router's answers: each prompt routed per token (`route_prompts`), its pick (`rm.choose`: by
-    mean weight or by the router's readout), then `answer(rows)` -> one result per row, called once per picked expert with that
-    expert alone applied. (results in prompt order, picks)."""
+    mean weight or by the router's readout), then `answer(rows)` -> one result per row, called once per picked
+    expert with that expert alone applied. (results in prompt order, picks)."""
     from bench.eval_routing import route_prompts
 
     chosen = [rm.choose(tr) for tr in route_prompts(rm, base, texts, max_tokens)]
@@ -213,7 +213,8 @@ def sweep(rm, base, tasks, own: dict, n: int, n_em: int, ks: list[int], temps: l
     if em_examples:
         granularity, readout = granularity_step(rm, base, tasks, own, winner, n_fit, n_em, max_tokens)
         winner = {**winner, **granularity["winner"]}
-    evidence = {"rule": RULE, "granularity": granularity, "split": "train", "train_prompts_per_task": n, "em_prompts_per_task": n_em,
+    evidence = {"rule": RULE, "granularity": granularity, "split": "train", "train_prompts_per_task": n,
+                "em_prompts_per_task": n_em,
                 "tasks": sorted(prompts), "grid": {"top_k": ks, "temperature": [float(t) for t in temps],
                                                    "centring": [list(o) for o in options]},
                 "winner": winner, "rows": rows}

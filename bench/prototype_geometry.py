@@ -103,7 +103,8 @@ def library_part(library: str, out: dict) -> None:
 
         rm = RoutedModel(base, experts, RouterConfig(top_k=4))
         switches = []
-        for router in [RouterConfig(top_k=4, centre="mean"), RouterConfig(top_k=4, centre="mean", centre_scope="weights"),
+        for router in [RouterConfig(top_k=4, centre="mean"),
+                       RouterConfig(top_k=4, centre="mean", centre_scope="weights"),
                        RouterConfig(top_k=4), RouterConfig(top_k=4, centre="mean"),
                        RouterConfig(top_k=4, centre="mean", centre_scope="weights")]:
             t0 = time.perf_counter()

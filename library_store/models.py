@@ -107,7 +107,8 @@ def find_smollm2_gguf() -> Path:
 
 def _cache_complete(folder: Path) -> bool:
     marker = folder / "COMPLETE"
-    return marker.is_file() and marker.read_text().strip() == _CACHE_VERSION and (folder / "model.safetensors").is_file()
+    return (marker.is_file() and marker.read_text().strip() == _CACHE_VERSION
+            and (folder / "model.safetensors").is_file())
 
 
 def smollm2_cache_path() -> Path:

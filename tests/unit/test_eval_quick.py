@@ -132,7 +132,8 @@ def test_routing_quick(libs, tmp_path):
         np.testing.assert_allclose(conf.sum(1), 1.0, atol=1e-4)  # top-k softmax weights sum to one per token
         assert r["per_layer"]["layers"] == [0, 1] and all(0 <= a <= 1 for a in r["per_layer"]["accuracy"])
         assert set(r["per_module"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
-        assert 0 <= r["entropy"]["q05"] <= r["entropy"]["q50"] <= r["entropy"]["q95"] <= np.log(r["router"]["top_k"]) + 1e-6
+        entropy, top_k = r["entropy"], r["router"]["top_k"]
+        assert 0 <= entropy["q05"] <= entropy["q50"] <= entropy["q95"] <= np.log(top_k) + 1e-6
         assert 0 <= r["margin"]["q05"] <= r["margin"]["q95"] <= 1
         # the sweep chose the headline router on training prompts, and it was recorded as the default
         sweep = r["sweep"]
@@ -147,7 +148,8 @@ def test_routing_quick(libs, tmp_path):
         assert read_readout(lib, readout_key(RouterConfig.from_dict(r["router"]))) is not None
         rep = read_report(lib)
         assert rep.accuracy["user"] == r["accuracy"]["user"]["mean"] and rep.command == r["command"]
-        assert rep.centring == r["centring"] and rep.per_layer == r["per_layer"] and read_report(lib, "paraphrase") is None
+        assert rep.centring == r["centring"] and rep.per_layer == r["per_layer"]
+        assert read_report(lib, "paraphrase") is None
         assert set(r["s5"]["per_task"]) == set(r["per_task"])  # every task is exact match with an own expert
         saved = json.loads((tmp_path / f"routing-{r['library']}-heldout.json").read_text())
         assert saved["accuracy"] == r["accuracy"]
