@@ -25,7 +25,11 @@ if it routes at a subset), and scores the same hidden states several ways:
   (an upper bound of how well family-centred prototypes separate a family's members);
 - `null<c>`: Arrow plus a "no expert" slot whose score is c × the site's mean top Arrow score over the
   calibration prompts: a token whose best expert scores weakly sends its weight there (the base layer), so the
-  mean over the user's text is carried by the tokens with evidence. Its weight counts for no expert.
+  mean over the user's text is carried by the tokens with evidence. Its weight counts for no expert;
+- `ownz`: Arrow's score divided by the expert's mean score over its *own* task's training prompts (the user's
+  text of the first `--fit-n` per task), per site: how much a token looks like the expert's own text, relative to
+  how much its own text does (a per-expert scale fitted on training prompts, never on the split scored);
+  `trainz`: the same, divided by the expert's mean score over every task's training prompts.
 
 Each is turned into top-k weights the way the router does, then scored as the routing evaluation does: the
 share of prompts whose user text routes to the own expert by the mean weight, and the share of the user text's
@@ -51,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
 
 VARIANTS = ("arrow", "spectral", "zscore", "ema0.5", "layer", "qkv", "dual", "dualz", "famcentre", "family",
-            "famoracle", "null0.5", "null1", "null1.5", "null2")
+            "famoracle", "null0.5", "null1", "null1.5", "null2", "ownz", "trainz")
 
 
 class Sites:
@@ -85,6 +89,7 @@ class Sites:
             self.factors.append((P, A, K, s1, mu, D))
         self.rms: dict[tuple[str, int], torch.Tensor] = {}
         self.top_mean: dict[int, torch.Tensor] = {}  # (G,) per group: the mean top Arrow score on calibration
+        self.fit_mean: dict[tuple[str, int], torch.Tensor] = {}  # (G, E) per group: ownz / trainz scales
         self.fam_protos: list[torch.Tensor] = []  # (G, E, d) per group, when family_centre() ran
 
     def family_centre(self, experts: list, family: list[int]) -> None:
@@ -127,6 +132,8 @@ class Sites:
             s = torch.einsum("ged,gtd->tge", P, hc).abs()  # (t, G, E)
             floor = float(kind[4:]) * self.top_mean[i]  # (G,)
             return torch.cat([s, floor.expand(s.shape[0], -1).unsqueeze(-1)], -1)  # (t, G, E + 1): last = none
+        if kind in ("ownz", "trainz"):
+            return torch.einsum("ged,gtd->tge", P, hc).abs() / self.fit_mean[(kind, i)]  # (t, G, E)
         if kind == "famcentre":
             return torch.einsum("ged,gtd->tge", self.fam_protos[i], hc).abs()  # (t, G, E)
         if kind.startswith("dual"):
@@ -186,6 +193,28 @@ def calibrate(rm, sites: Sites) -> None:
         sites.top_mean[i] = torch.cat(parts).mean(0)  # (G,)
 
 
+def fit_scales(rm, sites: Sites, tasks: list, own: dict[str, str], n: int) -> None:
+    """`ownz` and `trainz` scales: each expert's mean Arrow score per site over the user's text of the first `n`
+    training prompts of its own task(s) (ownz) or of every task (trainz)."""
+    E = len(rm.experts)
+    sums = {i: torch.zeros(g.n_members, E) for i, g in enumerate(sites.groups)}  # (G, E) over every task
+    own_sums = {i: torch.zeros(g.n_members, E) for i, g in enumerate(sites.groups)}  # (G, E) over own tasks
+    count, own_count = 0, torch.zeros(E)  # tokens
+    for task in tasks:
+        e = rm.experts.index(own[task.name])
+        for ex in task.examples("train")[:n]:
+            pos = rm.trace(ex.input, max_new_tokens=0).positions("user")
+            count += len(pos)
+            own_count[e] += len(pos)
+            for i in sums:
+                s = sites.scores("arrow", i)[pos].sum(0)  # (G, E)
+                sums[i] += s
+                own_sums[i][:, e] += s[:, e]
+    for i in sums:
+        sites.fit_mean[("trainz", i)] = (sums[i] / count).clamp_min(1e-12)
+        sites.fit_mean[("ownz", i)] = (own_sums[i] / own_count.clamp_min(1)).clamp_min(1e-12)
+
+
 def top_weights(s: torch.Tensor, k: int, temperature: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """(..., E) scores -> the router's top-k softmax(s / T) weights, 0 elsewhere; only `allowed` experts
     ((..., E) bool) compete when given (k shrinks to how many are allowed)."""
@@ -217,6 +246,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=6, help="prompts per task")
     ap.add_argument("--settings", nargs="+", metavar="K:T",
                     help="top-k:temperature pairs to score (default: the router's own, and top-4 at T 1)")
+    ap.add_argument("--fit-n", type=int, default=20, help="ownz / trainz: training prompts per task to fit on")
     ap.add_argument("--dual-ridge", type=float, default=0.05, help="λ of the dual scores, a share of the mean "
                     "diagonal of the prototypes' Gram matrix")
     args = ap.parse_args(argv)
@@ -240,12 +270,15 @@ def main(argv=None) -> None:
         names = sorted({builtin_family(x.info.tasks[0]) for x in experts})
         family = torch.tensor([names.index(builtin_family(x.info.tasks[0])) for x in experts])  # (E,)
         sites.family_centre(experts, family.tolist())
+    tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
+    if {"ownz", "trainz"} & set(args.variants):
+        with torch.no_grad():
+            fit_scales(rm, sites, tasks, own, args.fit_n)
     router = rm.router
     settings = [(router.top_k, router.temperature), (min(4, len(rm.experts)), 1.0)]
     if args.settings:
         settings = [(min(int(k), len(rm.experts)), float(t)) for k, t in (x.split(":") for x in args.settings)]
     hits = {(v, st): ([], []) for v in args.variants for st in settings}
-    tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
     with torch.no_grad():
         for task in tasks:
             e = rm.experts.index(own[task.name])
