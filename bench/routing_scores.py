@@ -29,7 +29,10 @@ if it routes at a subset), and scores the same hidden states several ways:
 - `ownz`: Arrow's score divided by the expert's mean score over its *own* task's training prompts (the user's
   text of the first `--fit-n` per task), per site: how much a token looks like the expert's own text, relative to
   how much its own text does (a per-expert scale fitted on training prompts, never on the split scored);
-  `trainz`: the same, divided by the expert's mean score over every task's training prompts.
+  `trainz`: the same, divided by the expert's mean score over every task's training prompts;
+- `bias`: Arrow's score plus T · b, with one bias b per (site, expert) fitted on the same training prompts so
+  that softmax(s / T + b) gives each user-text cell's own expert the largest probability (cross-entropy, Adam);
+  T is the default router's temperature. A router with learned offsets, no longer training-free Arrow.
 
 Each is turned into top-k weights the way the router does, then scored as the routing evaluation does: the
 share of prompts whose user text routes to the own expert by the mean weight, and the share of the user text's
@@ -55,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
 
 VARIANTS = ("arrow", "spectral", "zscore", "ema0.5", "layer", "qkv", "dual", "dualz", "famcentre", "family",
-            "famoracle", "null0.5", "null1", "null1.5", "null2", "ownz", "trainz")
+            "famoracle", "null0.5", "null1", "null1.5", "null2", "ownz", "trainz", "bias")
 
 
 class Sites:
@@ -90,6 +93,7 @@ class Sites:
         self.rms: dict[tuple[str, int], torch.Tensor] = {}
         self.top_mean: dict[int, torch.Tensor] = {}  # (G,) per group: the mean top Arrow score on calibration
         self.fit_mean: dict[tuple[str, int], torch.Tensor] = {}  # (G, E) per group: ownz / trainz scales
+        self.bias: dict[int, torch.Tensor] = {}  # (G, E) per group: T · b of the `bias` variant
         self.fam_protos: list[torch.Tensor] = []  # (G, E, d) per group, when family_centre() ran
 
     def family_centre(self, experts: list, family: list[int]) -> None:
@@ -132,6 +136,8 @@ class Sites:
             s = torch.einsum("ged,gtd->tge", P, hc).abs()  # (t, G, E)
             floor = float(kind[4:]) * self.top_mean[i]  # (G,)
             return torch.cat([s, floor.expand(s.shape[0], -1).unsqueeze(-1)], -1)  # (t, G, E + 1): last = none
+        if kind == "bias":
+            return torch.einsum("ged,gtd->tge", P, hc).abs() + self.bias[i]  # (t, G, E)
         if kind in ("ownz", "trainz"):
             return torch.einsum("ged,gtd->tge", P, hc).abs() / self.fit_mean[(kind, i)]  # (t, G, E)
         if kind == "famcentre":
@@ -200,19 +206,35 @@ def fit_scales(rm, sites: Sites, tasks: list, own: dict[str, str], n: int) -> No
     sums = {i: torch.zeros(g.n_members, E) for i, g in enumerate(sites.groups)}  # (G, E) over every task
     own_sums = {i: torch.zeros(g.n_members, E) for i, g in enumerate(sites.groups)}  # (G, E) over own tasks
     count, own_count = 0, torch.zeros(E)  # tokens
+    cells: dict[int, list[torch.Tensor]] = {i: [] for i in sums}  # the `bias` fit's inputs, (t, G, E) each
+    labels: list[torch.Tensor] = []  # (t,) own expert per token
     for task in tasks:
         e = rm.experts.index(own[task.name])
         for ex in task.examples("train")[:n]:
             pos = rm.trace(ex.input, max_new_tokens=0).positions("user")
             count += len(pos)
             own_count[e] += len(pos)
+            labels.append(torch.full((len(pos),), e))
             for i in sums:
-                s = sites.scores("arrow", i)[pos].sum(0)  # (G, E)
-                sums[i] += s
-                own_sums[i][:, e] += s[:, e]
+                s = sites.scores("arrow", i)[pos]  # (t, G, E)
+                cells[i].append(s)
+                sums[i] += s.sum(0)
+                own_sums[i][:, e] += s.sum(0)[:, e]
     for i in sums:
         sites.fit_mean[("trainz", i)] = (sums[i] / count).clamp_min(1e-12)
         sites.fit_mean[("ownz", i)] = (own_sums[i] / own_count.clamp_min(1)).clamp_min(1e-12)
+    y = torch.cat(labels)  # (N,)
+    for i in sums:
+        s = torch.cat(cells[i]) / rm.router.temperature  # (N, G, E)
+        b = torch.zeros(s.shape[1:], requires_grad=True)  # (G, E)
+        opt = torch.optim.Adam([b], lr=0.05)
+        with torch.enable_grad():
+            for _ in range(300):
+                loss = torch.nn.functional.cross_entropy((s + b).flatten(0, 1), y.repeat_interleave(s.shape[1]))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        sites.bias[i] = rm.router.temperature * b.detach()  # (G, E): added to the raw score
 
 
 def top_weights(s: torch.Tensor, k: int, temperature: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -271,7 +293,7 @@ def main(argv=None) -> None:
         family = torch.tensor([names.index(builtin_family(x.info.tasks[0])) for x in experts])  # (E,)
         sites.family_centre(experts, family.tolist())
     tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
-    if {"ownz", "trainz"} & set(args.variants):
+    if {"ownz", "trainz", "bias"} & set(args.variants):
         with torch.no_grad():
             fit_scales(rm, sites, tasks, own, args.fit_n)
     router = rm.router
