@@ -30,8 +30,8 @@ than `--sweep`. Held-out prompts never choose anything. A per-prompt router's pr
 alone; their routing (accuracy, entropy, margin) is read from the per-token evidence over prompt and answer.
 
 Writes `bench/results/routing-<library>-<split>.json`, `docs/figures/routing-<library>-<split>-{confusion,layers}
-.svg`, regenerates `docs/routing.md` from every such result (`bench/eval_docs.py`), and with `--record` stores the
-RoutingReport in the library (`library_store.store.reports`; the library is opened writable only then).
+.svg`, regenerates `docs/routing.md` from every such result (`bench/eval_docs.py`; with another `--out`, all three
+go there), and with `--record` stores the RoutingReport in the library (opened writable only then).
 """
 from __future__ import annotations
 
@@ -88,8 +88,7 @@ def _concat(a, b):
 
 
 @torch.no_grad()
-def route_prompts(rm, base, texts: list[str], max_tokens: int = 4096, generated: list[list[int]] | None = None
-                  ) -> list:
+def route_prompts(rm, base, texts: list[str], max_tokens: int = 4096, generated: list[list[int]] | None = None) -> list:
     """One `RoutingTrace` per prompt, routed in batches: the shared template prefix once (its routing cannot
     depend on what follows), the rest in right-padded batches whose pads are dropped. `generated[i]` (token
     ids, e.g. from `greedy_generate_ids`) are fed after prompt i and marked generated: a causal model routes
@@ -118,8 +117,7 @@ def route_prompts(rm, base, texts: list[str], max_tokens: int = 4096, generated:
             n = len(ids[g])
             formatted = base.format_prompt(texts[g])
             traces[g] = RoutingTrace(
-                tokens=rm.display_tokens(seqs[g]), token_ids=seqs[g],
-                is_generated=[i >= n for i in range(len(seqs[g]))],
+                tokens=rm.display_tokens(seqs[g]), token_ids=seqs[g], is_generated=[False] * n + [True] * len(gen[g]),
                 layers=rm.layers, modules=rm.modules, experts=list(rm.experts), router=rm.router,
                 routes=_concat(pre, own) if pre is not None else own, prompt=texts[g], formatted_prompt=formatted,
                 text=base.tokenizer.decode(gen[g], skip_special_tokens=True), library=dict(rm.library),
@@ -276,10 +274,8 @@ def headline_router(lib, args):
     from bench.eval_common import library_router
 
     router, source = library_router(lib)
-    given = {k: v for k, v in (("top_k", args.top_k), ("temperature", args.temperature), ("centre", args.centre),
-                               ("centre_scope", args.centre_scope), ("input_centre", args.input_centre),
-                               ("granularity", args.granularity))
-             if v is not None}
+    names = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "granularity")
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     return (replace(router, mode="arrow", **given), "command line") if given else (router, source)
 
 
@@ -373,13 +369,17 @@ def parse(argv=None):
     ap.add_argument("--sweep-t", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.3, 1.0])
     ap.add_argument("--record", action="store_true", help="store the report (and a swept default) in the library")
     ap.add_argument("--tasks", help="task spec, default: the built-in tasks the library's experts name")
-    ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--figures", default=str(FIGURES))
-    ap.add_argument("--docs", default=str(DOCS), help="markdown regenerated from the results ('' to skip)")
+    ap.add_argument("--out", default=str(RESULTS), help="results (elsewhere: the figures and markdown go there too)")
+    ap.add_argument("--figures")
+    ap.add_argument("--docs", help="markdown regenerated from the results ('' to skip)")
     ap.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per forward batch")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--quick", action="store_true")
-    return ap, ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    home = Path(args.out).resolve() == RESULTS.resolve()  # elsewhere (a probe) never rewrites docs/
+    args.figures = args.figures or str(FIGURES if home else Path(args.out) / "figures")
+    args.docs = str(DOCS if home else Path(args.out) / "routing.md") if args.docs is None else args.docs
+    return ap, args
 
 
 def main(argv=None) -> None:
