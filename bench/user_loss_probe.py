@@ -77,13 +77,18 @@ def weighted_loss(weight: float):
     return loss
 
 
+def no_shared_prefix(*_args, **_kwargs):
+    raise SystemExit("user_loss_probe: the weighted loss runs on a shared prompt prefix (the chat template's system "
+                     "turn); these examples share none (--no-chat?).")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--user-weight", type=float, required=True, help="loss weight of a user-text token")
     args, rest = ap.parse_known_args()
     train.encode = user_text_encoder(train.encode)
     train.prefix_target_loss = weighted_loss(args.user_weight)
-    train.target_loss = None  # every suite prompt shares the chat template's system turn: never used
+    train.target_loss = no_shared_prefix
     sys.exit(cli.main(["build", "private", *rest]))
 
 
