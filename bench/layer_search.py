@@ -31,8 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
-from bench.layer_subset import accuracy, eliminate, layer_weights, split_prompts  # noqa: E402
+from bench.eval_common import library_arguments  # noqa: E402
+from bench.layer_subset import accuracy, eliminate, every_layer, layer_weights, split_prompts  # noqa: E402
 
 
 def margin(data, layers: list[int]) -> np.ndarray:
@@ -75,13 +75,8 @@ def main(argv=None) -> None:
     library_arguments(ap, str(ROOT / "assets" / "libraries" / "demo-private"))
     ap.add_argument("--n-train", type=int, default=100, help="training prompts per task to choose on")
     args = ap.parse_args(argv)
-    from explorer.routing.model import with_router
-    from library_store.tasks import resolve_tasks
-
     start = time.time()
-    rm, source, own = attach_from_args(args)
-    rm.set_router(with_router(rm, granularity="token", layers=None))  # per token, at every layer
-    tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
+    rm, source, own, tasks = every_layer(args)
     splits = [layer_weights(rm, rm.base, *split_prompts(tasks, own, split, n))
               for split, n in (("train", args.n_train), ("heldout", 20), ("paraphrase", 10))]
     experts, L = list(rm.experts), len(rm.layers)

@@ -63,6 +63,18 @@ def eliminate(data, layers: list, score=accuracy) -> list:
     return layers
 
 
+def every_layer(args):
+    """The library of `args` attached with its default router, switched to route per token at every layer (its own
+    routed layers, if any, set aside): the evidence the layer probes read. (RoutedModel, the router's source,
+    {task: own expert}, the library's built-in tasks)."""
+    from explorer.routing.model import with_router
+    from library_store.tasks import resolve_tasks
+
+    rm, source, own = attach_from_args(args)
+    rm.set_router(with_router(rm, granularity="token", layers=None))
+    return rm, source, own, resolve_tasks("builtin:" + ",".join(sorted(own)))
+
+
 def split_prompts(tasks, own: dict[str, str], split: str, n: int) -> tuple[list[str], list[str]]:
     """The first n examples of `split` of every task: (their inputs, the expert trained on each one's task)."""
     pairs = [(e.input, own[task.name]) for task in tasks for e in task.examples(split)[:n]]
@@ -76,13 +88,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     from explorer.routing.layer import RoutedLinear
     from explorer.routing.model import with_router
-    from library_store.tasks import resolve_tasks
 
     start = time.time()
-    rm, source, own = attach_from_args(args)
-    rm.set_router(with_router(rm, granularity="token", layers=None))  # the evidence, per token, at every layer
+    rm, source, own, tasks = every_layer(args)
     base, L = rm.base, len(rm.layers)
-    tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
 
     def route(split: str, n: int):
         return layer_weights(rm, base, *split_prompts(tasks, own, split, n))

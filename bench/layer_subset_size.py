@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
-from bench.layer_subset import accuracy, eliminate, layer_weights  # noqa: E402
+from bench.eval_common import library_arguments  # noqa: E402
+from bench.layer_subset import accuracy, eliminate, every_layer, layer_weights  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -31,13 +31,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 40, 60, 100], help="training prompts per task")
     ap.add_argument("--n-val", type=int, default=40, help="validation prompts per task, the training prompts after")
     args = ap.parse_args(argv)
-    from explorer.routing.model import with_router
-    from library_store.tasks import resolve_tasks
-
     start = time.time()
-    rm, source, own = attach_from_args(args)
-    rm.set_router(with_router(rm, granularity="token", layers=None))  # the evidence, per token, at every layer
-    tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
+    rm, source, own, tasks = every_layer(args)
     top = max(args.sizes)
     pairs = [(e.input, own[t.name], i) for t in tasks for i, e in enumerate(t.examples("train")[: top + args.n_val])]
     X, y = layer_weights(rm, rm.base, [p for p, _, _ in pairs], [e for _, e, _ in pairs])  # (n, L, E), (n,)

@@ -199,9 +199,10 @@ def calibrate(rm, sites: Sites) -> None:
         sites.top_mean[i] = torch.cat(parts).mean(0)  # (G,)
 
 
-def fit_scales(rm, sites: Sites, tasks: list, own: dict[str, str], n: int) -> None:
-    """`ownz` and `trainz` scales: each expert's mean Arrow score per site over the user's text of the first `n`
-    training prompts of its own task(s) (ownz) or of every task (trainz)."""
+def fit_on_training(rm, sites: Sites, tasks: list, own: dict[str, str], n: int, bias: bool) -> None:
+    """What the fitted variants need, from the user's text of the first `n` training prompts per task: the
+    `ownz` and `trainz` scales (each expert's mean Arrow score per site over its own task(s)' prompts, or every
+    task's) and, with `bias`, the `bias` variant's offsets."""
     E = len(rm.experts)
     sums = {i: torch.zeros(g.n_members, E) for i, g in enumerate(sites.groups)}  # (G, E) over every task
     own_sums = {i: torch.zeros(g.n_members, E) for i, g in enumerate(sites.groups)}  # (G, E) over own tasks
@@ -217,14 +218,15 @@ def fit_scales(rm, sites: Sites, tasks: list, own: dict[str, str], n: int) -> No
             labels.append(torch.full((len(pos),), e))
             for i in sums:
                 s = sites.scores("arrow", i)[pos]  # (t, G, E)
-                cells[i].append(s)
+                if bias:
+                    cells[i].append(s)
                 sums[i] += s.sum(0)
                 own_sums[i][:, e] += s.sum(0)[:, e]
     for i in sums:
         sites.fit_mean[("trainz", i)] = (sums[i] / count).clamp_min(1e-12)
         sites.fit_mean[("ownz", i)] = (own_sums[i] / own_count.clamp_min(1)).clamp_min(1e-12)
     y = torch.cat(labels)  # (N,)
-    for i in sums:
+    for i in sums if bias else ():
         s = torch.cat(cells[i]) / rm.router.temperature  # (N, G, E)
         b = torch.zeros(s.shape[1:], requires_grad=True)  # (G, E)
         opt = torch.optim.Adam([b], lr=0.05)
@@ -268,7 +270,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=6, help="prompts per task")
     ap.add_argument("--settings", nargs="+", metavar="K:T",
                     help="top-k:temperature pairs to score (default: the router's own, and top-4 at T 1)")
-    ap.add_argument("--fit-n", type=int, default=20, help="ownz / trainz: training prompts per task to fit on")
+    ap.add_argument("--fit-n", type=int, default=20, help="ownz, trainz, bias: training prompts per task to fit on")
     ap.add_argument("--dual-ridge", type=float, default=0.05, help="λ of the dual scores, a share of the mean "
                     "diagonal of the prototypes' Gram matrix")
     args = ap.parse_args(argv)
@@ -295,7 +297,7 @@ def main(argv=None) -> None:
     tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
     if {"ownz", "trainz", "bias"} & set(args.variants):
         with torch.no_grad():
-            fit_scales(rm, sites, tasks, own, args.fit_n)
+            fit_on_training(rm, sites, tasks, own, args.fit_n, bias="bias" in args.variants)
     router = rm.router
     settings = [(router.top_k, router.temperature), (min(4, len(rm.experts)), 1.0)]
     if args.settings:
