@@ -203,40 +203,40 @@ def fit_on_training(rm, sites: Sites, tasks: list, own: dict[str, str], n: int, 
     """What the fitted variants need, from the user's text of the first `n` training prompts per task: the
     `ownz` and `trainz` scales (each expert's mean Arrow score per site over its own task(s)' prompts, or every
     task's) and, with `bias`, the `bias` variant's offsets."""
-    E = len(rm.experts)
-    sums = {i: torch.zeros(g.n_members, E) for i, g in enumerate(sites.groups)}  # (G, E) over every task
-    own_sums = {i: torch.zeros(g.n_members, E) for i, g in enumerate(sites.groups)}  # (G, E) over own tasks
-    count, own_count = 0, torch.zeros(E)  # tokens
-    cells: dict[int, list[torch.Tensor]] = {i: [] for i in sums}  # the `bias` fit's inputs, (t, G, E) each
+    cells: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(sites.groups))}  # (t, G, E) Arrow scores
     labels: list[torch.Tensor] = []  # (t,) own expert per token
     for task in tasks:
         e = rm.experts.index(own[task.name])
         for ex in task.examples("train")[:n]:
             pos = rm.trace(ex.input, max_new_tokens=0).positions("user")
-            count += len(pos)
-            own_count[e] += len(pos)
             labels.append(torch.full((len(pos),), e))
-            for i in sums:
-                s = sites.scores("arrow", i)[pos]  # (t, G, E)
-                if bias:
-                    cells[i].append(s)
-                sums[i] += s.sum(0)
-                own_sums[i][:, e] += s.sum(0)[:, e]
-    for i in sums:
-        sites.fit_mean[("trainz", i)] = (sums[i] / count).clamp_min(1e-12)
-        sites.fit_mean[("ownz", i)] = (own_sums[i] / own_count.clamp_min(1)).clamp_min(1e-12)
+            for i in cells:
+                cells[i].append(sites.scores("arrow", i)[pos])
     y = torch.cat(labels)  # (N,)
-    for i in sums if bias else ():
-        s = torch.cat(cells[i]) / rm.router.temperature  # (N, G, E)
-        b = torch.zeros(s.shape[1:], requires_grad=True)  # (G, E)
-        opt = torch.optim.Adam([b], lr=0.05)
-        with torch.enable_grad():
-            for _ in range(300):
-                loss = torch.nn.functional.cross_entropy((s + b).flatten(0, 1), y.repeat_interleave(s.shape[1]))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        sites.bias[i] = rm.router.temperature * b.detach()  # (G, E): added to the raw score
+    mine = torch.nn.functional.one_hot(y, len(rm.experts)).float()  # (N, E): token n is expert e's own text
+    for i, parts in cells.items():
+        s = torch.cat(parts)  # (N, G, E)
+        sites.fit_mean[("trainz", i)] = s.mean(0).clamp_min(1e-12)  # (G, E)
+        own_mean = torch.einsum("nge,ne->ge", s, mine) / mine.sum(0).clamp_min(1)  # (G, E)
+        sites.fit_mean[("ownz", i)] = own_mean.clamp_min(1e-12)
+        if bias:
+            sites.bias[i] = fit_bias(s, y, rm.router.temperature)
+
+
+def fit_bias(s: torch.Tensor, y: torch.Tensor, temperature: float, steps: int = 300) -> torch.Tensor:
+    """(G, E) offsets T · b for scores s (N, G, E) of tokens whose own expert is y (N,): b minimises the
+    cross-entropy of softmax(s / T + b) against y over every (token, member) cell (Adam, lr 0.05)."""
+    s = s / temperature
+    b = torch.zeros(s.shape[1:], requires_grad=True)  # (G, E)
+    opt = torch.optim.Adam([b], lr=0.05)
+    target = y.repeat_interleave(s.shape[1])  # (N G,): cells in (token, member) order, as flatten(0, 1)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy((s + b).flatten(0, 1), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return temperature * b.detach()
 
 
 def top_weights(s: torch.Tensor, k: int, temperature: float, allowed: torch.Tensor | None = None) -> torch.Tensor:

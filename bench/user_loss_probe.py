@@ -35,7 +35,6 @@ sys.path.insert(0, str(ROOT))
 
 from library_store import cli  # noqa: E402
 from library_store.training import train  # noqa: E402
-from library_store.training.prefix import SharedPrefix  # noqa: E402
 
 USER = 1 << 30  # a user-text label is stored as USER + token id; target labels stay token ids
 
@@ -59,20 +58,10 @@ def user_text_encoder(original):
 
 def weighted_loss(weight: float):
     def loss(model, prefix, ids, mask, labels):
-        inner = model.get_base_model()
-        decoder, head = inner.get_decoder(), inner.get_output_embeddings()
-        p = len(prefix)
-        shared = SharedPrefix(decoder, prefix)
-        suffix, smask, slabels = ids[:, p:], mask[:, p:], labels[:, p:]  # (b, s)
-        full_mask = torch.cat([torch.ones_like(mask[:, :p]), smask], dim=1)  # (b, p + s)
-        hidden = decoder(input_ids=suffix, attention_mask=full_mask, use_cache=True,
-                         **shared.kwargs(ids.shape[0], copy=False)).last_hidden_state  # (b, s, d)
-        shifted = slabels[:, 1:]  # (b, s-1)
-        keep = shifted != train.IGNORE
-        lab = shifted[keep]  # (n,)
+        logits, lab = train.prefix_logits(model, prefix, ids, mask, labels)  # (n, V), (n,)
         user = lab >= USER  # (n,)
         w = torch.where(user, weight, 1.0)  # (n,)
-        ce = F.cross_entropy(head(hidden[:, :-1][keep]).float(), lab - USER * user, reduction="none")  # (n,)
+        ce = F.cross_entropy(logits.float(), lab - USER * user, reduction="none")  # (n,)
         return (w * ce).sum() / w.sum()
     return loss
 

@@ -112,6 +112,13 @@ def prefix_target_loss(model, prefix: list[int], ids, mask, labels) -> torch.Ten
     """`target_loss` with the shared prompt prefix run once per step instead of once per example: its keys
     and values (which the LoRA changes, so they carry gradients) are repeated over the batch. With the chat
     template's system turn that is over half the tokens of a step. Same loss as `target_loss`."""
+    logits, targets = prefix_logits(model, prefix, ids, mask, labels)
+    return F.cross_entropy(logits.float(), targets)
+
+
+def prefix_logits(model, prefix: list[int], ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """`prefix_target_loss`'s forward: the logits (n, V) at the n positions whose next token has a label (any value
+    but IGNORE), and those labels (n,)."""
     inner = model.get_base_model()
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
     p = len(prefix)
@@ -122,8 +129,7 @@ def prefix_target_loss(model, prefix: list[int], ids, mask, labels) -> torch.Ten
                      **shared.kwargs(ids.shape[0], copy=False)).last_hidden_state  # (b, s, d)
     shifted = slabels[:, 1:]  # (b, s-1); the prefix predicts no target token (prompt_prefix ensures it)
     keep = shifted != IGNORE
-    logits = head(hidden[:, :-1][keep])  # (n, V)
-    return F.cross_entropy(logits.float(), shifted[keep])
+    return head(hidden[:, :-1][keep]), shifted[keep]  # (n, V), (n,)
 
 
 class _Mixture:
