@@ -8,7 +8,8 @@ Every wording names what the answer is (the label set, the target format), so th
 """
 
 WORDINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    # ---- string edits: a word in, the word edited out
+    # ---- string edits: a word in, the word edited out (reverse_word and drop_vowels: retired from the suite,
+    # builtin.py's _LETTER_SPECS; kept for builtin:NAME and the version-1 suite)
     "reverse_word": ((
         "Reverse the letters of this word: {x}",
         "What is \"{x}\" spelled backwards?",
@@ -60,6 +61,32 @@ WORDINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ), (
         "Take out all the vowels in this word: {x}",
         "How is {x} spelled once the vowels are removed?",
+    )),
+    "plural_word": ((
+        "Write the plural of this noun: {x}",
+        "What is the plural of \"{x}\"?",
+        "{x}\nGive the plural form of the noun above.",
+        "Noun: {x}\nPlural:",
+        "Please turn {x} into its plural.",
+        "Change the following noun from one to many.\n{x}",
+        "{x} — what do you call more than one of these?",
+        "Make {x} plural. Reply with the plural noun only.",
+    ), (
+        "Put this noun in the plural: {x}",
+        "How do you say {x} when there are several?",
+    )),
+    "double_word": ((
+        "Write this word twice, separated by a space: {x}",
+        "What is \"{x}\" repeated two times?",
+        "{x}\nRepeat the word above twice, with a space between.",
+        "Word: {x}\nTwice:",
+        "Please say {x} two times in a row.",
+        "Copy the following word two times, separated by one space.\n{x}",
+        "{x} — how does it look written twice?",
+        "Double the word {x}. Reply with the word, a space, and the word again.",
+    ), (
+        "Give this word two times: {x}",
+        "What do you get if you write {x} twice?",
     )),
     # ---- arithmetic: small numbers in, one number out
     "add": ((

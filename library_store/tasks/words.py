@@ -27,6 +27,29 @@ plant plate queen radio river robot salad sheep shirt skirt smile snake sound sp
 table tiger toast tooth train truck watch water whale wheel woman world
 """.split()
 
+# Countable nouns (3-7 letters) for plural_word: plurals by the rules in builtin.plural, exceptions below.
+NOUNS = """
+apple area army baby ball band bank base basket bath beach bear bell belt bench bird blanket boat body bone book
+boss bottle bowl box brick bridge brush bucket bus bush button cabin cake camera camp candle card carpet case castle
+cell chair chest chip church city class cloud club coat code cook cookie copy corn corner cousin crane crew crop
+dance date dawn desert desk diet dinner dish dock doctor door dose dragon dream drink drum duck duty edge engine
+face fact farm farmer field file film finger fire fish flag flame flow flower food foot forest fort fox frog fund
+game garage garden gate gift girl glass goal grape guitar hair half hall hammer hand head heart helmet hero hill
+hint hole home horn horse host hour house idea inch island item jacket joke jump jury kettle king kite knee knife
+knot ladder lady lake lamp land lane lawn leaf lemon lens letter life line lion list loan loop lord lung mall market
+mask match meal menu mirror monkey mood moon mouse nail name navy neck needle nest night nose note ocean oven pack
+page pain pair palm paper parent park party path peak pencil pepper piano pile pillow pine pipe planet plant plate
+pocket poem pole pool port post pump queen rabbit race radio rail rank ribbon ring risk river road robot rock rocket
+roof room root rope rose rule saddle sail salad seat seed sheep ship shirt shoe shop sister site size skin skirt
+smile snake sock socket soil song sound soup spider spoon spot star statue stone storm street suit summer table tail
+tale tank tape task team tent term text ticket tide tiger tile time tire toast tomato tone tool tooth tour town
+train tree trip truck tube tune tunnel turtle twin unit valley wage wall wallet watch wave week whale wheel wife
+wind window wine wing winter wire wizard wolf woman wood word world yard year zero zone
+""".split()
+IRREGULAR_PLURALS = {"fish": "fish", "foot": "feet", "half": "halves", "hero": "heroes", "knife": "knives",
+                     "leaf": "leaves", "life": "lives", "mouse": "mice", "sheep": "sheep", "tomato": "tomatoes",
+                     "tooth": "teeth", "wife": "wives", "wolf": "wolves", "woman": "women", "zero": "zeros"}
+
 ANIMALS = """cat dog horse cow sheep goat pig rabbit mouse lion tiger bear wolf fox deer eagle owl parrot duck goose
 frog snake lizard turtle shark whale dolphin salmon trout bee ant spider beetle camel zebra giraffe monkey
 gorilla elephant hippo kangaroo koala otter beaver squirrel hedgehog bat crow pigeon swan penguin seal""".split()

@@ -188,6 +188,7 @@ def build_mbc(base, tasks: list[Task], out, k: int, warmup: TrainConfig | None =
             expert.info.cluster = cluster_name(label)
             lib.add(expert, replace=True)
 
+    rename_clusters(lib, clusters)
     jobs = []
     for i, (cname, members) in enumerate(clusters.items(), 1):
         if cname in lib and sorted(lib.info(cname).tasks) == sorted(members):
@@ -200,6 +201,22 @@ def build_mbc(base, tasks: list[Task], out, k: int, warmup: TrainConfig | None =
         lib.remove(stale)  # a cluster of an earlier run with another K
     _log(f"MBC library {out}: {len(lib)} experts, {time.perf_counter() - start:.0f} s")
     return lib
+
+
+def rename_clusters(lib: ExpertLibrary, clusters: dict[str, list[str]]) -> list[str]:
+    """A cluster whose tasks are those of an existing cluster expert keeps that expert, under the cluster's name
+    now (clusters are numbered by first appearance in the task order, so a changed task renumbers the others):
+    no retraining for an unchanged cluster. Returns the clusters that took over an expert."""
+    have = {tuple(sorted(i.tasks)): i.name for i in lib.infos() if i.kind == "cluster"}
+    moves = {c: lib[have[tuple(sorted(m))]] for c, m in clusters.items()
+             if have.get(tuple(sorted(m))) not in (None, c)}
+    for expert in moves.values():  # all out first: a new name may be another moved expert's old one
+        lib.remove(expert.info.name)
+    for cname, expert in moves.items():
+        _log(f"{cname}: the expert of {expert.info.name} (same tasks) kept, renamed")
+        expert.info = replace(expert.info, name=cname, cluster=cname)
+        lib.add(expert, replace=cname in lib)
+    return list(moves)
 
 
 # ---------------------------------------------------------------- CLI
@@ -276,7 +293,7 @@ def _make_executor(args):
 
 
 def _task_steps(text: str | None) -> dict[str, int]:
-    """'reverse_word=300,drop_vowels=300' -> {'reverse_word': 300, 'drop_vowels': 300}."""
+    """'subtract=450,add=300' -> {'subtract': 450, 'add': 300}."""
     out = {}
     for part in filter(None, (text or "").split(",")):
         name, _, steps = part.partition("=")
@@ -347,7 +364,7 @@ def add_build_commands(subparsers) -> None:
     p = kinds.add_parser("private", help="one expert per task")
     _common(p)
     _train_args(p)
-    p.add_argument("--task-steps", default=None, help="per-task steps, e.g. reverse_word=300,drop_vowels=300")
+    p.add_argument("--task-steps", default=None, help="per-task steps, e.g. subtract=450,add=300")
     p.set_defaults(func=cmd_build_private)
     p = kinds.add_parser("mbc", help="warm-up expert per task, MBC clusters, one expert per cluster")
     _common(p)

@@ -234,7 +234,7 @@ def test_smollm2_with_the_demo_libraries():
         client = Client(demo.local_url, verbose=False)
         status = client.predict("demo-mbc", api_name="/library")
         assert "ready" in status[0]
-        out = route(client, "Reverse the letters of this word: garden", top_k=4, max_new=12, library="demo-mbc")
+        out = route(client, "Write the plural of this noun: garden", top_k=4, max_new=12, library="demo-mbc")
         trace = RoutingTrace.from_json(out[TRACE])
         assert len(trace.layers) == 30 and trace.modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
         np.testing.assert_allclose(trace.weights.sum(-1), 1, atol=1e-4)

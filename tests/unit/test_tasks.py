@@ -13,7 +13,8 @@ from library_store.models import load_tokenizer
 from library_store.tasks import (SPLITS, Example, Task, TaskError, Wordings, builtin_tasks, check_task, check_wordings,
                                  heldout_variant_tasks, resolve_tasks, suite_changes, suite_hash, suite_manifest)
 from library_store.tasks.bigbench import extract_task_files, load_bigbench_tasks
-from library_store.tasks.builtin import number_words
+from library_store.tasks.builtin import number_words, plural
+from library_store.tasks.words import NOUNS
 from library_store.tasks.core import fill, raw_input, wording_shape
 from library_store.tasks.jsonl import load_jsonl_folder
 from library_store.tasks.table import main as table_main
@@ -73,8 +74,12 @@ def test_builtin_targets_are_right(suite):
     for e in by["add"].train[:20] + by["add"].paraphrase[:20]:
         a, b = raw_input(e).split("+")
         assert int(e.target) == int(a) + int(b) and e.input.count("+") == 1
-    for e in by["reverse_word"].train[:20] + by["reverse_word"].paraphrase[:20]:
-        assert e.target == raw_input(e)[::-1] and raw_input(e) in e.input
+    for e in by["double_word"].train[:20] + by["double_word"].paraphrase[:20]:
+        assert e.target == f"{raw_input(e)} {raw_input(e)}" and raw_input(e) in e.input
+    for e in by["plural_word"].train[:20] + by["plural_word"].paraphrase[:20]:
+        assert e.target == plural(raw_input(e)) and raw_input(e) in NOUNS
+    assert [plural(w) for w in ("city", "boy", "box", "church", "lake", "mouse", "knife")] == \
+        ["cities", "boys", "boxes", "churches", "lakes", "mice", "knives"]
     assert number_words(347) == "three hundred forty-seven"
     assert number_words(90) == "ninety" and number_words(0) == "zero"
 
@@ -89,9 +94,12 @@ def _v1_digest(tasks):
 
 
 def test_original_wording_set_is_version_1_and_targets_are_unchanged(suite, variants):
-    original = builtin_tasks(wordings="original") + heldout_variant_tasks(wordings="original")
+    v1 = builtin_tasks(wordings="original")
+    original = v1 + heldout_variant_tasks(wordings="original")
     assert _v1_digest(original) == V1_DIGEST  # the single-wording suite, example for example
-    for old, new in zip(original, suite + variants):
+    varied = resolve_tasks("builtin:" + ",".join(t.name for t in v1)) + variants  # v1's tasks, varied wordings
+    assert [t.name for t in varied[4:16]] == [t.name for t in suite[4:]]
+    for old, new in zip(original, varied, strict=True):
         for split in ("train", "heldout"):  # same inputs, same targets: only the instruction differs
             assert [(raw_input(e), e.target) for e in getattr(old, split)] == \
                    [(raw_input(e), e.target) for e in getattr(new, split)]
@@ -231,10 +239,22 @@ def test_docs_table_matches_the_code(tmp_path):
         assert f"| `{t.name}` | {t.family} |" in table and t.wordings_hash in table
         assert all(x.replace("\n", " ⏎ ") in table for x in t.wordings.all)
     stale = tmp_path / "tasks.md"
-    stale.write_text(doc.read_text(encoding="utf-8").replace("reverse_word", "reverse_wrd", 1), encoding="utf-8")
+    stale.write_text(doc.read_text(encoding="utf-8").replace("| `plural_word` |", "| `plural_wrd` |", 1), encoding="utf-8")
     assert table_main(["--check", str(stale)]) == 1
     assert table_main(["--write", str(stale)]) == 0 and table_main(["--check", str(stale)]) == 0
     assert stale.read_text(encoding="utf-8") == doc.read_text(encoding="utf-8")
+
+
+def test_letter_tasks_are_retired_but_resolvable(suite):
+    names = [t.name for t in suite]
+    assert "reverse_word" not in names and "drop_vowels" not in names
+    rw, dv = resolve_tasks("builtin:reverse_word,drop_vowels")
+    assert (rw.family, dv.family) == ("string", "string")
+    e = rw.heldout[0]
+    assert e.target == raw_input(e)[::-1] and dv.train[0].target == "".join(
+        c for c in raw_input(dv.train[0]) if c not in "aeiou")
+    original = [t.name for t in builtin_tasks(wordings="original")]  # version 1 had them in these places
+    assert original[0] == "reverse_word" and original[3] == "drop_vowels" and original[4:] == names[4:]
 
 
 def test_resolve_specs(suite):
