@@ -222,7 +222,7 @@ def evaluate_library(base, lib, tasks, split: str, n: int, router, args) -> dict
                                  "none; run with --sweep first.")
             with clock("sweep"):
                 sweep = S.regranulate(rm, base, tasks, own, recorded, args.sweep_em, args.readout_n, args.max_tokens,
-                                      args.sweep_layers)
+                                      args.sweep_layers, args.rechoose)
             router = S.router_of(sweep["winner"])
             rm.set_router(router)
         with clock("headline"):
@@ -359,9 +359,10 @@ def parse(argv=None):
                     help="keep the recorded default's centring, top-k and T; choose only per token, per prompt "
                          "by mean weight or per prompt by a readout fitted on --readout-n training prompts per "
                          "task, by exact match on the next --sweep-em (and --record it with the readout)")
-    ap.add_argument("--sweep-layers", type=int, default=0, metavar="N",
-                    help="with --sweep-granularity: first choose the routed layers on N training prompts per task "
-                         "(bench/eval_sweep.py, choose_layers; 0: keep every layer)")
+    ap.add_argument("--sweep-layers", type=int, default=0, metavar="N", help="with --sweep-granularity: first "
+                    "choose the routed layers on N training prompts per task (eval_sweep.choose_layers; 0: all)")
+    ap.add_argument("--rechoose", action="store_true", help="with --sweep-granularity: centring, top-k, T by the "
+                    "winner rule applied again to the recorded sweep's rows (no re-run; e.g. the rule changed)")
     ap.add_argument("--readout-n", type=int, default=20, help="training prompts per task the pick readout is fitted on")
     ap.add_argument("--sweep-n", type=int, default=30, help="training prompts per task routed per sweep setting")
     ap.add_argument("--sweep-em", type=int, default=10, help="training prompts per task answered (0: no EM)")

@@ -27,9 +27,10 @@ import numpy as np
 from bench.eval_common import decode_new, exact_match, greedy_generate, greedy_generate_ids, prompt_ids, target_tokens
 
 TIE = 0.01
-RULE = ("highest own-text routing accuracy on training prompts; among settings within 1 point of the best, the "
-        "highest exact match on training prompts (when measured), then the largest median top-1 margin, then the "
-        "highest accuracy over all prompt tokens")
+RULE = ("among settings that apply the experts as trained (centring of the prototypes only, or none), the highest "
+        "own-text routing accuracy on training prompts; among settings within 1 point of the best, the highest exact "
+        "match on training prompts (when measured), then the largest median top-1 margin, then the highest accuracy "
+        "over all prompt tokens")
 
 
 def centring_options(lib, input_centres=("none", "base")) -> list[tuple[str, str, str]]:
@@ -162,10 +163,14 @@ def centring_rows(rm, base, prompts: dict[str, list[str]], own: dict, headline, 
 
 
 def choose(rows: list[dict], tie: float = TIE) -> dict:
-    """The winning row (see RULE)."""
-    valid = [r for r in rows if "refused" not in r]
+    """The winning row (see RULE). Centring with scope `weights` stays in the table but cannot win: a default router
+    answers with one expert per prompt, and that expert, centred in its weights, is no longer the one trained
+    (2026-12-01, demo-private: chosen by 1 point of routing, it answered add and multiply_small 0 of 20; S5 0.66)."""
+    refused = [r for r in rows if "refused" in r]
+    valid = [r for r in rows if "refused" not in r and r.get("centre_scope") != "weights"]
     if not valid:
-        raise ValueError("Every router setting of the sweep was refused.")
+        raise ValueError("Every router setting of the sweep was refused or centres the experts' weights "
+                         f"({len(refused)} refused of {len(rows)}).")
     best = max(r["user"] for r in valid)
     close = [r for r in valid if r["user"] >= best - tie - 1e-12]
     return max(close, key=lambda r: (r.get("em") if r.get("em") is not None else -1.0,
@@ -323,15 +328,17 @@ def choose_layers(rm, base, tasks, own: dict, winner: dict, n: int, max_tokens: 
 
 
 def regranulate(rm, base, tasks, own: dict, recorded, n_em: int, n_fit: int = 20, max_tokens: int = 4096,
-                layers_n: int = 0) -> dict:
+                layers_n: int = 0, rechoose: bool = False) -> dict:
     """The recorded default router's granularity and pick chosen again on training prompts, its centring, top-k
     and temperature kept (cheaper than a new sweep): a pick readout is fitted on the first `n_fit` training
     prompts per task, and the candidates are scored on the next `n_em`. {"rows", "winner", "evidence",
     "readout"} like `sweep`, the recorded evidence kept and its "granularity" part replaced. `recorded`:
     library_store's DefaultRouter. With `layers_n`, the routed layers are chosen first (`choose_layers` on the
-    first `layers_n` training prompts per task)."""
-    winner = {**recorded.evidence.get("winner", {}), **{k: recorded.router[k] for k in
-              ("top_k", "temperature", "centre", "centre_scope", "input_centre")}}
+    first `layers_n` training prompts per task). With `rechoose`, the centring, top-k and temperature are RULE's
+    winner among the recorded sweep's rows (not re-run), for a rule that changed since they were recorded."""
+    keys = ("top_k", "temperature", "centre", "centre_scope", "input_centre")
+    picked = choose(recorded.evidence["rows"]) if rechoose else recorded.router
+    winner = {**recorded.evidence.get("winner", {}), **{k: picked[k] for k in keys}}
     layers = None
     if layers_n:
         layers = choose_layers(rm, base, tasks, own, {**winner, "layers": None}, layers_n, max_tokens)
@@ -339,5 +346,6 @@ def regranulate(rm, base, tasks, own: dict, recorded, n_em: int, n_fit: int = 20
     granularity, readout = granularity_step(rm, base, tasks, own, winner, n_fit, n_em, max_tokens)
     winner = {**winner, **granularity["winner"]}
     evidence = {**recorded.evidence, "granularity": granularity, "winner": winner,
-                "granularity_chosen_after": recorded.command, **({"layers": layers} if layers else {})}
+                "granularity_chosen_after": recorded.command, **({"layers": layers} if layers else {}),
+                **({"rule": RULE, "rows_rechosen_from": recorded.date} if rechoose else {})}
     return {"rows": recorded.evidence.get("rows", []), "winner": winner, "evidence": evidence, "readout": readout}

@@ -169,7 +169,7 @@ def _csv(sep):
     return draw
 
 
-# Letter-level edits SmolLM2-135M cannot learn (docs/demo_libraries.md, "The letter tasks, retired"): the base model
+# Letter-level edits SmolLM2-135M cannot learn (docs/tasks.md, "The letter tasks, retired"): the base model
 # spells none of 40 held-out words, and no LoRA tried reached 0.5. In the suite until 2026-12-01, in `original`'s
 # version-1 suite still; resolvable by name (`builtin:reverse_word`), never in `builtin`.
 _LETTER_SPECS: dict[str, _Spec] = {
@@ -285,17 +285,21 @@ def heldout_variant_tasks(seed: int = 0, n_train: int = N_TRAIN, n_heldout: int 
     return [_generate(s, seed, n_train, n_heldout, wordings) for s in _HELDOUT_SPECS]
 
 
+def _by_name() -> dict[str, _Spec]:
+    """Every spec `builtin:NAME` resolves: the suite, the retired letter tasks, the variants."""
+    return {s.name: s for s in _SPECS + list(_LETTER_SPECS.values()) + _HELDOUT_SPECS}
+
+
 def builtin_names(include_variants: bool = True) -> list[str]:
-    """Names `builtin:NAME` resolves: the suite, the retired letter tasks, and (by default) the variants."""
-    return [s.name for s in _SPECS] + list(_LETTER_SPECS) + ([s.name for s in _HELDOUT_SPECS] if include_variants
-                                                              else [])
+    """The suite's names first; with `include_variants`, every name `builtin:NAME` resolves."""
+    return list(_by_name()) if include_variants else [s.name for s in _SPECS]
 
 
 def builtin_family(name: str) -> str:
-    return next(s.family for s in _SPECS + list(_LETTER_SPECS.values()) + _HELDOUT_SPECS if s.name == name)
+    return _by_name()[name].family
 
 
 def builtin_by_name(names: list[str], seed: int = 0, wordings: str = "varied") -> list[Task]:
     """Tasks of the suite or its variants by name (resolve_tasks checks the names first)."""
-    specs = {s.name: s for s in _SPECS + list(_LETTER_SPECS.values()) + _HELDOUT_SPECS}
+    specs = _by_name()
     return [_generate(specs[n], seed, N_TRAIN, N_HELDOUT, wordings) for n in names]

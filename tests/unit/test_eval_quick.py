@@ -310,17 +310,6 @@ def test_sweep_sees_training_prompts_only(monkeypatch):
     assert rm.router == RouterConfig(top_k=3)
 
 
-def test_sweep_winner_rule():
-    rows = [{"user": 0.90, "prompt": 0.5, "em": 0.2, "margin_median": 0.9, "top_k": 1},
-            {"user": 0.895, "prompt": 0.4, "em": 0.6, "margin_median": 0.1, "top_k": 2},  # within 1 point: best EM
-            {"user": 0.70, "prompt": 0.9, "em": 0.9, "margin_median": 0.9, "top_k": 4},  # routes worse: out
-            {"refused": "no", "top_k": 4}]
-    assert eval_sweep.choose(rows)["top_k"] == 2
-    assert eval_sweep.choose([dict(r, em=None) for r in rows[:3]])["top_k"] == 1  # then the margin
-    with pytest.raises(ValueError, match="refused"):
-        eval_sweep.choose(rows[3:])
-
-
 @pytest.mark.slow
 def test_heldout_quick(libs, tmp_path):
     a, b = eval_heldout.quick(tmp_path, tmp_path / "fig", argparse.Namespace(max_tokens=4096), libs)
