@@ -27,10 +27,11 @@ import numpy as np
 from bench.eval_common import decode_new, exact_match, greedy_generate, greedy_generate_ids, prompt_ids, target_tokens
 
 TIE = 0.01
-RULE = ("among settings that apply the experts as trained (centring of the prototypes only, or none), the highest "
-        "own-text routing accuracy on training prompts; among settings within 1 point of the best, the highest exact "
-        "match on training prompts (when measured), then the largest median top-1 margin, then the highest accuracy "
-        "over all prompt tokens")
+DECISIVE = 0.05  # the least median top-1 margin (weight of a cell's first expert minus its second's) a default may have
+RULE = ("among settings that apply the experts as trained (centring of the prototypes only, or none) and whose "
+        "median top-1 weight margin is at least 0.05, the highest own-text routing accuracy on training prompts; "
+        "among settings within 1 point of the best, the highest exact match on training prompts (when measured), then "
+        "the largest median top-1 margin, then the highest accuracy over all prompt tokens")
 
 
 def centring_options(lib, input_centres=("none", "base")) -> list[tuple[str, str, str]]:
@@ -162,15 +163,19 @@ def centring_rows(rm, base, prompts: dict[str, list[str]], own: dict, headline, 
     return rows
 
 
-def choose(rows: list[dict], tie: float = TIE) -> dict:
-    """The winning row (see RULE). Centring with scope `weights` stays in the table but cannot win: a default router
-    answers with one expert per prompt, and that expert, centred in its weights, is no longer the one trained
-    (2026-12-01, demo-private: chosen by 1 point of routing, it answered add and multiply_small 0 of 20; S5 0.66)."""
+def choose(rows: list[dict], tie: float = TIE, decisive: float = DECISIVE) -> dict:
+    """The winning row (see RULE). Two kinds of rows stay in the table but cannot win (2026-12-01):
+    - centring with scope `weights`: a default router answers with one expert per prompt, and that expert, centred
+      in its weights, is no longer the one trained (demo-private: it won by 1 point of routing, then answered add
+      and multiply_small 0 of 20; S5 0.66);
+    - weights split almost evenly (median top-1 margin under `decisive`): the page's grid would show no decision
+      (demo-mbc: top-4 at T 1 won with a median margin of 0.022, its examples' picks led by 1-4 points)."""
     refused = [r for r in rows if "refused" in r]
-    valid = [r for r in rows if "refused" not in r and r.get("centre_scope") != "weights"]
+    valid = [r for r in rows if "refused" not in r and r.get("centre_scope") != "weights"
+             and (r.get("margin_median") is None or r["margin_median"] >= decisive)]
     if not valid:
-        raise ValueError("Every router setting of the sweep was refused or centres the experts' weights "
-                         f"({len(refused)} refused of {len(rows)}).")
+        raise ValueError("Every router setting of the sweep was refused, centres the experts' weights or splits "
+                         f"them evenly ({len(refused)} refused of {len(rows)}).")
     best = max(r["user"] for r in valid)
     close = [r for r in valid if r["user"] >= best - tie - 1e-12]
     return max(close, key=lambda r: (r.get("em") if r.get("em") is not None else -1.0,

@@ -206,7 +206,8 @@ def build_mbc(base, tasks: list[Task], out, k: int, warmup: TrainConfig | None =
 def rename_clusters(lib: ExpertLibrary, clusters: dict[str, list[str]]) -> list[str]:
     """A cluster whose tasks are those of an existing cluster expert keeps that expert, under the cluster's name
     now (clusters are numbered by first appearance in the task order, so a changed task renumbers the others):
-    no retraining for an unchanged cluster. Returns the clusters that took over an expert."""
+    no retraining for an unchanged cluster. Returns the clusters that took over an expert. Not one transaction: a
+    build killed between the removals and the additions trains the lost experts again when resumed."""
     have = {tuple(sorted(i.tasks)): i.name for i in lib.infos() if i.kind == "cluster"}
     moves = {c: lib[have[tuple(sorted(m))]] for c, m in clusters.items()
              if have.get(tuple(sorted(m))) not in (None, c)}

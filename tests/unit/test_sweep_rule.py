@@ -18,6 +18,8 @@ def test_sweep_winner_rule():
     centred = [dict(r, centre="mean", centre_scope="weights", user=0.99, top_k=8) for r in rows[:1]]
     assert eval_sweep.choose(rows + centred)["top_k"] == 2  # routes best, but answers with altered experts: out
     assert eval_sweep.choose(rows + [dict(c, centre_scope="prototypes") for c in centred])["top_k"] == 8
+    even = [dict(rows[0], user=0.99, margin_median=0.02, top_k=16)]  # routes best, but its weights split evenly
+    assert eval_sweep.choose(rows + even)["top_k"] == 2 and eval_sweep.choose(rows + even, decisive=0.01)["top_k"] == 16
     with pytest.raises(ValueError, match="refused"):
         eval_sweep.choose(rows[3:])
 
