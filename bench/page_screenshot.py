@@ -55,7 +55,10 @@ def main() -> None:
             box = page.locator("#grid .nsewdrag").first.bounding_box()
             x, y = page.evaluate("""() => { const d = JSON.parse(document.querySelector('#grid .x-grid').dataset
                 .payload); const l = document.querySelector('#grid .x-plot')._fullLayout;
-                return [l.xaxis.l2p(d.positions.length - 3), l.yaxis.l2p(Math.floor(d.layers.length / 2))]; }""")
+                const t = d.positions.length - 3, mid = Math.floor(d.layers.length / 2);  // a routed row, mid-grid
+                const rows = d.layers.map((_, i) => i).filter(i => d.idx[i][t] >= 0)
+                    .sort((a, b) => Math.abs(a - mid) - Math.abs(b - mid));
+                return [l.xaxis.l2p(t), l.yaxis.l2p(rows.length ? rows[0] : mid)]; }""")
             page.mouse.click(box["x"] + x, box["y"] + y)
             page.wait_for_selector("#drill .x-drill", timeout=60_000)
             page.locator("#map .scatterlayer .point").first.click(force=True)

@@ -239,7 +239,8 @@ def test_docs_table_matches_the_code(tmp_path):
         assert f"| `{t.name}` | {t.family} |" in table and t.wordings_hash in table
         assert all(x.replace("\n", " ⏎ ") in table for x in t.wordings.all)
     stale = tmp_path / "tasks.md"
-    stale.write_text(doc.read_text(encoding="utf-8").replace("| `plural_word` |", "| `plural_wrd` |", 1), encoding="utf-8")
+    broken = doc.read_text(encoding="utf-8").replace("| `plural_word` |", "| `plural_wrd` |", 1)  # in the table
+    stale.write_text(broken, encoding="utf-8")
     assert table_main(["--check", str(stale)]) == 1
     assert table_main(["--write", str(stale)]) == 0 and table_main(["--check", str(stale)]) == 0
     assert stale.read_text(encoding="utf-8") == doc.read_text(encoding="utf-8")
