@@ -266,11 +266,15 @@ def _generate(spec: _Spec, seed: int, n_train: int, n_heldout: int, wording_set:
                 source="builtin", paraphrase=examples(held, para_w), wordings=wordings)
 
 
+_V1_PLACES = {"plural_word": "reverse_word", "double_word": "drop_vowels"}  # version 1 had the letter tasks there
+_BY_NAME = {s.name: s for s in _SPECS + list(_LETTER_SPECS.values()) + _HELDOUT_SPECS}  # what builtin:NAME resolves
+
+
 def _suite(wordings: str) -> list[_Spec]:
     """The suite's specs; `original` rebuilds version 1, whose string family had the letter tasks."""
     if wordings != "original":
         return _SPECS
-    return [_LETTER_SPECS["reverse_word"], *_SPECS[1:3], _LETTER_SPECS["drop_vowels"], *_SPECS[4:]]
+    return [_LETTER_SPECS[_V1_PLACES[s.name]] if s.name in _V1_PLACES else s for s in _SPECS]
 
 
 def builtin_tasks(seed: int = 0, n_train: int = N_TRAIN, n_heldout: int = N_HELDOUT,
@@ -285,21 +289,15 @@ def heldout_variant_tasks(seed: int = 0, n_train: int = N_TRAIN, n_heldout: int 
     return [_generate(s, seed, n_train, n_heldout, wordings) for s in _HELDOUT_SPECS]
 
 
-def _by_name() -> dict[str, _Spec]:
-    """Every spec `builtin:NAME` resolves: the suite, the retired letter tasks, the variants."""
-    return {s.name: s for s in _SPECS + list(_LETTER_SPECS.values()) + _HELDOUT_SPECS}
-
-
 def builtin_names(include_variants: bool = True) -> list[str]:
     """The suite's names first; with `include_variants`, every name `builtin:NAME` resolves."""
-    return list(_by_name()) if include_variants else [s.name for s in _SPECS]
+    return list(_BY_NAME) if include_variants else [s.name for s in _SPECS]
 
 
 def builtin_family(name: str) -> str:
-    return _by_name()[name].family
+    return _BY_NAME[name].family
 
 
 def builtin_by_name(names: list[str], seed: int = 0, wordings: str = "varied") -> list[Task]:
     """Tasks of the suite or its variants by name (resolve_tasks checks the names first)."""
-    specs = _by_name()
-    return [_generate(specs[n], seed, N_TRAIN, N_HELDOUT, wordings) for n in names]
+    return [_generate(_BY_NAME[n], seed, N_TRAIN, N_HELDOUT, wordings) for n in names]
