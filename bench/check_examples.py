@@ -26,9 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
+from bench.eval_sweep import DECISIVE  # noqa: E402
 
 EXAMPLES = ROOT / "assets" / "examples.json"
-MIN_LEAD = 0.05  # the winner's mean weight share must beat the runner-up's by this much: decisive routing
+MIN_LEAD = DECISIVE  # the winner must lead the runner-up by this much (0.05) on the scale that picked: decisive
+# routing, as a library's default router must (bench/eval_sweep.py)
 
 
 def shares(trace) -> dict[str, float]:

@@ -77,13 +77,16 @@ def per_prompt(rm, base, texts: list[str], answer, max_tokens: int = 4096) -> tu
     return out, chosen
 
 
-def routed_exact_matches(rm, base, examples, max_tokens: int = 4096) -> list[int]:
+def routed_exact_matches(rm, base, examples, max_tokens: int = 4096, picks: list | None = None) -> list[int]:
     """Per-example exact match under `rm.router`: `exact_matches` for a per-token router; for a per-prompt one,
-    each prompt answered by its pick alone (`per_prompt`)."""
+    each prompt answered by its pick alone (`per_prompt`), the picks appended to `picks` when given."""
     if not rm.router.per_prompt:
         return exact_matches(base, examples, max_tokens)
-    return per_prompt(rm, base, [e.input for e in examples],
-                      lambda rows: exact_matches(base, [examples[i] for i in rows], max_tokens), max_tokens)[0]
+    em, chosen = per_prompt(rm, base, [e.input for e in examples],
+                            lambda rows: exact_matches(base, [examples[i] for i in rows], max_tokens), max_tokens)
+    if picks is not None:
+        picks += chosen
+    return em
 
 
 def answer_and_route(rm, base, examples, max_tokens: int = 4096) -> tuple[list, list[int]]:
@@ -234,7 +237,9 @@ def sweep(rm, base, tasks, own: dict, n: int, n_em: int, ks: list[int], temps: l
 GRANULARITY_RULE = ("per token, per prompt by mean weight, or per prompt by a readout of the per-layer weights "
                     "(fitted on the first training prompts of each task), at the winner's centring, top-k and "
                     "temperature: the highest mean exact match over the tasks' next training prompts (never those "
-                    "the readout was fitted on); on a tie the simpler, in that order")
+                    "the readout was fitted on); on a tie the simpler, in that order. A per-prompt candidate whose "
+                    "picks lead their runner-up by a median under 0.05 (mean weight share, or the readout's "
+                    "probability: the scale that decided) cannot win")
 CANDIDATES = (("token", "mean"), ("prompt", "mean"), ("prompt", "readout"))
 
 
@@ -279,24 +284,36 @@ def granularity_step(rm, base, tasks, own: dict, winner: dict, n_fit: int, n_em:
 def choose_granularity(rm, base, winner: dict, em_examples: dict, max_tokens: int = 4096,
                        candidates=CANDIDATES[:2]) -> dict:
     """Each (granularity, pick) candidate at the `winner` row's setting, scored by exact match on training
-    prompts `em_examples` {task: examples}: {"rule", "rows": [{"granularity", "pick", "em", "per_task"}],
-    "winner": (granularity, pick) as a dict, ...}. A "readout" candidate needs its readout in `rm.readouts`."""
+    prompts `em_examples` {task: examples} (a per-prompt one also by its picks' median lead): {"rule", "rows":
+    [{"granularity", "pick", "em", "per_task", "lead_median"}], "winner": (granularity, pick) as a dict, ...}. A
+    "readout" candidate needs its readout in `rm.readouts`."""
     from dataclasses import replace
 
     start, rows = rm.router, []
     try:
         for granularity, chosen in candidates:
             rm.set_router(replace(router_of(winner), granularity=granularity, pick=chosen))
-            per_task = {t: float(np.mean(routed_exact_matches(rm, base, ex, max_tokens)))
+            picks: list = []
+            per_task = {t: float(np.mean(routed_exact_matches(rm, base, ex, max_tokens, picks)))
                         for t, ex in em_examples.items()}
             rows.append({"granularity": granularity, "pick": chosen, "em": float(np.mean(list(per_task.values()))),
-                         "per_task": per_task})
+                         "per_task": per_task,
+                         "lead_median": float(np.median([p.lead for p in picks])) if picks else None})
     finally:
         rm.set_router(start)
-    best = max(rows, key=lambda r: (r["em"], -rows.index(r)))  # ties: the earlier (simpler) candidate
+    best = granularity_winner(rows)
     return {"rule": GRANULARITY_RULE, "split": "train", "rows": rows,
             "winner": {"granularity": best["granularity"], "pick": best["pick"]},
             "em_prompts_per_task": max((len(ex) for ex in em_examples.values()), default=0)}
+
+
+def granularity_winner(rows: list[dict], decisive: float = DECISIVE) -> dict:
+    """GRANULARITY_RULE over scored candidates (in CANDIDATES order): the best exact match, ties to the earlier
+    (simpler), among those whose picks decide (2026-12-01: demo-mbc's picks by mean weight led by a median 0.035 on
+    training prompts, so its grid showed 29 % against 26 %; a per-token candidate has no pick and its weights' margin
+    was checked by `choose`). If no per-prompt candidate decides and there is no per-token one, the best of all."""
+    decided = [r for r in rows if r.get("lead_median") is None or r["lead_median"] >= decisive] or rows
+    return max(decided, key=lambda r: (r["em"], -rows.index(r)))
 
 
 LAYERS_RULE = ("the recorded default's evidence (per token), on the first training prompts of each task: layers "
@@ -342,8 +359,11 @@ def regranulate(rm, base, tasks, own: dict, recorded, n_em: int, n_fit: int = 20
     first `layers_n` training prompts per task). With `rechoose`, the centring, top-k and temperature are RULE's
     winner among the recorded sweep's rows (not re-run), for a rule that changed since they were recorded."""
     keys = ("top_k", "temperature", "centre", "centre_scope", "input_centre")
-    picked = choose(recorded.evidence["rows"]) if rechoose else recorded.router
-    winner = {**recorded.evidence.get("winner", {}), **{k: picked[k] for k in keys}}
+    if rechoose:  # the row's own scores come along, never those of the row recorded before (2026-12-01: demo-mbc's
+        # evidence showed the old winner's margin 0.022 beside the new winner's setting)
+        winner = {k: v for k, v in choose(recorded.evidence["rows"]).items() if k != "per_layer"}
+    else:
+        winner = {**recorded.evidence.get("winner", {}), **{k: recorded.router[k] for k in keys}}
     layers = None
     if layers_n:
         layers = choose_layers(rm, base, tasks, own, {**winner, "layers": None}, layers_n, max_tokens)

@@ -87,6 +87,14 @@ class PromptPick:
     def margin(self) -> float:
         return self.weight - self.runner_weight
 
+    @property
+    def lead(self) -> float:
+        """How far the pick is ahead of its runner-up on the scale that decided it: a readout's probability, else
+        the mean weight (1.0 with no runner-up)."""
+        if self.runner_up is None:
+            return 1.0
+        return self.confidence - self.runner_confidence if self.rule == "readout" else self.margin
+
     def describe(self) -> str:
         """One line for the page's notice and the CLI, e.g. "Per prompt: the readout of your text's routing
         picked add (p 0.91; next subtract 0.05; the mean weight agrees); add alone answered." An uncertain pick

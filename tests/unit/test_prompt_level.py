@@ -95,6 +95,9 @@ def test_a_pick_the_evidence_hardly_decided_is_flagged_uncertain():
     assert low.uncertain and f"(p under {UNCERTAIN_BELOW:g})" in low.describe() and not high.uncertain
     alone = PromptPick(expert="e1", weight=1.0, runner_up=None, runner_weight=0.0, over="user")
     assert not alone.uncertain  # one expert: nothing to decide between
+    # the lead on the scale that decided: the mean weight's, the readout's probability, all of it alone
+    assert close.lead == pytest.approx(UNCERTAIN_LEAD / 2) and high.lead == pytest.approx(UNCERTAIN_BELOW + 0.01 - 0.3)
+    assert alone.lead == 1.0
 
 
 def recorded(rm, **meta):

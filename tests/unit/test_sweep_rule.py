@@ -32,8 +32,10 @@ def test_regranulate_can_rechoose_from_the_recorded_rows(monkeypatch):
              "centre_scope": "weights", "input_centre": "base"},
             {"user": 0.8, "prompt": 0.5, "em": 0.3, "top_k": 4, "temperature": 0.1, "centre": "none",
              "centre_scope": "prototypes", "input_centre": "base"}]
+    stale = {"user": 0.9, "em": 0.5, "margin_median": 0.02, "layers": [3]}  # the old winner's scores and layers
     recorded = SimpleNamespace(router={k: rows[0][k] for k in keys}, command="sweep", date="then",
-                               evidence={"rows": rows, "winner": {k: rows[0][k] for k in keys}, "rule": "old"})
+                               evidence={"rows": rows, "winner": {**{k: rows[0][k] for k in keys}, **stale},
+                                         "rule": "old"})
     seen = []
     def step(rm, base, tasks, own, winner, n_fit, n_em, max_tokens):
         seen.append(winner)
@@ -46,3 +48,21 @@ def test_regranulate_can_rechoose_from_the_recorded_rows(monkeypatch):
     assert {k: again["winner"][k] for k in keys} == {k: rows[1][k] for k in keys} == {k: seen[-1][k] for k in keys}
     assert again["evidence"]["rule"] == eval_sweep.RULE and again["evidence"]["rows_rechosen_from"] == "then"
     assert again["rows"] == rows and again["winner"]["granularity"] == "prompt"
+    # the new winner's own scores, not the old winner's, and no layers chosen for another setting
+    assert (again["winner"]["user"], again["winner"]["em"], again["winner"].get("layers")) == (0.8, 0.3, None)
+    assert "margin_median" not in again["winner"]
+
+
+def test_a_per_prompt_default_must_decide_on_the_scale_that_picks():
+    """demo-mbc, 2026-12-01: picks by mean weight answered best (0.925) but led by a median 0.035; the readout's
+    picks answered 0.906 and led by far more. A candidate whose picks hardly lead cannot win."""
+    rows = [{"granularity": "token", "pick": "mean", "em": 0.46, "lead_median": None},
+            {"granularity": "prompt", "pick": "mean", "em": 0.925, "lead_median": 0.035},
+            {"granularity": "prompt", "pick": "readout", "em": 0.906, "lead_median": 0.6}]
+    assert eval_sweep.granularity_winner(rows)["pick"] == "readout"
+    assert eval_sweep.granularity_winner(rows, decisive=0.03)["pick"] == "mean"  # decided by the threshold
+    undecided = [rows[0], rows[1], dict(rows[2], lead_median=0.01)]
+    assert eval_sweep.granularity_winner(undecided)["granularity"] == "token"  # per token: no pick to decide
+    tie = [rows[0], dict(rows[1], lead_median=0.2), dict(rows[2], em=0.925)]
+    assert eval_sweep.granularity_winner(tie)["pick"] == "mean"  # a tie goes to the simpler
+    assert eval_sweep.granularity_winner(rows[1:2])["pick"] == "mean"  # nothing decides: the best of all
