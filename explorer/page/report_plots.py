@@ -97,6 +97,21 @@ def _winner_text(winner: dict) -> str:
     return html.escape(", ".join(known + rest))
 
 
+def _granularity_text(gran: dict) -> str:
+    """"- Per token or per prompt, by training exact match: per token 0.46, per prompt by mean 0.93 (picks lead by a
+    median 0.04), per prompt by readout 0.91 (... 0.53; chosen)." The median lead is shown where the evaluation
+    recorded one (since 2026-12-01): a per-prompt candidate that hardly leads cannot win however well it answers."""
+    chosen = gran.get("winner") or {}
+    parts = []
+    for g in gran["rows"]:
+        name = "per token" if g["granularity"] == "token" else f"per prompt by {g.get('pick', 'mean')}"
+        notes = [f"picks lead by a median {float(g['lead_median']):.2f}"] if g.get("lead_median") is not None else []
+        if (g["granularity"], g.get("pick", "mean")) == (chosen.get("granularity"), chosen.get("pick", "mean")):
+            notes.append("chosen")
+        parts.append(f"{name} {float(g['em']):.2f}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return "- Per token or per prompt, by training exact match: " + html.escape(", ".join(parts)) + "."
+
+
 def _uncertain_text(readout_meta: dict) -> list[str]:
     """The readout's uncertain-pick threshold, the mean-weight lead recorded beside it, and how flagged picks fared
     (bench/pick_confidence.py --record); nothing for one not recorded, or whose record is not numbers (a library
@@ -185,9 +200,7 @@ def report_card(report: "RoutingReport | None", default: "DefaultRouter | None",
             lines.append(f"- The winner's figures on training prompts: {_winner_text(winner)}.")
         gran = default.evidence.get("granularity")
         if isinstance(gran, dict) and gran.get("rows"):
-            lines.append("- Per token or per prompt, by training exact match: " + ", ".join(
-                f"{'per token' if g['granularity'] == 'token' else 'per prompt by ' + str(g.get('pick', 'mean'))} "
-                f"{float(g['em']):.2f}" for g in gran["rows"]) + ".")
+            lines.append(_granularity_text(gran))
         chosen = default.evidence.get("layers")
         if isinstance(chosen, dict) and chosen.get("subset"):
             lines.append(f"- Routed layers, chosen on training prompts: own text right {float(chosen['every']):.0%} "

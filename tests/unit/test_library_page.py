@@ -347,23 +347,23 @@ def test_a_route_running_during_an_upload_finishes_on_its_library(session, good)
 
 def test_report_card_shows_the_pick_accuracy_and_the_granularity_evidence(session):
     writer = ExpertLibrary.open(session.registry.paths["lib"], readonly=False)
+    router = {"mode": "arrow", "top_k": 2, "granularity": "prompt", "pick": "readout"}
     write_report(writer, RoutingReport(content_key=writer.content_key(), split="heldout", level="private",
-                                       router={"mode": "arrow", "top_k": 2, "granularity": "prompt",
-                                               "pick": "readout"}, experts=EXPERTS, tasks=EXPERTS, n_per_task=4,
+                                       router=router, experts=EXPERTS, tasks=EXPERTS, n_per_task=4,
                                        accuracy={"user": 0.8, "pick": 0.96}, command="python bench/eval_routing.py"))
-    rows = [{"granularity": "token", "pick": "mean", "em": 0.36}, {"granularity": "prompt", "pick": "mean", "em": 0.81},
-            {"granularity": "prompt", "pick": "readout", "em": 0.89}]
-    write_default_router(writer, {"mode": "arrow", "top_k": 2, "temperature": 0.1, "disabled": [], "centre": "none",
-                                  "centre_scope": "prototypes", "granularity": "prompt", "pick": "readout"},
-                         evidence={"rule": "r", "granularity": {"rows": rows}}, command="python bench/x.py")
+    rows = [{"granularity": "token", "pick": "mean", "em": 0.36}, {"granularity": "prompt", "pick": "mean", "em": 0.91,
+            "lead_median": 0.035}, {"granularity": "prompt", "pick": "readout", "em": 0.89, "lead_median": 0.53}]
+    write_default_router(writer, {**router, "temperature": 0.1, "disabled": [], "centre": "none", "centre_scope":
+                                  "prototypes"}, command="python bench/x.py",
+                         evidence={"rule": "r", "granularity": {"rows": rows, "winner": rows[2]}})
     card = act.show(session, "lib")["report"]
     assert "the expert that answered was the task's own for **96%** of prompts" in card
-    assert "per token 0.36, per prompt by mean 0.81, per prompt by readout 0.89" in card
+    assert ("per token 0.36, per prompt by mean 0.91 (picks lead by a median 0.04), per prompt by readout 0.89 "
+            "(picks lead by a median 0.53; chosen)") in card  # why the readout won though the mean answered better
     assert "one expert per prompt, picked by the fitted readout" in card
     assert "Uncertain picks" not in card  # no readout stored for this router
     from explorer.routing.readout import readout_key
     from library_store.store.reports import write_readout
-
     router = RouterConfig.from_dict(read_default_router(writer).router)
     write_readout(writer, readout_key(router), {"coef": np.zeros((2, 2), np.float32),
                                                 "intercept": np.zeros(2, np.float32)},
