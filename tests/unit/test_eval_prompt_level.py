@@ -70,8 +70,11 @@ def test_per_prompt_headline_reports_the_pick_accuracy(routed):
 
 
 def test_granularity_is_chosen_by_training_exact_match(monkeypatch):
-    """Per prompt wins only with a higher exact match on training examples; a tie keeps per token; the router
-    is restored; the winner row carries the granularity into router_of."""
+    """Per prompt wins only with a higher exact match on training examples and picks that lead by a median of at
+    least DECISIVE; a tie keeps per token; the router is restored; the winner row carries the granularity into
+    router_of."""
+    from types import SimpleNamespace
+
     from explorer.routing.config import RouterConfig
     from library_store.tasks import Example
 
@@ -84,13 +87,19 @@ def test_granularity_is_chosen_by_training_exact_match(monkeypatch):
     rm, seen = Stub(), []
     winner = {"top_k": 2, "temperature": 0.3, "centre": "none", "centre_scope": "prototypes", "input_centre": "base"}
     examples = {"t1": [Example("train 1", "a"), Example("train 2", "b")]}
-    for prompt_em, want in (([1, 1], "prompt"), ([1, 0], "token")):
-        def fake(rm_, base, ex, mt=4096, prompt_em=prompt_em):
+    lead = eval_sweep.DECISIVE
+    for prompt_em, leads, want in (([1, 1], [lead, lead], "prompt"), ([1, 0], [1, 1], "token"),
+                                   ([1, 1], [lead / 2, lead], "token")):  # answers better, but hardly decides
+        def fake(rm_, base, ex, mt=4096, picks=None, prompt_em=prompt_em, leads=leads):
             seen.append((rm_.router.granularity, rm_.router.top_k, rm_.router.input_centre, [e.input for e in ex]))
-            return prompt_em if rm_.router.granularity == "prompt" else [1, 0]
+            if rm_.router.granularity == "token":
+                return [1, 0]
+            picks += [SimpleNamespace(lead=x) for x in leads]
+            return prompt_em
         monkeypatch.setattr(eval_sweep, "routed_exact_matches", fake)
         got = eval_sweep.choose_granularity(rm, None, winner, examples)
         assert got["winner"] == {"granularity": want, "pick": "mean"} and rm.router == RouterConfig(top_k=3)
+        assert got["rows"][1]["lead_median"] == pytest.approx(np.median(leads))
     assert seen[:2] == [("token", 2, "base", ["train 1", "train 2"]), ("prompt", 2, "base", ["train 1", "train 2"])]
     assert eval_sweep.router_of({**winner, "granularity": "prompt"}).per_prompt
     assert not eval_sweep.router_of(winner).per_prompt  # rows recorded before granularity existed

@@ -288,7 +288,7 @@ def test_sweep_sees_training_prompts_only(monkeypatch):
     granular, fitted = [], []  # the winner's granularity step: per token answers 1 of 2, per prompt none here
     monkeypatch.setattr(eval_sweep, "fit_pick_readout", lambda rm_, base, ts, own, win, n_fit, mt=4096: fitted.append(
         [e.input for t in ts for e in t.train[:n_fit]]) or type("R", (), {"meta": {"n": 0}})())
-    monkeypatch.setattr(eval_sweep, "routed_exact_matches", lambda rm_, base, ex, mt=4096: granular.extend(
+    monkeypatch.setattr(eval_sweep, "routed_exact_matches", lambda rm_, base, ex, mt=4096, picks=None: granular.extend(
         (rm_.router.granularity, e.input) for e in ex) or ([0, 0] if rm_.router.per_prompt else [1, 0]))
     tasks = [Task(n, "f", train=[Example(f"train {n} {i}", "a") for i in range(5)],
                   heldout=[Example(f"held {n} {i}", "a") for i in range(5)]) for n in ("t1", "t2")]
