@@ -33,12 +33,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def _rel(path: Path) -> str:
-    """A path inside the repository as relative to it (results never point at one machine's folders)."""
-    path = path.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
+from bench.eval_common import repo_relative  # noqa: E402
 
 PROMPTS = [
     "Reverse the letters of this word: garden",
@@ -250,7 +245,7 @@ def main() -> None:
     ratio = round(statistics.median(times) / statistics.median(bare), 2) if bare else None
     result = {
         "command": " ".join(["python", "bench/app_latency.py", *sys.argv[1:]]),
-        "base_model": args.base_model, "library": _rel(Path(args.library)), "bf16": args.bf16, "top_k": args.top_k,
+        "base_model": args.base_model, "library": repo_relative(args.library), "bf16": args.bf16, "top_k": args.top_k,
         "new_tokens": NEW_TOKENS, "runs": args.runs,
         "first_token_p50_s": round(statistics.median(firsts), 3),
         "route_p50_s": round(statistics.median(times), 3), "route_p90_s": round(pct(times, 0.9), 3),

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.eval_figures import FIGURES, svg_heatmap, svg_intervals, write_figure  # noqa: F401 (re-exported)
+from bench.eval_figures import (FIGURES, repo_relative, svg_heatmap, svg_intervals,  # noqa: F401 (re-exported)
+                                write_figure)
 from library_store.training.prefix import SharedPrefix, cache_kwarg, common_prefix_length, output_cache
 
 ROOT = Path(__file__).resolve().parent.parent

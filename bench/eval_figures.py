@@ -14,7 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ROOT / "docs" / "figures"
+
+
+def repo_relative(path: Path) -> str:
+    """A path inside the repository as relative to it (results never point at one machine's folders)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _color(v: float) -> str:

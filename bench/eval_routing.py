@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.eval_common import (FIGURES, RESULTS, Clock, _batches, _hidden, _right_pad, bootstrap_ci,  # noqa: E402
-                               fmt_ci, load_base, prompt_ids, routed_experts, write_json)
+                               fmt_ci, load_base, prompt_ids, repo_relative, routed_experts, write_json)
 from library_store.training.prefix import SharedPrefix, common_prefix_length  # noqa: E402
 
 GOALS = {"private": 0.95, "cluster": 0.98}  # own-text accuracy, issue 13
@@ -310,7 +310,7 @@ def run(library: str, args, label: str | None = None) -> dict:
                   router_source=source, command=" ".join(["python"] + sys.argv),
                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"), total_seconds=clock.total(),
                   torch_threads=torch.get_num_threads(),
-                  figures={"confusion": _rel(conf), "layers": _rel(layers)})
+                  figures={"confusion": repo_relative(conf), "layers": repo_relative(layers)})
     write_json(Path(args.out) / f"{name}.json", result)
     if args.docs:
         write_routing_doc(Path(args.out), Path(args.docs), quick=label.startswith("quick-"))
@@ -319,10 +319,6 @@ def run(library: str, args, label: str | None = None) -> dict:
     print(report(result))
     print(f"time: {clock.total():.1f} s")
     return result
-
-
-def _rel(path: Path) -> str:
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 QUICK = ["--model", "tiny-random-llama", "--n", "4", "--sweep", "--sweep-n", "3", "--sweep-em", "2",

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.eval_common import (ROOT, bootstrap_ci, bootstrap_task_mean, chance_level, fmt_ci, md_table,
-                               paired_difference, svg_intervals, write_figure)
+from bench.eval_common import (bootstrap_ci, bootstrap_task_mean, chance_level, fmt_ci, md_table,
+                               paired_difference, repo_relative, svg_intervals, write_figure)
 
 ORDER = ["base", "uniform", "private_arrow", "mbc_arrow"]  # the paper's claimed ordering, worst to best
 LABELS = {"base": "base", "uniform": "uniform merge (private)", "private_arrow": "Private+Arrow",
@@ -92,4 +92,4 @@ def figure(summary: dict, name: str, title: str, figures: Path) -> str:
     path = write_figure(name, svg_intervals([LABELS[m] for m in ms],
                                             [(summary["mean"][m]["mean"], *summary["mean"][m]["ci95"]) for m in ms],
                                             title, chance=summary["chance_mean"]), figures)
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    return repo_relative(path)

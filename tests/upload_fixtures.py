@@ -138,10 +138,11 @@ def hostile_uploads(good: Path, root: Path) -> dict[str, tuple[list[str], str, s
     return out
 
 
-def tree_digest(root) -> dict[str, str]:
-    """path -> bytes of every file of a library folder but SQLite's side files: unchanged means unchanged."""
+def tree_digest(root, derived: bool = False) -> dict[str, str]:
+    """path -> bytes of every file of a library folder but SQLite's side files: unchanged means unchanged. Derived
+    data (caches a writable library may add) counts only with `derived` (a committed library gains none)."""
     import hashlib
 
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(root).rglob("*")) if p.is_file() and not p.name.endswith(("-shm", "-wal"))
-            and not p.name.startswith(".lock") and os.sep + "derived" + os.sep not in str(p)}
+            and not p.name.startswith(".lock") and (derived or os.sep + "derived" + os.sep not in str(p))}
