@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench.eval_common import repo_relative  # noqa: E402
 
 PROMPTS = [
-    "Reverse the letters of this word: garden",
+    "Write the plural of this noun: garden",
     "Add these numbers: 47 + 28",
     "Convert this date to MM/DD/YYYY: 2021-07-04",
     "Is this an animal or a plant? a sleepy tiger",
@@ -44,7 +44,7 @@ PROMPTS = [
     "Uppercase this word: window",
     "Which is larger, 381 or 318?",
     "Is this a fruit or a vegetable? a ripe mango",
-    "Drop the vowels from this word: keyboard",
+    "Write this word twice, separated by a space: keyboard",
     "Convert 18:45 to 12-hour time.",
 ]
 NEW_TOKENS = 32

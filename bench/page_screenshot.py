@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base-model", default="smollm2-135m-instruct")
     parser.add_argument("--library", default=str(ROOT / "assets" / "libraries" / "demo-mbc"))
-    parser.add_argument("--prompt", default="Reverse the letters of this word: garden")
+    parser.add_argument("--prompt", default="Convert this date to MM/DD/YYYY: 2021-07-04")
     parser.add_argument("--out", default="/tmp/instrument.png")
     parser.add_argument("--routing", choices=["default", "token", "prompt"], default="default",
                         help="the routing radio: the library's default, or per token / per prompt")
