@@ -28,6 +28,7 @@ from dataclasses import asdict, replace
 
 import torch
 
+from library_store.training.cluster_rename import rename_clusters
 from library_store.training.mbc import (INIT_KIND, MBCConfig, MBCData, adjusted_rand, cluster_name, mbc_cluster,
                                         read_mbc, warmup_name)
 from library_store.store.library import ExpertLibrary
@@ -201,23 +202,6 @@ def build_mbc(base, tasks: list[Task], out, k: int, warmup: TrainConfig | None =
         lib.remove(stale)  # a cluster of an earlier run with another K
     _log(f"MBC library {out}: {len(lib)} experts, {time.perf_counter() - start:.0f} s")
     return lib
-
-
-def rename_clusters(lib: ExpertLibrary, clusters: dict[str, list[str]]) -> list[str]:
-    """A cluster whose tasks are those of an existing cluster expert keeps that expert, under the cluster's name
-    now (clusters are numbered by first appearance in the task order, so a changed task renumbers the others):
-    no retraining for an unchanged cluster. Returns the clusters that took over an expert. Not one transaction: a
-    build killed between the removals and the additions trains the lost experts again when resumed."""
-    have = {tuple(sorted(i.tasks)): i.name for i in lib.infos() if i.kind == "cluster"}
-    moves = {c: lib[have[tuple(sorted(m))]] for c, m in clusters.items()
-             if have.get(tuple(sorted(m))) not in (None, c)}
-    for expert in moves.values():  # all out first: a new name may be another moved expert's old one
-        lib.remove(expert.info.name)
-    for cname, expert in moves.items():
-        _log(f"{cname}: the expert of {expert.info.name} (same tasks) kept, renamed")
-        expert.info = replace(expert.info, name=cname, cluster=cname)
-        lib.add(expert, replace=cname in lib)
-    return list(moves)
 
 
 # ---------------------------------------------------------------- CLI

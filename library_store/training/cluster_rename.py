@@ -1,0 +1,50 @@
+"""A rebuilt MBC library keeps the expert of a cluster whose tasks did not change, under the cluster's new name.
+
+Usage::
+
+    moved = rename_clusters(lib, {"cluster-0": ["x", "e"], "cluster-1": ["a", "b"]})   # clusters -> their tasks
+
+Clusters are numbered by first appearance in the task order, so a changed task renumbers the others; an
+unchanged cluster is not trained again. Each step is one atomic write of the store (`ExpertLibrary.add` /
+`remove`), and the steps are ordered so that a kill between any two of them loses no expert: every moved expert
+is first parked under a holding name, then written at its new name, and only then are its old name and its
+parked copy removed. Run again after a kill, the function finishes the job (an expert found under two names is
+one expert) and removes what a killed run parked.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+from library_store.store.library import ExpertLibrary
+
+HOLD = ".moving"  # a parked copy is "<new name>.moving"; never a cluster's own name (cluster-N)
+
+
+def _put(lib: ExpertLibrary, src: str, name: str, cluster: str) -> None:
+    expert = lib[src]
+    expert.info = replace(expert.info, name=name, cluster=cluster)
+    lib.add(expert, replace=name in lib)
+
+
+def rename_clusters(lib: ExpertLibrary, clusters: dict[str, list[str]]) -> list[str]:
+    """Give each cluster the existing cluster expert trained on exactly its tasks, when it has another name.
+    Returns the clusters that took over an expert, in `clusters`' order."""
+    names_of: dict[tuple[str, ...], list[str]] = {}  # tasks -> every cluster expert with them (a killed run: two)
+    for info in lib.infos():
+        if info.kind == "cluster":
+            names_of.setdefault(tuple(sorted(info.tasks)), []).append(info.name)
+    moves = {c: names_of[tuple(sorted(m))] for c, m in clusters.items()
+             if names_of.get(tuple(sorted(m))) and c not in names_of[tuple(sorted(m))]}
+    for c, names in moves.items():  # 1. park a copy: from here on a moved expert is never in one place only
+        if c + HOLD not in names:
+            _put(lib, names[0], c + HOLD, c)
+    for c in moves:  # 2. at its new name; what was there is parked if it moves too, else it is not kept
+        print(f"{c}: the expert of {moves[c][0]} (same tasks) kept, renamed", file=sys.stderr, flush=True)
+        _put(lib, c + HOLD, c, c)
+    owner = {tuple(sorted(m)): c for c, m in clusters.items()}
+    for info in lib.infos():  # 3. every other copy: old names, parked ones (this run's or a killed run's)
+        c = owner.get(tuple(sorted(info.tasks)))
+        if info.kind == "cluster" and (info.name.endswith(HOLD) or (c is not None and info.name != c)):
+            lib.remove(info.name)
+    return list(moves)
