@@ -21,6 +21,10 @@ from library_store.store.library import ExpertLibrary
 HOLD = ".moving"  # a parked copy is "<new name>.moving"; never a cluster's own name (cluster-N)
 
 
+def _key(tasks) -> tuple[str, ...]:
+    return tuple(sorted(tasks))
+
+
 def _put(lib: ExpertLibrary, src: str, name: str, cluster: str) -> None:
     expert = lib[src]
     expert.info = replace(expert.info, name=name, cluster=cluster)
@@ -33,18 +37,18 @@ def rename_clusters(lib: ExpertLibrary, clusters: dict[str, list[str]]) -> list[
     names_of: dict[tuple[str, ...], list[str]] = {}  # tasks -> every cluster expert with them (a killed run: two)
     for info in lib.infos():
         if info.kind == "cluster":
-            names_of.setdefault(tuple(sorted(info.tasks)), []).append(info.name)
-    moves = {c: names_of[tuple(sorted(m))] for c, m in clusters.items()
-             if names_of.get(tuple(sorted(m))) and c not in names_of[tuple(sorted(m))]}
+            names_of.setdefault(_key(info.tasks), []).append(info.name)
+    # a cluster whose tasks some expert has, under other names only (no expert at all: nothing to move, it trains)
+    moves = {c: names_of[_key(m)] for c, m in clusters.items() if c not in names_of.get(_key(m), [c])}
     for c, names in moves.items():  # 1. park a copy: from here on a moved expert is never in one place only
         if c + HOLD not in names:
             _put(lib, names[0], c + HOLD, c)
     for c in moves:  # 2. at its new name; what was there is parked if it moves too, else it is not kept
         print(f"{c}: the expert of {moves[c][0]} (same tasks) kept, renamed", file=sys.stderr, flush=True)
         _put(lib, c + HOLD, c, c)
-    owner = {tuple(sorted(m)): c for c, m in clusters.items()}
+    owner = {_key(m): c for c, m in clusters.items()}
     for info in lib.infos():  # 3. every other copy: old names, parked ones (this run's or a killed run's)
-        c = owner.get(tuple(sorted(info.tasks)))
+        c = owner.get(_key(info.tasks))
         if info.kind == "cluster" and (info.name.endswith(HOLD) or (c is not None and info.name != c)):
             lib.remove(info.name)
     return list(moves)

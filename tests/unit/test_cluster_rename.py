@@ -28,7 +28,6 @@ def test_unchanged_clusters_keep_their_experts_under_new_numbers(tmp_path):
     assert rename_clusters(lib, {"cluster-1": ["a", "b"], "cluster-2": ["c", "d"]}) == []  # nothing left to move
 
 
-
 class Killed(Exception):
     """Stands for kill -9 between two writes (a kill inside one write is the store's own recovery, tested there)."""
 
