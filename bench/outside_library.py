@@ -11,8 +11,9 @@ held-out wordings of every task, and generic requests no task resembles. Two sig
 A notice's threshold is chosen on the **training prompts alone**, without any generic text: the strength that
 95 % of them reach (their 5th percentile, rounded down to 0.01). Measured on held-out inputs and wordings (how often
 a task prompt is wrongly called outside) and on two generic sets: the 20 requests an earlier probe wrote
-(`GENERIC`, which saw only ROC AUCs), and 30 written for this check (`GENERIC_CHECK`). The input-centring calibration
-requests are not used: their centred scores are low by construction.
+(`GENERIC`, which saw only ROC AUCs), and 30 written for this check (`GENERIC_CHECK`); and, counted apart, 20
+chat requests that start with "Write" (`GENERIC_WRITE`), the word many string-task wordings start with. The
+input-centring calibration requests are not used: their centred scores are low by construction.
 
 Prints each signal's ROC AUC (held-out task prompts against all generic ones), how many prompts of each set such a
 notice would call outside, and how many the page's uncertain-pick flag marks: by the readout's probability alone, and
@@ -60,6 +61,18 @@ GENERIC_CHECK = (
     "Describe the smell of fresh rain.", "What is the capital of Australia?", "How do airplanes stay in the air?",
     "Give me a recipe for pancakes.", "What are the main causes of climate change?",
     "Hi there, what can you help me with?", "Why do we dream?",
+)
+GENERIC_WRITE = (  # written in the fifteenth session, before routing them: demo-mbc's string tasks say "Write ..." too
+    "Write a short poem about the moon.", "Write a limerick about a cat who loves cheese.",
+    "Write an email to my landlord about a broken heater.", "Write a tweet announcing our new coffee shop.",
+    "Write a two-line rhyme about summer.", "Write a short story opening set on a train.",
+    "Write a product description for a wooden chair.", "Write a toast for my best friend's wedding.",
+    "Write a paragraph about why reading matters.", "Write a slogan for a recycling campaign.",
+    "Write a polite reminder about tomorrow's meeting.", "Write three questions to ask in a job interview.",
+    "Write a riddle about a clock.", "Write a short apology for being late.",
+    "Write a motivational message for a runner.", "Write a description of a busy market.",
+    "Write a bedtime story about a sleepy owl.", "Write an invitation to a garden party.",
+    "Write a review of a pizza restaurant.", "Write a note to thank a neighbour for their help.",
 )
 PER_TASK = 10  # prompts per task and split
 FIRST = {"train": 30, "heldout": 80, "paraphrase": 80}  # past the readout's training prompts and the other runs'
@@ -132,14 +145,14 @@ def main(argv=None) -> None:
     print(f"\nOutside the library below strength {threshold:g} (chosen on training prompts), against the page's "
           f"uncertain-pick flag (p under {below:g}{weak_text}):\n| prompts | n | called outside | flagged by p alone | "
           "flagged uncertain |\n|---|---|---|---|---|")
-    for key, label in SETS:
+    for key, label in [(k, v) for k, v in SETS if k in rows]:  # an older run's rows may lack a set
         f, q, u = out["flagged"][key], out["uncertain_p"][key], out["uncertain"][key]
         print(f"| {label} | {f['n']} | {f['flagged']} ({f['share']:.1%}) | {q['flagged']} ({q['share']:.1%}) | "
               f"{u['flagged']} ({u['share']:.1%}) |")
     if "lean" in out:
         print(f"\nA per-token run's lean, flagged under a lead of {out['lean']['lead_below']:g}{weak_text}:\n"
               "| prompts | flagged by the lead alone | flagged |\n|---|---|---|")
-        for key, label in SETS:
+        for key, label in [(k, v) for k, v in SETS if k in rows]:
             q, u = out["lean_lead"][key], out["lean"][key]
             print(f"| {label} | {q['flagged']} ({q['share']:.1%}) | {u['flagged']} ({u['share']:.1%}) |")
     out["rows"] = rows
@@ -147,7 +160,8 @@ def main(argv=None) -> None:
 
 
 SETS = (("train", "training prompts"), ("heldout", "held-out inputs"), ("paraphrase", "held-out wordings"),
-        ("generic", "generic requests (the earlier probe's 20)"), ("generic_check", "generic requests (30 new)"))
+        ("generic", "generic requests (the earlier probe's 20)"), ("generic_check", "generic requests (30 new)"),
+        ("generic_write", "generic requests starting \"Write\" (20, not in the AUCs)"))
 
 
 def route_all(args) -> tuple:
@@ -164,6 +178,7 @@ def route_all(args) -> tuple:
                     for ex in t.examples(split)[FIRST[split]:FIRST[split] + args.n]] for split in FIRST}
     rows["generic"] = [signals(rm, p) for p in GENERIC]
     rows["generic_check"] = [signals(rm, p) for p in GENERIC_CHECK]
+    rows["generic_write"] = [signals(rm, p) for p in GENERIC_WRITE]
     rm.detach()
     return rm.router, source, rows
 
