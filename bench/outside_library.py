@@ -145,14 +145,15 @@ def main(argv=None) -> None:
     print(f"\nOutside the library below strength {threshold:g} (chosen on training prompts), against the page's "
           f"uncertain-pick flag (p under {below:g}{weak_text}):\n| prompts | n | called outside | flagged by p alone | "
           "flagged uncertain |\n|---|---|---|---|---|")
-    for key, label in [(k, v) for k, v in SETS if k in rows]:  # an older run's rows may lack a set
+    shown = [(k, v) for k, v in SETS if k in rows]  # an older run's rows (--rows) may lack a set
+    for key, label in shown:
         f, q, u = out["flagged"][key], out["uncertain_p"][key], out["uncertain"][key]
         print(f"| {label} | {f['n']} | {f['flagged']} ({f['share']:.1%}) | {q['flagged']} ({q['share']:.1%}) | "
               f"{u['flagged']} ({u['share']:.1%}) |")
     if "lean" in out:
         print(f"\nA per-token run's lean, flagged under a lead of {out['lean']['lead_below']:g}{weak_text}:\n"
               "| prompts | flagged by the lead alone | flagged |\n|---|---|---|")
-        for key, label in [(k, v) for k, v in SETS if k in rows]:
+        for key, label in shown:
             q, u = out["lean_lead"][key], out["lean"][key]
             print(f"| {label} | {q['flagged']} ({q['share']:.1%}) | {u['flagged']} ({u['share']:.1%}) |")
     out["rows"] = rows

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
+from library_store.expert import LoraExpert
 from library_store.store.library import ExpertLibrary
 
 HOLD = ".moving"  # a parked copy is "<new name>.moving"; never a cluster's own name (cluster-N)
@@ -25,10 +26,11 @@ def _key(tasks) -> tuple[str, ...]:
     return tuple(sorted(tasks))
 
 
-def _put(lib: ExpertLibrary, src: str, name: str, cluster: str) -> None:
-    expert = lib[src]
+def _put(lib: ExpertLibrary, expert: LoraExpert, name: str, cluster: str) -> LoraExpert:
+    """`expert` written under `name` (what was there replaced); the expert, renamed, for the next write."""
     expert.info = replace(expert.info, name=name, cluster=cluster)
     lib.add(expert, replace=name in lib)
+    return expert
 
 
 def rename_clusters(lib: ExpertLibrary, clusters: dict[str, list[str]]) -> list[str]:
@@ -40,12 +42,12 @@ def rename_clusters(lib: ExpertLibrary, clusters: dict[str, list[str]]) -> list[
             names_of.setdefault(_key(info.tasks), []).append(info.name)
     # a cluster whose tasks some expert has, under other names only (no expert at all: nothing to move, it trains)
     moves = {c: names_of[_key(m)] for c, m in clusters.items() if c not in names_of.get(_key(m), [c])}
-    for c, names in moves.items():  # 1. park a copy: from here on a moved expert is never in one place only
-        if c + HOLD not in names:
-            _put(lib, names[0], c + HOLD, c)
-    for c in moves:  # 2. at its new name; what was there is parked if it moves too, else it is not kept
+    parked = {c: _put(lib, lib[names[0]], c + HOLD, c)  # 1. park a copy: a moved expert is never in one place only
+              for c, names in moves.items() if c + HOLD not in names}
+    # 2. at its new name, from memory (or, parked by a killed run, read back); what was there is parked if it moves
+    for c in moves:
         print(f"{c}: the expert of {moves[c][0]} (same tasks) kept, renamed", file=sys.stderr, flush=True)
-        _put(lib, c + HOLD, c, c)
+        _put(lib, parked[c] if c in parked else lib[c + HOLD], c, c)
     owner = {_key(m): c for c, m in clusters.items()}
     for info in lib.infos():  # 3. every other copy: old names, parked ones (this run's or a killed run's)
         c = owner.get(_key(info.tasks))

@@ -12,10 +12,8 @@ def _weights(lib, name):
 
 
 def test_unchanged_clusters_keep_their_experts_under_new_numbers(tmp_path):
-    lib = ExpertLibrary.create(tmp_path / "lib", LLAMA_FP, module_shapes=LLAMA_SHAPES)
     old_tasks = {"cluster-0": ["a", "b"], "cluster-1": ["c", "d"], "cluster-2": ["e", "f"]}
-    for seed, (name, tasks) in enumerate(old_tasks.items()):
-        lib.add(random_expert(LLAMA, name, tasks=tasks, kind="cluster", cluster=name, seed=seed))
+    lib = _library(tmp_path / "lib", old_tasks)
     before = {n: _weights(lib, n) for n in ("cluster-0", "cluster-1", "cluster-2")}
     # a new task came first: a, b's cluster is now numbered 1 and c, d's 2; no cluster has e, f any more
     moved = rename_clusters(lib, {"cluster-0": ["x", "e"], "cluster-1": ["b", "a"], "cluster-2": ["c", "d"]})
