@@ -185,12 +185,25 @@ def choose(rows: list[dict], tie: float = TIE, decisive: float = DECISIVE) -> di
                                      r.get("margin_median") or 0.0, r["prompt"]))
 
 
+def score_setting(rm, base, prompts: dict[str, list[str]], own: dict, em_examples: dict,
+                  max_tokens: int = 4096) -> dict:
+    """One sweep row's scores for the router `rm` has now: own-text and prompt accuracy, median top-1 margin and
+    entropy of `prompts` (task -> texts) routed per token, and the mean exact match over `em_examples` (if any)."""
+    from bench.eval_routing import diagnose, route_prompts
+
+    d = diagnose({t: route_prompts(rm, base, p, max_tokens) for t, p in prompts.items()}, own)
+    row = {"user": d["accuracy"]["user"]["mean"], "prompt": d["accuracy"]["prompt"]["mean"],
+           "margin_median": d["margin"].get("q50"), "entropy_median": d["entropy"].get("q50")}
+    if em_examples:
+        row["em"] = float(np.mean([np.mean(exact_matches(base, ex, max_tokens)) for ex in em_examples.values()]))
+    return row
+
+
 def sweep(rm, base, tasks, own: dict, n: int, n_em: int, ks: list[int], temps: list[float],
           options: list[tuple[str, str]], max_tokens: int = 4096, n_fit: int = 20) -> dict:
     """Score every (centring, top-k, temperature) on the first `n` training prompts of each task (routing) and the
     first `n_em` (exact match); then the winner's granularity and pick (`choose_granularity`, a readout fitted on
     the first `n_fit`, scored on the next `n_em`). {"rows", "winner", "evidence", "readout"}."""
-    from bench.eval_routing import diagnose, route_prompts
     from explorer.routing.config import RouterConfig
 
     E = len(rm.experts)
@@ -210,13 +223,7 @@ def sweep(rm, base, tasks, own: dict, n: int, n_em: int, ks: list[int], temps: l
                     except ValueError as exc:  # this centring does not fit the library: one row says why
                         rows.append({**row, "refused": str(exc)})
                         break
-                    d = diagnose({t: route_prompts(rm, base, p, max_tokens) for t, p in prompts.items()}, own)
-                    row.update(user=d["accuracy"]["user"]["mean"], prompt=d["accuracy"]["prompt"]["mean"],
-                               margin_median=d["margin"].get("q50"), entropy_median=d["entropy"].get("q50"))
-                    if em_examples:
-                        row["em"] = float(np.mean([np.mean(exact_matches(base, ex, max_tokens))
-                                                   for ex in em_examples.values()]))
-                    rows.append(row)
+                    rows.append({**row, **score_setting(rm, base, prompts, own, em_examples, max_tokens)})
                 if rows and "refused" in rows[-1]:
                     break
     finally:

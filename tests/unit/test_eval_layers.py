@@ -58,3 +58,45 @@ def test_the_subset_is_adopted_only_when_routing_it_alone_beats_every_layer(monk
     assert got["alone"] == (1.0 if alone_right else 0.0)
     assert got["layers"] == (got["subset"] if adopted else None)
     assert stub.seen[:2] == [None, tuple(got["subset"])] and stub.router.pick == "readout"  # the start router again
+
+
+@pytest.mark.parametrize("best_k, unchanged", [(2, True), (4, False)])
+def test_the_resweep_scores_every_recorded_setting_at_the_routed_layers(monkeypatch, best_k, unchanged):
+    """bench/sweep_at_layers.py: the recorded grid of the default's centring, scored again with its routed layers
+    (per token), the same winner rule, and the start router back; rows of another centring are left out."""
+    from bench.sweep_at_layers import resweep
+    from explorer.routing.config import RouterConfig
+
+    layers = [0, 2]
+    recorded = SimpleNamespace(
+        router={**RouterConfig(top_k=2, temperature=0.3, centre="mean", input_centre="base", granularity="prompt",
+                               pick="readout", layers=tuple(layers)).to_dict()},
+        evidence={"winner": {"user": 0.8}, "rows": [
+            {"centre": "mean", "centre_scope": "prototypes", "input_centre": "base", "top_k": k, "temperature": t,
+             "user": 0.5} for k, t in ((1, 0.1), (2, 0.3), (4, 0.3))] + [
+            {"centre": "none", "centre_scope": "prototypes", "input_centre": "base", "top_k": 2, "temperature": 0.3,
+             "user": 0.9}, {"centre": "mean", "centre_scope": "prototypes", "input_centre": "base", "refused": "x"}]})
+
+    class Stub:
+        router = RouterConfig(top_k=1)
+        seen = []
+
+        def set_router(self, r):
+            self.seen.append(r)
+            self.router = r
+
+    def fake_score(rm, base, prompts, own, em, max_tokens=4096):  # best_k routes best; k 1 is decisive too
+        r = rm.router
+        return {"user": 0.9 if r.top_k == best_k else 0.6, "prompt": 0.5, "margin_median": 0.2, "em": 0.4}
+
+    monkeypatch.setattr(eval_sweep, "score_setting", fake_score)
+    stub = Stub()
+    tasks = [SimpleNamespace(name="a", metric="exact_match", train=[SimpleNamespace(input="a")] * 3)]
+    got = resweep(stub, None, tasks, {"a": ["a"]}, recorded, 2, 1)
+    scored = stub.seen[:-1]
+    assert [(r.top_k, r.temperature) for r in scored] == [(1, 0.1), (2, 0.3), (4, 0.3)]
+    assert all(r.layers == tuple(layers) and r.granularity == "token" and r.centre == "mean"
+               and r.input_centre == "base" for r in scored)
+    assert stub.seen[-1].top_k == 1 and stub.seen[-1].layers is None  # the start router again
+    assert got["winner"]["top_k"] == best_k and got["unchanged"] is unchanged
+    assert got["recorded"] == {"top_k": 2, "temperature": 0.3} and len(got["recorded_rows"]) == 3
