@@ -9,7 +9,8 @@ Usage::
 SmolLM2-135M (or, with --random-base, random weights with its exact config) with random rank-4 q/k/v/o
 experts (B non-zero), top-4, for E = 16 and E = 64: routed/base forward on 64 tokens, routed/base generation
 tokens per second, ours/PEFT-Arrow forward on the same adapters (PEFT via `create_arrow_model`), time to attach
-the library from disk (prototype cache cold and warm), the trace on/off ratio, one expert alone / base (mode
+the library from disk (prototype cache cold and warm; the derived-data cache is an empty folder of this run, so
+"cold" computes and writes every prototype whatever earlier runs cached), the trace on/off ratio, one expert alone / base (mode
 "expert", how a per-prompt router answers; `alone_dense`: the same through the general fixed-weight path, as
 before the one-expert path existed; issue 14 sets no goal for these), per-token generation without the fused
 kernels (`generation_ratio_torch_ops`: prefill and steps on the torch ops they replace); then exact prototypes
@@ -26,8 +27,10 @@ times. Goals are issue 14's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -52,6 +55,7 @@ from explorer.routing.prototypes import compute_prototypes  # noqa: E402
 from explorer.routing.model import RoutedModel  # noqa: E402
 from library_store.models import load_base_model  # noqa: E402
 from library_store.store.library import ExpertLibrary  # noqa: E402
+from library_store.store.user_cache import CACHE_ENV  # noqa: E402
 
 # (figure, E) -> (goal, higher is better); issue 14's table
 GOALS = {("forward_ratio", 16): (1.10, False), ("forward_ratio", 64): (1.25, False),
@@ -97,6 +101,22 @@ def ratio(times: dict, num: str, den: str) -> dict:
             "median": statistics.median(times[num]) / statistics.median(times[den]),
             "min": min(per_rep), "max": max(per_rep), "reps": len(per_rep),
             "times": {num: list(times[num]), den: list(times[den])}}
+
+
+@contextlib.contextmanager
+def derived_cache(folder: Path):
+    """Derived data (prototypes, input means) cached in `folder` meanwhile, not in the user's cache: until
+    2026-12-02 a "cold" attach found the prototypes an earlier run on the same machine had cached for the same
+    seeded experts, and only a first run on a fresh machine was cold."""
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        if before is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = before
 
 
 @torch.no_grad()
@@ -274,7 +294,7 @@ def main(argv=None) -> int:
            "targets": base.targets, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
            "goals": {f"{k[0]}@{k[1]}": v[0] for k, v in GOALS.items()}, "libraries": []}
     clock = Clock(device)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, derived_cache(Path(tmp) / "derived"):
         lib_path, peft_paths = None, []
         if 64 in args.experts or not args.no_peft:  # the library on disk: attach timing, PEFT's adapter folders
             lib_path = Path(tmp) / "lib"

@@ -51,7 +51,8 @@ def _cache_prototypes(library, rm, experts: list[LoraExpert], config: dict, know
                             {"experts": rm.experts})
         for i, e in enumerate(experts):
             if e.name not in known:
-                own = {s: st.prototypes[i] for s, st in rm._stacks.items() if s in e.factors()}  # {site: (d,)}
+                sites = e.factors()  # once per expert: it scans and sorts every weight name
+                own = {s: st.prototypes[i] for s, st in rm._stacks.items() if s in sites}  # {site: (d,)}
                 library.put_derived(EXPERT_PROTOTYPE_KIND, _expert_config(e), own, {"expert": e.name})
     except Exception as exc:  # a library that cannot cache still routes; it just recomputes next time
         log.info("prototypes not cached: %s", exc)

@@ -188,6 +188,29 @@ def test_from_library_caches_prototypes_and_equals_in_memory(tmp_path, monkeypat
     torch.testing.assert_close(again.logits(IDS), want, atol=1e-5, rtol=0)
 
 
+def test_a_cold_attach_reads_each_experts_factors_a_few_times_not_once_per_site(tmp_path, monkeypatch):
+    """Caching each expert's own prototypes scanned every weight name once per site (64 experts: 1.5 s of a 2.9 s
+    cold attach); it reads an expert's sites once, and each entry holds exactly that expert's sites."""
+    from explorer.routing.prototypes import PROTOTYPE_METHOD
+    from library_store.expert import LoraExpert
+
+    base = fresh("tiny-random-llama")
+    exps = experts(base, 3)
+    lib = make_library(tmp_path / "lib", base, exps)
+    sites = len(exps[0].factors())
+    calls = []
+    plain = LoraExpert.factors
+    monkeypatch.setattr(LoraExpert, "factors", lambda self: calls.append(self.name) or plain(self))
+    RoutedModel.from_library(base, lib, RouterConfig(top_k=2))
+    assert sites == 8 and max(calls.count(e.name) for e in exps) < sites  # 4 each now; 12 when once per site
+    own = [d for d in lib.list_derived() if d["kind"] == "arrow-prototype"]
+    assert len(own) == 3
+    for e in exps:
+        stored = lib[e.name].info.checksum
+        tensors, _ = lib.get_derived("arrow-prototype", {"method": PROTOTYPE_METHOD, "expert": [e.name, stored]})
+        assert sorted(tensors) == sorted(plain(e))
+
+
 def test_from_library_skips_and_reports_a_broken_expert(tmp_path):
     base = fresh("tiny-random-llama")
     lib = make_library(tmp_path / "lib", base, experts(base, 3))
