@@ -6,15 +6,16 @@ Usage::
     .venv/bin/python bench/arrow_speed.py --quick             # E=16 only, no PEFT / Phi-2 part (a smoke run)
     .venv/bin/python bench/arrow_speed.py --random-base --device cuda    # what bench/gpu_check.sh runs
 
-SmolLM2-135M (or, with --random-base, random weights with its exact config) with random rank-4 q/k/v/o
-experts (B non-zero), top-4, for E = 16 and E = 64: routed/base forward on 64 tokens, routed/base generation
-tokens per second, ours/PEFT-Arrow forward on the same adapters (PEFT via `create_arrow_model`), time to attach
-the library from disk (prototype cache cold and warm; the derived-data cache is an empty folder of this run, so
-"cold" computes and writes every prototype whatever earlier runs cached), the trace on/off ratio, one expert alone / base (mode
-"expert", how a per-prompt router answers; `alone_dense`: the same through the general fixed-weight path, as
-before the one-expert path existed; issue 14 sets no goal for these), per-token generation without the fused
-kernels (`generation_ratio_torch_ops`: prefill and steps on the torch ops they replace); then exact prototypes
-for 256 experts at Phi-2 shapes (hidden 2560, 32 layers, q/k/v/dense, rank 4) against a dense SVD on a sample.
+SmolLM2-135M (or, with --random-base, random weights with its exact config) with random rank-4 q/k/v/o experts
+(B non-zero), top-4, for E = 16 and E = 64: routed/base forward on 64 tokens, routed/base generation tokens per
+second, ours/PEFT-Arrow forward on the same adapters (PEFT via `create_arrow_model`), time to attach the library
+from disk (prototype cache cold and warm; the derived-data cache is an empty folder of this run, so "cold"
+computes and writes every prototype whatever earlier runs cached), the trace on/off ratio, one expert alone /
+base (mode "expert", how a per-prompt router answers; `alone_dense`: the same through the general fixed-weight
+path, as before the one-expert path existed; issue 14 sets no goal for these), per-token generation without the
+fused kernels (`generation_ratio_torch_ops`: prefill and steps on the torch ops they replace); then exact
+prototypes for 256 experts at Phi-2 shapes (hidden 2560, 32 layers, q/k/v/dense, rank 4) against a dense SVD on
+a sample.
 
 Timing: on the CPU, CPU time of this process (torch runs one intra-op thread when OMP_NUM_THREADS=1), so time
 the CPU spends on other jobs does not count; on CUDA, wall time after synchronising. Every repetition runs
