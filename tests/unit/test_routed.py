@@ -207,8 +207,11 @@ def test_a_cold_attach_reads_each_experts_factors_a_few_times_not_once_per_site(
     assert len(own) == 3
     for e in exps:
         stored = lib[e.name].info.checksum
-        tensors, _ = lib.get_derived("arrow-prototype", {"method": PROTOTYPE_METHOD, "expert": [e.name, stored]})
-        assert sorted(tensors) == sorted(plain(e))
+        tensors, meta = lib.get_derived("arrow-prototype", {"method": PROTOTYPE_METHOD, "layout": "flat",
+                                                            "expert": [e.name, stored]})
+        own = plain(e)  # {site: (A (r, d), B)}
+        assert sorted(s for s, _ in meta["sites"]) == sorted(own)
+        assert tensors["prototypes"].shape == (sum(a.shape[1] for a, _ in own.values()),)  # every site's (d,)
 
 
 def test_from_library_skips_and_reports_a_broken_expert(tmp_path):
