@@ -42,7 +42,7 @@ def _expert_prototypes(library, experts: list[LoraExpert]) -> dict[str, dict[str
     out = {}
     for e in experts:
         hit = library.get_derived(EXPERT_PROTOTYPE_KIND, _expert_config(e))
-        if hit is not None:
+        if hit is not None and "prototypes" in hit[0] and "sites" in hit[1]:  # else a miss: computed again
             flat, sites = hit[0]["prototypes"], hit[1]["sites"]  # (sum of d,), [[site, d], ...]
             out[e.name] = dict(zip([s for s, _ in sites], flat.split([d for _, d in sites])))
     return out

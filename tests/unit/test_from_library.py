@@ -83,3 +83,25 @@ def test_adding_an_expert_computes_only_its_prototypes(tmp_path, fresh_tiny, mon
             assert torch.allclose(rm._stacks[site].prototypes, st.prototypes, atol=1e-6), site
     finally:
         rm.detach()
+
+
+def test_an_expert_entry_without_its_sites_is_a_miss(tmp_path, fresh_tiny, monkeypatch):
+    """A cached entry of one expert that lacks its layout (e.g. written by hand) is computed again, not trusted."""
+    from explorer.routing.prototype_cache import EXPERT_PROTOTYPE_KIND, _expert_config
+
+    base = fresh_tiny("tiny-random-llama")
+    lib = _library(tmp_path / "lib", base)
+    RoutedModel.from_library(base, lib, TOP2).detach()
+    lib.put_derived(EXPERT_PROTOTYPE_KIND, _expert_config(lib["e0"]), {"prototypes": torch.zeros(3)},
+                    {"expert": "e0"})
+    lib.add(random_expert(base, "new", tasks=["t_new"], seed=7))  # the set's entry misses: each expert's is read
+    seen = _count_computed(monkeypatch)
+    rm = RoutedModel.from_library(base, lib, TOP2)
+    try:
+        computed = sum(seen)
+        stacks = inject.build_stacks([lib[n] for n in rm.experts])  # the same as computing all afresh
+        assert computed == 2 * len(stacks)  # e0 and the new one, at every site
+        for site, st in stacks.items():
+            assert torch.allclose(rm._stacks[site].prototypes, st.prototypes, atol=1e-6), site
+    finally:
+        rm.detach()
