@@ -51,6 +51,24 @@ def test_zero_padding_to_a_larger_rank_does_not_change_the_prototype():
     torch.testing.assert_close(compute_prototypes(A_pad, B_pad), compute_prototypes(A, B), atol=1e-6, rtol=0)
 
 
+def test_near_singular_a_forms_q_and_stays_exact(monkeypatch):
+    """Aᵀ R_a⁻¹ v cannot be solved where R_a has a zero on its diagonal (a zero-padded rank) and is not trusted where
+    it nearly has (dependent rows): those experts form Q_a instead, in the same batch as experts that take the
+    triangular solve, and all stay exact (solving them all gives NaN)."""
+    from explorer.routing import prototypes as P
+
+    A, B = factors(4, 4, 40, 24, seed=3)
+    A[1, 3] = A[1, 2]  # rows 2 and 3 equal: R_a singular up to rounding
+    A[2, 3] = 0  # a zero-padded rank
+    solved, real = [], P._solved
+    monkeypatch.setattr(P, "_solved", lambda a_t, *rest: solved.append(a_t.shape[0]) or real(a_t, *rest))
+    protos = compute_prototypes(A, B)
+    for e in range(4):
+        cos = torch.dot(protos[e].double(), dense_prototype(A[e], B[e]))
+        assert abs(cos.item()) == pytest.approx(1.0, abs=1e-5), e
+    assert solved == [2]  # experts 0 and 3 by the solve
+
+
 def test_zero_update_gives_zero_prototype():
     A, B = factors(2, 4, 16, 8)
     B[1] = 0  # a freshly initialised LoRA: ΔW = 0
