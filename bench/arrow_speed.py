@@ -28,7 +28,6 @@ times. Goals are issue 14's.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import os
@@ -36,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -102,22 +102,6 @@ def ratio(times: dict, num: str, den: str) -> dict:
             "median": statistics.median(times[num]) / statistics.median(times[den]),
             "min": min(per_rep), "max": max(per_rep), "reps": len(per_rep),
             "times": {num: list(times[num]), den: list(times[den])}}
-
-
-@contextlib.contextmanager
-def derived_cache(folder: Path):
-    """Derived data (prototypes, input means) cached in `folder` meanwhile, not in the user's cache: until
-    2026-12-02 a "cold" attach found the prototypes an earlier run on the same machine had cached for the same
-    seeded experts, and only a first run on a fresh machine was cold."""
-    before = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(folder)
-    try:
-        yield folder
-    finally:
-        if before is None:
-            os.environ.pop(CACHE_ENV, None)
-        else:
-            os.environ[CACHE_ENV] = before
 
 
 @torch.no_grad()
@@ -295,7 +279,9 @@ def main(argv=None) -> int:
            "targets": base.targets, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
            "goals": {f"{k[0]}@{k[1]}": v[0] for k, v in GOALS.items()}, "libraries": []}
     clock = Clock(device)
-    with tempfile.TemporaryDirectory() as tmp, derived_cache(Path(tmp) / "derived"):
+    # derived data (prototypes, input means) in an empty folder of this run: until 2026-12-02 a "cold" attach found
+    # the prototypes an earlier run on the machine had cached for the same seeded experts
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {CACHE_ENV: str(Path(tmp) / "derived")}):
         lib_path, peft_paths = None, []
         if 64 in args.experts or not args.no_peft:  # the library on disk: attach timing, PEFT's adapter folders
             lib_path = Path(tmp) / "lib"

@@ -199,6 +199,14 @@ def score_setting(rm, base, prompts: dict[str, list[str]], own: dict, em_example
     return row
 
 
+def training_sets(tasks, n: int, n_em: int) -> tuple[dict[str, list[str]], dict]:
+    """(task -> its first `n` training prompts, routed; task -> its first `n_em` training examples, answered:
+    exact-match tasks only, none when `n_em` is 0): what every sweep row is scored on."""
+    prompts = {t.name: [e.input for e in t.train[:n]] for t in tasks}
+    em_examples = {t.name: t.train[:n_em] for t in tasks if t.metric == "exact_match"} if n_em > 0 else {}
+    return prompts, em_examples
+
+
 def sweep(rm, base, tasks, own: dict, n: int, n_em: int, ks: list[int], temps: list[float],
           options: list[tuple[str, str]], max_tokens: int = 4096, n_fit: int = 20) -> dict:
     """Score every (centring, top-k, temperature) on the first `n` training prompts of each task (routing) and the
@@ -208,8 +216,7 @@ def sweep(rm, base, tasks, own: dict, n: int, n_em: int, ks: list[int], temps: l
 
     E = len(rm.experts)
     ks = sorted({min(k, E) for k in ks})
-    prompts = {t.name: [e.input for e in t.train[:n]] for t in tasks}
-    em_examples = {t.name: t.train[:n_em] for t in tasks if t.metric == "exact_match"} if n_em > 0 else {}
+    prompts, em_examples = training_sets(tasks, n, n_em)
     start, rows = rm.router, []
     try:
         for centre, scope, shift in options:

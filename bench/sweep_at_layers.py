@@ -41,8 +41,7 @@ def resweep(rm, base, tasks, own: dict, recorded, n: int, n_em: int, max_tokens:
     same = ("centre", "centre_scope", "input_centre")
     old = [r for r in recorded.evidence["rows"] if "refused" not in r
            and all(r.get(k) == getattr(chosen, k) for k in same)]
-    prompts = {t.name: [e.input for e in t.train[:n]] for t in tasks}
-    em = {t.name: t.train[:n_em] for t in tasks if t.metric == "exact_match"} if n_em > 0 else {}
+    prompts, em = S.training_sets(tasks, n, n_em)  # the same prompts as the recorded sweep's
     start, rows = rm.router, []
     try:
         for r in old:

@@ -46,8 +46,7 @@ def compute_prototypes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         protos = _solved(a_t, r_a, v, dtype)
     else:
         protos = torch.empty(A.shape[0], A.shape[2], dtype=dtype, device=A.device)  # (E, d)
-        if bool(solve.any()):
-            protos[solve] = _solved(a_t[solve], r_a[solve], v[solve], dtype)
+        protos[solve] = _solved(a_t[solve], r_a[solve], v[solve], dtype)  # possibly none
         rest = ~solve
         protos[rest] = torch.einsum("edr,er->ed", torch.linalg.qr(a_t[rest]).Q, v[rest].to(dtype))  # Q_a v
     pivot = protos.abs().argmax(dim=1, keepdim=True)  # (E, 1)
