@@ -69,6 +69,21 @@ def test_near_singular_a_forms_q_and_stays_exact(monkeypatch):
     assert solved == [2]  # experts 0 and 3 by the solve
 
 
+def test_rows_of_different_sizes_take_the_cholesky_solve_and_match_float64(monkeypatch):
+    """R_a comes from the Cholesky factor of A Aᵀ: mean-centred rows of very different sizes (still over
+    SOLVE_BELOW) take the triangular solve and agree with a float64 dense SVD as closely as plain rows do."""
+    from explorer.routing import prototypes as P
+
+    A, B = factors(6, 4, 256, 96, seed=5)
+    A = (A - A.mean(0)) * torch.tensor([1.0, 0.3, 0.1, 0.03])[None, :, None]  # (E, r, d) centred, rows scaled
+    solved, real = [], P._solved
+    monkeypatch.setattr(P, "_solved", lambda a, *rest: solved.append(a.shape[0]) or real(a, *rest))
+    protos = compute_prototypes(A, B)
+    assert solved == [6]
+    for e in range(6):
+        assert 1 - abs(torch.dot(protos[e].double(), dense_prototype(A[e], B[e])).item()) < 1e-6, e
+
+
 def test_zero_update_gives_zero_prototype():
     A, B = factors(2, 4, 16, 8)
     B[1] = 0  # a freshly initialised LoRA: ΔW = 0
