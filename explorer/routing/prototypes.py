@@ -21,10 +21,11 @@ def compute_prototypes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     With Aᵀ = Q_a R_a and B = Q_b R_b, ΔW = Q_b M Q_aᵀ with the r × r core M = R_b R_aᵀ, so ΔW's right singular
     vectors are Q_a V for M's right singular vectors V. Those are the eigenvectors of MᵀM = R_a (BᵀB) R_aᵀ, so B
     only enters through its r × r Gram matrix (no second QR), and the eigenproblem is r × r, solved in float64.
-    R_a is the Cholesky factor of A's r × r Gram matrix A Aᵀ = R_aᵀ R_a (one batched matmul, factored in float64;
-    Cholesky is insensitive to the rows' sizes, and over the well-conditioned experts it solves for, it was as
-    close to a float64 reference as the Householder QR used before 2026-12-02, docs/engine.md), and Q_a is not
-    formed: Q_a v = Aᵀ R_a⁻¹ v, one r × r triangular solve. Where A Aᵀ is near-singular (a zero-padded rank, rows
+    R_a is the Cholesky factor of A's r × r Gram matrix A Aᵀ = R_aᵀ R_a (one batched matmul in A's dtype, factored
+    in float64). The Gram matrix squares A's condition number, but Cholesky is insensitive to the rows' sizes and
+    the guard below sends nearly dependent rows to a QR; over the experts it solves for, it was as close to a
+    float64 reference as the Householder QR used before 2026-12-02 (docs/engine.md). Q_a is not formed:
+    Q_a v = Aᵀ R_a⁻¹ v, one r × r triangular solve. Where A Aᵀ is near-singular (a zero-padded rank, rows
     nearly dependent: R_a's smallest |diagonal| under SOLVE_BELOW of its largest, or no Cholesky factor at all)
     the expert takes a Householder QR of Aᵀ and forms Q_a.
     Cost O((d + out) r²) per expert instead of a dense d × out SVD. PEFT's 15-step power iteration is not exact
@@ -45,8 +46,7 @@ def compute_prototypes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     q_rest = None
     if bool(rest.any()):
         q_rest, r_rest = torch.linalg.qr(A[rest].transpose(1, 2))  # (n, d, r), (n, r, r): Householder
-        r_a = r_a.clone()
-        r_a[rest] = r_rest.double()
+        r_a[rest] = r_rest.double()  # (writes through to chol, which is not read again)
     b_t = B.to(dtype).transpose(1, 2)  # (E, r, out)
     core = r_a @ (b_t @ b_t.transpose(1, 2)).double() @ r_a.transpose(1, 2)  # (E, r, r) = MᵀM
     evals, evecs = torch.linalg.eigh(core)  # ascending eigenvalues

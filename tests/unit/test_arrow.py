@@ -70,12 +70,14 @@ def test_near_singular_a_forms_q_and_stays_exact(monkeypatch):
 
 
 def test_rows_of_different_sizes_take_the_cholesky_solve_and_match_float64(monkeypatch):
-    """R_a comes from the Cholesky factor of A Aᵀ: mean-centred rows of very different sizes (still over
-    SOLVE_BELOW) take the triangular solve and agree with a float64 dense SVD as closely as plain rows do."""
+    """R_a comes from the Cholesky factor of A Aᵀ: mean-centred rows of very different sizes, or nearly dependent
+    (both short of SOLVE_BELOW), take the triangular solve and agree with a float64 dense SVD as plain rows do."""
     from explorer.routing import prototypes as P
 
     A, B = factors(6, 4, 256, 96, seed=5)
-    A = (A - A.mean(0)) * torch.tensor([1.0, 0.3, 0.1, 0.03])[None, :, None]  # (E, r, d) centred, rows scaled
+    A = A - A.mean(0)  # (E, r, d) centred
+    A[:5] *= torch.tensor([1.0, 0.3, 0.1, 0.03])[None, :, None]  # rows of different sizes
+    A[5, 3] = A[5, 2] + 0.1 * A[5, 3]  # one expert's last row nearly its third
     solved, real = [], P._solved
     monkeypatch.setattr(P, "_solved", lambda a, *rest: solved.append(a.shape[0]) or real(a, *rest))
     protos = compute_prototypes(A, B)
