@@ -150,13 +150,14 @@ class TopKRoutes:
         return TopKRoutes(**parts)
 
     def to_dict(self) -> dict:
-        """JSON-ready: nested lists; NaN (no runner-up) as null."""
+        """JSON-ready: nested lists of the shortest decimals that read back to the same float16/32 values
+        (`json_floats`); NaN (no runner-up) as null."""
         out = {"n_experts": int(self.n_experts), "shape": list(self.experts.shape),
-               "experts": self.experts.tolist(), "weights": self.weights.tolist()}
+               "experts": self.experts.tolist(), "weights": json_floats(self.weights)}
         for name in DETAIL:
             value = getattr(self, name)
-            if value is not None:  # float64 holds float16/32 values exactly; JSON has no NaN
-                out[name] = np.where(np.isnan(value), None, value.astype(np.float64).astype(object)).tolist()
+            if value is not None:
+                out[name] = json_floats(value)
                 out[name + "_dtype"] = value.dtype.name
         return out
 
@@ -179,6 +180,44 @@ class TopKRoutes:
             return NotImplemented
         return self.n_experts == other.n_experts and all(
             _same(getattr(self, f.name), getattr(other, f.name)) for f in fields(self) if f.name != "n_experts")
+
+
+# significant digits tried, fewest first: the last always reads back exactly; starting lower saves passes, not text
+_DIGITS = {np.dtype(np.float16): (3, 5), np.dtype(np.float32): (6, 9)}
+
+
+def json_floats(x: np.ndarray) -> list:
+    """x (any shape, float16 or float32) -> nested lists of Python floats, each the shortest decimal (at most 5 or 9
+    significant digits; a value that 1-2 digits would do may get 3) that reads back to the same value in x's dtype,
+    NaN as None (JSON has no NaN).
+
+    A float16 value's float64 repr runs to 17 digits ("0.0123443603515625"); this writes "0.012344". For each
+    number of digits in _DIGITS, fewest first, the values not yet done are rounded to it (m / 10^k, one correctly
+    rounded division, so the float64's repr is that decimal) and kept where they read back exactly; what is left
+    keeps its exact float64 value."""
+    x = np.asarray(x)
+    out = x.astype(np.float64)  # exact for float16/32
+    todo = np.isfinite(out) & (out != 0)  # zero, NaN and inf print short as they are
+    first, last = _DIGITS.get(x.dtype, (1, 0))
+    for digits in range(first, last + 1):
+        if not todo.any():
+            break
+        idx = np.flatnonzero(todo)
+        v = out.flat[idx]  # (n,) float64
+        k = digits - 1 - np.floor(np.log10(np.abs(v)))  # decimal places of `digits` significant digits
+        with np.errstate(over="ignore", invalid="ignore"):
+            m = np.round(v * 10.0 ** k)
+            r = np.where(k >= 0, m / 10.0 ** np.maximum(k, 0), m * 10.0 ** np.maximum(-k, 0))  # (n,)
+            ok = np.isfinite(r) & (r.astype(x.dtype) == x.flat[idx])
+        out.flat[idx[ok]] = r[ok]
+        todo.flat[idx[ok]] = False
+    nested = out.tolist()
+    for where in np.argwhere(np.isnan(out)):  # None in place of each NaN
+        inner = nested
+        for i in where[:-1]:
+            inner = inner[i]
+        inner[where[-1]] = None
+    return nested
 
 
 def _same(a, b) -> bool:

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from explorer.routing.config import RouterConfig
-from explorer.routing.topk import CellExpert, TopKRoutes
+from explorer.routing.topk import CellExpert, TopKRoutes, json_floats
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ class RoutingTrace:
         data["routes"] = self.routes.to_dict()
         data["evidence"] = None if self.evidence is None else self.evidence.to_dict(dense)
         if dense:
-            data["weights"] = self.weights.tolist()
+            data["weights"] = json_floats(self.weights)
         return data
 
     def _plain(self) -> dict:

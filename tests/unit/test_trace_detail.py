@@ -168,3 +168,25 @@ def test_from_dense_round_trip_is_exact_and_smaller():
     assert again == routes
     empty = TopKRoutes.from_dense(np.zeros((2, 2, 0, 3)))
     assert TopKRoutes.from_dict(json.loads(json.dumps(empty.to_dict()))).shape == (2, 2, 0, 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_json_floats_are_short_and_read_back_to_the_same_values(dtype):
+    """The trace's JSON writes each float16/32 value as the shortest decimal that reads back to it (the float64
+    repr of a float16 runs to 17 digits), NaN as null; reading it as `from_dict` does gives the same bits."""
+    from explorer.routing.topk import json_floats
+
+    info = np.finfo(dtype)
+    edge = [0.0, -0.0, 1.0, -1.0, 0.1, 1 / 3, float(info.max), -float(info.max), float(info.tiny),
+            float(info.smallest_subnormal), float("nan"), 0.0123443603515625]
+    rng = np.random.default_rng(1)
+    x = np.concatenate([np.array(edge), rng.standard_normal(404) * 10.0 ** rng.integers(-6, 4, 404)]).astype(dtype)
+    x = x.reshape(2, 2, -1, 4)  # (L, M, T, k) like the routes
+    text = json.dumps(json_floats(x))
+    back = np.array(json.loads(text), dtype=np.float64).astype(dtype)  # null -> NaN, as from_dict reads it
+    assert back.shape == x.shape
+    np.testing.assert_array_equal(back.view(np.uint16 if dtype == np.float16 else np.uint32),
+                                  x.view(np.uint16 if dtype == np.float16 else np.uint32))
+    exact = json.dumps(np.where(np.isnan(x), None, x.astype(np.float64).astype(object)).tolist())
+    assert len(text) < 0.75 * len(exact)
+    assert "NaN" not in text and "null" in text
