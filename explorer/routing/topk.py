@@ -182,7 +182,8 @@ class TopKRoutes:
             _same(getattr(self, f.name), getattr(other, f.name)) for f in fields(self) if f.name != "n_experts")
 
 
-# significant digits tried, fewest first: the last always reads back exactly; starting lower saves passes, not text
+# significant digits tried, fewest first; the last always reads back exactly. Starting at 3 (6) instead of 1 saves
+# passes and costs a digit at most, on the few values that fewer digits would do
 _DIGITS = {np.dtype(np.float16): (3, 5), np.dtype(np.float32): (6, 9)}
 
 
@@ -211,13 +212,12 @@ def json_floats(x: np.ndarray) -> list:
             ok = np.isfinite(r) & (r.astype(x.dtype) == x.flat[idx])
         out.flat[idx[ok]] = r[ok]
         todo.flat[idx[ok]] = False
-    nested = out.tolist()
-    for where in np.argwhere(np.isnan(out)):  # None in place of each NaN
-        inner = nested
-        for i in where[:-1]:
-            inner = inner[i]
-        inner[where[-1]] = None
-    return nested
+    nan = np.isnan(out)
+    if not nan.any():
+        return out.tolist()
+    boxed = out.astype(object)  # None in place of each NaN
+    boxed[nan] = None
+    return boxed.tolist()
 
 
 def _same(a, b) -> bool:
