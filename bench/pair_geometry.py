@@ -28,24 +28,26 @@ from explorer.routing.inject import build_stacks  # noqa: E402
 from library_store.store.library import ExpertLibrary  # noqa: E402
 
 
-def mean_abs_cos(protos: dict[str, torch.Tensor], i: int, j: int) -> float:
-    """protos {site: (E, d)} -> mean over sites of |cos(p_i, p_j)|."""
-    return statistics.mean(float((p[i] @ p[j]).abs() / (p[i].norm() * p[j].norm()).clamp(min=1e-12))
-                           for p in protos.values())
+@torch.no_grad()
+def mean_cos(vectors: dict[str, torch.Tensor], absolute: bool) -> torch.Tensor:
+    """vectors {site: (E, n)} -> (E, E) cosine between every two experts' vectors, |cos| if `absolute`, averaged
+    over the sites."""
+    total = 0
+    for v in vectors.values():
+        unit = v / v.norm(dim=1, keepdim=True).clamp(min=1e-12)  # (E, n)
+        c = unit @ unit.T  # (E, E)
+        total = total + (c.abs() if absolute else c)
+    return total / len(vectors)
 
 
 @torch.no_grad()
-def update_cos(stacks, E: int) -> dict[tuple[int, int], float]:
-    """{(i, j): mean over sites of cos(ΔW_i - mean ΔW, ΔW_j - mean ΔW)} for every pair i < j."""
-    sums: dict[tuple[int, int], list[float]] = {p: [] for p in itertools.combinations(range(E), 2)}
-    for st in stacks.values():
-        dw = torch.einsum("eor,erd->eod", st.B, st.A).reshape(E, -1)  # (E, out · d)
-        dw = dw - dw.mean(0)
-        unit = dw / dw.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        c = unit @ unit.T  # (E, E)
-        for i, j in sums:
-            sums[i, j].append(float(c[i, j]))
-    return {p: statistics.mean(v) for p, v in sums.items()}
+def updates(stacks) -> dict[str, torch.Tensor]:
+    """{site: (E, out · d)} each expert's ΔW = B A, less the library's mean ΔW at that site (dense)."""
+    out = {}
+    for site, st in stacks.items():
+        dw = torch.einsum("eor,erd->eod", st.B, st.A).flatten(1)  # (E, out · d)
+        out[site] = dw - dw.mean(0)
+    return out
 
 
 def main(argv=None) -> int:
@@ -65,9 +67,9 @@ def main(argv=None) -> int:
     ranks = site_ranks(experts, list(stacks))
     raw = {s: st.prototypes for s, st in stacks.items()}
     centred = centred_prototypes(stacks, ranks, {s: factor_means(st.A, st.B, ranks[s]) for s, st in stacks.items()})
-    updates = update_cos(stacks, len(names))
-    pairs = [{"a": names[i], "b": names[j], "raw": mean_abs_cos(raw, i, j), "centred": mean_abs_cos(centred, i, j),
-              "update": updates[i, j]} for i, j in itertools.combinations(range(len(names)), 2)]
+    table = {"raw": mean_cos(raw, True), "centred": mean_cos(centred, True), "update": mean_cos(updates(stacks), False)}
+    pairs = [{"a": names[i], "b": names[j], **{k: float(c[i, j]) for k, c in table.items()}}
+             for i, j in itertools.combinations(range(len(names)), 2)]
     pairs.sort(key=lambda p: -p["centred"])
     experts_out = [{"expert": n, "raw": statistics.mean(p["raw"] for p in pairs if n in (p["a"], p["b"])),
                     "centred": statistics.mean(p["centred"] for p in pairs if n in (p["a"], p["b"]))} for n in names]
