@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--route-layers", default=None, metavar="LAYERS",
                         help="Arrow routes at these layers only, e.g. '0-3, 12, 15' or 'all'; the others run the "
                              "base model (docs/design.md, \"Routed layers\"; default: the library's default router)")
+        sp.add_argument("--expert-scales", default=None, choices=["default", "none"],
+                        help="score each expert times the factor fitted on the library's training prompts, or "
+                             "Arrow's plain score (docs/design.md, \"Expert scales\"; default: the library's "
+                             "default router)")
         sp.add_argument("--disable", default="", help="comma-separated experts to leave out")
         sp.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
         sp.add_argument("--bf16", action="store_true", help="load the base model in bfloat16 (= --dtype bfloat16)")
@@ -102,7 +106,8 @@ def _routed(args):
                      top_k=args.top_k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                      disabled=args.disable, chat=not args.no_chat, centre=args.centre,
                      centre_scope=args.centre_scope, input_centre=args.input_centre,
-                     granularity=args.granularity, pick=args.pick, layers=args.route_layers)
+                     granularity=args.granularity, pick=args.pick, layers=args.route_layers,
+                     scales=args.expert_scales)
     done = normalise(raw, rm.experts, tokenizer=base.tokenizer, context_length=base.context_length,
                      limits=CLI_LIMITS, strict=True, names=names, defaults=defaults, model_layers=rm.layers)
     if done.error:
@@ -119,6 +124,7 @@ def _summary(trace) -> str:
     centre = f" centre={router.centre} scope={router.centre_scope}" if router.centre != "none" else ""
     centre += f" input_centre={router.input_centre}" if router.input_centre != "none" else ""
     centre += f" layers={compact_layers(router.layers)}" if router.layers is not None else ""
+    centre += " expert_scales=fitted" if router.scales else ""
     lines = [f"mode={trace.mode} top_k={trace.top_k} temperature={trace.temperature}{centre} "
              f"granularity={router.granularity}{' pick=' + router.pick if router.per_prompt else ''} "
              f"experts={len(trace.experts)}"]

@@ -38,7 +38,7 @@ FIGURE_OUTPUTS = ("expert_plot", "entropy", "usage", "diff", "decision")  # new 
 COMPARE_OUTPUTS = ("base_text", "uniform_text", "single_text", "arrow_text")
 LIBRARY_OUTPUTS = ("status", "disabled", "expert", "linked_map")
 ROUTER_OUTPUTS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "granularity", "pick_by",
-                  "route_layers")
+                  "route_layers", "expert_scales")
 
 
 def view_of(session: Session, state: RunResult, show_template) -> tuple:
@@ -86,16 +86,17 @@ def figures(session: Session, state: RunResult | None, module, expert, show_temp
 
 def route(session: Session, prompt, library, chat, top_k, temperature, centre, centre_scope, max_new, disabled,
           module, colour_by, grid_by, show_template, input_centre=None, granularity=None, pick_by=None,
-          route_layers=None, progress=None):
+          route_layers=None, expert_scales=None, progress=None):
     """Run, streaming: the answer as it is generated ({"text": so far}), then every ROUTE_OUTPUTS key.
-    `input_centre` ("none" | "base"), `granularity` ("token" | "prompt"), `pick_by` ("mean" | "readout") and
-    `route_layers` ("all", "0-3, 6"), None: the library's default, come last so that API clients written before
-    them keep their argument positions."""
+    `input_centre` ("none" | "base"), `granularity` ("token" | "prompt"), `pick_by` ("mean" | "readout"),
+    `route_layers` ("all", "0-3, 6") and `expert_scales` ("default": the library's fitted factors | "none"), None:
+    the library's default, come last so that API clients written before them keep their argument positions."""
     error = ensure_loaded(session, progress)
     if error is None:
         raw = RawRequest(prompt=prompt, library=library, chat=chat, top_k=top_k, temperature=temperature,
                          max_new_tokens=max_new, disabled=disabled, centre=centre, centre_scope=centre_scope,
-                         input_centre=input_centre, granularity=granularity, pick=pick_by, layers=route_layers)
+                         input_centre=input_centre, granularity=granularity, pick=pick_by, layers=route_layers,
+                         scales=expert_scales)
         steps = stream_run(session, raw)
     else:
         steps = iter([RunResult(trace=None, error=error)])

@@ -205,7 +205,7 @@ def remove(session: Session, library, name) -> dict:
 
 def router_controls(session: Session, library) -> dict:
     """The Explore tab's router controls set to the library's default router (keys top_k, temperature, centre,
-    centre_scope, input_centre, granularity, pick_by, route_layers); centre choices are none, mean and
+    centre_scope, input_centre, granularity, pick_by, route_layers, expert_scales); centre choices are none, mean and
     general:<name> for the library's `general` experts; an input centring the page does not offer shows as
     "none"."""
     reg, library = session.registry, str(library or "")
@@ -220,7 +220,10 @@ def router_controls(session: Session, library) -> dict:
             "input_centre": update(value=router["input_centre"] if router["input_centre"] in INPUT_CENTRES else "none"),
             "granularity": update(value=router["granularity"] if router["granularity"] in GRANULARITIES else "token"),
             "pick_by": update(value=router["pick"] if router["pick"] in PICKS else "mean"),
-            "route_layers": update(value="all" if router.get("layers") is None else compact_layers(router["layers"]))}
+            "route_layers": update(value="all" if router.get("layers") is None else compact_layers(router["layers"])),
+            # offered only where the library's default router has fitted factors
+            "expert_scales": update(value="default" if router.get("scales") else "none",
+                                    interactive=bool(router.get("scales")))}
 
 
 __all__ = ["EDIT_OUTPUTS", "MAP_KINDS", "MAP_OUTPUTS", "SHOW_OUTPUTS", "Update", "ask_remove", "cancel_remove",

@@ -85,6 +85,19 @@ _WINNER_MEASURES = (("user", "own-text routing accuracy"), ("prompt", "accuracy 
                     ("entropy_median", "median routing entropy"))
 
 
+def _scales_text(fit) -> list[str]:
+    """The card's line on the expert scales (bench/fit_scales.py's evidence), or none."""
+    if not isinstance(fit, dict) or not fit.get("factors"):
+        return []
+    n, f = int(fit.get("n_fit", 20)), fit["factors"]
+    low, high = min(f, key=f.get), max(f, key=f.get)
+    return [f"- Expert scales (each expert's score times a factor), fitted on training prompts 1-{n} per task: own "
+            f"text right {float(fit['fit_before']):.0%} → {float(fit['fit_after']):.0%} there, and "
+            f"{float(fit['check_before']):.0%} → {float(fit['check_after']):.0%} on prompts {n + 1}-{2 * n}, the "
+            f"check that adopted them; factors from {f[low]:.2f} ({html.escape(low)}) to {f[high]:.2f} "
+            f"({html.escape(high)}). Fitted by {_code(fit.get('command') or '(command not recorded)')}."]
+
+
 def _winner_text(winner: dict) -> str:
     """"own-text routing accuracy 0.825, ..., median routing entropy 1.21": 3 significant digits; unknown keys
     kept as they are, after the known ones."""
@@ -207,6 +220,7 @@ def report_card(report: "RoutingReport | None", default: "DefaultRouter | None",
                          f"with every layer, {float(chosen['alone']):.0%} routed at layers "
                          f"{compact_layers(chosen['subset'])} alone: "
                          + ("adopted." if chosen.get("layers") else "not adopted (not better by over a point)."))
+        lines += _scales_text(default.evidence.get("scales"))
         sweep = default.evidence.get("rows") or default.evidence.get("sweep") or []  # eval_sweep writes "rows"
         if sweep:
             lines.append(f"- {len(sweep)} settings swept on "

@@ -27,6 +27,9 @@ per prompt, picked from the per-token routing of the user's text); an unknown va
 `pick` is "mean" or "readout" (the library's fitted readout; `RoutedModel.set_router` refuses it where none is).
 Routed layers (docs/design.md, "Routed layers"): `layers` is "all", a list of layer numbers or a string like
 "0-3, 6"; with `model_layers` (the layers the model routes), layers outside them are dropped with a notice.
+Expert scales (docs/design.md, "Expert scales"): `scales` is "default" (the library's fitted factors, if its
+default router has any), "none" (Arrow's plain score) or a dict {expert: factor}; unknown experts' factors are
+dropped and a bad factor falls back to no scales, each with a notice.
 """
 from __future__ import annotations
 
@@ -35,12 +38,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from explorer.routing.config import (CENTRE_SCOPES, CENTRES, GRANULARITIES, INPUT_CENTRES, PICKS, RouterConfig,
-                                     check_layers, compact_layers, parse_layers)
+                                     check_layers, check_scales, compact_layers, parse_layers)
 
 DEFAULTS = {"top_k": 4, "temperature": 1.0, "max_new_tokens": 32, "centre": "none", "centre_scope": "prototypes",
-            "input_centre": "none", "granularity": "token", "pick": "mean", "layers": None}
+            "input_centre": "none", "granularity": "token", "pick": "mean", "layers": None, "scales": None}
 # what a library's default router may set
-ROUTER_FIELDS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "granularity", "pick", "layers")
+ROUTER_FIELDS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "granularity", "pick", "layers",
+                 "scales")
+SCALE_CHOICES = ("default", "none")  # the library's fitted expert scales, or Arrow's plain score
 MEAN_MIN_EXPERTS = 3  # as `explorer.routing.centring.Centring.means`: below three, centred experts are alike
 
 
@@ -62,6 +67,7 @@ class RawRequest:
     granularity: Any = None  # "token" | "prompt"
     pick: Any = None  # "mean" | "readout" (per prompt)
     layers: Any = None  # "all" | "0-3, 6" | a list of layer numbers (Arrow routes there; the others run base)
+    scales: Any = None  # "default" (the library's) | "none" | {expert: factor}
 
 
 @dataclass(frozen=True)
@@ -144,10 +150,11 @@ def normalise(raw: RawRequest, experts: list[str], tokenizer=None, context_lengt
         granularity = _choice(raw.granularity, base["granularity"], GRANULARITIES, "granularity", clamp)
         chosen = _choice(raw.pick, base["pick"], PICKS, "pick", clamp)
         layers = _layers(raw.layers, base["layers"], model_layers, clamp)
+        scales = _scales(raw.scales, base["scales"], experts, clamp)
         prompt = _cut(prompt, max_new, tokenizer, context_length, limits, notices)
         router = RouterConfig(mode=mode, top_k=top_k, temperature=temperature, disabled=tuple(disabled),
                               centre=centre, centre_scope=scope, input_centre=input_centre,
-                              granularity=granularity, pick=chosen, layers=layers)
+                              granularity=granularity, pick=chosen, layers=layers, scales=scales)
     except (_Refused, ValueError) as exc:  # ValueError: RouterConfig's last guard (e.g. an unknown mode)
         return Normalised(request=None, notices=notices, error=str(exc))
     request = RunRequest(prompt=prompt, library=str(raw.library or ""), router=router, chat=bool(raw.chat),
@@ -244,6 +251,28 @@ def _centring(raw: RawRequest, base: dict, experts: list[str], names: list[str],
                                     f"has {names}.")
         return "none", scope
     return (f"general:{general}" if general else centre), scope
+
+
+def _scales(raw, default, experts: list[str], clamp) -> tuple:
+    """The expert scales as RouterConfig takes them: "default" (or None) the library's, "none" none, a dict its
+    valid part; unknown experts are dropped and a bad value falls back to none, with a notice (the CLI: refused)."""
+    if raw is None or (isinstance(raw, str) and raw.strip() in ("", "default")) or raw is True:
+        raw = default or {}
+    elif raw is False or (isinstance(raw, str) and raw.strip() == "none"):
+        return ()
+    if not isinstance(raw, dict):
+        clamp(f"Unknown expert scales {raw!r}: using none (choose {' or '.join(SCALE_CHOICES)}, or give factors "
+              "per expert).", f"Unknown expert scales {raw!r}: use one of {', '.join(SCALE_CHOICES)}.")
+        return ()
+    unknown = sorted(str(k) for k in raw if k not in experts)
+    if unknown:
+        clamp(f"Ignored the scales of unknown experts {unknown}; the library routes {experts}.",
+              f"Cannot scale unknown experts {unknown}; the library routes {experts}.")
+    try:
+        return check_scales({k: v for k, v in raw.items() if k in experts})
+    except ValueError as exc:
+        clamp(f"{exc}: using no expert scales.", str(exc))
+        return ()
 
 
 def _choice(raw, default: str, choices: tuple[str, ...], what: str, clamp, label: str | None = None) -> str:

@@ -159,6 +159,9 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
                                        label="pick by (per prompt)", min_width=150, elem_id="pick-by")
                     route_layers = gr.Textbox(value="all", label="routed layers", max_lines=1, min_width=150,
                                               elem_id="route-layers", placeholder="all, or e.g. 0-3, 12")
+                    # the library's fitted factors per expert (docs/design.md, "Expert scales"), or Arrow plain
+                    expert_scales = gr.Radio([("fitted", "default"), ("none", "none")], value="none",
+                                             label="expert scales", min_width=150, elem_id="expert-scales")
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=6, min_width=420):
                         grid = gr.HTML(instrument.note_html(cb.NO_TRACE), elem_id="grid", head=head,
@@ -227,11 +230,11 @@ def build_demo(session: Session, examples: list[dict] | None = None) -> gr.Block
         from explorer.page.library_actions import warm_maps  # imported by the Library tab above
 
         wire(library_page.select, warm_maps, ["library"], [], "warm_maps")  # an upload's UMAP map: compiled ahead
-        # input_centre, granularity, pick, route_layers last: API clients written before them keep their argument
-        # positions
+        # input_centre, granularity, pick, route_layers, expert_scales last: API clients written before them keep
+        # their argument positions
         route_inputs = ["prompt", "library", "chat", "top_k", "temperature", "centre", "centre_scope", "max_new",
                         "disabled", "module", "colour_by", "grid_by", "show_template", "input_centre", "granularity",
-                        "pick_by", "route_layers"]
+                        "pick_by", "route_layers", "expert_scales"]
         for trigger, suffix in ((run.click, ""), (prompt.submit, "_submit")):
             routed = wire(trigger, cb.route, route_inputs, cb.ROUTE_OUTPUTS, "route" + suffix)
             wire(routed.then, cb.figures, ["state", "module", "expert", "show_template"], cb.FIGURE_OUTPUTS,

@@ -9,6 +9,7 @@ Usage::
     RouterConfig(centre="general:general-knowledge")          # subtract one `general` expert of the library
     RouterConfig(top_k=2, granularity="prompt")               # route the prompt, then answer with its winner alone
     RouterConfig(layers=(0, 1, 2, 12, 15))                    # Arrow routes at these layers; the others run base
+    RouterConfig(scales={"subtract": 1.2, "add": 0.9})        # per-expert score factors fitted on training prompts
 
 Whether a setting fits a given library (top_k at most the number of enabled experts, known names) is checked by
 `RoutedModel.set_router`; the maths of each mode is in docs/design.md, "Routing", and of centring in "Centring".
@@ -48,6 +49,9 @@ class RouterConfig:
     their base layers, add no expert and record no routing (chosen where the library knows the task: see
     docs/design.md, "Routed layers"). Modes uniform and expert, and a per-prompt answer's pick, apply at every
     layer.
+    scales: per-expert factors of Arrow's score, |h · p_e| × c_e (a factor folds into the prototype, c_e p_e),
+    as (name, factor) pairs sorted by name (a dict is accepted); empty: Arrow's plain score. Fitted on a
+    library's training prompts by bench/fit_scales.py (docs/design.md, "Expert scales"); unnamed experts keep 1.
     """
 
     mode: str = "arrow"
@@ -60,6 +64,7 @@ class RouterConfig:
     granularity: str = "token"
     pick: str = "mean"
     layers: tuple[int, ...] | None = None
+    scales: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         kind = self.mode.split(":", 1)[0] if isinstance(self.mode, str) else None
@@ -88,6 +93,7 @@ class RouterConfig:
             raise ValueError(f"Unknown pick {self.pick!r}: use one of {', '.join(PICKS)}.")
         if self.layers is not None:
             object.__setattr__(self, "layers", check_layers(self.layers))
+        object.__setattr__(self, "scales", check_scales(self.scales))
 
     @property
     def kind(self) -> str:
@@ -105,11 +111,16 @@ class RouterConfig:
         return self.centre.split(":", 1)[1] if self.centre.startswith("general:") else None
 
     def to_dict(self) -> dict:
-        """Every field; `layers` only when set (a router of every layer reads as it did before it existed)."""
+        """Every field; `layers` and `scales` only when set (a router without them reads as it did before they
+        existed)."""
         d = {"mode": self.mode, "top_k": self.top_k, "temperature": float(self.temperature),
              "disabled": list(self.disabled), "centre": self.centre, "centre_scope": self.centre_scope,
              "input_centre": self.input_centre, "granularity": self.granularity, "pick": self.pick}
-        return d if self.layers is None else {**d, "layers": list(self.layers)}
+        if self.layers is not None:
+            d["layers"] = list(self.layers)
+        if self.scales:
+            d["scales"] = dict(self.scales)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict) -> "RouterConfig":
@@ -117,10 +128,27 @@ class RouterConfig:
         A dict written before centring existed has no centre fields: it reads as centre "none" (and without
         input_centre, as "none"; without granularity, as "token"; without pick, as "mean")."""
         unknown = sorted(set(data) - {"mode", "top_k", "temperature", "disabled", "centre", "centre_scope",
-                                      "input_centre", "granularity", "pick", "layers"})
+                                      "input_centre", "granularity", "pick", "layers", "scales"})
         if unknown:
             raise ValueError(f"Unknown RouterConfig fields {unknown}")
         return cls(**{**data, "disabled": tuple(data.get("disabled", ()))})
+
+
+def check_scales(value) -> tuple[tuple[str, float], ...]:
+    """`scales` as (name, factor) pairs sorted by name, from a dict or pairs; refuses a factor that is not a
+    finite number > 0 and a name given twice."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"scales must map expert names to factors > 0, got {value!r}")
+    pairs = list(value.items()) if isinstance(value, dict) else [tuple(p) for p in value]
+    names = [p[0] for p in pairs]
+    if any(len(p) != 2 or not isinstance(p[0], str) for p in pairs) or len(set(names)) != len(names):
+        raise ValueError(f"scales must map distinct expert names to factors > 0, got {value!r}")
+    for name, f in pairs:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < float("inf"):
+            raise ValueError(f"The scale of expert {name!r} must be a finite number > 0, got {f!r}")
+    return tuple(sorted((name, float(f)) for name, f in pairs))
 
 
 def check_layers(value) -> tuple[int, ...]:
@@ -182,6 +210,9 @@ def describe_router(router: dict) -> str:
         parts.append(f"input centring {router['input_centre']}")
     if router.get("layers") is not None:
         parts.append(f"routed at layers {compact_layers(router['layers'])}")
+    if router.get("scales"):
+        low, high = min(router["scales"].values()), max(router["scales"].values())
+        parts.append(f"expert scales {low:.2f}-{high:.2f} fitted on training prompts")
     if router.get("granularity") == "prompt":
         parts.append("one expert per prompt" + (", picked by the fitted readout" if router.get("pick") == "readout"
                                                 else ", picked by mean weight"))

@@ -60,6 +60,7 @@ class RoutedGroup(nn.Module):
         self.n_members, self.n_experts, self.rank, self.state = G, E, r, state
         self.sites = [s.site for s in stacks]
         self.register_buffer("shift", None, persistent=False)  # (G E,) mu · p_e, subtracted from the scores
+        self.register_buffer("unit", None, persistent=False)  # (G E, d) unit prototypes, once scaled (scales.py)
         self.keys: list[tuple[int, int]] = []  # members' trace keys, filled in by the members
         self._cache: tuple | None = None  # (input tensor, router version, result); set with object.__setattr__
         self._solo: tuple | None = None  # (router version, A_j (G r, d), (s_j B_j)ᵀ (G, r, out_max)): solo_rows

@@ -28,6 +28,7 @@ from explorer.routing.config import RouterConfig, compact_layers, routed_layers
 from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, module_leaves, prototype_config,
                                      unwrap_model, wrap_model)
 from explorer.routing.layer import RoutedLinear
+from explorer.routing.scales import routed_groups, scale_groups, scale_vector
 from explorer.routing.state import RouterState
 from explorer.routing.prompt_level import pick, record_decision
 from explorer.routing.readout import find_readout, recorded_lead, recorded_weak
@@ -80,6 +81,7 @@ class RoutedModel:
         self._wrapped = ("none", None)  # the centring the wrapped layers hold (see set_router)
         self._store = store
         self._shifted: str | None = None  # the input centring the wrapped layers hold (None: unknown, set it)
+        self._scaled: tuple = ()  # the expert scales the wrapped layers' prototypes hold (scales.py)
         self._means: dict[str, torch.Tensor] | None = None  # input means per site, measured once
         self.layers = sorted({k[0] for k in self._keys.values()})
         self.modules = module_leaves(self.sites)
@@ -139,7 +141,7 @@ class RoutedModel:
 
     @_serialized
     def set_router(self, router: RouterConfig) -> None:
-        """Switch mode / top_k / temperature / disabled experts / centring; checked against this library.
+        """Switch mode / top_k / temperature / disabled experts / centring / scales; checked against this library.
         A new centring re-stacks the routed layers from memory (prototypes cached per centring), no reload."""
         unknown = [n for n in router.disabled if n not in self.experts]
         if unknown:
@@ -153,7 +155,8 @@ class RoutedModel:
         if router.kind == "arrow" and router.top_k > n_on:
             raise ValueError(f"top_k must be between 1 and {n_on} (the number of enabled experts), "
                              f"got {router.top_k}")
-        layers = routed_layers(router, self.layers)  # these two may refuse (ValueError): nothing has changed yet
+        layers = routed_layers(router, self.layers)  # these three may refuse (ValueError): nothing has changed yet
+        factors = scale_vector(router.scales, self.experts)
         readout = find_readout(self.readouts, self._store, router) if router.per_prompt and router.pick == "readout" \
             else None
         fixed = None
@@ -172,8 +175,11 @@ class RoutedModel:
             stacks = self._centring.stacks(router.centre, router.centre_scope)
             if self.sites and isinstance(self.base.model.get_submodule(self.sites[0]), RoutedLinear):  # attached
                 self._keys = wrap_model(self.base.model, stacks, self._state, self._share_inputs)
-                self._shifted = None  # new groups: their shift is set below
+                self._shifted, self._scaled = None, ()  # new groups: unit prototypes; scales and shift set below
             self._wrapped = centring
+        if router.scales != self._scaled:  # the shift μ · c_e p_e follows the scaled prototypes
+            scale_groups(routed_groups(self.base.model, self.sites), factors)
+            self._shifted, self._scaled = None, router.scales
         if router.input_centre != self._shifted:
             self._set_shift(router.input_centre)
         self._readout, self.lead = readout, recorded_lead(self.readouts, self._store, router)  # flags leans too
@@ -184,18 +190,9 @@ class RoutedModel:
         st.version += 1
         self.router = router
 
-    def _groups(self) -> list:
-        """The routed groups of the attached model, each once, in model order."""
-        seen: dict[int, object] = {}
-        for site in self.sites:
-            layer = self.base.model.get_submodule(site)
-            if isinstance(layer, RoutedLinear):
-                seen.setdefault(id(layer.group), layer.group)
-        return list(seen.values())
-
     def _set_shift(self, input_centre: str) -> None:
         """Input centring on or off in every routed group (means measured once, in mode "base", and cached)."""
-        groups = self._groups()
+        groups = routed_groups(self.base.model, self.sites)
         if input_centre == "base" and groups and self._means is None:
             mode, self._state.mode = self._state.mode, "base"
             try:

@@ -24,8 +24,8 @@ import numpy as np
 
 from explorer.routing.prompt_level import UNCERTAIN_BELOW, UNCERTAIN_LEAD
 
-READOUT_FIELDS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "disabled", "layers")  # shape
-# the evidence ("layers" only when set: the keys of readouts fitted before it existed stay the same)
+# what shapes the evidence ("layers" and "scales" only when set: the keys of readouts fitted before they existed stay)
+READOUT_FIELDS = ("top_k", "temperature", "centre", "centre_scope", "input_centre", "disabled", "layers", "scales")
 READOUT_KIND = "pick-readout"
 
 

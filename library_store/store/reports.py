@@ -35,7 +35,7 @@ REPORT_KIND = "routing-report"
 ROUTER_KIND = "router-default"
 REPORT_SPLITS = ("heldout", "paraphrase", "train")
 ROUTER_FIELDS = ("mode", "top_k", "temperature", "disabled", "centre", "centre_scope", "input_centre",
-                 "granularity", "pick", "layers")
+                 "granularity", "pick", "layers", "scales")
 
 
 @dataclass

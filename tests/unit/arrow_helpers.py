@@ -56,9 +56,10 @@ def dense_prototype(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_logits(base, exps: list[LoraExpert], top_k: int, temperature: float = 1.0, ids=IDS,
-                     weights_out: dict | None = None, means: dict | None = None) -> torch.Tensor:
+                     weights_out: dict | None = None, means: dict | None = None,
+                     scales: list[float] | None = None) -> torch.Tensor:
     """Arrow routing written plainly with forward hooks on an unwrapped model: per token, per module.
-    `means` {site: (d,)}: input centring, score |(h - mu) · p_e|."""
+    `means` {site: (d,)}: input centring, score |(h - mu) · p_e|; `scales` (one per expert): score × c_e."""
     handles = []
     sites = sorted({s for e in exps for s in e.factors()})
     modules = dict(base.model.named_modules())
@@ -71,6 +72,8 @@ def reference_logits(base, exps: list[LoraExpert], top_k: int, temperature: floa
                                   for f in facs])  # (E, d)
             hc = h if means is None else h - means[site].double()  # (t, d)
             s = (hc @ protos.T).abs() / temperature  # (t, E)
+            if scales is not None:
+                s = s * torch.tensor(scales, dtype=torch.float64)
             top, idx = s.topk(top_k, dim=-1)
             w = torch.zeros_like(s).scatter_(1, idx, top.softmax(-1))  # (t, E)
             delta = torch.zeros(h.shape[0], out.shape[-1], dtype=torch.float64)

@@ -74,9 +74,9 @@ def test_library_without_evaluation_says_so_and_shows_the_command(session):
     assert "Not evaluated yet" in out["report"]
     assert f"python bench/eval_routing.py --library {session.registry.paths['lib']} --record" in out["report"]
     assert "No routing report" in out["confusion"].layout.annotations[0].text
-    assert session.registry.default_router("lib") == {"top_k": 4, "temperature": 1.0, "centre": "none", "layers": None,
-                                                      "centre_scope": "prototypes", "input_centre": "none",
-                                                      "granularity": "token", "pick": "mean", "recorded": False}
+    assert session.registry.default_router("lib") == dict(
+        top_k=4, temperature=1.0, centre="none", layers=None, centre_scope="prototypes", input_centre="none",
+        granularity="token", pick="mean", scales=None, recorded=False)
 
 
 def test_report_card_and_default_router_are_read_from_the_store(session):
@@ -103,7 +103,7 @@ def test_report_card_and_default_router_are_read_from_the_store(session):
     assert {k: v.props["value"] for k, v in controls.items()} == {"top_k": 2, "temperature": 0.7, "centre": "mean",
                                                                   "centre_scope": "weights", "input_centre": "none",
                                                                   "granularity": "token", "pick_by": "mean",
-                                                                  "route_layers": "all"}
+                                                                  "route_layers": "all", "expert_scales": "none"}
     done = normalise(RawRequest("hi"), EXPERTS, defaults=session.registry.default_router("lib"))
     assert (done.request.router.top_k, done.request.router.centre) == (2, "mean")
     assert done.request.router.input_centre == "none"

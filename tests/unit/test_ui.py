@@ -372,11 +372,11 @@ def test_build_demo_wires_every_event_with_an_api_name(session):
     route_dep = next(d for d in config["dependencies"] if d["api_name"] == "route")
     assert len(route_dep["outputs"]) == len(cb.ROUTE_OUTPUTS)
     assert [ids[i] for i in route_dep["outputs"][:3]] == ["notice", "generated", "grid"]
-    assert [ids[i] for i in route_dep["inputs"][-4:]] == ["input-centre", "granularity", "pick-by",
-                                                          "route-layers"]  # last: older API clients keep positions
+    assert [ids[i] for i in route_dep["inputs"][-5:]] == ["input-centre", "granularity", "pick-by", "route-layers",
+                                                          "expert-scales"]  # last: older API clients keep positions
     defaults_dep = next(d for d in config["dependencies"] if d["api_name"] == "router_defaults")
-    assert [ids[i] for i in defaults_dep["outputs"]][-6:] == ["centre", "centre-scope", "input-centre", "granularity",
-                                                               "pick-by", "route-layers"]
+    assert [ids[i] for i in defaults_dep["outputs"]][-7:] == ["centre", "centre-scope", "input-centre", "granularity",
+                                                               "pick-by", "route-layers", "expert-scales"]
     radio = next(c["props"] for c in config["components"] if c.get("props", {}).get("elem_id") == "input-centre")
     assert [ch[0] for ch in radio["choices"]] == ["none", "base"] and radio["label"] == "input centring"
     warm = next(d for d in config["dependencies"] if d["api_name"] == "warm_maps")  # opening the Library tab
