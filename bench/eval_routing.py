@@ -202,7 +202,9 @@ def evaluate_library(base, lib, tasks, split: str, n: int, router, args) -> dict
 
     own = library_tasks(lib)
     level = "cluster" if any(i.kind == "cluster" for i in lib.infos()) else "private"
-    rm = RoutedModel.from_library(base, lib, router)
+    # a sweep fits the pick readout itself: attach without one (a router recorded before its readout was fitted)
+    rm = RoutedModel.from_library(base, lib, replace(router, pick="mean") if args.sweep or args.sweep_granularity
+                                  else router)
     clock = Clock()
     try:
         options = S.centring_options(lib)

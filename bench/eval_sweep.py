@@ -50,7 +50,7 @@ def router_of(row: dict):
     return RouterConfig(mode="arrow", top_k=row["top_k"], temperature=row["temperature"], centre=row["centre"],
                         centre_scope=row["centre_scope"], input_centre=row.get("input_centre", "none"),
                         granularity=row.get("granularity", "token"), pick=row.get("pick", "mean"),
-                        layers=row.get("layers"))
+                        layers=row.get("layers"), scales=row.get("scales") or ())
 
 
 def exact_matches(base, examples, max_tokens: int = 4096) -> list[int]:
@@ -378,6 +378,8 @@ def regranulate(rm, base, tasks, own: dict, recorded, n_em: int, n_fit: int = 20
         winner = {k: v for k, v in choose(recorded.evidence["rows"]).items() if k != "per_layer"}
     else:
         winner = {**recorded.evidence.get("winner", {}), **{k: recorded.router[k] for k in keys}}
+    if recorded.router.get("scales"):  # fitted on the evidence of this setting (bench/fit_scales.py): kept
+        winner["scales"] = recorded.router["scales"]
     layers = None
     if layers_n:
         layers = choose_layers(rm, base, tasks, own, {**winner, "layers": None}, layers_n, max_tokens)

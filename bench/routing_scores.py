@@ -32,7 +32,13 @@ if it routes at a subset), and scores the same hidden states several ways:
   `trainz`: the same, divided by the expert's mean score over every task's training prompts;
 - `bias`: Arrow's score plus T · b, with one bias b per (site, expert) fitted on the same training prompts so
   that softmax(s / T + b) gives each user-text cell's own expert the largest probability (cross-entropy, Adam);
-  T is the default router's temperature. A router with learned offsets, no longer training-free Arrow.
+  T is the default router's temperature. A router with learned offsets, no longer training-free Arrow;
+- `offset`: Arrow's score plus T · b_e, one offset per *expert*, the same at every site (E numbers), fitted on the
+  same training prompts to the prompt-level goal itself: each prompt's own expert should have the largest mean
+  top-k weight over its user text (a hinge on the margin, Adam, through the top-k softmax). A standing lead of one
+  expert over a sibling on their shared text (bench/operator_twins.py) is one such offset. `scale`: the same fit
+  for one factor per expert instead, Arrow's score × c_e, geometric mean 1 (the engine's `RouterConfig.scales`,
+  folded into the prototypes; bench/fit_scales.py fits and records them).
 
 Each is turned into top-k weights the way the router does, then scored as the routing evaluation does: the
 share of prompts whose user text routes to the own expert by the mean weight, and the share of the user text's
@@ -58,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
 
 VARIANTS = ("arrow", "spectral", "zscore", "ema0.5", "layer", "qkv", "dual", "dualz", "famcentre", "family",
-            "famoracle", "null0.5", "null1", "null1.5", "null2", "ownz", "trainz", "bias")
+            "famoracle", "null0.5", "null1", "null1.5", "null2", "ownz", "trainz", "bias", "offset", "scale")
 
 
 class Sites:
@@ -94,6 +100,8 @@ class Sites:
         self.top_mean: dict[int, torch.Tensor] = {}  # (G,) per group: the mean top Arrow score on calibration
         self.fit_mean: dict[tuple[str, int], torch.Tensor] = {}  # (G, E) per group: ownz / trainz scales
         self.bias: dict[int, torch.Tensor] = {}  # (G, E) per group: T · b of the `bias` variant
+        self.offset = torch.zeros(len(rm.experts))  # (E,): T · b of the `offset` variant
+        self.scale = torch.ones(len(rm.experts))  # (E,): exp(b) of the `scale` variant
         self.fam_protos: list[torch.Tensor] = []  # (G, E, d) per group, when family_centre() ran
 
     def family_centre(self, experts: list, family: list[int]) -> None:
@@ -138,6 +146,10 @@ class Sites:
             return torch.cat([s, floor.expand(s.shape[0], -1).unsqueeze(-1)], -1)  # (t, G, E + 1): last = none
         if kind == "bias":
             return torch.einsum("ged,gtd->tge", P, hc).abs() + self.bias[i]  # (t, G, E)
+        if kind == "offset":
+            return torch.einsum("ged,gtd->tge", P, hc).abs() + self.offset  # (t, G, E)
+        if kind == "scale":
+            return torch.einsum("ged,gtd->tge", P, hc).abs() * self.scale  # (t, G, E)
         if kind in ("ownz", "trainz"):
             return torch.einsum("ged,gtd->tge", P, hc).abs() / self.fit_mean[(kind, i)]  # (t, G, E)
         if kind == "famcentre":
@@ -199,17 +211,20 @@ def calibrate(rm, sites: Sites) -> None:
         sites.top_mean[i] = torch.cat(parts).mean(0)  # (G,)
 
 
-def fit_on_training(rm, sites: Sites, tasks: list, own: dict[str, str], n: int, bias: bool) -> None:
+def fit_on_training(rm, sites: Sites, tasks: list, own: dict[str, str], n: int, bias: bool,
+                    offset: bool = False, scale: bool = False) -> None:
     """What the fitted variants need, from the user's text of the first `n` training prompts per task: the
     `ownz` and `trainz` scales (each expert's mean Arrow score per site over its own task(s)' prompts, or every
-    task's) and, with `bias`, the `bias` variant's offsets."""
+    task's) and, with `bias` and `offset`, those variants' offsets."""
     cells: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(sites.groups))}  # (t, G, E) Arrow scores
     labels: list[torch.Tensor] = []  # (t,) own expert per token
+    prompt_of: list[torch.Tensor] = []  # (t,) index of the prompt each token is in
     for task in tasks:
         e = rm.experts.index(own[task.name])
         for ex in task.examples("train")[:n]:
             pos = rm.trace(ex.input, max_new_tokens=0).positions("user")
             labels.append(torch.full((len(pos),), e))
+            prompt_of.append(torch.full((len(pos),), len(prompt_of)))
             for i in cells:
                 cells[i].append(sites.scores("arrow", i)[pos])
     y = torch.cat(labels)  # (N,)
@@ -221,22 +236,41 @@ def fit_on_training(rm, sites: Sites, tasks: list, own: dict[str, str], n: int, 
         sites.fit_mean[("ownz", i)] = own_mean.clamp_min(1e-12)
         if bias:
             sites.bias[i] = fit_bias(s, y, rm.router.temperature)
+    scores = [torch.cat(parts) for parts in cells.values()] if offset or scale else []  # (N, G, E) per group
+    if offset:
+        sites.offset = fit_offset(scores, y, torch.cat(prompt_of), rm.router.top_k, rm.router.temperature)
+    if scale:
+        sites.scale = fit_offset(scores, y, torch.cat(prompt_of), rm.router.top_k, rm.router.temperature, scale=True)
 
 
-def fit_bias(s: torch.Tensor, y: torch.Tensor, temperature: float, steps: int = 300) -> torch.Tensor:
-    """(G, E) offsets T · b for scores s (N, G, E) of tokens whose own expert is y (N,): b minimises the
-    cross-entropy of softmax(s / T + b) against y over every (token, member) cell (Adam, lr 0.05)."""
-    s = s / temperature
-    b = torch.zeros(s.shape[1:], requires_grad=True)  # (G, E)
-    opt = torch.optim.Adam([b], lr=0.05)
-    target = y.repeat_interleave(s.shape[1])  # (N G,): cells in (token, member) order, as flatten(0, 1)
+def fit_offset(scores: list[torch.Tensor], y: torch.Tensor, prompt_of: torch.Tensor, k: int, temperature: float,
+               steps: int = 300, margin: float = 0.02, scale: bool = False, lr: float = 0.02) -> torch.Tensor:
+    """(E,) offsets T · b, the same at every site, for the scores (N, G, E) of every routed group of N user-text
+    tokens, token n of prompt prompt_of[n] whose own expert is y[n]: b minimises the mean hinge
+    relu(margin − (w_own − max w_other)) over prompts, w the prompt's mean top-k weight (Adam; the b of the lowest
+    loss seen is kept, so the fit never ends worse than it started). With `scale`, (E,) factors exp(b − mean b)
+    of the scores instead (geometric mean 1: T keeps its meaning)."""
+    n_prompts, E = int(prompt_of.max()) + 1, scores[0].shape[-1]
+    own = torch.zeros(n_prompts, dtype=torch.long).scatter_(0, prompt_of, y)  # (n_prompts,)
+    count = torch.zeros(n_prompts).index_add_(0, prompt_of, torch.ones(len(y)))  # (n_prompts,) tokens per prompt
+    b = torch.zeros(E, requires_grad=True)
+    opt = torch.optim.Adam([b], lr=lr)
+    best = (float("inf"), b.detach().clone())
     with torch.enable_grad():
-        for _ in range(steps):
-            loss = torch.nn.functional.cross_entropy((s + b).flatten(0, 1), target)
+        for _ in range(steps + 1):
+            logits = [s * (b - b.mean()).exp() / temperature if scale else s / temperature + b for s in scores]
+            w = torch.cat([top_weights(x, k, 1.0) for x in logits], dim=1).mean(1)  # (N, E)
+            mean = torch.zeros(n_prompts, E).index_add(0, prompt_of, w) / count[:, None]  # (n_prompts, E)
+            mine = mean.gather(1, own[:, None]).squeeze(1)  # (n_prompts,)
+            rival = mean.scatter(1, own[:, None], float("-inf")).amax(1)  # (n_prompts,)
+            loss = torch.relu(margin - (mine - rival)).mean()
+            if loss.item() < best[0]:
+                best = (loss.item(), b.detach().clone())
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return temperature * b.detach()
+    b = best[1]
+    return (b - b.mean()).exp() if scale else temperature * b
 
 
 def top_weights(s: torch.Tensor, k: int, temperature: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -246,7 +280,7 @@ def top_weights(s: torch.Tensor, k: int, temperature: float, allowed: torch.Tens
         k = min(k, int(allowed.sum(-1).min()))
         s = s.masked_fill(~allowed, float("-inf"))
     top, idx = (s / temperature).topk(k, dim=-1)
-    return torch.zeros_like(s).scatter_(-1, idx, top.softmax(-1))
+    return torch.zeros_like(s).scatter(-1, idx, top.softmax(-1))
 
 
 def family_weights(sites: Sites, i: int, pos: list[int], family: torch.Tensor, st, own: int | None):
@@ -295,9 +329,14 @@ def main(argv=None) -> None:
         family = torch.tensor([names.index(builtin_family(x.info.tasks[0])) for x in experts])  # (E,)
         sites.family_centre(experts, family.tolist())
     tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
-    if {"ownz", "trainz", "bias"} & set(args.variants):
+    if {"ownz", "trainz", "bias", "offset", "scale"} & set(args.variants):
         with torch.no_grad():
-            fit_on_training(rm, sites, tasks, own, args.fit_n, bias="bias" in args.variants)
+            fit_on_training(rm, sites, tasks, own, args.fit_n, bias="bias" in args.variants,
+                            offset="offset" in args.variants, scale="scale" in args.variants)
+        if "offset" in args.variants:
+            print("offset T·b per expert:", {x: round(float(v), 4) for x, v in zip(rm.experts, sites.offset)})
+        if "scale" in args.variants:
+            print("scale per expert:", {x: round(float(v), 4) for x, v in zip(rm.experts, sites.scale)})
     router = rm.router
     settings = [(router.top_k, router.temperature), (min(4, len(rm.experts)), 1.0)]
     if args.settings:

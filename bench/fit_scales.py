@@ -1,0 +1,111 @@
+"""Fit a library's expert scales on training prompts and, with `--record`, add them to its default router.
+
+Arrow scores every expert on one scale, |h · p_e|, yet on shared text one expert can lead its sibling at every
+prompt (bench/operator_twins.py: on demo-private, add leads subtract by about 0.03 of mean weight on both tasks'
+text, while the operation moves that by about 0.02, always the right way). One factor per expert, c_e |h · p_e|
+(`RouterConfig.scales`, geometric mean 1 so the temperature keeps its meaning), removes such a standing lead.
+
+The factors are fitted on the user's text of the first `--n` *training* prompts per task, under the library's
+recorded default router (its per-token evidence, at its routed layers): each prompt's own expert should have the
+largest mean top-k weight (a hinge on the margin, through the top-k softmax; bench/routing_scores.py,
+`fit_offset`). Fitted on recorded inputs, the later layers' inputs are those of the unscaled routing; the
+evaluation afterwards routes for real. They are adopted only if the own-text accuracy of the *next* `--n`
+training prompts per task rises (held-out prompts choose nothing). `--record` writes the default router with the
+scales and this evidence; the per-prompt pick's readout depends on the evidence, so fit it again afterwards:
+
+    .venv/bin/python bench/fit_scales.py --library assets/libraries/demo-private --threads 2 --record
+    .venv/bin/python bench/eval_routing.py --library assets/libraries/demo-private --split heldout --n 20 \\
+        --threads 2 --sweep-granularity --record
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
+from bench.routing_scores import Sites, fit_on_training, top_weights  # noqa: E402
+
+
+def own_text_accuracy(rm, sites: Sites, examples: list[tuple[str, int]], factors: list[torch.Tensor]) -> list:
+    """For each (E,) vector of `factors`: the share of (prompt, own expert index) whose own expert has the largest
+    mean top-k weight over the user's text, the scores of every routed group times the factors, read from one
+    unscaled routing of each prompt."""
+    st = (rm.router.top_k, rm.router.temperature)
+    hits = [[] for _ in factors]
+    for text, e in examples:
+        pos = rm.trace(text, max_new_tokens=0).positions("user")
+        scores = [sites.scores("arrow", i)[pos] for i in range(len(sites.groups))]  # (P, G, E) per group
+        for out, c in zip(hits, factors):
+            w = torch.cat([top_weights(s * c, *st) for s in scores], dim=1)  # (P, cells per token, E)
+            out.append(float(w.mean((0, 1)).argmax() == e))
+    return [float(np.mean(h)) for h in hits]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    library_arguments(ap, str(ROOT / "assets" / "libraries" / "demo-private"))
+    ap.add_argument("--n", type=int, default=20, help="training prompts per task to fit on (and as many to check)")
+    ap.add_argument("--record", action="store_true", help="add the scales to the library's default router")
+    args = ap.parse_args(argv)
+    from explorer.routing.config import RouterConfig
+    from explorer.routing.model import with_router
+    from library_store.store.library import ExpertLibrary
+    from explorer.routing.readout import readout_key
+    from library_store.store.reports import read_default_router, read_readout, write_default_router
+    from library_store.tasks import resolve_tasks
+
+    start = time.time()
+    writer = ExpertLibrary.open(args.library, readonly=False) if args.record else None
+    if writer is not None and writer.readonly:
+        raise SystemExit(f"--record: the library at {args.library} is not writable.")
+    rm, source, own = attach_from_args(args)
+    recorded = read_default_router(writer) if writer is not None else None
+    if writer is not None and recorded is None:
+        raise SystemExit("--record adds scales to a recorded default router: this library has none; run "
+                         "bench/eval_routing.py --sweep --record first.")
+    rm.set_router(with_router(rm, granularity="token", scales=()))  # the per-token evidence, unscaled
+    sites = Sites(rm)
+    tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
+    with torch.no_grad():
+        fit_on_training(rm, sites, tasks, own, args.n, bias=False, scale=True)
+        fitted, check = ([(e.input, rm.experts.index(own[t.name])) for t in tasks for e in t.examples("train")[a:b]]
+                         for a, b in ((0, args.n), (args.n, 2 * args.n)))
+        ones = torch.ones(len(rm.experts))
+        fit = own_text_accuracy(rm, sites, fitted, [ones, sites.scale])
+        checked = own_text_accuracy(rm, sites, check, [ones, sites.scale])
+        acc = {"fit_before": fit[0], "fit_after": fit[1], "check_before": checked[0], "check_after": checked[1]}
+    sites.remove()
+    rm.detach()
+    scales = {name: round(float(c), 4) for name, c in zip(rm.experts, sites.scale)}
+    adopt = acc["check_after"] > acc["check_before"]
+    print(f"{Path(args.library).name}, router {rm.router.to_dict()} ({source}), {time.time() - start:.0f} s")
+    print("scales:", scales)
+    print(f"own text, training prompts 1-{args.n} (fitted on): {acc['fit_before']:.3f} -> {acc['fit_after']:.3f}; "
+          f"prompts {args.n + 1}-{2 * args.n} (the check): {acc['check_before']:.3f} -> {acc['check_after']:.3f}: "
+          f"{'adopt' if adopt else 'keep Arrow plain'}")
+    if writer is not None:
+        if not adopt:
+            raise SystemExit("Not recorded: the scales did not raise the check prompts' accuracy.")
+        router = replace(RouterConfig.from_dict(recorded.router), scales=scales)
+        if router.per_prompt and router.pick == "readout" and read_readout(writer, readout_key(router)) is None:
+            router = replace(router, pick="mean")  # until the readout is fitted on the scaled evidence (below)
+        router = router.to_dict()
+        evidence = {**recorded.evidence, "scales": {"factors": scales, "n_fit": args.n, **acc,
+                                                    "command": " ".join(["python"] + sys.argv)}}
+        write_default_router(writer, router, evidence, recorded.command,
+                             datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        print("recorded; now fit the pick readout again: bench/eval_routing.py --sweep-granularity --record")
+
+
+if __name__ == "__main__":
+    main()
