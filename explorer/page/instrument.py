@@ -169,7 +169,8 @@ def _rows_table(rows, caption: str) -> str:
         f'<td>{_num(r.score)}</td><td>{_num(r.margin)}</td><td>{_num(r.contribution)}</td>'
         f'<td>{_num(None if r.relative is None else 100 * r.relative, ".1f")}%</td></tr>' for r in rows)
     return (f'<table class="x-table"><caption>{html.escape(caption)}</caption><tr><th>expert</th><th>weight</th>'
-            f'<th title="Arrow\'s raw score">|h·p|</th><th title="score minus the next expert\'s">margin</th>'
+            f'<th title="Arrow\'s score (times the expert\'s fitted scale where the router has expert scales)">'
+            f'|h·p|</th><th title="score minus the next expert\'s">margin</th>'
             f'<th title="contribution: ‖w·s·BA h‖, the size of the expert\'s weighted update">contrib.</th>'
             f'<th title="contribution / ‖base layer output‖">of base</th></tr>{body}</table>')
 

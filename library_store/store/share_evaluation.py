@@ -101,6 +101,11 @@ def peft_arrow(router: dict, paths: list[str]) -> tuple[str, list[str] | None, l
         notes.append(f"The library picks one expert per prompt (by {router.get('pick', 'mean')}) and answers with it "
                      "alone; PEFT's Arrow routes every token, so the snippet gives the per-token routing the pick "
                      "is made from, not the pick.")
+    if router.get("scales"):
+        f = router["scales"].values()
+        notes.append(f"The library multiplies each expert's score by a factor fitted on its training prompts (expert "
+                     f"scales, {min(f):.2f}-{max(f):.2f}); PEFT's Arrow scores every expert alike, so its routing "
+                     "differs.")
     if router.get("disabled"):
         notes.append(f"Disabled in the library's default: {', '.join(router['disabled'])} (left out of `paths`).")
     return args, general, notes

@@ -368,6 +368,9 @@ def test_the_export_snippet_follows_the_evaluated_router_and_says_what_peft_lack
     assert "ArrowConfig(top_k=2, router_temperature=0.1)" in readme and "use_gks" not in readme
     assert "default router, chosen by its evaluation" in readme
     assert "input centring" in readme and "one expert per prompt (by readout)" in readme
+    scaled = {**PER_PROMPT, "scales": {"a": 0.9, "b": 1.1}}
+    readme = (export_peft(evaluated(tmp_path / "scaled", scaled), tmp_path / "peft-s") / "README.md").read_text()
+    assert "expert scales, 0.90-1.10" in readme
     gks = {**PER_PROMPT, "centre": "mean", "centre_scope": "weights", "input_centre": "none", "granularity": "token"}
     readme = (export_peft(evaluated(tmp_path / "gks", gks), tmp_path / "peft-gks") / "README.md").read_text()
     assert "ArrowConfig(top_k=2, router_temperature=0.1, use_gks=True)" in readme
