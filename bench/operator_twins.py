@@ -16,7 +16,7 @@ token) and wordings that name the operation ("Subtract these numbers: {x}").
 
 Usage::
 
-    .venv/bin/python bench/operator_twins.py --library assets/libraries/demo-private --threads 2
+    .venv/bin/python bench/operator_twins.py --library assets/libraries/demo-private --threads 2 [--expert-scales none]
 """
 from __future__ import annotations
 
@@ -101,6 +101,8 @@ def main(argv=None) -> None:
     ap.add_argument("--split", default="heldout", choices=("heldout", "paraphrase", "train"))
     ap.add_argument("--n", type=int, default=20, help="prompts per task")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
+    ap.add_argument("--expert-scales", default="default", choices=("default", "none"),
+                    help="the default router's expert scales, or none (Arrow's plain score, as before they existed)")
     args = ap.parse_args(argv)
     from explorer.routing.model import with_router
     from library_store.tasks import resolve_tasks
@@ -111,7 +113,8 @@ def main(argv=None) -> None:
     missing = [t for t in (args.a, args.b) if t not in own]
     if missing:
         ap.error(f"no routed expert of {Path(args.library).name} was trained on {missing}; its tasks: {sorted(own)}")
-    rm.set_router(with_router(rm, granularity="token"))  # the per-token evidence, at the routed layers
+    scales = rm.router.scales if args.expert_scales == "default" else ()
+    rm.set_router(with_router(rm, granularity="token", scales=scales))  # the per-token evidence, at the routed layers
     texts, twins, shared, from_a, owns = [], [], [], [], []
     for task in resolve_tasks(f"builtin:{args.a},{args.b}"):
         other = args.b if task.name == args.a else args.a

@@ -3,7 +3,8 @@
 The own expert wins the user's text by the *mean* over layers, but is the top-1 of few single cells
 (bench/cell_routing.py), and that gap is what S5 measures. This probe asks whether the score is to blame. It
 records the input of every routed group once, under the library's default router (at the layers it routes at,
-if it routes at a subset), and scores the same hidden states several ways:
+if it routes at a subset; without its expert scales, if it has any), and scores the same hidden states several
+ways:
 
 - `arrow`: Arrow's |(h - mu) · p_e| (input-centred when the default router is), what the engine routes by;
 - `spectral`: ||ΔW_e (h - mu)|| / σ1(ΔW_e), the whole rank-r spectrum of the expert instead of its top
@@ -312,10 +313,11 @@ def main(argv=None) -> None:
 
     start = time.time()
     rm, source, own = attach_from_args(args)
-    if rm.router.per_prompt:  # score the per-token routing a per-prompt router picks from (its evidence pass)
-        from explorer.routing.model import with_router
+    from explorer.routing.model import with_router
 
-        rm.set_router(with_router(rm, granularity="token"))
+    # the per-token routing a per-prompt router picks from (its evidence pass), on Arrow's plain score: every variant
+    # (the `scale` one included, which bench/fit_scales.py records) is an alternative to it
+    rm.set_router(with_router(rm, granularity="token", scales=()))
     sites = Sites(rm, args.dual_ridge)
     calibrate(rm, sites)
     family = None
