@@ -36,6 +36,17 @@ from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
 from bench.routing_scores import Sites, fit_on_training, top_weights  # noqa: E402
 
 
+def accuracy_of(scores: list[torch.Tensor], y: torch.Tensor, prompt_of: torch.Tensor, factors: torch.Tensor,
+                top_k: int, temperature: float) -> float:
+    """Own-text accuracy of prompts from their user-text tokens' Arrow scores (N, G, E) per routed group (own expert
+    y (N,), prompt prompt_of (N,), prompts numbered from 0), the scores times `factors` (E,)."""
+    n = int(prompt_of.max()) + 1
+    w = torch.cat([top_weights(s * factors, top_k, temperature) for s in scores], dim=1).mean(1)  # (N, E)
+    mean = torch.zeros(n, w.shape[1]).index_add(0, prompt_of, w)  # (n, E): sums; the argmax is the mean's
+    own = torch.zeros(n, dtype=torch.long).scatter(0, prompt_of, y)  # (n,)
+    return float((mean.argmax(1) == own).float().mean())
+
+
 def own_text_accuracy(rm, sites: Sites, examples: list[tuple[str, int]], factors: list[torch.Tensor]) -> list:
     """For each (E,) vector of `factors`: the share of (prompt, own expert index) whose own expert has the largest
     mean top-k weight over the user's text, the scores of every routed group times the factors, read from one
@@ -77,11 +88,11 @@ def main(argv=None) -> None:
     sites = Sites(rm)
     tasks = resolve_tasks("builtin:" + ",".join(sorted(own)))
     with torch.no_grad():
-        fit_on_training(rm, sites, tasks, own, args.n, bias=False, scale=True)
-        fitted, check = ([(e.input, rm.experts.index(own[t.name])) for t in tasks for e in t.examples("train")[a:b]]
-                         for a, b in ((0, args.n), (args.n, 2 * args.n)))
-        ones = torch.ones(len(rm.experts))
-        fit = own_text_accuracy(rm, sites, fitted, [ones, sites.scale])
+        scores, y, prompt_of = fit_on_training(rm, sites, tasks, own, args.n, bias=False, scale=True)
+        check = [(e.input, rm.experts.index(own[t.name])) for t in tasks
+                 for e in t.examples("train")[args.n: 2 * args.n]]
+        ones, st = torch.ones(len(rm.experts)), (rm.router.top_k, rm.router.temperature)
+        fit = [accuracy_of(scores, y, prompt_of, c, *st) for c in (ones, sites.scale)]  # the fit's own routing
         checked = own_text_accuracy(rm, sites, check, [ones, sites.scale])
         acc = {"fit_before": fit[0], "fit_after": fit[1], "check_before": checked[0], "check_after": checked[1]}
     sites.remove()

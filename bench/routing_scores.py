@@ -213,10 +213,11 @@ def calibrate(rm, sites: Sites) -> None:
 
 
 def fit_on_training(rm, sites: Sites, tasks: list, own: dict[str, str], n: int, bias: bool,
-                    offset: bool = False, scale: bool = False) -> None:
+                    offset: bool = False, scale: bool = False) -> tuple:
     """What the fitted variants need, from the user's text of the first `n` training prompts per task: the
     `ownz` and `trainz` scales (each expert's mean Arrow score per site over its own task(s)' prompts, or every
-    task's) and, with `bias` and `offset`, those variants' offsets."""
+    task's) and, with `bias`, `offset` and `scale`, those variants' fits. Returns what the fits read: (the Arrow
+    scores (N, G, E) of every routed group, the own expert (N,) and the prompt (N,) of each user-text token)."""
     cells: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(sites.groups))}  # (t, G, E) Arrow scores
     labels: list[torch.Tensor] = []  # (t,) own expert per token
     prompt_of: list[torch.Tensor] = []  # (t,) index of the prompt each token is in
@@ -237,11 +238,12 @@ def fit_on_training(rm, sites: Sites, tasks: list, own: dict[str, str], n: int, 
         sites.fit_mean[("ownz", i)] = own_mean.clamp_min(1e-12)
         if bias:
             sites.bias[i] = fit_bias(s, y, rm.router.temperature)
-    scores = [torch.cat(parts) for parts in cells.values()] if offset or scale else []  # (N, G, E) per group
+    scores, prompts = [torch.cat(parts) for parts in cells.values()], torch.cat(prompt_of)  # (N, G, E) per group
     if offset:
-        sites.offset = fit_offset(scores, y, torch.cat(prompt_of), rm.router.top_k, rm.router.temperature)
+        sites.offset = fit_offset(scores, y, prompts, rm.router.top_k, rm.router.temperature)
     if scale:
-        sites.scale = fit_offset(scores, y, torch.cat(prompt_of), rm.router.top_k, rm.router.temperature, scale=True)
+        sites.scale = fit_offset(scores, y, prompts, rm.router.top_k, rm.router.temperature, scale=True)
+    return scores, y, prompts
 
 
 def fit_offset(scores: list[torch.Tensor], y: torch.Tensor, prompt_of: torch.Tensor, k: int, temperature: float,

@@ -26,3 +26,16 @@ def test_fitted_expert_scales_start_the_page_and_the_card_says_how_they_were_cho
     defaults = session.registry.default_router("lib")
     assert normalise(RawRequest("hi"), EXPERTS, defaults=defaults).request.router.scales == ((a, 0.8), (b, 1.25))
     assert normalise(RawRequest("hi", scales="none"), EXPERTS, defaults=defaults).request.router.scales == ()
+
+
+def test_a_run_on_the_page_routes_with_the_library_scales_unless_switched_off(session):
+    writer = ExpertLibrary.open(session.registry.paths["lib"], readonly=False)
+    a, b = EXPERTS[:2]
+    write_default_router(writer, {"mode": "arrow", "top_k": 2, "temperature": 1.0, "disabled": [], "centre": "none",
+                                  "scales": {a: 50.0, b: 0.02}}, evidence={}, command="test")
+    scaled = session.run(RawRequest("Shout: hello there, friend", library="lib", max_new_tokens=0))
+    plain = session.run(RawRequest("Shout: hello there, friend", library="lib", max_new_tokens=0, scales="none"))
+    assert scaled.error is None and plain.error is None
+    assert scaled.trace.router.scales == ((a, 50.0), (b, 0.02)) and plain.trace.router.scales == ()
+    assert scaled.trace.crop("user").most_used_expert() == a  # 50x its score: it wins the text
+    assert plain.trace.weights.tolist() != scaled.trace.weights.tolist()  # switched off, Arrow routes plain
