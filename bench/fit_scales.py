@@ -26,40 +26,34 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
-from bench.routing_scores import Sites, fit_on_training, top_weights  # noqa: E402
+from bench.routing_scores import Sites, fit_on_training, prompt_owners, prompt_weights  # noqa: E402
 
 
 def accuracy_of(scores: list[torch.Tensor], y: torch.Tensor, prompt_of: torch.Tensor, factors: torch.Tensor,
                 top_k: int, temperature: float) -> float:
     """Own-text accuracy of prompts from their user-text tokens' Arrow scores (N, G, E) per routed group (own expert
     y (N,), prompt prompt_of (N,), prompts numbered from 0), the scores times `factors` (E,)."""
-    n = int(prompt_of.max()) + 1
-    w = torch.cat([top_weights(s * factors, top_k, temperature) for s in scores], dim=1).mean(1)  # (N, E)
-    mean = torch.zeros(n, w.shape[1]).index_add(0, prompt_of, w)  # (n, E): sums; the argmax is the mean's
-    own = torch.zeros(n, dtype=torch.long).scatter(0, prompt_of, y)  # (n,)
-    return float((mean.argmax(1) == own).float().mean())
+    mean = prompt_weights([s * factors / temperature for s in scores], prompt_of, top_k)  # (n_prompts, E)
+    return float((mean.argmax(1) == prompt_owners(y, prompt_of)).float().mean())
 
 
-def own_text_accuracy(rm, sites: Sites, examples: list[tuple[str, int]], factors: list[torch.Tensor]) -> list:
-    """For each (E,) vector of `factors`: the share of (prompt, own expert index) whose own expert has the largest
-    mean top-k weight over the user's text, the scores of every routed group times the factors, read from one
-    unscaled routing of each prompt."""
-    st = (rm.router.top_k, rm.router.temperature)
-    hits = [[] for _ in factors]
-    for text, e in examples:
+def routed_scores(rm, sites: Sites, examples: list[tuple[str, int]]) -> tuple:
+    """Each (prompt, own expert index) routed once, unscaled: what `accuracy_of` reads (the Arrow scores (N, G, E)
+    of every routed group over the prompts' user-text tokens, their own experts (N,), their prompts (N,))."""
+    cells: list[list[torch.Tensor]] = [[] for _ in sites.groups]
+    y, prompt_of = [], []
+    for j, (text, e) in enumerate(examples):
         pos = rm.trace(text, max_new_tokens=0).positions("user")
-        scores = [sites.scores("arrow", i)[pos] for i in range(len(sites.groups))]  # (P, G, E) per group
-        for out, c in zip(hits, factors):
-            w = torch.cat([top_weights(s * c, *st) for s in scores], dim=1)  # (P, cells per token, E)
-            out.append(float(w.mean((0, 1)).argmax() == e))
-    return [float(np.mean(h)) for h in hits]
+        for i, parts in enumerate(cells):
+            parts.append(sites.scores("arrow", i)[pos])  # (P, G, E)
+        y.append(torch.full((len(pos),), e)), prompt_of.append(torch.full((len(pos),), j))
+    return [torch.cat(parts) for parts in cells], torch.cat(y), torch.cat(prompt_of)
 
 
 def main(argv=None) -> None:
@@ -70,8 +64,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     from explorer.routing.config import RouterConfig
     from explorer.routing.model import with_router
-    from library_store.store.library import ExpertLibrary
     from explorer.routing.readout import readout_key
+    from library_store.store.library import ExpertLibrary
     from library_store.store.reports import read_default_router, read_readout, write_default_router
     from library_store.tasks import resolve_tasks
 
@@ -93,7 +87,8 @@ def main(argv=None) -> None:
                  for e in t.examples("train")[args.n: 2 * args.n]]
         ones, st = torch.ones(len(rm.experts)), (rm.router.top_k, rm.router.temperature)
         fit = [accuracy_of(scores, y, prompt_of, c, *st) for c in (ones, sites.scale)]  # the fit's own routing
-        checked = own_text_accuracy(rm, sites, check, [ones, sites.scale])
+        held = routed_scores(rm, sites, check)  # prompts 21-40, routed once
+        checked = [accuracy_of(*held, c, *st) for c in (ones, sites.scale)]
         acc = {"fit_before": fit[0], "fit_after": fit[1], "check_before": checked[0], "check_after": checked[1]}
     sites.remove()
     rm.detach()

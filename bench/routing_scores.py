@@ -253,17 +253,14 @@ def fit_offset(scores: list[torch.Tensor], y: torch.Tensor, prompt_of: torch.Ten
     relu(margin − (w_own − max w_other)) over prompts, w the prompt's mean top-k weight (Adam; the b of the lowest
     loss seen is kept, so the fit never ends worse than it started). With `scale`, (E,) factors exp(b − mean b)
     of the scores instead (geometric mean 1: T keeps its meaning)."""
-    n_prompts, E = int(prompt_of.max()) + 1, scores[0].shape[-1]
-    own = torch.zeros(n_prompts, dtype=torch.long).scatter_(0, prompt_of, y)  # (n_prompts,)
-    count = torch.zeros(n_prompts).index_add_(0, prompt_of, torch.ones(len(y)))  # (n_prompts,) tokens per prompt
-    b = torch.zeros(E, requires_grad=True)
+    own = prompt_owners(y, prompt_of)  # (n_prompts,)
+    b = torch.zeros(scores[0].shape[-1], requires_grad=True)  # (E,)
     opt = torch.optim.Adam([b], lr=lr)
     best = (float("inf"), b.detach().clone())
     with torch.enable_grad():
         for _ in range(steps + 1):
             logits = [s * (b - b.mean()).exp() / temperature if scale else s / temperature + b for s in scores]
-            w = torch.cat([top_weights(x, k, 1.0) for x in logits], dim=1).mean(1)  # (N, E)
-            mean = torch.zeros(n_prompts, E).index_add(0, prompt_of, w) / count[:, None]  # (n_prompts, E)
+            mean = prompt_weights(logits, prompt_of, k)  # (n_prompts, E)
             mine = mean.gather(1, own[:, None]).squeeze(1)  # (n_prompts,)
             rival = mean.scatter(1, own[:, None], float("-inf")).amax(1)  # (n_prompts,)
             loss = torch.relu(margin - (mine - rival)).mean()
@@ -274,6 +271,21 @@ def fit_offset(scores: list[torch.Tensor], y: torch.Tensor, prompt_of: torch.Ten
             opt.step()
     b = best[1]
     return (b - b.mean()).exp() if scale else temperature * b
+
+
+def prompt_weights(logits: list[torch.Tensor], prompt_of: torch.Tensor, k: int) -> torch.Tensor:
+    """(n_prompts, E) each prompt's mean top-k softmax weight over its user-text tokens and every routed group's
+    cells, from the logits (N, G, E) of every routed group (scores / T) of N tokens, token n of prompt
+    prompt_of[n] (prompts numbered from 0)."""
+    n_prompts = int(prompt_of.max()) + 1
+    w = torch.cat([top_weights(x, k, 1.0) for x in logits], dim=1).mean(1)  # (N, E)
+    count = torch.zeros(n_prompts).index_add_(0, prompt_of, torch.ones(len(prompt_of)))  # (n_prompts,) tokens
+    return torch.zeros(n_prompts, w.shape[1]).index_add(0, prompt_of, w) / count[:, None]
+
+
+def prompt_owners(y: torch.Tensor, prompt_of: torch.Tensor) -> torch.Tensor:
+    """(n_prompts,) the own expert of each prompt, from its tokens' own experts y (N,)."""
+    return torch.zeros(int(prompt_of.max()) + 1, dtype=torch.long).scatter(0, prompt_of, y)
 
 
 def top_weights(s: torch.Tensor, k: int, temperature: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
