@@ -19,6 +19,35 @@ import torch
 from explorer.routing.topk import TopKRoutes
 
 
+def resolve_solo(records: list) -> None:
+    """In place: each run of a group's deferred one-expert decoding records, ("solo", group, h (1, d), a (1, G, r),
+    router version), becomes one ("route", ...) record made over the run's tokens at once (`RoutedGroup.solo_slots`).
+    Called when a capture ends; the router must not have changed since the records were made."""
+    if not any(rec[0] == "solo" for rec in records):
+        return
+    out: list = []
+    open_run: dict = {}  # group -> its current run of "solo" records (a list placed in `out`)
+    for rec in records:
+        if rec[0] != "solo":
+            if rec[0] == "route":
+                open_run.pop(rec[1], None)  # a route record of that group ends its run: order is kept per group
+            out.append(rec)
+        elif rec[1] in open_run:
+            open_run[rec[1]].append(rec)
+        else:
+            open_run[rec[1]] = [rec]
+            out.append(open_run[rec[1]])
+    records[:] = [rec if isinstance(rec, tuple) else _solo_route(rec) for rec in out]
+
+
+def _solo_route(run: list) -> tuple:
+    group = run[0][1]
+    if any(rec[4] != group.state.version for rec in run):
+        raise RuntimeError("The router changed while one-expert routing was being captured; capture again.")
+    h, a = (torch.cat([rec[i] for rec in run]) for i in (2, 3))  # (t, d), (t, G, r)
+    return ("route", group, *group.solo_slots(h, a))
+
+
 def _by_group(records: list) -> tuple[dict, dict]:
     """records -> {group: [(idx, w, s, a), ...]}, {key: [(t,) base norms, ...]}, each in call order."""
     routes: dict = {}

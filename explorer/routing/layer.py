@@ -217,14 +217,22 @@ class RoutedGroup(nn.Module):
         A, up = self.solo_rows()
         G, r = self.n_members, self.rank
         a = F.linear(h, A).view(h.shape[0], G, r)  # (t, G, r)
-        if self.state.capture is not None:
-            scores = F.linear(h, self._protos)  # (t, G E)
-            scores = (scores if self._shift is None else scores - self._shift).view(*a.shape[:2], -1)  # (t, G, E)
-            w_top, idx, s = self._fixed_top(scores)  # (t, G, 1) x 3: the expert, weight 1, its score + runner-up
-            self._record(idx, w_top, s, a.unsqueeze(2) * w_top.unsqueeze(-1))  # chosen (t, G, 1, r)
+        if self.state.capture is not None and h.shape[0] > 1:
+            self._record(*self.solo_slots(h, a))
+        elif self.state.capture is not None:  # a decoding step: its slots are made when the capture ends
+            self.state.capture.append(("solo", self, h, a, self.state.version))
         if one and h.shape[0] == 1:
             return "sparse", torch.bmm(a.view(G, 1, r), up).view(G, -1)  # (G, out_max)
         return "solo", a
+
+    def solo_slots(self, h: torch.Tensor, a: torch.Tensor) -> tuple:
+        """The trace's slots in mode "expert" for inputs h (t, d) and the expert's A-projections a (t, G, r): every
+        expert scored, for the runner-up. Decoding steps' are made once per capture, over all its steps at once
+        (capture.resolve_solo: one batch instead of a dozen small ops per group and step)."""
+        scores = F.linear(h, self._protos)  # (t, G E)
+        scores = (scores if self._shift is None else scores - self._shift).view(*a.shape[:2], -1)  # (t, G, E)
+        w_top, idx, s = self._fixed_top(scores)  # (t, G, 1) x 3: the expert, weight 1, its score + runner-up
+        return idx, w_top, s, a.unsqueeze(2) * w_top.unsqueeze(-1)  # chosen (t, G, 1, r)
 
     def _one_token(self, h: torch.Tensor) -> list[torch.Tensor]:
         """Decoding: read only the top-k experts' A and B rows, for all members at once, in as few ops as

@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 
 from explorer.routing.centring import Centring, site_ranks
-from explorer.routing.capture import assemble, dense_by_key, next_step_kwargs
+from explorer.routing.capture import assemble, dense_by_key, next_step_kwargs, resolve_solo
 from explorer.routing.calibration import input_means
 from explorer.routing.config import RouterConfig, compact_layers, routed_layers
 from explorer.routing.inject import (PROTOTYPE_KIND, build_stacks, module_leaves, prototype_config,
@@ -369,6 +369,7 @@ class RoutedModel:
             yield records
         finally:
             self._state.capture = None
+        resolve_solo(records)
 
     def routing_weights(self, records: list) -> dict[str, torch.Tensor]:
         """Captured records -> {site: (tokens, E)} (sites in model order)."""

@@ -25,8 +25,10 @@ class RouterState:
     `mask` is True for disabled experts (score -inf); `capture` is a list while a trace is recorded, of
     ("route", group, idx (t, G, k), weights (t, G, k), raw scores (t, G, k+1 or k), a (t, G, k, r)) per
     group call (a: the chosen experts' weighted A-projections w_e · A_e h) and ("norm", key, (t,)) per member
-    call (‖base output‖). Slots are largest weight first; the (k+1)-th raw score, when there, is the
-    best expert left out. `RoutedModel._assemble` turns them into a sparse trace (see docs/engine.md).
+    call (‖base output‖); in mode "expert" a decoding step defers its slots as ("solo", group, h (1, d),
+    a (1, G, r), version), made when the capture ends (capture.resolve_solo). Slots are largest weight first;
+    the (k+1)-th raw score, when there, is the best expert left out. `RoutedModel._assemble` turns them into a
+    sparse trace (see docs/engine.md).
     """
 
     mode: str = "arrow"

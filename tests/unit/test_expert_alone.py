@@ -69,3 +69,40 @@ def test_moved_after_use_reads_the_moved_rows():
     rm.base.model.to(torch.float64)
     ref = merged(twin, exps[1]).model.to(torch.float64)
     torch.testing.assert_close(step_logits(rm.base.model, IDS), step_logits(ref, IDS), atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_decoding_steps_are_traced_once_per_capture():
+    """Decoding steps in mode "expert" defer their trace slots to the end of the capture: none is left deferred
+    after it, each group gets one record for the prompt and one for all its steps, in order, and the slots equal
+    the same tokens traced as one prefill."""
+    twin = TWINS[0]
+    rm = RoutedModel(fresh(twin), experts(fresh(twin), 4), RouterConfig(mode="expert:e2"))
+    model = rm.base.model
+    with rm.capturing() as records:
+        out = model(input_ids=IDS[:, :-2], use_cache=True)
+        cache = out.past_key_values
+        for i in (-2, -1):  # two decoding steps
+            model(input_ids=IDS[:, i:][:, :1], past_key_values=cache, use_cache=True)
+        assert any(rec[0] == "solo" for rec in records)  # deferred while capturing
+    assert not any(rec[0] == "solo" for rec in records)
+    groups = [rec[1] for rec in records if rec[0] == "route"]
+    assert all(groups.count(g) == 2 for g in groups)  # the prompt's record, then one for both steps
+    with rm.capturing() as whole:
+        model(input_ids=IDS)
+    stepwise, prefill = rm._assemble(records, IDS.shape[1]), rm._assemble(whole, IDS.shape[1])
+    np.testing.assert_array_equal(stepwise.experts, prefill.experts)
+    for name in ("scores", "runner_up", "contribution"):
+        np.testing.assert_allclose(getattr(stepwise, name), getattr(prefill, name), rtol=1e-3, atol=1e-5,
+                                   err_msg=name)
+
+
+@torch.no_grad()
+def test_a_router_change_during_a_deferred_capture_is_refused():
+    twin = TWINS[0]
+    rm = RoutedModel(fresh(twin), experts(fresh(twin), 4), RouterConfig(mode="expert:e2"))
+    with pytest.raises(RuntimeError, match="router changed"):
+        with rm.capturing():
+            out = rm.base.model(input_ids=IDS[:, :-1], use_cache=True)
+            rm.base.model(input_ids=IDS[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+            rm.set_router(RouterConfig(mode="expert:e0"))
