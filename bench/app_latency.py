@@ -10,8 +10,9 @@ Usage::
     python bench/app_latency.py --quick                          # tiny twin + tiny library: checks it runs
 
 Every timed run generates exactly 32 new tokens (min_new_tokens: the demo experts would otherwise stop after
-a few). Side by side in the same run, the bare model (no experts, no page) makes the same tokens for the same
-prompts, so the page's overhead reads as a ratio even on a busy machine. The start-up figures come from
+a few). Side by side in the same run, the bare model (no experts, no page, a model of its own) makes the same
+tokens for the same prompts on the page's model thread, so the page's overhead reads as a ratio even on a busy
+machine. The start-up figures come from
 `python app.py` subprocesses. Writes bench/results/app_latency.json (--quick: bench/results/app_latency_quick.json).
 """
 from __future__ import annotations
@@ -237,11 +238,14 @@ def main() -> None:
         t1 = time.perf_counter()
         client.predict(api_name="/compare")
         compare_s = time.perf_counter() - t1
-        engine = engine_costs(registry, library, args.top_k, args.runs)
+        # in-process timings on the page's model thread, as the page runs them (explorer/page/model_thread.py): a
+        # second thread running torch would slow both sides' small ops (libgomp stops spinning)
+        engine = registry.model_thread.call(engine_costs, registry, library, args.top_k, args.runs)
+        bare = [] if args.no_baseline else registry.model_thread.call(bare_generate, args.base_model, dtype, prompts,
+                                                                      generated)
     finally:
         demo.close()
 
-    bare = [] if args.no_baseline else bare_generate(args.base_model, dtype, prompts, generated)
     ratio = round(statistics.median(times) / statistics.median(bare), 2) if bare else None
     result = {
         "command": " ".join(["python", "bench/app_latency.py", *sys.argv[1:]]),

@@ -123,20 +123,22 @@ def counterfactual(session: Session, state: RunResult | None, library, cell, exp
         return
     reg = session.registry
     try:
-        with reg.lock:
-            routed = reg.attach(state.request.library)
-            routed.set_router(trace.router)
-            result = next_token(routed, trace, cf)
+        result = reg.model_thread.call(_intervene, reg, state, cf, False)
     except ValueError as exc:  # unknown expert, another mode: a notice
         yield {"cf_out": instrument.note_html(str(exc), "error")}
         return
     yield {"cf_out": instrument.counterfactual_html(result)}
+    result = reg.model_thread.call(_intervene, reg, state, cf, True)
+    yield {"cf_out": instrument.counterfactual_html(result)}
+
+
+def _intervene(reg, state, cf: Counterfactual, answer: bool):
+    """The counterfactual's next-token distributions, and with `answer` the answer regenerated (model thread)."""
     with reg.lock:
         routed = reg.attach(state.request.library)
-        routed.set_router(trace.router)
-        result = next_token(routed, trace, cf)  # the KV cache must be this lock's: another run may have come
-        regenerate(routed, trace, result)
-    yield {"cf_out": instrument.counterfactual_html(result)}
+        routed.set_router(state.trace.router)
+        result = next_token(routed, state.trace, cf)  # again with `answer`: the KV cache must be this lock's
+        return regenerate(routed, state.trace, result) if answer else result
 
 
 __all__ = ["ACTIONS", "CF_OUTPUTS", "DRILL_OUTPUTS", "HIGHLIGHT_OUTPUTS", "SCOPES", "TOKEN_OUTPUTS", "Update",

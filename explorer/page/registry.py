@@ -4,9 +4,9 @@ one is attached, and what the Library tab reads about each.
 Usage::
 
     reg = Registry("tiny-random-llama", ["/tmp/lib"])       # nothing loads yet
-    reg.start()                                              # base model + libraries load in a thread
+    reg.start()                                              # base model + libraries load on the model thread
     reg.wait(progress=lambda frac, what: print(frac, what))
-    with reg.lock:
+    with reg.lock:                                           # on reg.model_thread (reg.model_thread.call)
         routed = reg.attach("lib")                           # a RoutedModel over lib's routable experts
     reg.expert_names("lib"); reg.groups("lib"); reg.analysis("lib")
     reg.default_router("lib")      # {"top_k", "temperature", "centre", ..., "granularity", "recorded"}
@@ -20,6 +20,7 @@ directory instead, see docs/design.md). Only `add_expert` and `remove_expert` wr
 checked intake; a committed demo library is never written: the first edit makes a user copy
 (`library_store.store.user_copy`), which the registry serves from then on under the same name. An edit holds
 `lock` only to swap the attached model, so a route that is running finishes on the library it started with.
+Every model call runs on `model_thread`, one long-lived thread (why: `explorer.page.model_thread`).
 """
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ from dataclasses import dataclass, field, replace
 
 from explorer.page.library_view import (LibraryAnalysis, analyse_library, delta_analysis, expert_groups,
                                         task_clusters)
+from explorer.page.model_thread import ModelThread
 from explorer.page.request import DEFAULTS, ROUTER_FIELDS
 
-if TYPE_CHECKING:  # torch, transformers and the store load in the background thread, after the page is up
+if TYPE_CHECKING:  # torch, transformers and the store load on the model thread, after the page is up
     from explorer.routing.model import RoutedModel
     from library_store.store.library import ExpertLibrary
 
@@ -96,7 +98,8 @@ class Registry:
         self._progress = (0.0, "waiting to start")
         self._error: str | None = None
         self._done = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loading = None  # the load's Future on the model thread, once started
+        self.model_thread = ModelThread()  # every model call of the page runs there (explorer/page/model_thread.py)
         self.load_seconds: float | None = None
 
     # ------------------------------------------------------------ loading
@@ -108,9 +111,8 @@ class Registry:
     def start(self) -> None:
         """Load in the background so the page is up before the model is (idempotent)."""
         with self._start_lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._load, name="explorer-load", daemon=True)
-                self._thread.start()
+            if self._loading is None:
+                self._loading = self.model_thread.submit(self._load)
 
     def _load(self) -> None:
         t0 = time.perf_counter()
@@ -311,23 +313,29 @@ class Registry:
             info = change(ExpertLibrary.open(path, readonly=False))
             edit = Edit(library, path, copied, info, {"store": time.perf_counter() - t0})
             t1 = time.perf_counter()
-            with self.lock:  # waits for a running route; the next one routes over the changed library
-                was_attached = self._routed_lib == library
-                if was_attached:
-                    self._routed.detach()
-                    self._routed, self._routed_lib = None, None
-                self.paths[library], self.libs[library] = path, ExpertLibrary.open(path, readonly=True)
-                for key in [k for k in self.problems if k.startswith(f"{library}/")]:
-                    del self.problems[key]
-                self._analyses.pop(library, None)
-                self._groups.pop(library, None)
-                for key in [k for k in self._maps if k[0] == library]:
-                    del self._maps[key]
-                if was_attached:
-                    edit.computed = seed_prototypes(self.libs[library], before)
-                    self.attach(library)
+            self.model_thread.call(self._swap, library, path, before, edit)
             edit.seconds["attach"] = time.perf_counter() - t1
         return edit
+
+    def _swap(self, library: str, path: Path, before, edit: Edit) -> None:
+        """Serve the edited library from `path`, re-attached if it was (on the model thread)."""
+        from library_store.store.library import ExpertLibrary
+
+        with self.lock:  # waits for a running route; the next one routes over the changed library
+            was_attached = self._routed_lib == library
+            if was_attached:
+                self._routed.detach()
+                self._routed, self._routed_lib = None, None
+            self.paths[library], self.libs[library] = path, ExpertLibrary.open(path, readonly=True)
+            for key in [k for k in self.problems if k.startswith(f"{library}/")]:
+                del self.problems[key]
+            self._analyses.pop(library, None)
+            self._groups.pop(library, None)
+            for key in [k for k in self._maps if k[0] == library]:
+                del self._maps[key]
+            if was_attached:
+                edit.computed = seed_prototypes(self.libs[library], before)
+                self.attach(library)
 
     def _prototype_snapshot(self, library: str):
         """(pairs, {site: (E, d)}) of the attached set's cached prototypes, read before an edit changes the

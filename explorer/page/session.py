@@ -11,7 +11,7 @@ Usage::
     session.route(session.check(raw), streamer=s)          # the run itself, handing new tokens to a streamer
     session.view(result.trace, show_template=False)        # the trace without the chat template's tokens
 
-A run holds `registry.lock` from attaching the library to the end of generation: the base model is wrapped in
+A run holds `registry.lock` (on the registry's model thread) from attaching the library to the end of generation: the base model is wrapped in
 place and shared by every visitor, which is what makes eight simultaneous requests each equal the same request
 alone.
 """
@@ -89,8 +89,11 @@ class Session:
         return result if result.error else self.route(result)
 
     def route(self, checked: RunResult, streamer=None) -> RunResult:
-        """Run a checked request (`check`'s result); `streamer` (a `generate` streamer) gets the new tokens of
-        the main run as they come. The engine's refusals become the result's error."""
+        """Run a checked request (`check`'s result) on the model thread; `streamer` (a `generate` streamer) gets the
+        new tokens of the main run as they come. The engine's refusals become the result's error."""
+        return self.registry.model_thread.call(self._route, checked, streamer)
+
+    def _route(self, checked: RunResult, streamer=None) -> RunResult:
         req, fell_back = checked.request, []
         try:
             with self.registry.lock:
@@ -136,17 +139,22 @@ class Session:
             modes[f"runner-up ({runner})"] = f"expert:{runner}"
         elif top:
             modes[f"most-used expert ({top})"] = f"expert:{top}"
+        out = self.registry.model_thread.call(self._generate_each, req, modes)
+        out["arrow"] = trace.text
+        with self._compare_lock:
+            self._compared[key] = dict(out)
+            while len(self._compared) > self._compare_size:
+                self._compared.popitem(last=False)
+        return out
+
+    def _generate_each(self, req: RunRequest, modes: dict[str, str]) -> dict[str, str]:
+        """{label: the answer with router mode `mode`} (on the model thread)."""
         out = {}
         with self.registry.lock:
             routed = self.registry.attach(req.library)
             for label, mode in modes.items():
                 routed.set_router(RouterConfig(mode=mode, top_k=1))
                 out[label] = routed.generate(req.prompt, max_new_tokens=req.max_new_tokens, chat=req.chat)
-        out["arrow"] = trace.text
-        with self._compare_lock:
-            self._compared[key] = dict(out)
-            while len(self._compared) > self._compare_size:
-                self._compared.popitem(last=False)
         return out
 
     def compared(self, req: RunRequest | None, trace: RoutingTrace | None) -> dict[str, str] | None:

@@ -8,7 +8,7 @@ Usage::
         else:
             result = step                  # a RunResult: the trace, notices, or the error
 
-The model runs in a worker thread that holds `registry.lock` for the whole run (one run at a time on the shared
+The model runs on the registry's model thread, holding `registry.lock` for the whole run (one run at a time on the shared
 model, see `explorer.page.session`); this generator only reads the worker's queue, so a visitor waiting for the
 model sees nothing until it is their turn, and two streams never share a queue.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -75,14 +74,13 @@ def stream_run(session: Session, raw: RawRequest) -> Iterator[str | RunResult]:
         finally:
             stream.end()
 
-    worker = threading.Thread(target=work, name="explorer-run", daemon=True)
-    worker.start()
+    worker = session.registry.model_thread.submit(work)  # not a thread of its own: explorer/page/model_thread.py
     last = ""
     for text in stream:
         if text != last:  # a special token decodes to nothing new: no empty update
             last = text
             yield text
-    worker.join()
+    worker.result()
     done = box["result"]
     if done.trace is not None and req.max_new_tokens and done.trace.text != last:
         yield done.trace.text  # the trace's own decoding has the last word

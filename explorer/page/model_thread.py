@@ -1,0 +1,51 @@
+"""The page's one model thread: every model call of the page (load, runs, comparisons, counterfactuals, library
+edits) runs on the same long-lived thread. No gradio here.
+
+Usage::
+
+    worker = ModelThread()
+    future = worker.submit(session.route, checked)   # a concurrent.futures.Future
+    trace = worker.call(routed.trace, "hello")       # the result here (its exception raised here); inline when
+                                                     # already on the model thread
+
+Why: torch's CPU ops run on OpenMP (libgomp), and every thread that starts a parallel region keeps its own pool of
+worker threads for as long as it lives. Once two such pools exist on a 2-core machine, libgomp counts more threads
+than CPUs and stops spinning between parallel regions, so each small op waits for a sleeping worker to wake. A
+decoding step is hundreds of small ops: a SmolLM2 mat-vec (1536 x 576) took 36 µs on the main thread and 140-160 µs
+on a second thread, and a routed 32-token answer on demo-mbc 1.64 s on one persistent thread against 2.61 s on a
+fresh thread per run (the page's streaming used to start one per run, and gradio calls back on threads of its own
+pool; docs/engine.md, "One model thread for the page").
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+NAME = "explorer-model"
+
+
+class ModelThread:
+    """One persistent worker thread, jobs run one at a time in the order submitted."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=NAME)
+        self._ident: int | None = None
+        self._pool.submit(self._note_ident).result()
+
+    def _note_ident(self) -> None:
+        self._ident = threading.get_ident()
+
+    @property
+    def here(self) -> bool:
+        """True when called on the model thread itself."""
+        return threading.get_ident() == self._ident
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        """Queue fn(*args, **kwargs) on the model thread."""
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the model thread, waited for (inline when already there, so jobs may nest)."""
+        if self.here:
+            return fn(*args, **kwargs)
+        return self._pool.submit(fn, *args, **kwargs).result()
