@@ -13,8 +13,8 @@ worker threads for as long as it lives. Once two such pools exist on a 2-core ma
 than CPUs and stops spinning between parallel regions, so each small op waits for a sleeping worker to wake. A
 decoding step is hundreds of small ops: a SmolLM2 mat-vec (1536 x 576) took 36 µs on the main thread and 140-160 µs
 on a second thread, and a routed 32-token answer on demo-mbc 1.64 s on one persistent thread against 2.61 s on a
-fresh thread per run (the page's streaming used to start one per run, and gradio calls back on threads of its own
-pool; docs/engine.md, "One model thread for the page").
+fresh thread per run while another thread's pool was alive. The page's streaming used to start a thread per run,
+and gradio calls back on threads of its own pool (docs/engine.md, "One model thread for the page").
 """
 from __future__ import annotations
 
