@@ -18,34 +18,49 @@ and gradio calls back on threads of its own pool (docs/engine.md, "One model thr
 """
 from __future__ import annotations
 
+import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 NAME = "explorer-model"
 
 
 class ModelThread:
-    """One persistent worker thread, jobs run one at a time in the order submitted."""
+    """One persistent daemon thread (the page's Ctrl-C does not wait for a generation), jobs run one at a time in
+    the order submitted."""
 
     def __init__(self):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=NAME)
-        self._ident: int | None = None
-        self._pool.submit(self._note_ident).result()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=_serve, args=(self._jobs,), name=NAME, daemon=True)
+        self._thread.start()
 
-    def _note_ident(self) -> None:
-        self._ident = threading.get_ident()
+    def __del__(self):  # the thread holds the queue, not this object: it ends when its owner is gone
+        self._jobs.put(None)
 
     @property
     def here(self) -> bool:
         """True when called on the model thread itself."""
-        return threading.get_ident() == self._ident
+        return threading.current_thread() is self._thread
 
     def submit(self, fn, *args, **kwargs) -> Future:
         """Queue fn(*args, **kwargs) on the model thread."""
-        return self._pool.submit(fn, *args, **kwargs)
+        future: Future = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future
 
     def call(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) on the model thread, waited for (inline when already there, so jobs may nest)."""
         if self.here:
             return fn(*args, **kwargs)
-        return self._pool.submit(fn, *args, **kwargs).result()
+        return self.submit(fn, *args, **kwargs).result()
+
+
+def _serve(jobs: queue.SimpleQueue) -> None:
+    while (job := jobs.get()) is not None:
+        future, fn, args, kwargs = job
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+        del future, fn, args, kwargs, job  # nothing of a finished job stays alive while waiting for the next

@@ -26,6 +26,10 @@ def test_jobs_share_one_thread_nest_inline_and_raise_where_called():
     with pytest.raises(ZeroDivisionError):
         worker.call(lambda: 1 / 0)
     assert worker.submit(lambda x: x + 1, 1).result() == 2
+    thread = worker._thread
+    del worker  # the page's registry is gone: so is its thread
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 @pytest.fixture(scope="module")
