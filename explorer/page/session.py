@@ -11,9 +11,9 @@ Usage::
     session.route(session.check(raw), streamer=s)          # the run itself, handing new tokens to a streamer
     session.view(result.trace, show_template=False)        # the trace without the chat template's tokens
 
-A run holds `registry.lock` (on the registry's model thread) from attaching the library to the end of generation: the base model is wrapped in
-place and shared by every visitor, which is what makes eight simultaneous requests each equal the same request
-alone.
+A run holds `registry.lock` (on the registry's model thread) from attaching the library to the end of generation:
+the base model is wrapped in place and shared by every visitor, which is what makes eight simultaneous requests
+each equal the same request alone.
 """
 from __future__ import annotations
 

@@ -8,9 +8,9 @@ Usage::
         else:
             result = step                  # a RunResult: the trace, notices, or the error
 
-The model runs on the registry's model thread, holding `registry.lock` for the whole run (one run at a time on the shared
-model, see `explorer.page.session`); this generator only reads the worker's queue, so a visitor waiting for the
-model sees nothing until it is their turn, and two streams never share a queue.
+The model runs on the registry's model thread, holding `registry.lock` for the whole run (one run at a time on the
+shared model, see `explorer.page.session`); this generator only reads the run's queue, so a visitor waiting for
+the model sees nothing until it is their turn, and two streams never share a queue.
 """
 from __future__ import annotations
 
