@@ -158,6 +158,9 @@ class Registry:
     def wait(self, progress=None, timeout: float | None = None) -> bool:
         """Block until loaded, reporting (fraction, description) to `progress` meanwhile. True when ready."""
         self.start()
+        if self.model_thread.here and not self._done.is_set():  # the load is queued behind this very job
+            raise RuntimeError("Registry.wait() called on the model thread before the model loaded: it would never "
+                               "return. Wait before handing work to the model thread.")
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._done.wait(0.25):
             if progress is not None:

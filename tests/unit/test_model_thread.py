@@ -32,6 +32,14 @@ def test_jobs_share_one_thread_nest_inline_and_raise_where_called():
     assert not thread.is_alive()
 
 
+def test_waiting_for_the_load_on_the_model_thread_is_refused(tmp_path):
+    reg = Registry(TINY, [make_tiny_library(tmp_path / "lib", n_experts=2)])
+    with pytest.raises(RuntimeError, match="never return"):
+        reg.model_thread.call(reg.wait)  # queued before the load: waiting there would hang the page
+    assert reg.wait(timeout=300)  # the load itself still runs, after that job
+    assert reg.model_thread.call(reg.wait)  # once loaded, waiting there returns at once
+
+
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     root = tmp_path_factory.mktemp("model-thread")
