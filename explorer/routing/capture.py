@@ -19,6 +19,19 @@ import torch
 from explorer.routing.topk import TopKRoutes
 
 
+SOLO_BATCH = 3840  # deferred one-expert records made at once mid-capture: 64 steps of SmolLM2's 60 groups
+
+
+def defer_solo(state, group, h: torch.Tensor, a: torch.Tensor) -> None:
+    """Record a one-expert decoding step for `resolve_solo`; every SOLO_BATCH such records are resolved at once, so
+    a long generation keeps at most that many inputs alive (SmolLM2: 64 steps, 8.8 MB)."""
+    state.capture.append(("solo", group, h, a, state.version))
+    state.pending += 1
+    if state.pending >= SOLO_BATCH:
+        resolve_solo(state.capture)
+        state.pending = 0
+
+
 def resolve_solo(records: list) -> None:
     """In place: each run of a group's deferred one-expert decoding records, ("solo", group, h (1, d), a (1, G, r),
     router version), becomes one ("route", ...) record made over the run's tokens at once (`RoutedGroup.solo_slots`).

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from explorer.routing import fused
+from explorer.routing.capture import defer_solo
 from explorer.routing.state import RouterState, SiteStack
 
 _NONE, _NO_MASK = torch.empty(0), torch.empty(0, dtype=torch.bool)  # the kernels' "none" (shift, scores; mask)
@@ -219,16 +220,16 @@ class RoutedGroup(nn.Module):
         a = F.linear(h, A).view(h.shape[0], G, r)  # (t, G, r)
         if self.state.capture is not None and h.shape[0] > 1:
             self._record(*self.solo_slots(h, a))
-        elif self.state.capture is not None:  # a decoding step: its slots are made when the capture ends
-            self.state.capture.append(("solo", self, h, a, self.state.version))
+        elif self.state.capture is not None:  # a decoding step: its slots are made later, with others'
+            defer_solo(self.state, self, h, a)
         if one and h.shape[0] == 1:
             return "sparse", torch.bmm(a.view(G, 1, r), up).view(G, -1)  # (G, out_max)
         return "solo", a
 
     def solo_slots(self, h: torch.Tensor, a: torch.Tensor) -> tuple:
         """The trace's slots in mode "expert" for inputs h (t, d) and the expert's A-projections a (t, G, r): every
-        expert scored, for the runner-up. Decoding steps' are made once per capture, over all its steps at once
-        (capture.resolve_solo: one batch instead of a dozen small ops per group and step)."""
+        expert scored, for the runner-up. Decoding steps' are made in batches of many steps (capture.defer_solo:
+        one batch instead of a dozen small ops per group and step)."""
         scores = F.linear(h, self._protos)  # (t, G E)
         scores = (scores if self._shift is None else scores - self._shift).view(*a.shape[:2], -1)  # (t, G, E)
         w_top, idx, s = self._fixed_top(scores)  # (t, G, 1) x 3: the expert, weight 1, its score + runner-up

@@ -364,7 +364,7 @@ class RoutedModel:
         if self._state.capture is not None:
             raise RuntimeError("A routing capture is already running on this model.")
         records: list = []
-        self._state.capture = records
+        self._state.capture, self._state.pending = records, 0
         try:
             yield records
         finally:

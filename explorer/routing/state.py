@@ -26,9 +26,9 @@ class RouterState:
     ("route", group, idx (t, G, k), weights (t, G, k), raw scores (t, G, k+1 or k), a (t, G, k, r)) per
     group call (a: the chosen experts' weighted A-projections w_e · A_e h) and ("norm", key, (t,)) per member
     call (‖base output‖); in mode "expert" a decoding step defers its slots as ("solo", group, h (1, d),
-    a (1, G, r), version), made when the capture ends (capture.resolve_solo). Slots are largest weight first;
-    the (k+1)-th raw score, when there, is the best expert left out. `RoutedModel._assemble` turns them into a
-    sparse trace (see docs/engine.md).
+    a (1, G, r), version), made in batches and when the capture ends (capture.defer_solo, resolve_solo). Slots
+    are largest weight first; the (k+1)-th raw score, when there, is the best expert left out.
+    `RoutedModel._assemble` turns them into a sparse trace (see docs/engine.md).
     """
 
     mode: str = "arrow"
@@ -37,6 +37,7 @@ class RouterState:
     mask: torch.Tensor | None = None  # (E,) bool
     fixed: torch.Tensor | None = None  # (E,)
     capture: list | None = field(default=None, repr=False)
+    pending: int = 0  # one-expert decoding records deferred in `capture` since the last batch (capture.defer_solo)
     version: int = 0  # bumped on every router change, so cached group results are not reused across it
     # a counterfactual (RoutedModel.overriding): (expert index, force, model layers or None for all)
     override: tuple | None = None

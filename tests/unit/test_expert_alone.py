@@ -106,3 +106,31 @@ def test_a_router_change_during_a_deferred_capture_is_refused():
             out = rm.base.model(input_ids=IDS[:, :-1], use_cache=True)
             rm.base.model(input_ids=IDS[:, -1:], past_key_values=out.past_key_values, use_cache=True)
             rm.set_router(RouterConfig(mode="expert:e0"))
+
+
+@torch.no_grad()
+def test_a_long_generation_resolves_its_deferred_steps_in_batches(monkeypatch):
+    """At most SOLO_BATCH decoding steps' inputs wait at any time, and batching them changes no slot."""
+    from explorer.routing import capture
+
+    twin = TWINS[0]
+    rm = RoutedModel(fresh(twin), experts(fresh(twin), 4), RouterConfig(mode="expert:e2"))
+    model = rm.base.model
+
+    def steps(batch: int):
+        monkeypatch.setattr(capture, "SOLO_BATCH", batch)
+        waiting = []
+        with rm.capturing() as records:
+            cache = model(input_ids=IDS[:, :2], use_cache=True).past_key_values
+            for i in range(2, IDS.shape[1]):  # every later token as a decoding step
+                model(input_ids=IDS[:, i:i + 1], past_key_values=cache, use_cache=True)
+                waiting.append(sum(rec[0] == "solo" for rec in records))
+        return rm._assemble(records, IDS.shape[1]), max(waiting)
+
+    once, most = steps(10 ** 9)
+    groups = most // (IDS.shape[1] - 2)  # one deferred record per group and step
+    batched, most = steps(groups + 1)  # a batch after every step or so
+    assert most <= groups + 1
+    np.testing.assert_array_equal(batched.experts, once.experts)
+    for name in ("scores", "runner_up", "contribution"):
+        np.testing.assert_allclose(getattr(batched, name), getattr(once, name), rtol=1e-5, atol=1e-6, err_msg=name)
