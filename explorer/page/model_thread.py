@@ -64,3 +64,25 @@ def _serve(jobs: queue.SimpleQueue) -> None:
             except BaseException as exc:  # handed to whoever waits on the future
                 future.set_exception(exc)
         del future, fn, args, kwargs, job  # nothing of a finished job stays alive while waiting for the next
+
+
+def in_passing(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on a thread of its own that ends with it; its result returned (its exception raised) here.
+    For torch, numba or BLAS work the page does beside the model (a library's maps, an upload's checks) from
+    gradio's long-lived callback threads: the OpenMP pool such work starts then ends with the thread, where on a
+    callback thread it would stay and slow the model thread from then on (a cold ΔW map of demo-mbc did: the model
+    thread's mat-vec 37 -> 140 µs)."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as exc:  # raised again in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="explorer-passing", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 
 from explorer.page.library_view import (LibraryAnalysis, analyse_library, delta_analysis, expert_groups,
                                         task_clusters)
-from explorer.page.model_thread import ModelThread
+from explorer.page.model_thread import ModelThread, in_passing
 from explorer.page.request import DEFAULTS, ROUTER_FIELDS
 
 if TYPE_CHECKING:  # torch, transformers and the store load on the model thread, after the page is up
@@ -243,7 +243,7 @@ class Registry:
             if library not in self.libs:
                 why = self.problems.get(library, "not loaded yet")
                 return LibraryAnalysis(name=library, note=f"Library {library!r} is not available: {why}")
-            self._analyses[library] = analyse_library(self.libs[library], library)
+            self._analyses[library] = in_passing(analyse_library, self.libs[library], library)  # numba, torch
         return self._analyses[library]
 
     def explore_map(self, library: str) -> LibraryAnalysis:
@@ -267,7 +267,7 @@ class Registry:
         if kind != "delta" or library not in self.libs:
             return self.analysis(library)
         if (library, kind) not in self._maps:
-            self._maps[library, kind] = delta_analysis(self.libs[library], library, self.analysis(library))
+            self._maps[library, kind] = in_passing(delta_analysis, self.libs[library], library, self.analysis(library))
         return self._maps[library, kind]
 
     def user_copy_of(self, library: str) -> Path | None:
@@ -303,17 +303,12 @@ class Registry:
         return self._edit(library, lambda lib: remove_expert(lib, name))
 
     def _edit(self, library: str, change) -> Edit:
-        from library_store.store.library import ExpertLibrary
-        from library_store.store.user_copy import library_for_adding
-
         if library not in self.libs:
             why = self.problems.get(library, f"unknown library; choose one of {list(self.libs)}")
             raise ValueError(f"Library {library!r} is not available: {why}")
         with self._edit_lock:
             t0 = time.perf_counter()
-            path, copied = library_for_adding(self.paths[library])
-            before = self._prototype_snapshot(library)
-            info = change(ExpertLibrary.open(path, readonly=False))
+            path, copied, before, info = in_passing(self._stored, library, change)  # the upload's checks use torch
             edit = Edit(library, path, copied, info, {"store": time.perf_counter() - t0})
             t1 = time.perf_counter()
             self.model_thread.call(self._swap, library, path, before, edit)
@@ -337,8 +332,20 @@ class Registry:
             for key in [k for k in self._maps if k[0] == library]:
                 del self._maps[key]
             if was_attached:
+                from explorer.routing.prototype_cache import seed_prototypes
+
                 edit.computed = seed_prototypes(self.libs[library], before)
                 self.attach(library)
+
+    def _stored(self, library: str, change) -> tuple:
+        """The store's side of an edit: (the library's path to edit, whether it was copied, the attached set's cached
+        prototypes before it, what `change` returned)."""
+        from library_store.store.library import ExpertLibrary
+        from library_store.store.user_copy import library_for_adding
+
+        path, copied = library_for_adding(self.paths[library])
+        before = self._prototype_snapshot(library)
+        return path, copied, before, change(ExpertLibrary.open(path, readonly=False))
 
     def _prototype_snapshot(self, library: str):
         """(pairs, {site: (E, d)}) of the attached set's cached prototypes, read before an edit changes the
@@ -362,36 +369,3 @@ def _served_path(path: Path) -> Path:
 
     copy = user_libraries_dir() / path.resolve().name
     return copy if is_committed_asset(path) and (copy / INDEX).is_file() else path
-
-
-def seed_prototypes(lib, before) -> int | None:
-    """Cache the prototypes of `lib`'s routable set from `before` (a snapshot of the previous set), computing
-    only the experts that are new or changed; `RoutedModel.from_library` then reads them. Returns how many
-    experts were computed, or None when nothing could be reused (from_library computes them all)."""
-    import torch
-
-    from explorer.routing.inject import PROTOTYPE_KIND, build_stacks, prototype_config
-
-    if before is None:
-        return None
-    pairs, old = before
-    known = {name: i for i, (name, checksum) in enumerate(pairs)}
-    checks = lib.checksums()
-    names = lib.routable_names()
-    try:
-        experts = [lib[n] for n in names]
-    except Exception:  # a broken expert: from_library skips it and says why
-        return None
-    new = [e for e in experts if e.name not in known or checks.get(e.name) != pairs[known[e.name]][1]]
-    fresh = build_stacks(new) if new else {}  # only the new experts' prototypes: {site: (n_new, d)}
-    if not set(fresh) <= set(old) or any(set(e.factors()) != set(old) for e in new):
-        return None  # another set of layers: zero padding differs, let from_library compute everything
-    index = {e.name: i for i, e in enumerate(new)}
-    protos = {site: torch.stack([fresh[site].prototypes[index[e.name]] if e.name in index else p[known[e.name]]
-                                 for e in experts]) for site, p in old.items()}  # (E, d)
-    try:
-        lib.put_derived(PROTOTYPE_KIND, prototype_config(experts), protos, {"experts": names})
-    except Exception as exc:  # not cached: from_library computes them all
-        log.info("prototypes not seeded: %s", exc)
-        return None
-    return len(new)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from explorer.routing.inject import PROTOTYPE_KIND, build_stacks
+from explorer.routing.inject import PROTOTYPE_KIND, build_stacks, prototype_config
 from explorer.routing.prototypes import PROTOTYPE_METHOD
 from library_store.expert import LoraExpert
 
@@ -73,3 +73,31 @@ def _unroutable(experts: list[LoraExpert], exc: Exception) -> dict[str, str]:
             bad[e.name] = f"prototypes cannot be computed: {type(own).__name__}: {own}"
     return bad
 
+
+def seed_prototypes(lib, before) -> int | None:
+    """Cache the prototypes of `lib`'s routable set from `before` (a snapshot of the previous set), computing
+    only the experts that are new or changed; `RoutedModel.from_library` then reads them. Returns how many
+    experts were computed, or None when nothing could be reused (from_library computes them all)."""
+    if before is None:
+        return None
+    pairs, old = before
+    known = {name: i for i, (name, checksum) in enumerate(pairs)}
+    checks = lib.checksums()
+    names = lib.routable_names()
+    try:
+        experts = [lib[n] for n in names]
+    except Exception:  # a broken expert: from_library skips it and says why
+        return None
+    new = [e for e in experts if e.name not in known or checks.get(e.name) != pairs[known[e.name]][1]]
+    fresh = build_stacks(new) if new else {}  # only the new experts' prototypes: {site: (n_new, d)}
+    if not set(fresh) <= set(old) or any(set(e.factors()) != set(old) for e in new):
+        return None  # another set of layers: zero padding differs, let from_library compute everything
+    index = {e.name: i for i, e in enumerate(new)}
+    protos = {site: torch.stack([fresh[site].prototypes[index[e.name]] if e.name in index else p[known[e.name]]
+                                 for e in experts]) for site, p in old.items()}  # (E, d)
+    try:
+        lib.put_derived(PROTOTYPE_KIND, prototype_config(experts), protos, {"experts": names})
+    except Exception as exc:  # not cached: from_library computes them all
+        log.info("prototypes not seeded: %s", exc)
+        return None
+    return len(new)

@@ -6,7 +6,8 @@ import pytest
 
 from explorer.page import callbacks as cb
 from explorer.page import callbacks_cell as cc
-from explorer.page.model_thread import ModelThread
+from explorer.page import registry as registry_module
+from explorer.page.model_thread import ModelThread, in_passing
 from explorer.page.registry import Registry
 from explorer.page.request import RawRequest
 from explorer.page.session import Session
@@ -94,3 +95,32 @@ def test_every_model_call_of_the_page_runs_on_the_model_thread(page):
 
 
 ROUTE_VALUES = (True, 2, 1.0, "none", "prototypes", 3, [], "mean", "expert", "weight", False, "none", None, None)
+
+
+def test_in_passing_returns_raises_and_leaves_no_thread_behind():
+    ran: list[threading.Thread] = []
+    assert in_passing(lambda x: ran.append(threading.current_thread()) or x * 2, 21) == 42
+    assert ran[0] is not threading.current_thread() and not ran[0].is_alive()
+    with pytest.raises(KeyError):
+        in_passing(dict().__getitem__, "missing")
+
+
+def test_maps_and_an_upload_s_checks_run_on_threads_that_end(page, monkeypatch):
+    """What the page computes beside the model from gradio's long-lived threads (a library's maps, an upload's
+    store side) runs on a thread that ends with it, so its OpenMP pool ends too."""
+    session, seen, root = page
+    reg = session.registry
+    where: list[threading.Thread] = []
+
+    def spy(fn):
+        return lambda *a, **k: where.append(threading.current_thread()) or fn(*a, **k)
+
+    for name in ("analyse_library", "delta_analysis"):
+        monkeypatch.setattr(registry_module, name, spy(getattr(registry_module, name)))
+    monkeypatch.setattr(reg, "_stored", spy(reg._stored))
+    reg._analyses.clear()
+    reg._maps.clear()
+    reg.library_map("lib", "delta")  # the ΔW map, and the analysis it borrows from
+    reg.remove_expert("lib", reg.expert_names("lib")[-1])
+    assert len(where) == 3 and threading.current_thread() not in where
+    assert not any(t.is_alive() for t in where) and not any(t is reg.model_thread._thread for t in where)
