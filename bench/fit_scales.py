@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.eval_common import attach_from_args, library_arguments  # noqa: E402
-from bench.routing_scores import Sites, fit_on_training, prompt_owners, prompt_weights  # noqa: E402
+from bench.routing_scores import (Sites, fit_on_training, prompt_owners, prompt_weights,  # noqa: E402
+                                 routed_scores)
 
 
 def accuracy_of(scores: list[torch.Tensor], y: torch.Tensor, prompt_of: torch.Tensor, factors: torch.Tensor,
@@ -41,19 +42,6 @@ def accuracy_of(scores: list[torch.Tensor], y: torch.Tensor, prompt_of: torch.Te
     y (N,), prompt prompt_of (N,), prompts numbered from 0), the scores times `factors` (E,)."""
     mean = prompt_weights([s * factors / temperature for s in scores], prompt_of, top_k)  # (n_prompts, E)
     return float((mean.argmax(1) == prompt_owners(y, prompt_of)).float().mean())
-
-
-def routed_scores(rm, sites: Sites, examples: list[tuple[str, int]]) -> tuple:
-    """Each (prompt, own expert index) routed once, unscaled: what `accuracy_of` reads (the Arrow scores (N, G, E)
-    of every routed group over the prompts' user-text tokens, their own experts (N,), their prompts (N,))."""
-    cells: list[list[torch.Tensor]] = [[] for _ in sites.groups]
-    y, prompt_of = [], []
-    for j, (text, e) in enumerate(examples):
-        pos = rm.trace(text, max_new_tokens=0).positions("user")
-        for i, parts in enumerate(cells):
-            parts.append(sites.scores("arrow", i)[pos])  # (P, G, E)
-        y.append(torch.full((len(pos),), e)), prompt_of.append(torch.full((len(pos),), j))
-    return [torch.cat(parts) for parts in cells], torch.cat(y), torch.cat(prompt_of)
 
 
 def main(argv=None) -> None:

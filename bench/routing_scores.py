@@ -218,32 +218,34 @@ def fit_on_training(rm, sites: Sites, tasks: list, own: dict[str, str], n: int, 
     `ownz` and `trainz` scales (each expert's mean Arrow score per site over its own task(s)' prompts, or every
     task's) and, with `bias`, `offset` and `scale`, those variants' fits. Returns what the fits read: (the Arrow
     scores (N, G, E) of every routed group, the own expert (N,) and the prompt (N,) of each user-text token)."""
-    cells: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(sites.groups))}  # (t, G, E) Arrow scores
-    labels: list[torch.Tensor] = []  # (t,) own expert per token
-    prompt_of: list[torch.Tensor] = []  # (t,) index of the prompt each token is in
-    for task in tasks:
-        e = rm.experts.index(own[task.name])
-        for ex in task.examples("train")[:n]:
-            pos = rm.trace(ex.input, max_new_tokens=0).positions("user")
-            labels.append(torch.full((len(pos),), e))
-            prompt_of.append(torch.full((len(pos),), len(prompt_of)))
-            for i in cells:
-                cells[i].append(sites.scores("arrow", i)[pos])
-    y = torch.cat(labels)  # (N,)
+    examples = [(ex.input, rm.experts.index(own[task.name])) for task in tasks for ex in task.examples("train")[:n]]
+    scores, y, prompts = routed_scores(rm, sites, examples)  # (N, G, E) per group, (N,), (N,)
     mine = torch.nn.functional.one_hot(y, len(rm.experts)).float()  # (N, E): token n is expert e's own text
-    for i, parts in cells.items():
-        s = torch.cat(parts)  # (N, G, E)
+    for i, s in enumerate(scores):
         sites.fit_mean[("trainz", i)] = s.mean(0).clamp_min(1e-12)  # (G, E)
         own_mean = torch.einsum("nge,ne->ge", s, mine) / mine.sum(0).clamp_min(1)  # (G, E)
         sites.fit_mean[("ownz", i)] = own_mean.clamp_min(1e-12)
         if bias:
             sites.bias[i] = fit_bias(s, y, rm.router.temperature)
-    scores, prompts = [torch.cat(parts) for parts in cells.values()], torch.cat(prompt_of)  # (N, G, E) per group
     if offset:
         sites.offset = fit_offset(scores, y, prompts, rm.router.top_k, rm.router.temperature)
     if scale:
         sites.scale = fit_offset(scores, y, prompts, rm.router.top_k, rm.router.temperature, scale=True)
     return scores, y, prompts
+
+
+def routed_scores(rm, sites: Sites, examples: list[tuple[str, int]]) -> tuple:
+    """Each (prompt, own expert index) routed once: (the Arrow scores (N, G, E) of every routed group over the
+    prompts' user-text tokens, their own experts (N,), their prompts (N,), numbered from 0 in `examples`' order)."""
+    cells: list[list[torch.Tensor]] = [[] for _ in sites.groups]
+    y, prompt_of = [], []
+    for j, (text, e) in enumerate(examples):
+        pos = rm.trace(text, max_new_tokens=0).positions("user")
+        for i, parts in enumerate(cells):
+            parts.append(sites.scores("arrow", i)[pos])  # (P, G, E)
+        y.append(torch.full((len(pos),), e))
+        prompt_of.append(torch.full((len(pos),), j))
+    return [torch.cat(parts) for parts in cells], torch.cat(y), torch.cat(prompt_of)
 
 
 def fit_offset(scores: list[torch.Tensor], y: torch.Tensor, prompt_of: torch.Tensor, k: int, temperature: float,
