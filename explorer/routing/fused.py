@@ -46,7 +46,7 @@ struct Group {
   const float *P, *S, *A, *U;
   const bool *M;
   const int64_t *O;  // (G,) each member's own output width (up is zero-padded to out_max)
-  int64_t G, E, r, k, d, outm, n_keep;
+  int64_t G, E, r, k, d, outm;
   float t_f;
 };
 
@@ -138,7 +138,7 @@ static Group group_of(torch::Tensor protos, torch::Tensor shift, torch::Tensor a
     TORCH_CHECK(outs.data_ptr<int64_t>()[g] <= up.size(1) / r, "fused routing: a member is wider than up");
   return Group{protos.data_ptr<float>(), shift.numel() ? shift.data_ptr<float>() : nullptr, a_rows.data_ptr<float>(),
                up.data_ptr<float>(), mask.numel() ? mask.data_ptr<bool>() : nullptr, outs.data_ptr<int64_t>(), G, E,
-               r, k, protos.size(1), up.size(1) / r, n_keep, static_cast<float>(T)};
+               r, k, protos.size(1), up.size(1) / r, static_cast<float>(T)};
 }
 
 // Member g's routing from its raw scores s (E,) h · p_e, in place: |s - shift| (disabled: -inf, chosen last),
@@ -244,6 +244,10 @@ std::vector<torch::Tensor> route_rows(torch::Tensor h, torch::Tensor scores, tor
         for (int64_t j = 0; j < k; ++j) slot[fill[g * E + idx[(i * G + g) * n + j]]++] = (i * G + g) * k + j;
     // 3. each chosen expert's rows read once per pair of tokens that chose it
     float z[r], z2[r];
+    auto weigh = [&](float *zz, int64_t code) {  // w_e A_e h of slot `code`, kept for the trace when it is taken
+      for (int64_t q = 0; q < r; ++q) zz[q] *= w[code];
+      if (Ak) std::copy(zz, zz + r, Ak + ((b + code / Gk) * Gk + code % Gk) * r);
+    };
     for (int64_t row = 0; row < GE; ++row) {
       const int64_t g = row / E, m = c.O[g];
       const float *Ar = c.A + row * r * d, *Ur = c.U + row * r * c.outm;
@@ -251,18 +255,14 @@ std::vector<torch::Tensor> route_rows(torch::Tensor h, torch::Tensor scores, tor
       for (; p + 2 <= start[row + 1]; p += 2) {
         const int64_t c1 = slot[p], c2 = slot[p + 1], i1 = b + c1 / Gk, i2 = b + c2 / Gk;
         dots2(Ar, H + i1 * d, H + i2 * d, r, d, z, z2);
-        for (int64_t q = 0; q < r; ++q) { z[q] *= w[c1]; z2[q] *= w[c2]; }
-        if (Ak) {
-          std::copy(z, z + r, Ak + (i1 * Gk + c1 % Gk) * r);
-          std::copy(z2, z2 + r, Ak + (i2 * Gk + c2 % Gk) * r);
-        }
+        weigh(z, c1);
+        weigh(z2, c2);
         axpys2(z, z2, Ur, r, c.outm, m, O + (i1 * G + g) * c.outm, O + (i2 * G + g) * c.outm);
       }
       if (p < start[row + 1]) {  // an odd one out
         const int64_t c1 = slot[p], i1 = b + c1 / Gk;
         dots(Ar, H + i1 * d, r, d, z);
-        for (int64_t q = 0; q < r; ++q) z[q] *= w[c1];
-        if (Ak) std::copy(z, z + r, Ak + (i1 * Gk + c1 % Gk) * r);
+        weigh(z, c1);
         axpys(z, Ur, r, c.outm, m, O + (i1 * G + g) * c.outm);
       }
     }
